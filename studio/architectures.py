@@ -1,0 +1,157 @@
+"""Stable Diffusion pipelines with random weights, built from configs alone (no model hub).
+
+Two sizes per family:
+- ``tiny``: the real text-encoder widths (768 / 1024 / 768+1280, so family detection and concept-size checks
+  behave as on real models) but one transformer layer and a few UNet channels; builds in about a second on a CPU.
+  The tests use these.
+- ``full``: the real SD 1.5 / SD 2.1 / SDXL architectures (49,408-token vocabulary, full UNet) with random
+  weights, for the speed and memory benchmarks.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from studio.demo.tokenizer import build_clip_tokenizer
+
+Family = Literal["sd1", "sd2", "sdxl"]
+Size = Literal["tiny", "full"]
+
+# A small English vocabulary for the tiny pipelines' tokenizer; any other word still tokenizes (into bytes).
+TINY_WORDS = (
+    "a an the of in on with and photo picture painting rendering drawing style toy cat dog red blue green yellow "
+    "black white small big beach forest city background two three close up bright dark art by sculpture cute "
+    "good bad ugly blurry detailed hands face man woman portrait landscape"
+).split()
+
+CLIP_EOS_TOKEN_ID = 49407  # only meaningful for the full vocabulary; tiny tokenizers set their own
+
+
+def _text_config(hidden: int, size: Size, vocab_size: int, eos_id: int, bos_id: int, projection: int) -> CLIPTextConfig:
+    if size == "full":
+        layers = {768: 12, 1024: 23, 1280: 32}[hidden]
+        heads = {768: 12, 1024: 16, 1280: 20}[hidden]
+        inner = hidden * 4
+        act = "quick_gelu" if hidden == 768 else "gelu"
+    else:
+        layers, heads, inner, act = 1, 4, 64, "quick_gelu"
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=inner,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=projection,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+
+
+def _unet(family: Family, size: Size, cross_dim: int) -> UNet2DConditionModel:
+    if size == "full":
+        if family == "sdxl":
+            return UNet2DConditionModel(
+                sample_size=128,
+                block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10),
+                attention_head_dim=(5, 10, 20),
+                cross_attention_dim=2048,
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816,
+            )
+        return UNet2DConditionModel(
+            sample_size=64 if family == "sd1" else 96,
+            cross_attention_dim=cross_dim,
+            attention_head_dim=8 if family == "sd1" else (5, 10, 20, 20),
+            use_linear_projection=family == "sd2",
+        )
+    common = dict(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=(2, 4),
+        use_linear_projection=family != "sd1",
+    )
+    if family == "sdxl":
+        return UNet2DConditionModel(
+            cross_attention_dim=768 + 1280,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8,
+            **common,
+        )
+    return UNet2DConditionModel(cross_attention_dim=cross_dim, **common)
+
+
+def _vae(size: Size) -> AutoencoderKL:
+    if size == "full":
+        return AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def build_random_pipeline(family: Family = "sd1", size: Size = "tiny", seed: int = 0, tokenizer_dir: str | Path | None = None):
+    """Return a diffusers pipeline of `family` with random weights (fp32, CPU), deterministic for a `seed`."""
+    if family not in ("sd1", "sd2", "sdxl"):
+        raise ValueError(f"family must be 'sd1', 'sd2' or 'sdxl', not {family!r}")
+    torch.manual_seed(seed)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(tempfile.mkdtemp(prefix="studio-tok-"))
+    tokenizer = build_clip_tokenizer(TINY_WORDS, tok_dir)
+    # The full architectures keep the real 49,408-row table (its size is what the swap benchmark is about);
+    # the tokenizer only ever produces ids below its own length, which is smaller.
+    vocab_size = 49408 if size == "full" else len(tokenizer)
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type="v_prediction" if family == "sd2" else "epsilon",
+        timestep_spacing="leading", steps_offset=1,
+    )
+    if family == "sdxl":
+        te1 = CLIPTextModel(_text_config(768, size, vocab_size, eos, bos, 768))
+        te2 = CLIPTextModelWithProjection(_text_config(1280, size, vocab_size, eos, bos, 1280 if size == "full" else 32))
+        return StableDiffusionXLPipeline(
+            vae=_vae(size), text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+            unet=_unet(family, size, 2048), scheduler=scheduler, add_watermarker=False,
+        )
+    hidden = 768 if family == "sd1" else 1024
+    te = CLIPTextModel(_text_config(hidden, size, vocab_size, eos, bos, hidden))
+    return StableDiffusionPipeline(
+        vae=_vae(size), text_encoder=te, tokenizer=tokenizer, unet=_unet(family, size, hidden),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random Stable Diffusion pipelines built from configs (no hub), saved once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+COMPAT_DIR = REPO.parent / "shared" / "compat" / "embeddings"
+DEMO_MODEL_DIR = REPO / "assets" / "demo-model"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """`{"sd1"|"sd2"|"sdxl": folder}`: tiny random pipelines saved as diffusers folders."""
+    from studio.architectures import build_random_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    dirs = {}
+    for family in ("sd1", "sd2", "sdxl"):
+        pipe = build_random_pipeline(family, "tiny", tokenizer_dir=root / f"tok-{family}")
+        pipe.save_pretrained(root / family)
+        dirs[family] = root / family
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def compat_dir() -> Path:
+    """The shared corpus of real embedding files; tests using it skip when it is absent."""
+    if not COMPAT_DIR.is_dir():
+        pytest.skip(f"compatibility corpus not present at {COMPAT_DIR}")
+    return COMPAT_DIR
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    if not (DEMO_MODEL_DIR / "model_index.json").is_file():
+        pytest.skip("the demo model has not been built yet (python -m studio.demo.build)")
+    return DEMO_MODEL_DIR
