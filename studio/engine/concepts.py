@@ -1,0 +1,441 @@
+"""Concept files: read every textual-inversion form people share, write the studio's canonical one, convert.
+
+A `Concept` is a trigger word plus one float tensor `[n_vectors, dim]` per text encoder. Forms read:
+
+- diffusers: `{token: tensor}` (`.bin` torch zip with 1-D `[dim]` vectors, or `.safetensors` with `[n, dim]`);
+  SDXL as two files `<stem>.safetensors` (text_encoder) + `<stem>_2.safetensors` (text_encoder_2).
+- AUTOMATIC1111 / the paper's layout: `{"string_to_param": {"*": t}, "name", "step", "sd_checkpoint(_name)"}`.
+- kohya: `{"emb_params": [n, dim]}`; SDXL (kohya and A1111): `{"clip_l": [n, 768], "clip_g": [n, 1280]}`.
+- A1111 PNG/WebP with the embedding in an `sd-ti-embedding` text chunk (base64 of JSON; tensors as
+  `{"TORCHTENSOR": nested lists}`).
+
+Safety: `.pt`/`.bin` are opened only with `torch.load(weights_only=True)`; a pickle holding anything but tensors and
+plain containers is refused, never executed. The trigger word follows A1111: the file name stem, unless the caller
+passes `token=`; the name stored inside is kept in `meta["stored_name"]`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.metadata
+import io
+import json
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_save
+
+ENCODER_KEYS = ("text_encoder", "text_encoder_2")  # diffusers pipeline attribute names
+
+FORMATS = ("studio", "diffusers", "a1111", "kohya")
+READ_SUFFIXES = (".safetensors", ".pt", ".bin", ".png", ".webp")
+
+# SDXL files name their encoders after the CLIP models (A1111, kohya).
+_SDXL_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+
+# Widths of the text encoders in the families we know; used to name a file's likely family in messages.
+_FAMILY_BY_DIMS = {
+    (768,): ("sd1", "SD 1.x"),
+    (1024,): ("sd2", "SD 2.x"),
+    (768, 1280): ("sdxl", "SDXL"),
+}
+
+# A1111 allows 1-75 vectors per token (a 77-slot CLIP window minus start/end); wider than 8192 is no CLIP we know.
+MAX_VECTORS = 75
+MAX_DIM = 8192
+A1111_STAR_TOKEN_ID = 265  # what A1111 writes in string_to_token["*"]; nobody reads it back
+
+
+class ConceptError(ValueError):
+    """An unreadable, unsafe or malformed concept file; the message says what is wrong and what to do."""
+
+
+class ConceptMismatchError(ConceptError):
+    """A concept that does not fit a model: names the file, its vector sizes and the model's."""
+
+
+@dataclass
+class Concept:
+    """A learned pseudo-word: `token` as written in prompts, one `[n_vectors, dim]` tensor per text encoder."""
+
+    token: str
+    vectors: dict[str, torch.Tensor]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.token or any(ch.isspace() for ch in self.token):
+            raise ConceptError(f"concept token {self.token!r} must be one word without spaces; "
+                               "rename the file or pass token=")
+        if "text_encoder" not in self.vectors or not set(self.vectors) <= set(ENCODER_KEYS):
+            raise ConceptError(f"concept {self.token!r}: vectors must be keyed by {ENCODER_KEYS} "
+                               f"(text_encoder required), got {sorted(self.vectors)}")
+        rows = set()
+        for key, tensor in self.vectors.items():
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() != 2:
+                raise ConceptError(f"concept {self.token!r}: vectors[{key!r}] must be a 2-D float tensor "
+                                   f"[n_vectors, dim], got {_describe(tensor)}")
+            rows.add(tensor.shape[0])
+        if len(rows) != 1:
+            raise ConceptError(f"concept {self.token!r}: encoders hold different vector counts {self.shapes()}")
+        self.meta = {str(k): str(v) for k, v in self.meta.items()}
+
+    @property
+    def n_vectors(self) -> int:
+        """How many prompt slots the token expands to."""
+        return int(self.vectors["text_encoder"].shape[0])
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Encoder key -> vector width, e.g. `{"text_encoder": 768}`."""
+        return {key: int(t.shape[1]) for key, t in self.vectors.items()}
+
+    @property
+    def family(self) -> str:
+        """Likely base family from the widths: "sd1", "sd2", "sdxl" or "unknown"."""
+        return family_of(self.dims)[0]
+
+    def shapes(self) -> dict[str, list[int]]:
+        return {key: list(t.shape) for key, t in self.vectors.items()}
+
+
+def family_of(encoder_dims: dict[str, int]) -> tuple[str, str]:
+    """(family id, human name) for a set of encoder widths; ("unknown", "an unknown model") when unfamiliar."""
+    key = tuple(encoder_dims[k] for k in ENCODER_KEYS if k in encoder_dims)
+    return _FAMILY_BY_DIMS.get(key, ("unknown", "an unknown model"))
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+# --------------------------------------------------------------------------------------------------------- reading
+
+
+def load_concept(path: str | os.PathLike, token: str | None = None) -> Concept:
+    """Read a concept file in any known form (.safetensors/.pt/.bin/.png/.webp).
+
+    The token is `token` when given, else the file name stem (A1111's rule). For a diffusers SDXL pair
+    `<stem>.safetensors` + `<stem>_2.safetensors`, either file loads both. Raises `ConceptError` with the reason.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConceptError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in READ_SUFFIXES:
+        raise ConceptError(f"{path.name}: unsupported file type {suffix!r}; concept files are {', '.join(READ_SUFFIXES)}")
+
+    # 1. Raw dict (+ safetensors metadata) from the container.
+    metadata: dict[str, str] = {}
+    if suffix == ".safetensors":
+        data, metadata = _read_safetensors(path)
+    elif suffix in (".pt", ".bin"):
+        data = _read_torch(path)
+    else:
+        data = _read_image(path)
+
+    # 2. Which layout, which vectors.
+    vectors, stored_name, source_format, extra = _interpret(data, path)
+    if "studio_version" in metadata:  # our canonical form: emb_params / clip_l+clip_g plus metadata strings
+        source_format, stored_name = "studio", metadata.get("token") or stored_name
+    stem = path.stem
+
+    # 3. A diffusers SDXL concept is two one-key files; join the pair whichever half was asked for.
+    if source_format == "diffusers" and suffix == ".safetensors":
+        partner = companion_of(path)
+        if partner is not None:
+            pair = _read_diffusers_pair(path, partner, vectors, stored_name)
+            if pair is not None:
+                vectors, stem = pair, (stem[:-2] if stem.endswith("_2") else stem)
+
+    # 4. Validate every tensor (finite, sane sizes) and build the concept.
+    vectors = {key: _check_tensor(t, path, key) for key, t in vectors.items()}
+    meta = {k: v for k, v in metadata.items() if k not in ("format",)}
+    meta.update(extra)
+    if stored_name is not None:
+        meta["stored_name"] = stored_name
+    meta["source_format"] = source_format
+    meta["source_path"] = str(path)
+    try:
+        concept = Concept(token=token or stem, vectors=vectors, meta=meta)
+    except ConceptError as exc:
+        raise ConceptError(f"{path.name}: {exc}") from None
+    concept.meta["family"] = concept.family
+    return concept
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConceptError(f"{path.name}: not a readable safetensors file ({exc}); re-download or re-export it") from None
+
+
+def _read_torch(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "ParameterDict" in text:
+            raise ConceptError(
+                f"{path.name}: written by the original Textual Inversion code (string_to_param pickled as a "
+                "torch.nn.ParameterDict); we never unpickle arbitrary objects. Convert it on a trusted machine: "
+                "d = torch.load(f, map_location='cpu', weights_only=False); "
+                "torch.save({'string_to_param': {'*': d['string_to_param']['*'].detach().clone()}}, 'fixed.pt')"
+            ) from None
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        raise ConceptError(
+            f"{path.name}: refused: the pickle holds a non-tensor object{what}; we never unpickle arbitrary objects "
+            "(only tensors, numbers, strings and dicts). Ask for a .safetensors version of this embedding."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ConceptError(f"{path.name}: not a readable torch file ({str(exc).splitlines()[0]})") from None
+
+
+def _read_image(path: Path) -> dict:
+    """A1111's PNG/WebP form: base64 of JSON in an `sd-ti-embedding` text chunk."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            chunk = image.info.get("sd-ti-embedding")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ConceptError(f"{path.name}: not a readable image ({exc})") from None
+    if chunk is None:
+        raise ConceptError(f"{path.name}: no 'sd-ti-embedding' text chunk; this image carries no embedding we can "
+                           "read (A1111's pixel-hidden form is not supported: export the .pt instead)")
+
+    def tensors_back(obj: dict) -> object:
+        # A1111 writes each tensor as {"TORCHTENSOR": nested lists}; JSON floats are float32 values, exact in float64.
+        if "TORCHTENSOR" in obj:
+            return torch.tensor(obj["TORCHTENSOR"], dtype=torch.float64).to(torch.float32)
+        return obj
+
+    try:
+        return json.loads(base64.b64decode(chunk), object_hook=tensors_back)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise ConceptError(f"{path.name}: the 'sd-ti-embedding' chunk is not valid base64 JSON ({exc})") from None
+
+
+def _interpret(data: object, path: Path) -> tuple[dict[str, torch.Tensor], str | None, str, dict[str, str]]:
+    """Identify the layout: (vectors by encoder key, stored name, source format, extra metadata)."""
+    if not isinstance(data, dict) or not data:
+        raise ConceptError(f"{path.name}: expected a dict of tensors, found {_describe(data)}")
+    extra: dict[str, str] = {}
+
+    if "string_to_param" in data:  # A1111 / the paper's layout
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            raise ConceptError(f"{path.name}: string_to_param must hold exactly one tensor, found {_describe(params)}")
+        name = data.get("name")
+        if data.get("step") is not None:
+            extra["steps"] = str(data["step"])
+        for src, dst in (("sd_checkpoint_name", "base_model"), ("sd_checkpoint", "base_model_hash")):
+            if data.get(src) is not None:
+                extra[dst] = str(data[src])
+        return {"text_encoder": next(iter(params.values()))}, (str(name) if name is not None else None), "a1111", extra
+
+    if "clip_l" in data or "clip_g" in data:  # SDXL, kohya and A1111
+        missing = [k for k in _SDXL_KEYS if k not in data]
+        if missing:
+            raise ConceptError(f"{path.name}: SDXL file without {missing[0]!r}; it needs both clip_l and clip_g")
+        return {dst: data[src] for src, dst in _SDXL_KEYS.items()}, None, "sdxl", extra
+
+    if "emb_params" in data:  # kohya (also the studio's SD1/SD2 canonical form)
+        return {"text_encoder": data["emb_params"]}, None, "kohya", extra
+
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if len(data) == 1 and len(tensors) == 1:  # diffusers {token: tensor}
+        key = next(iter(tensors))
+        return {"text_encoder": tensors[key]}, str(key), "diffusers", extra
+
+    raise ConceptError(f"{path.name}: unknown embedding layout with keys {sorted(map(str, data))[:8]}; expected "
+                       "{token: tensor}, string_to_param, emb_params or clip_l+clip_g")
+
+
+def companion_of(path: Path) -> Path | None:
+    """The other half of a diffusers SDXL pair (`x.safetensors` <-> `x_2.safetensors`) when it exists."""
+    stem = path.stem
+    other = path.with_name(stem[:-2] + path.suffix) if stem.endswith("_2") else path.with_name(stem + "_2" + path.suffix)
+    return other if other.is_file() else None
+
+
+def is_second_half(path: Path) -> bool:
+    """True for `x_2.safetensors` whose first half `x.safetensors` exists: the library lists the pair once."""
+    return path.stem.endswith("_2") and companion_of(path) is not None
+
+
+def _read_diffusers_pair(path: Path, partner: Path, vectors: dict[str, torch.Tensor],
+                         stored_name: str | None) -> dict[str, torch.Tensor] | None:
+    """Join a diffusers SDXL pair when the partner is a one-key file for the same token; else None."""
+    try:
+        other, _ = _read_safetensors(partner)
+    except ConceptError:
+        return None
+    if list(other) != [stored_name]:
+        return None
+    first, second = (vectors["text_encoder"], other[stored_name])
+    if path.stem.endswith("_2"):
+        first, second = second, first
+    return {"text_encoder": first, "text_encoder_2": second}
+
+
+def _check_tensor(tensor: object, path: Path, key: str) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise ConceptError(f"{path.name}: the {key} vectors must be a float tensor, found {_describe(tensor)}")
+    if tensor.dim() == 1:  # diffusers .bin files hold a single 1-D vector
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 2:
+        raise ConceptError(f"{path.name}: the {key} vectors must be 1-D or 2-D, found shape {list(tensor.shape)}")
+    n, dim = tensor.shape
+    if not (1 <= n <= MAX_VECTORS) or not (8 <= dim <= MAX_DIM):
+        raise ConceptError(f"{path.name}: implausible {key} size {n} x {dim}; a concept has 1-{MAX_VECTORS} vectors "
+                           "of a text encoder's width (768, 1024, 1280 ...)")
+    if not torch.isfinite(tensor).all():
+        raise ConceptError(f"{path.name}: the {key} vectors contain NaN or infinite values (a diverged training run); "
+                           "use an earlier checkpoint of this embedding")
+    return tensor.detach().contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------- checking
+
+
+def check_fits(concept: Concept, encoder_dims: dict[str, int], *, where: str = "") -> None:
+    """Raise `ConceptMismatchError` unless the concept has a vector of the right width for every encoder of the model.
+
+    The message names the file (or `where`), its sizes and the model's, and the likely family of each.
+    """
+    mine = concept.dims
+    if mine == dict(encoder_dims):
+        return
+    origin = where or concept.meta.get("source_path") or concept.token
+    mine_name, model_name = family_of(mine)[1], family_of(encoder_dims)[1]
+    missing = [k for k in encoder_dims if k not in mine]
+    detail = f" (it has no {', '.join(missing)} vectors)" if missing else ""
+    raise ConceptMismatchError(
+        f"{origin}: concept {concept.token!r} ({concept.n_vectors} vector(s) of {_widths(mine)}) was trained for "
+        f"{mine_name} ({_widths(mine)}) but the model is {model_name} ({_widths(encoder_dims)}){detail}. "
+        f"Use it with a {mine_name} model, or pick a concept trained for {model_name}."
+    )
+
+
+def _widths(encoder_dims: dict[str, int]) -> str:
+    return " + ".join(f"{encoder_dims[k]}-d" for k in ENCODER_KEYS if k in encoder_dims)
+
+
+# --------------------------------------------------------------------------------------------------------- writing
+
+
+def save_concept(concept: Concept, path: str | os.PathLike, format: str = "studio") -> Path:
+    """Write `concept` atomically in one of `FORMATS`; returns the path written (the first file of a pair).
+
+    - "studio": safetensors `{"emb_params"}` (SD1/SD2) or `{"clip_l", "clip_g"}` (SDXL) with metadata strings.
+    - "diffusers": safetensors `{token: [n, dim]}`; SDXL as `<stem>.safetensors` + `<stem>_2.safetensors`
+      (one per encoder, as diffusers' SDXL script writes; load each with `text_encoder=`/`tokenizer=`).
+    - "a1111": `.pt` dict `{string_to_token, string_to_param, name, step, sd_checkpoint, sd_checkpoint_name}`;
+      SDXL as safetensors `{"clip_l", "clip_g"}` (A1111 has no SDXL .pt form).
+    - "kohya": safetensors `{"emb_params"}` / `{"clip_l", "clip_g"}`.
+    Vectors are written bit for bit as they are (same dtype); a file with no suffix gets the right one.
+    """
+    if format not in FORMATS:
+        raise ConceptError(f"unknown concept format {format!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    sdxl = "text_encoder_2" in concept.vectors
+    suffix = ".pt" if (format == "a1111" and not sdxl) else ".safetensors"
+    if path.suffix == "":
+        path = path.with_name(path.name + suffix)
+    elif path.suffix.lower() != suffix:
+        raise ConceptError(f"{path.name}: a {format} file for {family_of(concept.dims)[1]} is {suffix}; "
+                           f"name the output {path.stem}{suffix}")
+    tensors = {key: _for_writing(t, concept, key) for key, t in concept.vectors.items()}
+
+    if format == "a1111" and not sdxl:
+        data = {
+            "string_to_token": {"*": A1111_STAR_TOKEN_ID},
+            "string_to_param": {"*": tensors["text_encoder"]},
+            "name": concept.token,
+            "step": _int_or_zero(concept.meta.get("steps")),
+            "sd_checkpoint": concept.meta.get("base_model_hash"),
+            "sd_checkpoint_name": concept.meta.get("base_model"),
+        }
+        buffer = io.BytesIO()
+        torch.save(data, buffer)
+        _atomic_write(path, buffer.getvalue())
+        return path
+
+    if format == "diffusers":
+        _atomic_write(path, safetensors_save({concept.token: tensors["text_encoder"]}, {"format": "pt"}))
+        if sdxl:
+            second = path.with_name(path.stem + "_2" + path.suffix)
+            _atomic_write(second, safetensors_save({concept.token: tensors["text_encoder_2"]}, {"format": "pt"}))
+        return path
+
+    if sdxl:
+        body = {"clip_l": tensors["text_encoder"], "clip_g": tensors["text_encoder_2"]}
+    else:
+        body = {"emb_params": tensors["text_encoder"]}
+    metadata = _studio_metadata(concept) if format == "studio" else None
+    _atomic_write(path, safetensors_save(body, metadata))
+    return path
+
+
+def _for_writing(tensor: torch.Tensor, concept: Concept, key: str) -> torch.Tensor:
+    tensor = tensor.detach().to("cpu").contiguous().clone()  # clone: never save a view of a bigger storage
+    if not torch.isfinite(tensor).all():
+        raise ConceptError(f"concept {concept.token!r}: the {key} vectors contain NaN or infinite values; not saved")
+    return tensor
+
+
+def _studio_metadata(concept: Concept) -> dict[str, str]:
+    meta = {k: v for k, v in concept.meta.items() if k not in ("source_path", "source_format")}
+    meta.update(
+        token=concept.token,
+        family=concept.family,
+        base_model=concept.meta.get("base_model", ""),
+        init_text=concept.meta.get("init_text", ""),
+        steps=concept.meta.get("steps", ""),
+        created=concept.meta.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        studio_version=_studio_version(),
+        format="pt",
+    )
+    return meta
+
+
+def _studio_version() -> str:
+    try:
+        return importlib.metadata.version("concept-studio")
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout that was never installed
+        return "0.1.0"
+
+
+def _int_or_zero(value: str | None) -> int:
+    try:
+        return int(value) if value else 0
+    except ValueError:
+        return 0
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    """Write to a temp file in the same folder, then os.replace: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
