@@ -199,8 +199,10 @@ def _read_torch(path: Path) -> object:
             f"{path.name}: refused: the pickle holds a non-tensor object{what}; we never unpickle arbitrary objects "
             "(only tensors, numbers, strings and dicts). Ask for a .safetensors version of this embedding."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise ConceptError(f"{path.name}: not a readable torch file ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - a corrupt file raises struct/EOF/Runtime/Unicode errors and more;
+        # the weights-only unpickler has executed nothing, so every failure here means "not a readable torch file".
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConceptError(f"{path.name}: not a readable torch file ({first_line}); re-download or re-export it") from None
 
 
 def _read_image(path: Path) -> dict:
@@ -272,8 +274,22 @@ def companion_of(path: Path) -> Path | None:
 
 
 def is_second_half(path: Path) -> bool:
-    """True for `x_2.safetensors` whose first half `x.safetensors` exists: the library lists the pair once."""
-    return path.stem.endswith("_2") and companion_of(path) is not None
+    """True for `x_2.safetensors` that is the text_encoder_2 half of a diffusers SDXL pair with `x.safetensors`.
+
+    Both must be one-key files for the same token (only the headers are read); the library lists the pair once.
+    """
+    partner = companion_of(path) if path.stem.endswith("_2") and path.suffix == ".safetensors" else None
+    if partner is None:
+        return False
+    keys = []
+    for file in (path, partner):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                keys.append(list(handle.keys()))
+        except (SafetensorError, OSError):
+            return False
+    known = {"emb_params", "string_to_param", *_SDXL_KEYS}
+    return len(keys[0]) == 1 and keys[0] == keys[1] and keys[0][0] not in known
 
 
 def _read_diffusers_pair(path: Path, partner: Path, vectors: dict[str, torch.Tensor],
