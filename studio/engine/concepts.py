@@ -372,7 +372,7 @@ def save_concept(concept: Concept, path: str | os.PathLike, format: str = "studi
     if path.suffix == "":
         path = path.with_name(path.name + suffix)
     elif path.suffix.lower() != suffix:
-        raise ConceptError(f"{path.name}: a {format} file for {family_of(concept.dims)[1]} is {suffix}; "
+        raise ConceptError(f"{path.name}: {format} files for {family_of(concept.dims)[1]} end in {suffix}; "
                            f"name the output {path.stem}{suffix}")
     tensors = {key: _for_writing(t, concept, key) for key, t in concept.vectors.items()}
 

@@ -1,0 +1,63 @@
+"""`studio concepts inspect FILE [--json]` and `studio concepts convert FILE --to FORMAT OUT`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from studio.engine.concepts import FORMATS, load_concept, save_concept
+from studio.engine.concepts import family_of
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `concepts` with its `inspect` and `convert` actions to the dispatcher."""
+    parser = subparsers.add_parser("concepts", help="inspect and convert textual-inversion files")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    inspect = actions.add_parser("inspect", help="show a concept file's format, token, vectors, dims and metadata")
+    inspect.add_argument("file", type=Path)
+    inspect.add_argument("--token", help="trigger word to use instead of the file name")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(func=run)
+
+    convert = actions.add_parser("convert", help="write a concept file in another form (vectors kept bit for bit)")
+    convert.add_argument("file", type=Path)
+    convert.add_argument("--to", required=True, choices=FORMATS, dest="format")
+    convert.add_argument("out", type=Path)
+    convert.add_argument("--token", help="trigger word to use instead of the file name")
+    convert.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `inspect` or `convert`; errors (ConceptError) are printed as one line by the dispatcher."""
+    concept = load_concept(args.file, token=args.token)
+    if args.action == "convert":
+        written = save_concept(concept, args.out, format=args.format)
+        extra = f" (+ {written.stem}_2{written.suffix})" if args.format == "diffusers" and "text_encoder_2" in concept.vectors else ""
+        print(f"wrote {written}{extra}: {args.format} form of {concept.token!r}, {concept.n_vectors} vector(s)")
+        return 0
+
+    info = {
+        "file": str(args.file),
+        "format": concept.meta.get("source_format", ""),
+        "token": concept.token,
+        "vectors": concept.n_vectors,
+        "dims": concept.dims,
+        "family": family_of(concept.dims)[0],
+        "likely_model": family_of(concept.dims)[1],
+        "dtype": str(concept.vectors["text_encoder"].dtype).removeprefix("torch."),
+        "metadata": {k: v for k, v in concept.meta.items() if k not in ("source_path", "source_format")},
+    }
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return 0
+    dims = " + ".join(f"{key} {dim}" for key, dim in concept.dims.items())
+    print(f"file:    {info['file']}")
+    print(f"format:  {info['format']}")
+    print(f"token:   {concept.token}")
+    print(f"vectors: {concept.n_vectors} x ({dims}), {info['dtype']}")
+    print(f"family:  {info['likely_model']}")
+    for key, value in sorted(info["metadata"].items()):
+        print(f"  {key}: {value}")
+    return 0
