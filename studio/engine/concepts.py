@@ -193,8 +193,10 @@ def _read_torch(path: Path) -> object:
                 "d = torch.load(f, map_location='cpu', weights_only=False); "
                 "torch.save({'string_to_param': {'*': d['string_to_param']['*'].detach().clone()}}, 'fixed.pt')"
             ) from None
-        found = re.search(r"GLOBAL ([\w.]+)", text)
-        what = f" ({found.group(1)})" if found else ""
+        found = re.search(r"GLOBAL ([\w.]+)|Unsupported global|Unsupported class", text)
+        if found is None:  # garbage rather than an object: the byte stream is not a pickle we understand
+            raise ConceptError(f"{path.name}: not a readable torch file (broken pickle); re-download or re-export it") from None
+        what = f" ({found.group(1)})" if found.group(1) else ""
         raise ConceptError(
             f"{path.name}: refused: the pickle holds a non-tensor object{what}; we never unpickle arbitrary objects "
             "(only tensors, numbers, strings and dicts). Ask for a .safetensors version of this embedding."
