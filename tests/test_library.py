@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 from pathlib import Path
 
@@ -208,3 +207,11 @@ def test_concurrent_refresh_and_resolve_from_threads(tmp_path):
         thread.join()
     assert errors == []
     assert sorted(e.token for e in library.entries(SD1)) == sorted(f"<c{i}>" for i in range(8))
+
+
+def test_files_named_x_and_x_2_that_are_not_an_sdxl_pair_are_both_listed(tmp_path):
+    save_file({"<tok>": vectors(seed=1)}, tmp_path / "style.safetensors")
+    save_file({"<tok>": vectors(seed=2)}, tmp_path / "style_2.safetensors")
+    write_kohya(tmp_path / "neg.safetensors")
+    write_kohya(tmp_path / "neg_2.safetensors")
+    assert [e.token for e in ConceptLibrary(tmp_path).entries(SD1)] == ["neg", "neg_2", "style", "style_2"]

@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     concept = load_concept(args.file, token=args.token)
     if args.action == "convert":
         written = save_concept(concept, args.out, format=args.format)
-        extra = f" (+ {written.stem}_2{written.suffix})" if args.format == "diffusers" and "text_encoder_2" in concept.vectors else ""
+        pair = args.format == "diffusers" and "text_encoder_2" in concept.vectors
+        extra = f" (+ {written.stem}_2{written.suffix})" if pair else ""
         print(f"wrote {written}{extra}: {args.format} form of {concept.token!r}, {concept.n_vectors} vector(s)")
         return 0
 

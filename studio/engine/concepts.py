@@ -195,7 +195,8 @@ def _read_torch(path: Path) -> object:
             ) from None
         found = re.search(r"GLOBAL ([\w.]+)|Unsupported global|Unsupported class", text)
         if found is None:  # garbage rather than an object: the byte stream is not a pickle we understand
-            raise ConceptError(f"{path.name}: not a readable torch file (broken pickle); re-download or re-export it") from None
+            raise ConceptError(f"{path.name}: not a readable torch file (broken pickle); "
+                               "re-download or re-export it") from None
         what = f" ({found.group(1)})" if found.group(1) else ""
         raise ConceptError(
             f"{path.name}: refused: the pickle holds a non-tensor object{what}; we never unpickle arbitrary objects "
@@ -283,15 +284,22 @@ def is_second_half(path: Path) -> bool:
     partner = companion_of(path) if path.stem.endswith("_2") and path.suffix == ".safetensors" else None
     if partner is None:
         return False
-    keys = []
-    for file in (path, partner):
+    keys, widths = [], []
+    for file in (partner, path):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 keys.append(list(handle.keys()))
+                widths.append(handle.get_slice(keys[-1][0]).get_shape()[-1] if len(keys[-1]) == 1 else 0)
         except (SafetensorError, OSError):
             return False
     known = {"emb_params", "string_to_param", *_SDXL_KEYS}
-    return len(keys[0]) == 1 and keys[0] == keys[1] and keys[0][0] not in known
+    return (len(keys[0]) == 1 and keys[0] == keys[1] and keys[0][0] not in known
+            and _is_sdxl_pair(widths[0], widths[1]))
+
+
+def _is_sdxl_pair(first_width: int, second_width: int) -> bool:
+    # Two SD1 files that happen to be called x / x_2 with the same key are two concepts, not one SDXL pair.
+    return family_of({"text_encoder": first_width, "text_encoder_2": second_width})[0] == "sdxl"
 
 
 def _read_diffusers_pair(path: Path, partner: Path, vectors: dict[str, torch.Tensor],
@@ -306,6 +314,8 @@ def _read_diffusers_pair(path: Path, partner: Path, vectors: dict[str, torch.Ten
     first, second = (vectors["text_encoder"], other[stored_name])
     if path.stem.endswith("_2"):
         first, second = second, first
+    if not _is_sdxl_pair(first.shape[-1], second.shape[-1]):
+        return None
     return {"text_encoder": first, "text_encoder_2": second}
 
 
@@ -340,7 +350,8 @@ def check_fits(concept: Concept, encoder_dims: dict[str, int], *, where: str = "
     origin = where or concept.meta.get("source_path") or concept.token
     mine_name, model_name = family_of(mine)[1], family_of(encoder_dims)[1]
     missing = [k for k in encoder_dims if k not in mine]
-    detail = f" (it has no {', '.join(missing)} vectors)" if missing else ""
+    clip_names = {dst: src for src, dst in _SDXL_KEYS.items()}
+    detail = f" (it has no {', '.join(f'{k} ({clip_names[k]})' for k in missing)} vectors)" if missing else ""
     raise ConceptMismatchError(
         f"{origin}: concept {concept.token!r} ({concept.n_vectors} vector(s) of {_widths(mine)}) was trained for "
         f"{mine_name} ({_widths(mine)}) but the model is {model_name} ({_widths(encoder_dims)}){detail}. "

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
-import pickletools
 from pathlib import Path
 
 import pytest
@@ -216,13 +214,15 @@ def test_sdxl_written_forms_load_per_encoder_in_diffusers(tiny_model_dirs, tmp_p
     from safetensors.torch import load_file
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dirs["sdxl"])
-    encoders = {"text_encoder": (pipe.text_encoder, pipe.tokenizer), "text_encoder_2": (pipe.text_encoder_2, pipe.tokenizer_2)}
+    encoders = {"text_encoder": (pipe.text_encoder, pipe.tokenizer),
+                "text_encoder_2": (pipe.text_encoder_2, pipe.tokenizer_2)}
     for i, fmt in enumerate(FORMATS):
         token = f"<{fmt}-xl>"
         concept = random_concept("sdxl", token=token, seed=10 + i)
         written = save_concept(concept, tmp_path / token, format=fmt)
         if fmt == "diffusers":
-            sources = {"text_encoder": str(written), "text_encoder_2": str(written.with_name(written.stem + "_2.safetensors"))}
+            second = written.with_name(written.stem + "_2.safetensors")
+            sources = {"text_encoder": str(written), "text_encoder_2": str(second)}
         else:
             state = load_file(written)
             sources = {"text_encoder": state["clip_l"], "text_encoder_2": state["clip_g"]}
@@ -244,7 +244,8 @@ def test_sd1_concept_on_sd2_model_names_file_sizes_and_families(compat_dir):
 
 
 def test_sd1_concept_on_sdxl_model_is_refused_for_missing_second_encoder():
-    with pytest.raises(ConceptMismatchError, match=r"SD 1\.x \(768-d\) but the model is SDXL \(768-d \+ 1280-d\).*text_encoder_2"):
+    expected = r"SD 1\.x \(768-d\) but the model is SDXL \(768-d \+ 1280-d\).*text_encoder_2"
+    with pytest.raises(ConceptMismatchError, match=expected):
         check_fits(random_concept("sd1"), SDXL, where="thing.safetensors")
 
 
@@ -339,3 +340,12 @@ def test_concept_validates_its_shape_and_token():
         Concept("<x>", {"text_encoder": torch.zeros(1, 768), "text_encoder_2": torch.zeros(2, 1280)})
     concept = random_concept("sdxl", n=4)
     assert concept.n_vectors == 4 and concept.dims == SDXL and concept.family == "sdxl"
+
+
+def test_two_sd1_files_named_x_and_x_2_stay_two_concepts(tmp_path):
+    """Only a 768-d + 1280-d pair with one shared key is a diffusers SDXL pair; same-width files are separate."""
+    save_file({"<tok>": torch.randn(1, 768)}, tmp_path / "style.safetensors")
+    save_file({"<tok>": torch.randn(1, 768)}, tmp_path / "style_2.safetensors")
+    assert load_concept(tmp_path / "style.safetensors").dims == SD1
+    second = load_concept(tmp_path / "style_2.safetensors")
+    assert second.dims == SD1 and second.token == "style_2"
