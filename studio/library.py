@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio.engine.concepts import (
+    IMAGE_SUFFIXES,
     READ_SUFFIXES,
     Concept,
     ConceptError,
@@ -115,7 +116,7 @@ class ConceptLibrary:
                 try:
                     if entry.is_dir():
                         folders.append(Path(entry.path))
-                    elif os.path.splitext(entry.name)[1].lower() in READ_SUFFIXES:
+                    elif _is_concept_file_name(entry.name):
                         stat = entry.stat()
                         stamps[entry.name] = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
                 except FileNotFoundError:  # removed while we walked
@@ -307,6 +308,13 @@ class ConceptLibrary:
             if entry.path == path:
                 return entry
         raise ConceptError(f"{path} did not appear in the library after writing it")
+
+
+def _is_concept_file_name(name: str) -> bool:
+    stem, suffix = os.path.splitext(name)
+    suffix = suffix.lower()
+    # A1111 keeps thumbnails as `<name>.preview.png` next to embeddings: pictures, not concepts.
+    return suffix in READ_SUFFIXES and not (suffix in IMAGE_SUFFIXES and stem.lower().endswith(".preview"))
 
 
 def _second_half(path: Path, concept: Concept) -> list[Path]:

@@ -215,3 +215,14 @@ def test_files_named_x_and_x_2_that_are_not_an_sdxl_pair_are_both_listed(tmp_pat
     write_kohya(tmp_path / "neg.safetensors")
     write_kohya(tmp_path / "neg_2.safetensors")
     assert [e.token for e in ConceptLibrary(tmp_path).entries(SD1)] == ["neg", "neg_2", "style", "style_2"]
+
+
+def test_a1111_preview_thumbnails_are_not_listed_but_other_pictures_are_explained(tmp_path):
+    from PIL import Image
+
+    write_kohya(tmp_path / "style.safetensors")
+    Image.new("RGB", (4, 4)).save(tmp_path / "style.preview.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "holiday.png")
+    entries = {e.token: e for e in ConceptLibrary(tmp_path).entries(SD1)}
+    assert sorted(entries) == ["holiday", "style"]
+    assert not entries["holiday"].fits and "no 'sd-ti-embedding' text chunk" in entries["holiday"].reason

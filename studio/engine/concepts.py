@@ -10,8 +10,8 @@ A `Concept` is a trigger word plus one float tensor `[n_vectors, dim]` per text 
   `{"TORCHTENSOR": nested lists}`).
 
 Safety: `.pt`/`.bin` are opened only with `torch.load(weights_only=True)`; a pickle holding anything but tensors and
-plain containers is refused, never executed. The trigger word follows A1111: the file name stem, unless the caller
-passes `token=`; the name stored inside is kept in `meta["stored_name"]`.
+plain containers is refused, never executed. The trigger word follows A1111: the file name stem (for PNG/WebP: the
+name stored inside), unless the caller passes `token=`; the name stored inside is kept in `meta["stored_name"]`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from safetensors.torch import save as safetensors_save
 ENCODER_KEYS = ("text_encoder", "text_encoder_2")  # diffusers pipeline attribute names
 
 FORMATS = ("studio", "diffusers", "a1111", "kohya")
-READ_SUFFIXES = (".safetensors", ".pt", ".bin", ".png", ".webp")
+IMAGE_SUFFIXES = (".png", ".webp")
+READ_SUFFIXES = (".safetensors", ".pt", ".bin", *IMAGE_SUFFIXES)
 
 # SDXL files name their encoders after the CLIP models (A1111, kohya).
 _SDXL_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
@@ -62,7 +63,7 @@ class ConceptMismatchError(ConceptError):
     """A concept that does not fit a model: names the file, its vector sizes and the model's."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: comparing tensor dicts with == is ambiguous; also keeps Concept hashable
 class Concept:
     """A learned pseudo-word: `token` as written in prompts, one `[n_vectors, dim]` tensor per text encoder."""
 
@@ -124,7 +125,7 @@ def _describe(value: object) -> str:
 def load_concept(path: str | os.PathLike, token: str | None = None) -> Concept:
     """Read a concept file in any known form (.safetensors/.pt/.bin/.png/.webp).
 
-    The token is `token` when given, else the file name stem (A1111's rule). For a diffusers SDXL pair
+    The token is `token` when given, else the file name stem (A1111's rule; for PNG/WebP, A1111 uses the stored name). For a diffusers SDXL pair
     `<stem>.safetensors` + `<stem>_2.safetensors`, either file loads both. Raises `ConceptError` with the reason.
     """
     path = Path(path)
@@ -165,6 +166,8 @@ def load_concept(path: str | os.PathLike, token: str | None = None) -> Concept:
         meta["stored_name"] = stored_name
     meta["source_format"] = source_format
     meta["source_path"] = str(path)
+    if token is None and suffix in IMAGE_SUFFIXES and stored_name and not any(c.isspace() for c in stored_name):
+        token = stored_name  # A1111 names picture embeddings by the name inside ("name-500.png" holds "name")
     try:
         concept = Concept(token=token or stem, vectors=vectors, meta=meta)
     except ConceptError as exc:

@@ -174,7 +174,8 @@ def test_png_with_sd_ti_embedding_chunk_reads(tmp_path):
     path = tmp_path / "picture-concept.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
     concept = load_concept(path)
-    assert concept.token == "picture-concept" and concept.meta["stored_name"] == "stored-name"
+    assert concept.token == "stored-name"  # A1111 names picture embeddings by the name inside
+    assert load_concept(path, token="<pic>").token == "<pic>"
     assert concept.meta["steps"] == "500" and concept.dims == SD1
     assert torch.equal(concept.vectors["text_encoder"], vectors)
 
