@@ -238,6 +238,8 @@ def _read_image(path: Path) -> dict:
 
 def _interpret(data: object, path: Path) -> tuple[dict[str, torch.Tensor], str | None, str, dict[str, str]]:
     """Identify the layout: (vectors by encoder key, stored name, source format, extra metadata)."""
+    if isinstance(data, torch.Tensor):  # a bare tensor (diffusers' loader accepts it too, with token=)
+        return {"text_encoder": data}, None, "tensor", {}
     if not isinstance(data, dict) or not data:
         raise ConceptError(f"{path.name}: expected a dict of tensors, found {_describe(data)}")
     extra: dict[str, str] = {}

@@ -155,6 +155,14 @@ def test_diffusers_sdxl_is_a_pair_of_files_and_either_half_loads_both(tmp_path):
     assert_same_vectors(concept, from_second)
 
 
+def test_bare_tensor_file_reads_with_the_file_name_as_token(tmp_path):
+    tensor = torch.randn(2, 1024)
+    torch.save(tensor, tmp_path / "bare.pt")
+    concept = load_concept(tmp_path / "bare.pt")
+    assert concept.token == "bare" and concept.family == "sd2"
+    assert torch.equal(concept.vectors["text_encoder"], tensor)
+
+
 def test_wrong_suffix_for_format_is_a_clear_error(tmp_path):
     with pytest.raises(ConceptError, match=r"end in \.pt"):
         save_concept(random_concept("sd1"), tmp_path / "x.safetensors", format="a1111")
