@@ -1,0 +1,17 @@
+"""The demo model's vocabulary: every word the world's captions use, plus common prompt words."""
+
+from studio.demo.world import ATTRIBUTES, UNNAMED
+
+PROMPT_WORDS = (
+    "a an the of in on and with two shapes picture photo painting rendering drawing style background left right top "
+    "bottom center art by cute good bad blurry detailed object thing toy"
+).split()
+
+
+def demo_words() -> list[str]:
+    """All words of the demo vocabulary, unnamed attribute values excluded (captions never use them)."""
+    unnamed = {v for values in UNNAMED.values() for v in values}
+    words = set(PROMPT_WORDS)
+    for values in ATTRIBUTES.values():
+        words.update(v for v in values if v not in unnamed)
+    return sorted(words)
