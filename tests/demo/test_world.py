@@ -1,0 +1,51 @@
+"""The procedural world behind the demo model: deterministic, honest captions, held-out pairs really held out."""
+
+import random
+
+import numpy as np
+
+from studio.demo import world
+from studio.demo.vocab import demo_words
+
+
+def test_same_seed_same_pictures_and_captions():
+    a = world.sample_dataset(20, seed=7)
+    b = world.sample_dataset(20, seed=7)
+    assert [c for _, c, _ in a] == [c for _, c, _ in b]
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for (x, _, _), (y, _, _) in zip(a, b))
+    assert [c for _, c, _ in world.sample_dataset(20, seed=8)] != [c for _, c, _ in a]
+
+
+def test_captions_name_only_what_the_scene_has():
+    """A caption never names a colour, shape or style the picture does not contain."""
+    rng = random.Random(3)
+    for _ in range(300):
+        scene = world.sample_scene(rng)
+        words = set(world.caption(scene, rng).replace(",", "").split())
+        for attr, values in (("color", world.COLORS), ("shape", world.SHAPES)):
+            present = {getattr(o, attr) for o in scene.objects}
+            assert words & set(values) <= present
+        assert words & set(world.STYLES) <= {scene.style}
+        assert words & set(world.BACKGROUNDS) <= {scene.background}
+
+
+def test_held_out_pairs_never_sampled_for_training_and_unnamed_never_named():
+    rng = random.Random(0)
+    for _ in range(2000):
+        scene = world.sample_scene(rng, training=True, unnamed_rate=0.2)
+        assert not world.held_out(scene)
+        assert "zigzag" not in world.caption(scene, rng)
+    assert "zigzag" not in demo_words()
+    evaluation = [world.sample_scene(rng, training=False) for _ in range(3000)]
+    assert any(world.held_out(s) for s in evaluation)
+
+
+def test_render_is_64px_rgb_and_attributes_change_pixels():
+    base = world.Scene([world.Obj("circle", "red")], "white", "flat")
+    img = world.render(base)
+    assert img.size == (64, 64) and img.mode == "RGB"
+    for change in (world.Scene([world.Obj("square", "red")], "white", "flat"),
+                   world.Scene([world.Obj("circle", "blue")], "white", "flat"),
+                   world.Scene([world.Obj("circle", "red", "striped")], "white", "flat"),
+                   world.Scene([world.Obj("circle", "red")], "white", "mosaic")):
+        assert np.abs(np.asarray(world.render(change), float) - np.asarray(img, float)).mean() > 1.0
