@@ -1,0 +1,102 @@
+"""Prompt encoding with per-request concepts equals diffusers' load_textual_inversion, without mutating anything."""
+
+import threading
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from studio.engine.concepts import Concept
+from studio.engine.prompts import PromptEncoder
+
+
+def _load(dirs, family):
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    return cls.from_pretrained(dirs[family])
+
+
+def _concept(token, pipe, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    vecs = {"text_encoder": torch.randn(n, pipe.text_encoder.config.hidden_size, generator=g) * 0.02}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        vecs["text_encoder_2"] = torch.randn(n, pipe.text_encoder_2.config.hidden_size, generator=g) * 0.02
+    return Concept(token, vecs, {})
+
+
+def _diffusers_load(pipe, concept):
+    pipe.load_textual_inversion(concept.vectors["text_encoder"], token=concept.token,
+                                text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    if "text_encoder_2" in concept.vectors:
+        pipe.load_textual_inversion(concept.vectors["text_encoder_2"], token=concept.token,
+                                    text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_embeddings_equal_diffusers_load_textual_inversion(tiny_model_dirs, family):
+    ours_pipe, ref_pipe = _load(tiny_model_dirs, family), _load(tiny_model_dirs, family)
+    cat = _concept("<cat-toy>", ours_pipe, 3, 1)
+    style = _concept("<ink>", ours_pipe, 1, 2)
+    prompt, negative = "a photo of <cat-toy> on the beach in the style of <ink>", "blurry <cat-toy>"
+    ours = PromptEncoder.from_pipeline(ours_pipe).pipeline_kwargs(prompt, negative, [cat, style], 1, 7.5)
+    if family == "sdxl":  # the tiny SDXL pipeline shares one tokenizer object; diffusers needs two
+        import copy
+        ref_pipe.tokenizer_2 = copy.deepcopy(ref_pipe.tokenizer)
+    _diffusers_load(ref_pipe, cat)
+    _diffusers_load(ref_pipe, style)
+    with torch.no_grad():
+        ref = ref_pipe.encode_prompt(prompt=prompt, negative_prompt=negative, device="cpu", num_images_per_prompt=1,
+                                     do_classifier_free_guidance=True, **({"prompt_2": None} if family == "sdxl" else {}))
+    assert torch.allclose(ours["prompt_embeds"], ref[0], atol=1e-5, rtol=0)
+    assert torch.allclose(ours["negative_prompt_embeds"], ref[1], atol=1e-5, rtol=0)
+    if family == "sdxl":
+        assert torch.allclose(ours["pooled_prompt_embeds"], ref[2], atol=1e-5, rtol=0)
+        assert torch.allclose(ours["negative_pooled_prompt_embeds"], ref[3], atol=1e-5, rtol=0)
+
+
+def test_no_concept_prompt_equals_plain_pipeline_and_nothing_is_mutated(tiny_model_dirs):
+    pipe = _load(tiny_model_dirs, "sd1")
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    n_tokens = len(pipe.tokenizer)
+    enc = PromptEncoder.from_pipeline(pipe)
+    ours = enc.encode(["a red cat on the beach"]).embeds
+    enc.encode(["a <x> cat"], [_concept("<x>", pipe, 2, 3)])
+    with torch.no_grad():
+        ref = pipe.encode_prompt("a red cat on the beach", "cpu", 1, False)[0]
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+    assert len(pipe.tokenizer) == n_tokens
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, table)
+
+
+def test_gradients_reach_only_the_concept_vectors(tiny_model_dirs):
+    pipe = _load(tiny_model_dirs, "sd1")
+    pipe.text_encoder.requires_grad_(False)  # frozen, as in training
+    vec = torch.zeros(2, 768, requires_grad=True)
+    concept = Concept("<v>", {"text_encoder": vec}, {})
+    PromptEncoder.from_pipeline(pipe).encode(["a photo of <v>"], [concept]).embeds.square().sum().backward()
+    assert vec.grad is not None and vec.grad.abs().sum() > 0
+    assert all(p.grad is None for p in pipe.text_encoder.parameters())
+    # A vector sitting in an unused slot (after truncation) would get no gradient: the slot really is used.
+    assert (vec.grad.abs().sum(dim=1) > 0).all()
+
+
+def test_two_threads_with_different_concepts_get_their_own_embeddings(tiny_model_dirs):
+    pipe = _load(tiny_model_dirs, "sd1")
+    enc = PromptEncoder.from_pipeline(pipe)
+    a, b = _concept("<s>", pipe, 1, 10), _concept("<s>", pipe, 1, 11)
+    expected = {name: enc.encode(["a photo of <s>"], [c]).embeds for name, c in (("a", a), ("b", b))}
+    results, errors = {}, []
+
+    def work(name, concept):
+        try:
+            for _ in range(5):
+                out = enc.encode(["a photo of <s>"], [concept]).embeds
+                assert torch.equal(out, expected[name])
+            results[name] = True
+        except AssertionError as exc:  # collected and re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n, c)) for n, c in (("a", a), ("b", b))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and results == {"a": True, "b": True}
+    assert not torch.equal(expected["a"], expected["b"])
