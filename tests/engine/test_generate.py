@@ -1,0 +1,119 @@
+"""ModelManager and generation on tiny random pipelines: shared modules, seeds, threads, cancel, PNG parameters."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from studio.engine.concepts import Concept, ConceptMismatchError
+from studio.engine.generate import Cancelled, GenerateRequest, generate, read_infotext, save_png
+from studio.engine.models import ModelError, ModelManager
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_model_dirs):
+    return ModelManager().load(tiny_model_dirs["sd1"])
+
+
+def _arr(img):
+    return np.asarray(img, dtype=np.int16)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_family_detected_and_views_share_every_parameter(tiny_model_dirs, family):
+    model = ModelManager().load(tiny_model_dirs[family])
+    assert model.family == family
+    assert model.attention == "sdpa"
+    base = {p.data_ptr() for p in model.pipe.unet.parameters()} | {p.data_ptr() for p in model.pipe.vae.parameters()}
+    for view in (model.img2img(), model.inpaint()):
+        assert {p.data_ptr() for p in view.unet.parameters()} | {p.data_ptr() for p in view.vae.parameters()} == base
+        assert view.text_encoder is model.pipe.text_encoder
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(ModelError, match="not a diffusers model folder"):
+        ModelManager().load(tmp_path)
+    bad = tmp_path / "model.bin"
+    bad.write_bytes(b"junk")
+    with pytest.raises(ModelError, match="must be .safetensors or .ckpt"):
+        ModelManager().load(bad)
+
+
+def test_seeds_reproducible_and_batch_image_k_equals_seed_plus_k(sd1):
+    req = GenerateRequest("a red cat", seed=5, steps=2, width=32, height=32, batch=2)
+    batch = generate(sd1, req)
+    single = generate(sd1, GenerateRequest("a red cat", seed=6, steps=2, width=32, height=32))
+    assert batch.seeds == [5, 6]
+    assert np.array_equal(_arr(batch.images[1]), _arr(single.images[0]))
+    assert not np.array_equal(_arr(batch.images[0]), _arr(batch.images[1]))
+
+
+def test_concurrent_requests_never_mix(sd1):
+    prompts = [("a red cat", 1), ("a blue dog", 2), ("a green toy", 3)]
+    expected = {p: _arr(generate(sd1, GenerateRequest(p, seed=s, steps=2, width=32, height=32)).images[0])
+                for p, s in prompts}
+    got, threads = {}, []
+    for p, s in prompts:
+        t = threading.Thread(target=lambda p=p, s=s: got.__setitem__(
+            p, _arr(generate(sd1, GenerateRequest(p, seed=s, steps=2, width=32, height=32)).images[0])))
+        threads.append(t)
+        t.start()
+    [t.join() for t in threads]
+    assert all(np.array_equal(got[p], expected[p]) for p, _ in prompts)
+
+
+def test_cancel_stops_at_the_step_and_the_model_stays_usable(sd1):
+    cancel, seen = threading.Event(), []
+
+    def on_step(step, total, _preview):
+        seen.append(step)
+        cancel.set()
+
+    with pytest.raises(Cancelled):
+        generate(sd1, GenerateRequest("a cat", seed=1, steps=10, width=32, height=32), on_step=on_step, cancel=cancel)
+    assert seen == [1]
+    assert sd1.lock.acquire(blocking=False)
+    sd1.lock.release()
+    assert len(generate(sd1, GenerateRequest("a cat", seed=1, steps=2, width=32, height=32)).images) == 1
+
+
+def test_concept_changes_the_image_and_a_wrong_size_concept_is_refused(sd1):
+    plain = generate(sd1, GenerateRequest("a photo of <me>", seed=3, steps=2, width=32, height=32)).images[0]
+    me = Concept("<me>", {"text_encoder": torch.randn(2, 768)}, {})
+    with_concept = generate(sd1, GenerateRequest("a photo of <me>", concepts=[me], seed=3, steps=2, width=32, height=32))
+    assert not np.array_equal(_arr(plain), _arr(with_concept.images[0]))
+    assert "Concepts: <me>" in with_concept.infotexts[0]
+    sd2_file = Concept("<wide>", {"text_encoder": torch.randn(1, 1024)}, {})
+    with pytest.raises(ConceptMismatchError, match="1024"):
+        generate(sd1, GenerateRequest("a <wide>", concepts=[sd2_file], steps=2, width=32, height=32))
+
+
+def test_img2img_and_inpaint_produce_pictures_of_the_input_size(sd1):
+    picture = Image.new("RGB", (40, 32), (200, 30, 30))
+    out = generate(sd1, GenerateRequest("a cat", init_image=picture, strength=0.6, steps=3, seed=1))
+    assert out.images[0].size == (40, 32)
+    mask = Image.new("L", (40, 32), 0)
+    mask.paste(255, (10, 10, 30, 24))
+    out = generate(sd1, GenerateRequest("a cat", init_image=picture, mask=mask, steps=3, seed=1))
+    assert out.images[0].size == (40, 32)
+    with pytest.raises(ValueError, match="mask is 20x20 but the picture is 40x32"):
+        generate(sd1, GenerateRequest("a cat", init_image=picture, mask=Image.new("L", (20, 20)), steps=2))
+
+
+def test_validation_messages_name_the_value(sd1):
+    with pytest.raises(ValueError, match="multiples of 8 but are 65 and 64"):
+        generate(sd1, GenerateRequest("a cat", width=65, height=64))
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        generate(sd1, GenerateRequest("a cat", scheduler="nope"))
+
+
+def test_png_parameters_round_trip(sd1, tmp_path):
+    req = GenerateRequest("a red cat\non two lines", negative_prompt="blurry", seed=42, steps=2, guidance=5.0,
+                          scheduler="ddim", width=32, height=32)
+    out = generate(sd1, req)
+    path = save_png(out.images[0], tmp_path / "x.png")
+    back = read_infotext(path)
+    assert back == {"prompt": "a red cat\non two lines", "negative_prompt": "blurry", "steps": 2, "guidance": 5.0,
+                    "seed": 42, "scheduler": "ddim", "width": 32, "height": 32}
