@@ -1,0 +1,65 @@
+"""TrainConfig: every Textual Inversion option, with defaults and where they come from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    token: str  # the new word, e.g. "<cat-toy>"
+    init_text: str = "*"  # words whose embeddings start the vectors (A1111's default is "*"; a class word is better)
+    n_vectors: int = 1  # vectors per token (paper: 1; A1111 allows 1-75)
+    template: str = "object"  # "object" | "style" (the paper's template lists) | "captions" (name.txt beside pictures)
+    steps: int = 400  # demo model: ~2 min on a 2-core CPU; SD 1.5: 3,000 (diffusers README), 5,000 (paper)
+    batch_size: int = 4  # paper: 4 per GPU
+    learning_rate: float = 5e-3  # paper's base LR 0.005 (A1111's default too)
+    lr_schedule: str = "constant"  # "constant" | "cosine" | A1111 steps "0.005:100, 1e-3:1000, 1e-5"
+    warmup_steps: int = 0
+    resolution: int | None = None  # None: the model's native size (64 for the demo, 512 for SD 1.5)
+    flip: bool = True  # horizontal flip augmentation; turn off for text or asymmetric concepts
+    seed: int = 0
+    weight_decay: float = 0.0  # decay would pull the vectors to zero; diffusers uses 1e-2 on the whole table
+    save_every: int = 0  # 0: only the final file
+    preview_every: int = 0  # 0: no previews
+    preview_prompts: list[str] = field(default_factory=lambda: ["a photo of {}"])
+    regularization: float = 0.0  # paper's variant: weight of ||v - v_init||^2
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.token.strip() or any(ch.isspace() for ch in self.token):
+            raise ValueError(f"the token must be one word without spaces, like <my-cat>, not {self.token!r}")
+        if not 1 <= self.n_vectors <= 75:
+            raise ValueError(f"vectors per token must be between 1 and 75 (CLIP's prompt length), not {self.n_vectors}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch size must be at least 1")
+        if self.template not in ("object", "style", "captions"):
+            raise ValueError(f"template must be 'object', 'style' or 'captions', not {self.template!r}")
+
+
+def parse_lr_schedule(schedule: str, base_lr: float, warmup_steps: int, total_steps: int):
+    """Return `lr(step)`. Understands constant, cosine and A1111's "0.005:100, 1e-3:1000, 1e-5" syntax."""
+    import math
+
+    if schedule in ("constant", "cosine"):
+        def lr(step: int) -> float:
+            warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+            if schedule == "cosine":
+                return base_lr * warm * 0.5 * (1 + math.cos(math.pi * step / max(1, total_steps)))
+            return base_lr * warm
+        return lr
+    pieces = []
+    try:
+        for part in schedule.split(","):
+            value, _, until = part.strip().partition(":")
+            pieces.append((float(value), int(until) if until else None))
+    except ValueError as exc:
+        raise ValueError(f"cannot read learning-rate schedule {schedule!r}: use 'constant', 'cosine' or "
+                         "A1111's form like '0.005:100, 1e-3:1000, 1e-5'") from exc
+
+    def stepped(step: int) -> float:
+        for value, until in pieces:
+            if until is None or step < until:
+                return value
+        return pieces[-1][0]
+    return stepped

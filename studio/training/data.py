@@ -1,0 +1,82 @@
+"""Training pictures: load, check, crop, flip, and encode each one once with the VAE (the latent cache)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+MIN_SIDE = 32  # smaller pictures carry too little to learn from
+
+
+class TrainError(ValueError):
+    """Training cannot start or go on; the message says what to do."""
+
+
+@dataclass
+class TrainingImage:
+    path: Path
+    image: Image.Image  # RGB, square, at the training resolution
+    caption: str | None
+
+
+def find_images(images: list[Path] | Path | str) -> list[Path]:
+    if isinstance(images, (str, Path)):
+        folder = Path(images)
+        if not folder.is_dir():
+            raise TrainError(f"{folder} is not a folder of pictures")
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [Path(p) for p in images]
+
+
+def load_images(paths: list[Path], resolution: int) -> tuple[list[TrainingImage], list[str]]:
+    """Load and center-crop every readable picture; return them and one warning per picture left out."""
+    good, warnings = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as raw:
+                raw.load()
+                img = ImageOps.exif_transpose(raw)
+                if img.mode in ("RGBA", "LA", "P"):
+                    rgba = img.convert("RGBA")
+                    img = Image.new("RGB", rgba.size, (255, 255, 255))
+                    img.paste(rgba, mask=rgba.split()[-1])  # transparent parts become white
+                img = img.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            warnings.append(f"{path.name}: not a readable picture ({exc.__class__.__name__}); left out")
+            continue
+        if min(img.size) < MIN_SIDE:
+            warnings.append(f"{path.name}: {img.size[0]}x{img.size[1]} is smaller than {MIN_SIDE}px; left out")
+            continue
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
+        good.append(TrainingImage(path, img, caption))
+    if not good:
+        detail = "; ".join(warnings) if warnings else "no PNG/JPEG/WebP files were given"
+        raise TrainError(f"no usable training pictures: {detail}")
+    return good, warnings
+
+
+@torch.no_grad()
+def encode_latents(vae, images: list[TrainingImage], flip: bool, device, dtype) -> torch.Tensor:
+    """VAE latents of every picture (and its mirror image), computed once: [N(*2), 4, h, w].
+
+    The posterior mean is used (A1111's "deterministic" latent sampling), scaled by the VAE's scaling factor
+    as the pipelines do.
+    """
+    arrays = []
+    for item in images:
+        arr = np.asarray(item.image, dtype=np.float32) / 127.5 - 1.0
+        arrays.append(arr)
+        if flip:
+            arrays.append(arr[:, ::-1].copy())
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device=device, dtype=dtype)
+    latents = torch.cat([vae.encode(pixels[i:i + 8]).latent_dist.mean for i in range(0, len(pixels), 8)])
+    return latents * vae.config.scaling_factor

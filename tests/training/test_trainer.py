@@ -1,0 +1,137 @@
+"""Textual Inversion trainer on tiny random models: learns, touches nothing else, writes loadable files, cancels."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from studio.engine.concepts import load_concept
+from studio.engine.models import ModelManager
+from studio.training import TrainConfig, TrainError, Trainer
+from studio.training.config import parse_lr_schedule
+
+
+@pytest.fixture()
+def pictures(tmp_path):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        arr = np.zeros((48, 48, 3), np.uint8)
+        arr[8:40, 8:40] = (200, 40 + 20 * k, 40)
+        arr += rng.integers(0, 20, arr.shape, dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"p{k}.png")
+    return folder
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_training_changes_only_the_new_vectors(tiny_model_dirs, pictures, tmp_path, family):
+    model = ModelManager().load(tiny_model_dirs[family])
+    encoders = [model.pipe.text_encoder] + ([model.pipe.text_encoder_2] if family == "sdxl" else [])
+    before = [e.get_input_embeddings().weight.detach().clone() for e in encoders]
+    unet_before = next(model.pipe.unet.parameters()).detach().clone()
+    events = []
+    cfg = TrainConfig("<thing>", init_text="toy", n_vectors=2, steps=6, batch_size=2, learning_rate=0.05)
+    concept = Trainer(model, cfg, pictures, tmp_path / "out").run(events.append)
+    assert all(torch.equal(e.get_input_embeddings().weight, b) for e, b in zip(encoders, before))
+    assert torch.equal(next(model.pipe.unet.parameters()), unet_before)
+    init = model.pipe.text_encoder.get_input_embeddings().weight[model.pipe.tokenizer("toy", add_special_tokens=False).input_ids[0]]
+    assert not torch.allclose(concept.vectors["text_encoder"][0], init)
+    assert concept.vectors["text_encoder"].shape == (2, 768)
+    if family == "sdxl":
+        assert concept.vectors["text_encoder_2"].shape == (2, 1280)
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "finished" and kinds.count("step") == 6
+
+
+def test_loss_falls_on_fixed_noise(tiny_model_dirs, pictures, tmp_path):
+    """Training lowers the denoising loss of the training pictures under the same noise and timesteps."""
+    from studio.engine.concepts import Concept
+    from studio.training.data import encode_latents, load_images, find_images
+
+    model = ModelManager().load(tiny_model_dirs["sd1"])
+    images, _ = load_images(find_images(pictures), 32)
+    latents = encode_latents(model.pipe.vae, images, False, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.full((len(latents),), 500)
+    from diffusers import DDPMScheduler
+    noisy = DDPMScheduler.from_config(model.pipe.scheduler.config).add_noise(latents, noise, t)
+
+    def loss_of(concept):
+        with torch.no_grad():
+            emb = model.encoder.encode(["a photo of a <thing>"] * len(latents), [concept]).embeds
+            return torch.nn.functional.mse_loss(model.pipe.unet(noisy, t, emb).sample, noise).item()
+
+    cfg = TrainConfig("<thing>", init_text="toy", steps=1, learning_rate=0.0, resolution=32)
+    start = Trainer(model, cfg, pictures, tmp_path / "a").run()
+    cfg = TrainConfig("<thing>", init_text="toy", steps=40, batch_size=4, learning_rate=0.05, resolution=32)
+    trained = Trainer(model, cfg, pictures, tmp_path / "b").run()
+    assert loss_of(trained) < loss_of(start)
+
+
+def test_written_file_loads_in_studio_and_diffusers_with_the_same_embeddings(tiny_model_dirs, pictures, tmp_path):
+    model = ModelManager().load(tiny_model_dirs["sd1"])
+    events = []
+    cfg = TrainConfig("<thing>", init_text="toy", steps=3, batch_size=2, save_every=2)
+    concept = Trainer(model, cfg, pictures, tmp_path).run(events.append)
+    path = tmp_path / "thing.safetensors"
+    assert [e.path.name for e in events if e.kind == "checkpoint"] == ["thing-step2.safetensors"]
+    loaded = load_concept(path, token="<thing>")
+    assert torch.equal(loaded.vectors["text_encoder"], concept.vectors["text_encoder"])
+    ref = StableDiffusionPipeline.from_pretrained(tiny_model_dirs["sd1"])
+    ref.load_textual_inversion(str(path), token="<thing>")
+    with torch.no_grad():
+        theirs = ref.encode_prompt("a photo of <thing>", "cpu", 1, False)[0]
+        ours = model.encoder.encode(["a photo of <thing>"], [loaded]).embeds
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_cancel_leaves_a_valid_file(tiny_model_dirs, pictures, tmp_path):
+    model = ModelManager().load(tiny_model_dirs["sd1"])
+    cancel = threading.Event()
+
+    def on_event(event):
+        if event.kind == "step" and event.step == 2:
+            cancel.set()
+
+    events = []
+    Trainer(model, TrainConfig("<thing>", steps=50, batch_size=1), pictures, tmp_path).run(
+        lambda e: (events.append(e), on_event(e)), cancel)
+    assert events[-1].kind == "cancelled" and events[-1].step == 2
+    assert load_concept(events[-1].path).meta["steps"] == "2"
+
+
+def test_bad_pictures_are_reported_and_training_goes_on(tiny_model_dirs, pictures, tmp_path):
+    (pictures / "broken.png").write_bytes(b"not a png")
+    Image.new("RGB", (8, 8)).save(pictures / "tiny.png")
+    events = []
+    Trainer(ModelManager().load(tiny_model_dirs["sd1"]), TrainConfig("<t>", steps=1), pictures, tmp_path).run(events.append)
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert any("broken.png" in w for w in warnings) and any("tiny.png" in w for w in warnings)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "x.png").write_bytes(b"junk")
+    with pytest.raises(TrainError, match="no usable training pictures: x.png"):
+        Trainer(ModelManager().load(tiny_model_dirs["sd1"]), TrainConfig("<t>", steps=1), empty, tmp_path).run()
+
+
+def test_diverging_loss_stops_with_a_clear_message_and_keeps_good_vectors(tiny_model_dirs, pictures, tmp_path):
+    events = []
+    cfg = TrainConfig("<t>", steps=5, learning_rate=1e36)  # diverges within a step or two
+    with pytest.raises(TrainError, match="lower the learning rate"):
+        Trainer(ModelManager().load(tiny_model_dirs["sd1"]), cfg, pictures, tmp_path).run(events.append)
+    assert events[-1].kind == "failed"
+    assert torch.isfinite(load_concept(events[-1].path).vectors["text_encoder"]).all()
+
+
+def test_a1111_learning_rate_schedule_and_bad_config():
+    lr = parse_lr_schedule("0.005:100, 1e-3:1000, 1e-5", 0.005, 0, 2000)
+    assert (lr(0), lr(99), lr(100), lr(999), lr(1500)) == (0.005, 0.005, 1e-3, 1e-3, 1e-5)
+    with pytest.raises(ValueError, match="cannot read learning-rate schedule"):
+        parse_lr_schedule("fast please", 0.005, 0, 10)
+    with pytest.raises(ValueError, match="one word"):
+        TrainConfig("my cat")
