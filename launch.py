@@ -1,0 +1,45 @@
+"""Start Concept Studio: `python launch.py [--model M] [--concepts DIR] [--host H] [--port P] [--share]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the built-in demo)")
+    parser.add_argument("--concepts", default=str(REPO / "concepts"), help="shared concept library folder")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--share", action="store_true", help="make a public gradio.live link")
+    parser.add_argument("--device", help="cuda, mps or cpu (default: best available)")
+    parser.add_argument("--low-vram", action="store_true", help="attention/VAE slicing and model CPU offload")
+    args = parser.parse_args(argv)
+
+    from studio.engine.models import LoadOptions, ModelError, ModelManager
+    from studio.library import ConceptLibrary
+    from studio.ui.app import build_app
+
+    options = LoadOptions(device=args.device)
+    if args.low_vram:
+        options = LoadOptions(device=args.device, attention_slicing=True, vae_slicing=True, offload="model")
+    manager = ModelManager(options)
+    try:
+        model = manager.load(args.model)
+    except ModelError as exc:
+        print(f"launch.py: {exc}", file=sys.stderr)
+        return 2
+    print(f"Concept Studio: {'built-in demo model' if model.is_demo else model.source} ({model.family}, {model.device})")
+    Path(args.concepts).mkdir(parents=True, exist_ok=True)
+    app = build_app(manager, ConceptLibrary(args.concepts))
+    app.launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
