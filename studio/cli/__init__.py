@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(exc: BaseException) -> bool:
-    if isinstance(exc, (UserError, FileNotFoundError)):
+    if isinstance(exc, (UserError, FileNotFoundError, ValueError)):  # ValueError: the engine's validation errors
         return True
     # Engine errors carry user-facing messages; match by class name to avoid importing heavy modules here.
     return any(cls.__name__ in {"ConceptError", "ConceptMismatchError", "ModelError", "TrainError", "ImageError"}

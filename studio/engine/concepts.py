@@ -168,6 +168,10 @@ def load_concept(path: str | os.PathLike, token: str | None = None) -> Concept:
     meta["source_path"] = str(path)
     if token is None and suffix in IMAGE_SUFFIXES and stored_name and not any(c.isspace() for c in stored_name):
         token = stored_name  # A1111 names picture embeddings by the name inside ("name-500.png" holds "name")
+    if token is None and source_format == "studio" and stored_name and not any(c.isspace() for c in stored_name):
+        # Our own files carry the word they were trained for ("<my-cat>" in my-cat.safetensors): a step-500
+        # checkpoint or a renamed copy still answers to the word the user trained.
+        token = stored_name
     try:
         concept = Concept(token=token or stem, vectors=vectors, meta=meta)
     except ConceptError as exc:
