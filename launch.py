@@ -18,16 +18,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="make a public gradio.live link")
     parser.add_argument("--device", help="cuda, mps or cpu (default: best available)")
-    parser.add_argument("--low-vram", action="store_true", help="attention/VAE slicing and model CPU offload")
+    parser.add_argument("--memory", default="auto", choices=["auto", "fast", "balanced", "low-vram"],
+                        help="memory mode (see studio/engine/memory.py); auto chooses by free GPU memory")
+    parser.add_argument("--low-vram", action="store_true", help="same as --memory low-vram")
     args = parser.parse_args(argv)
 
+    from studio.engine.memory import apply_preset
     from studio.engine.models import LoadOptions, ModelError, ModelManager
     from studio.library import ConceptLibrary
     from studio.ui.app import build_app
 
-    options = LoadOptions(device=args.device)
-    if args.low_vram:
-        options = LoadOptions(device=args.device, attention_slicing=True, vae_slicing=True, offload="model")
+    options = apply_preset("low-vram" if args.low_vram else args.memory, LoadOptions(device=args.device))
     manager = ModelManager(options)
     try:
         model = manager.load(args.model)

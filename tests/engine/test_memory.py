@@ -1,0 +1,39 @@
+"""Memory modes: what each preset turns on, `auto`'s choice, and out-of-memory errors that leave the model usable."""
+
+import pytest
+import torch
+
+from studio.engine.generate import GenerateRequest, generate
+from studio.engine.memory import PRESETS, apply_preset, oom_guard, pick_auto, preset
+from studio.engine.models import ModelError, ModelManager
+
+
+def test_presets_turn_on_what_they_promise():
+    fast, low = apply_preset("fast"), apply_preset("low-vram")
+    assert (fast.attention_slicing, fast.vae_slicing, fast.offload) == (False, False, "none")
+    assert (low.attention_slicing, low.vae_slicing, low.vae_tiling, low.offload) == (True, True, True, "model")
+    assert PRESETS["low-vram"].gradient_checkpointing and PRESETS["low-vram"].offload_frozen_after_caching
+    assert all(p.explanation for p in PRESETS.values())
+    with pytest.raises(ValueError, match="memory mode must be one of"):
+        preset("tiny")
+
+
+def test_auto_picks_by_free_memory():
+    assert pick_auto(24.0).name == "fast"
+    assert pick_auto(8.0).name == "balanced"
+    assert pick_auto(4.0).name == "low-vram"
+
+
+def test_out_of_memory_inside_a_pipeline_step_names_the_next_mode_and_the_model_still_works(tiny_model_dirs):
+    model = ModelManager().load(tiny_model_dirs["sd1"])
+
+    def explode(step, total, preview):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(ModelError, match="switch the memory mode to 'balanced'"):
+        with oom_guard("fast"):
+            generate(model, GenerateRequest("a cat", steps=3, width=32, height=32), on_step=explode)
+    assert len(generate(model, GenerateRequest("a cat", steps=2, width=32, height=32)).images) == 1
+    with pytest.raises(RuntimeError, match="unrelated"):
+        with oom_guard("fast"):
+            raise RuntimeError("unrelated failure")
