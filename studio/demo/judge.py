@@ -1,0 +1,405 @@
+"""The judge: a small CNN that reads every attribute of a demo-world picture, so generations can be scored.
+
+`python -m studio.demo.judge --train` renders seeded world pictures (every shape/colour pair, the unnamed
+"zigzag" pattern included: the judge must see what the demo model was never told about), trains the classifier on
+one CPU thread, measures its accuracy on fresh clean renders and writes `assets/judge/judge.safetensors` (weights,
+fp16) and `assets/judge/judge.json` (vocabularies, architecture, training settings, measured accuracy).
+
+One network, one head per attribute. Scenes hold one object anywhere or two small objects at left and right, so the
+object heads come in two slots: slot 0 is the single object (or the left one), slot 1 the right one.
+
+    judge = Judge.load()
+    judge.predict([image])[0]
+    # {"count": 1, "background": "white", "style": "flat",
+    #  "objects": [{"shape": "star", "color": "purple", "pattern": "solid", "size": "big", "position": "center"}]}
+    judge.agreement(image, {"shape": "star", "color": "purple", "background": "white"})   # -> 0.0 .. 1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from studio.demo import world
+
+JUDGE_DIR = Path(__file__).resolve().parents[2] / "assets" / "judge"
+RESOLUTION = 64
+
+# Every attribute value the judge can name. Patterns include the unnamed one: the judge reads pictures, not captions.
+VOCAB: dict[str, tuple[str, ...]] = {
+    "count": ("1", "2"),
+    "background": tuple(world.BACKGROUNDS),
+    "style": world.STYLES,
+    "shape": world.SHAPES,
+    "color": tuple(world.COLORS),
+    "pattern": world.PATTERNS + world.UNNAMED["pattern"],
+    "size": world.SIZES,
+    "position": world.POSITIONS,
+}
+SCENE_KEYS = ("count", "background", "style")
+OBJECT_KEYS = ("shape", "color", "pattern", "size", "position")
+SLOT_KEYS = ("shape", "color", "pattern")  # per-slot heads; size and position are fixed for two-object scenes
+# Output heads in the order of the network's last layer: name -> vocabulary.
+HEADS: dict[str, tuple[str, ...]] = {
+    "count": VOCAB["count"], "background": VOCAB["background"], "style": VOCAB["style"],
+    **{f"obj0_{k}": VOCAB[k] for k in SLOT_KEYS}, **{f"obj1_{k}": VOCAB[k] for k in SLOT_KEYS},
+    "size": VOCAB["size"], "position": VOCAB["position"],
+}
+
+
+class JudgeError(ValueError):
+    """The judge is missing or was asked something it cannot answer; the message says what to do."""
+
+
+class JudgeNet(nn.Module):
+    """Five 3x3 conv blocks (64 -> 4 px) and a shared 256-wide layer feeding one linear head per attribute.
+
+    The first block keeps full resolution because patterns (stripes, dots, zigzags) are 2-3 pixels wide; the
+    flattened 4x4 map (not a global pool) keeps where things are, which position and left/right slots need.
+    """
+
+    def __init__(self, width: int = 32, hidden: int = 256):
+        super().__init__()
+        chans = [3, width // 2, width, 2 * width, 4 * width, 4 * width]
+        layers: list[nn.Module] = []
+        for k, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
+            layers += [nn.Conv2d(cin, cout, 3, stride=1 if k == 0 else 2, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.shared = nn.Sequential(nn.Flatten(), nn.Linear(chans[-1] * 16, hidden), nn.ReLU(), nn.Dropout(0.1))
+        self.heads = nn.ModuleDict({name: nn.Linear(hidden, len(values)) for name, values in HEADS.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.shared(self.features(x))
+        return {name: head(h) for name, head in self.heads.items()}
+
+
+# ---------------------------------------------------------------------------------------------- ground truth
+
+def _ordered(scene: world.Scene) -> list[world.Obj]:
+    """Objects in slot order: the single object, or left then right."""
+    return sorted(scene.objects, key=lambda o: {"left": 0, "right": 1}.get(o.position, 0))
+
+
+def scene_attributes(scene: world.Scene) -> dict[str, Any]:
+    """A scene's ground truth in the judge's output form (see `Judge.predict`)."""
+    objects = [{"shape": o.shape, "color": o.color, "pattern": o.pattern, "size": o.size, "position": o.position}
+               for o in _ordered(scene)]
+    return {"count": len(objects), "background": scene.background, "style": scene.style, "objects": objects}
+
+
+def _scene_targets(scene: world.Scene) -> dict[str, int]:
+    """Class index per head; -1 where the head does not apply (slot 1 of a single object, size of a pair)."""
+    objs = _ordered(scene)
+    t = {"count": len(objs) - 1, "background": VOCAB["background"].index(scene.background),
+         "style": VOCAB["style"].index(scene.style)}
+    for slot in (0, 1):
+        for key in SLOT_KEYS:
+            t[f"obj{slot}_{key}"] = VOCAB[key].index(getattr(objs[slot], key)) if slot < len(objs) else -1
+    single = len(objs) == 1
+    t["size"] = VOCAB["size"].index(objs[0].size) if single else -1
+    t["position"] = VOCAB["position"].index(objs[0].position) if single else -1
+    return t
+
+
+def judge_scenes(rng: random.Random, n: int, unnamed_rate: float = 0.2) -> list[world.Scene]:
+    """Scenes for training or measuring the judge: every (shape, colour) pair, zigzag at `unnamed_rate`."""
+    return [world.sample_scene(rng, training=False, unnamed_rate=unnamed_rate) for _ in range(n)]
+
+
+def to_batch(images: Sequence[Image.Image]) -> torch.Tensor:
+    """RGB pictures -> float tensor [N, 3, 64, 64] in [-1, 1] (resized when they are not 64x64)."""
+    arrays = []
+    for im in images:
+        im = im.convert("RGB")
+        if im.size != (RESOLUTION, RESOLUTION):
+            im = im.resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
+        arrays.append(np.asarray(im, dtype=np.float32))
+    if not arrays:
+        return torch.zeros(0, 3, RESOLUTION, RESOLUTION)
+    return torch.from_numpy(np.stack(arrays) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- the judge
+
+class Judge:
+    """Reads attributes from pictures. Build with `Judge.load()`; never holds more than its own small network."""
+
+    def __init__(self, net: JudgeNet, info: dict):
+        self.net = net.eval()
+        self.info = info
+
+    @classmethod
+    def load(cls, folder: Path | str = JUDGE_DIR) -> "Judge":
+        """Load the judge written by `python -m studio.demo.judge --train`."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        weights, meta = folder / "judge.safetensors", folder / "judge.json"
+        if not weights.is_file() or not meta.is_file():
+            raise JudgeError(f"no judge in {folder} (judge.safetensors + judge.json): train it with "
+                             "`python -m studio.demo.judge --train`")
+        info = json.loads(meta.read_text())
+        if info.get("heads") != {k: list(v) for k, v in HEADS.items()}:
+            raise JudgeError(f"{meta} was trained for other attribute vocabularies than studio/demo/world.py has now; "
+                             "retrain it with `python -m studio.demo.judge --train`")
+        net = JudgeNet(**info["architecture"])
+        state = {k: v.float() if v.dtype.is_floating_point else v for k, v in load_file(weights).items()}
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:  # shapes or names differ from judge.json's architecture
+            raise JudgeError(f"{weights} does not match the judge network ({str(exc).splitlines()[0]}); retrain it "
+                             "with `python -m studio.demo.judge --train`") from exc
+        return cls(net, info)
+
+    @torch.no_grad()
+    def probabilities(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """Softmax per head: name -> [N, classes]."""
+        out: dict[str, list[torch.Tensor]] = {name: [] for name in HEADS}
+        batch = to_batch(images)
+        for i in range(0, len(batch), 256):
+            for name, logits in self.net(batch[i:i + 256]).items():
+                out[name].append(logits.softmax(-1))
+        return {name: torch.cat(parts) if parts else torch.zeros(0, len(HEADS[name])) for name, parts in out.items()}
+
+    def predict(self, images: Sequence[Image.Image] | Image.Image) -> list[dict[str, Any]]:
+        """One dict per picture: count, background, style and `objects` (slot order: single, or left then right).
+
+        Two-object scenes in the world always hold two small objects at left and right, so those fields follow
+        from the count rather than from the single-object heads.
+        """
+        if isinstance(images, Image.Image):
+            images = [images]
+        probs = self.probabilities(images)
+        preds = {name: p.argmax(-1).tolist() for name, p in probs.items()}
+        results = []
+        for i in range(len(images)):
+            count = int(VOCAB["count"][preds["count"][i]])
+            objects = []
+            for slot in range(count):
+                obj = {k: VOCAB[k][preds[f"obj{slot}_{k}"][i]] for k in SLOT_KEYS}
+                if count == 1:
+                    obj.update(size=VOCAB["size"][preds["size"][i]], position=VOCAB["position"][preds["position"][i]])
+                else:
+                    obj.update(size="small", position=("left", "right")[slot])
+                objects.append(obj)
+            results.append({"count": count, "background": VOCAB["background"][preds["background"][i]],
+                            "style": VOCAB["style"][preds["style"][i]], "objects": objects})
+        return results
+
+    def agreement(self, image: Image.Image, attributes: dict[str, Any]) -> float:
+        """Fraction of the named `attributes` the picture shows (see `check` for the form of `attributes`)."""
+        checks = check(self.predict([image])[0], attributes)
+        return sum(checks.values()) / len(checks) if checks else 1.0
+
+    def mean_agreement(self, images: Sequence[Image.Image], attributes: dict[str, Any]) -> float:
+        """Mean `agreement` over several pictures judged against the same attributes (batched)."""
+        if not images:
+            raise JudgeError("no pictures to judge")
+        scores = []
+        for pred in self.predict(images):
+            checks = check(pred, attributes)
+            scores.append(sum(checks.values()) / len(checks) if checks else 1.0)
+        return float(np.mean(scores))
+
+
+def _validate(attributes: dict[str, Any]) -> None:
+    for key, value in attributes.items():
+        if key == "objects":
+            for obj in value:
+                _validate(obj)
+            continue
+        if key not in VOCAB:
+            raise JudgeError(f"the judge knows no attribute {key!r}; it reads: {', '.join(VOCAB)} and 'objects'")
+        for one in (value if isinstance(value, (list, tuple)) else [value]):
+            if str(one) not in VOCAB[key]:
+                raise JudgeError(f"{one!r} is not a {key} the judge knows; known: {', '.join(VOCAB[key])}")
+
+
+def _matches(predicted: Any, wanted: Any) -> bool:
+    """A named value matches itself; a list of values matches any of them ("a star of any of these colours")."""
+    if isinstance(wanted, (list, tuple)):
+        return str(predicted) in {str(w) for w in wanted}
+    return str(predicted) == str(wanted)
+
+
+def check(prediction: dict[str, Any], attributes: dict[str, Any]) -> dict[str, bool]:
+    """Which named attributes a prediction satisfies: `{"shape": True, "background": False, ...}`.
+
+    `attributes` names any of count/background/style (the scene) and shape/color/pattern/size/position (one
+    object: scored against whichever predicted object matches it best), or `objects`, a list of such object dicts
+    (e.g. "a red circle and a blue square"), scored under the best one-to-one pairing with the predicted objects;
+    a value may be a list, meaning any of those values;
+    a named object with no predicted partner fails all its checks. Keys of `objects` entries come back as
+    `objects[i].shape` and so on.
+    """
+    _validate(attributes)
+    result: dict[str, bool] = {}
+    for key in SCENE_KEYS:
+        if key in attributes:
+            result[key] = _matches(prediction[key], attributes[key])
+    flat = {k: attributes[k] for k in OBJECT_KEYS if k in attributes}
+    predicted = prediction["objects"]
+    if flat:
+        best = max(predicted, key=lambda o: sum(_matches(o[k], v) for k, v in flat.items())) if predicted else {}
+        result.update({k: k in best and _matches(best[k], v) for k, v in flat.items()})
+    specs = attributes.get("objects", [])
+    if specs:
+        best_pairs: dict[str, bool] = {}
+        slots = list(range(len(predicted))) + [None] * len(specs)
+        for perm in set(itertools.permutations(slots, len(specs))):
+            pairs = {f"objects[{i}].{k}": perm[i] is not None and _matches(predicted[perm[i]][k], v)
+                     for i, spec in enumerate(specs) for k, v in spec.items()}
+            if not best_pairs or sum(pairs.values()) > sum(best_pairs.values()):
+                best_pairs = pairs
+        result.update(best_pairs)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+def measure_accuracy(judge: Judge, n: int = 2000, seed: int = 12345) -> dict[str, float]:
+    """Per-attribute accuracy on `n` fresh clean renders (a seed training never used).
+
+    shape/color/pattern count every object; size/position only single objects (pairs fix them); `scene` is the
+    fraction of pictures with every attribute right.
+    """
+    rng = random.Random(seed)
+    scenes = judge_scenes(rng, n)
+    preds = judge.predict([world.render(s, RESOLUTION) for s in scenes])
+    hits: dict[str, list[bool]] = {k: [] for k in VOCAB}
+    whole = []
+    for scene, pred in zip(scenes, preds):
+        truth = scene_attributes(scene)
+        hits["count"].append(pred["count"] == truth["count"])
+        hits["background"].append(pred["background"] == truth["background"])
+        hits["style"].append(pred["style"] == truth["style"])
+        for slot, obj in enumerate(truth["objects"]):
+            got = pred["objects"][slot] if slot < len(pred["objects"]) else {}
+            for key in SLOT_KEYS:
+                hits[key].append(got.get(key) == obj[key])
+            if truth["count"] == 1:
+                hits["size"].append(got.get("size") == obj["size"])
+                hits["position"].append(got.get("position") == obj["position"])
+        whole.append(pred == truth)
+    acc = {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
+    acc["scene"] = round(float(np.mean(whole)), 4)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mild noise, brightness jitter and 0-2 px shifts, so generated pictures (never pixel-clean) still read well.
+
+    No blur: blur is what the "soft" style is, and the judge must keep telling it apart.
+    """
+    n = len(x)
+    x = x * (1 + 0.06 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)) \
+        + 0.06 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
+    x = x + torch.randn(x.shape, generator=gen) * torch.rand(n, 1, 1, 1, generator=gen) * 0.06
+    dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+    x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    return x.clamp(-1, 1)
+
+
+def train(out_dir: Path = JUDGE_DIR, *, n_train: int = 30000, steps: int = 3000, batch: int = 64, seed: int = 0,
+          threads: int = 1, eval_n: int = 2000, log_every: int = 100) -> dict:
+    """Train the judge, measure it, and write judge.safetensors + judge.json atomically. Returns judge.json's dict."""
+    from safetensors.torch import save_file
+
+    t0 = time.time()
+    torch.set_num_threads(threads)  # the CPU is shared; one thread keeps the machine usable for others
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    # 1. Render the training pictures once.
+    scenes = judge_scenes(random.Random(seed), n_train)
+    pixels = torch.from_numpy(np.stack([np.asarray(world.render(s, RESOLUTION)) for s in scenes]))  # uint8 NHWC
+    targets = {name: torch.tensor([t[name] for t in map(_scene_targets, scenes)]) for name in HEADS}
+    print(f"rendered {n_train} pictures in {time.time() - t0:.0f}s", flush=True)
+
+    # 2. Train: summed cross-entropy over heads, ignoring heads that do not apply (-1); AdamW, cosine LR.
+    net = JudgeNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    net.train()
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, n_train, (batch,), generator=gen)
+        x = _augment(pixels[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0, gen)
+        logits = net(x)
+        loss = sum(F.cross_entropy(logits[name], targets[name][idx], ignore_index=-1)
+                   for name in HEADS if (targets[name][idx] >= 0).any())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % log_every == 0:
+            print(f"step {step}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+    train_seconds = time.time() - t0
+
+    # 3. Measure on fresh clean renders and save.
+    info = {
+        "architecture": {"width": 32, "hidden": 256}, "heads": {k: list(v) for k, v in HEADS.items()},
+        "resolution": RESOLUTION,
+        "training": {"seed": seed, "pictures": n_train, "steps": steps, "batch": batch, "threads": threads,
+                     "seconds": round(train_seconds, 1), "torch": torch.__version__},
+    }
+    # fp16 halves the file; accuracy is measured after the fp16 round trip, so it is the shipped judge's.
+    state = {k: (v.detach().half() if v.dtype.is_floating_point else v.detach()).contiguous()
+             for k, v in net.state_dict().items()}
+    net.load_state_dict({k: v.float() if v.dtype.is_floating_point else v for k, v in state.items()})
+    judge = Judge(net, info)
+    info["accuracy"] = measure_accuracy(judge, eval_n)
+    info["accuracy_measured_on"] = (f"{eval_n} fresh clean renders (seed 12345), every shape/colour pair, "
+                                    "20% zigzag; `python -m studio.demo.judge --measure`")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic(out_dir / "judge.safetensors", lambda p: save_file(state, p))
+    _atomic(out_dir / "judge.json", lambda p: Path(p).write_text(json.dumps(info, indent=1) + "\n"))
+    print(json.dumps(info["accuracy"]), flush=True)
+    return info
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train or measure the demo world's attribute judge.")
+    parser.add_argument("--train", action="store_true", help="train and write assets/judge/")
+    parser.add_argument("--measure", action="store_true", help="measure the saved judge on fresh clean renders")
+    parser.add_argument("--out", type=Path, default=JUDGE_DIR)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--pictures", type=int, default=30000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.train:
+        train(args.out, n_train=args.pictures, steps=args.steps, threads=args.threads, seed=args.seed)
+    elif args.measure:
+        print(json.dumps(measure_accuracy(Judge.load(args.out)), indent=1))
+    else:
+        parser.error("give --train or --measure")
+
+
+if __name__ == "__main__":
+    main()
