@@ -377,6 +377,7 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; assets are meant to be readable
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
