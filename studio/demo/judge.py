@@ -215,6 +215,31 @@ class Judge:
         return float(np.mean(scores))
 
 
+    def soft_agreement(self, images: Sequence[Image.Image], attributes: dict[str, Any]) -> float:
+        """Mean probability the judge gives the named values (a list: their sum), over attributes and pictures.
+
+        A continuous companion to `mean_agreement`: it moves before the judge's top choice flips, so a few pictures
+        are enough to see whether something (a short training run) brings generations nearer to the target.
+        Takes scene keys and flat object keys; an object value counts in whichever slot holds it more strongly.
+        """
+        _validate(attributes)
+        if "objects" in attributes:
+            raise JudgeError("soft_agreement takes flat attributes (one object), not an `objects` list")
+        if not images:
+            raise JudgeError("no pictures to judge")
+        probs = self.probabilities(images)
+        per_attribute = []
+        for key, wanted in attributes.items():
+            values = wanted if isinstance(wanted, (list, tuple)) else [wanted]
+            idx = [VOCAB[key].index(str(v)) for v in values]
+            if key in SLOT_KEYS:
+                p = torch.maximum(probs[f"obj0_{key}"][:, idx].sum(-1), probs[f"obj1_{key}"][:, idx].sum(-1))
+            else:
+                p = probs[key][:, idx].sum(-1)
+            per_attribute.append(p)
+        return float(torch.stack(per_attribute).mean())
+
+
 def _validate(attributes: dict[str, Any]) -> None:
     for key, value in attributes.items():
         if key == "objects":
