@@ -86,8 +86,9 @@ def _per_attribute(all_checks: list[dict[str, bool]]) -> dict[str, float]:
     return {k: round(float(np.mean(v)), 4) for k, v in sorted(by_key.items())}
 
 
-def _mean(values: Sequence[float]) -> float:
-    return round(float(np.mean(values)), 4) if len(values) else float("nan")
+def _mean(values: Sequence[float]) -> float | None:
+    """Rounded mean; None (JSON null) for no values rather than NaN, which JSON cannot hold."""
+    return round(float(np.mean(values)), 4) if len(values) else None
 
 
 def _score(judge: Judge, images: Sequence[Image.Image], attributes: dict) -> tuple[float, list[dict[str, bool]]]:
@@ -161,26 +162,34 @@ def prompt_compliance(model, judge: Judge, cfg: EvalConfig, progress: Progress =
     from studio.demo.judge import check
 
     rng = random.Random(cfg.seed + 7919)  # not the demo model's training seed stream
-    all_checks, t0 = [], time.time()
+    all_checks, preds, named_list, t0 = [], [], [], time.time()
     examples = []
     for i in range(cfg.prompts):
         scene = world.sample_scene(rng, training=True)
         text = world.caption(scene, rng)
         named = caption_attributes(scene, text)
         image = _generate(model, text, seed=cfg.seed + i, cfg=cfg)[0]
-        checks = check(judge.predict([image])[0], named)
+        pred = judge.predict([image])[0]
+        checks = check(pred, named)
         all_checks.append(checks)
+        preds.append(pred)
+        named_list.append(named)
         if len(examples) < 5:
-            examples.append({"prompt": text, "checks": checks})
+            examples.append({"prompt": text, "judged": pred, "checks": checks})
         if (i + 1) % 50 == 0:
             progress(f"compliance: {i + 1}/{cfg.prompts} prompts, {time.time() - t0:.0f}s")
-    per_attr = _per_attribute(all_checks)
+    # Chance level: each picture judged against the *next* prompt's attributes. A model that ignores its prompt
+    # scores the same on both; the difference is what the prompt bought.
+    chance = [check(preds[(i + 1) % len(preds)], named_list[i]) for i in range(len(preds))] if len(preds) > 1 else []
     return {
         "prompts": cfg.prompts,
-        "per_attribute": per_attr,
+        "per_attribute": _per_attribute(all_checks),
         "mean": _mean([sum(c.values()) / len(c) for c in all_checks]),
         "all_named_right": _mean([all(c.values()) for c in all_checks]),
+        "chance_per_attribute": _per_attribute(chance),
+        "chance_mean": _mean([sum(c.values()) / len(c) for c in chance]),
         "seconds": round(time.time() - t0, 1),
+        "seconds_per_picture": round((time.time() - t0) / max(1, cfg.prompts), 3),
         "examples": examples,
     }
 
@@ -468,6 +477,10 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"\nBase prompt compliance over {comp['prompts']} captions (share of named attributes shown):")
         lines.append("  " + "  ".join(f"{k} {v:.2f}" for k, v in comp["per_attribute"].items()))
         lines.append(f"  mean {comp['mean']:.2f}, every named attribute right {comp['all_named_right']:.2f}")
+        if comp.get("chance_per_attribute"):
+            lines.append("  chance (picture judged against another prompt): "
+                         + "  ".join(f"{k} {v:.2f}" for k, v in comp["chance_per_attribute"].items())
+                         + f"  mean {comp['chance_mean']:.2f}")
     concepts = results.get("concepts")
     if concepts:
         lines.append("\nTextual Inversion (default settings) vs the best plain prompt:")
@@ -526,6 +539,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """EvalConfig from the parsed command line; bad counts are a clear error."""
     if args.prompts < 1 or args.images < 1:
         raise ValueError("--prompts and --images must be at least 1")
     names = [n.strip() for n in args.concepts.split(",") if n.strip()] if args.concepts else None
