@@ -36,3 +36,24 @@ def test_user_errors_are_one_line_without_traceback(tiny_model_dirs, tmp_path):
     done = _studio("generate", "--model", tiny_model_dirs["sd1"], "--prompt", "x", "--width", "65", cwd=repo)
     assert done.returncode == 2
     assert "multiples of 8" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_train_resume_continues_a_stopped_run_with_memory_and_precision_flags(tiny_model_dirs, tmp_path):
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for k in range(2):
+        Image.fromarray(np.full((40, 40, 3), 60 + 50 * k, np.uint8)).save(pics / f"{k}.png")
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    common = ("train", "--model", tiny_model_dirs["sd1"], "--images", pics, "--token", "<grey>", "--init", "toy",
+              "--batch", "1", "--out", tmp_path)
+    done = _studio(*common, "--steps", "2", "--save-every", "1", cwd=repo)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "grey-step1.safetensors.trainstate").is_file()
+    done = _studio(*common, "--steps", "3", "--resume", tmp_path, "--memory", "low-vram", "--mixed-precision", "bf16",
+                   cwd=repo)
+    assert done.returncode == 0, done.stderr
+    said = done.stdout + done.stderr
+    assert "resumed from grey.safetensors at step 2" in said
+    assert "memory mode low-vram (savings: gradient checkpointing" in said and "precision bf16" in said
+    done = _studio(*common, "--steps", "3", "--resume", tmp_path / "missing", cwd=repo)
+    assert done.returncode == 2 and "nothing to resume at" in done.stderr and "Traceback" not in done.stderr

@@ -24,6 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips (for text or asymmetric concepts)")
     p.add_argument("--save-every", type=int, default=0, help="also write <token>-stepN files every N steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", metavar="PATH",
+                   help="continue a run from a <token>-stepN.safetensors it wrote (or a folder: its newest one); "
+                        "give the same options and a larger --steps")
+    p.add_argument("--memory", choices=["auto", "fast", "balanced", "low-vram"], default="auto",
+                   help="memory mode: balanced/low-vram add gradient checkpointing, slicing, VAE off the GPU")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
+                   help="autocast the frozen model (vectors stay fp32); auto: none on CPU, the model's dtype on GPU")
     p.add_argument("--out", type=Path, default=Path("."), help="folder for the concept files")
     p.set_defaults(func=run)
 
@@ -38,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         lr, schedule = 0.005, args.lr
     cfg = TrainConfig(args.token, init_text=args.init, n_vectors=args.vectors, steps=args.steps, learning_rate=lr,
                       lr_schedule=schedule, batch_size=args.batch, template=args.template,
-                      resolution=args.resolution, flip=not args.no_flip, save_every=args.save_every, seed=args.seed)
+                      resolution=args.resolution, flip=not args.no_flip, save_every=args.save_every, seed=args.seed,
+                      resume=args.resume, memory=args.memory, mixed_precision=args.mixed_precision)
     model = ModelManager().load(args.model)
     bar = tqdm(total=cfg.steps, desc=f"training {cfg.token}")
 
@@ -46,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         if event.kind == "step":
             bar.update(1)
             bar.set_postfix(loss=f"{event.loss:.4f}")
+        elif event.kind == "started":
+            bar.update(event.step)  # a resumed run starts past zero
+            tqdm.write(f"started: {event.message}")
         elif event.kind in ("warning", "checkpoint", "finished", "failed", "cancelled"):
             tqdm.write(f"{event.kind}: {event.message or event.path}")
 

@@ -25,6 +25,9 @@ class TrainConfig:
     preview_prompts: list[str] = field(default_factory=lambda: ["a photo of {}"])
     regularization: float = 0.0  # paper's variant: weight of ||v - v_init||^2
     max_grad_norm: float = 1.0
+    resume: str | None = None  # a `<token>-stepN.safetensors` this trainer wrote (or its folder: the newest one)
+    memory: str = "auto"  # "auto" | "fast" | "balanced" | "low-vram": studio.engine.memory presets, as in generation
+    mixed_precision: str = "auto"  # "no" | "fp16" | "bf16" | "auto" (CPU: "no"; GPU: the loaded dtype, else bf16)
 
     def __post_init__(self) -> None:
         if not self.token.strip() or any(ch.isspace() for ch in self.token):
@@ -35,6 +38,10 @@ class TrainConfig:
             raise ValueError("steps and batch size must be at least 1")
         if self.template not in ("object", "style", "captions"):
             raise ValueError(f"template must be 'object', 'style' or 'captions', not {self.template!r}")
+        if self.memory not in ("auto", "fast", "balanced", "low-vram"):
+            raise ValueError(f"memory must be 'auto', 'fast', 'balanced' or 'low-vram', not {self.memory!r}")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16', 'bf16' or 'auto', not {self.mixed_precision!r}")
 
 
 def parse_lr_schedule(schedule: str, base_lr: float, warmup_steps: int, total_steps: int):

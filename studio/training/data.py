@@ -65,11 +65,11 @@ def load_images(paths: list[Path], resolution: int) -> tuple[list[TrainingImage]
 
 
 @torch.no_grad()
-def encode_latents(vae, images: list[TrainingImage], flip: bool, device, dtype) -> torch.Tensor:
+def encode_latents(vae, images: list[TrainingImage], flip: bool, device, dtype, batch: int = 8) -> torch.Tensor:
     """VAE latents of every picture (and its mirror image), computed once: [N(*2), 4, h, w].
 
     The posterior mean is used (A1111's "deterministic" latent sampling), scaled by the VAE's scaling factor
-    as the pipelines do.
+    as the pipelines do. `batch` pictures go through the VAE at a time (1 saves memory on large models).
     """
     arrays = []
     for item in images:
@@ -78,5 +78,5 @@ def encode_latents(vae, images: list[TrainingImage], flip: bool, device, dtype) 
         if flip:
             arrays.append(arr[:, ::-1].copy())
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device=device, dtype=dtype)
-    latents = torch.cat([vae.encode(pixels[i:i + 8]).latent_dist.mean for i in range(0, len(pixels), 8)])
+    latents = torch.cat([vae.encode(pixels[i:i + batch]).latent_dist.mean for i in range(0, len(pixels), batch)])
     return latents * vae.config.scaling_factor

@@ -18,9 +18,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from studio.engine.concepts import ENCODER_KEYS, Concept, save_concept
+from studio.engine.concepts import ENCODER_KEYS, Concept, load_concept, save_concept
 from studio.training.config import TrainConfig, parse_lr_schedule
 from studio.training.data import TrainError, encode_latents, find_images, load_images
+from studio.training.memory import training_memory
+from studio.training.resume import (TrainState, check_matches, find_checkpoint, load_state, restore_rngs, save_state,
+                                    state_path)
 from studio.training.templates import TEMPLATES
 
 
@@ -66,106 +69,180 @@ class Trainer:
                 "steps": str(step), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         return Concept(cfg.token, {k: v.detach().cpu().clone() for k, v in vectors.items()}, meta)
 
-    def _save(self, vectors, step: int, name: str) -> Path:
+    def _save(self, vectors, step: int, name: str, state: TrainState | None = None) -> Path:
+        """Write the concept file `name`, with its resume sidecar when `state` is given (else none is left)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        return save_concept(self._concept(vectors, step), self.out_dir / name, format="studio")
+        path = save_concept(self._concept(vectors, step), self.out_dir / name, format="studio")
+        if state is not None:
+            save_state(path, state)
+        else:
+            state_path(path).unlink(missing_ok=True)  # a sidecar of an older run would no longer match the vectors
+        return path
+
+    def _state(self, step: int, init, vectors, optimizer, generator, rng, scaler) -> TrainState:
+        adam = {k: {name: value.detach().clone() for name, value in optimizer.state[p].items()}
+                for k, p in vectors.items() if p in optimizer.state}
+        return TrainState(step=step, token=self.config.token, base_model=self.model.name, family=self.model.family,
+                          dims=dict(self.model.encoder_dims), init=init, adam=adam, noise_rng=generator.get_state(),
+                          data_rng=rng.getstate(), scaler=scaler.state_dict() if scaler.is_enabled() else None)
+
+    def _precision(self) -> tuple[torch.dtype | None, str]:
+        """The autocast dtype (None: no autocast) and its name, from `mixed_precision` and the device."""
+        wanted, device = self.config.mixed_precision, self.model.device
+        if wanted == "auto":
+            if device.type != "cuda":
+                wanted = "no"  # CPU autocast to bf16 is slower than fp32 on most CPUs
+            elif self.model.dtype == torch.float16:
+                wanted = "fp16"
+            else:
+                wanted = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[wanted], wanted
 
     def run(self, on_event: Callable[[TrainEvent], None] | None = None,
             cancel: threading.Event | None = None) -> Concept:
+        """Train; emits events to `on_event`; returns the learned concept (also written to `out_dir`)."""
         emit = on_event or (lambda _e: None)
         cfg, model = self.config, self.model
         pipe = model.pipe
         token_file = cfg.token.strip("<>").replace("/", "_") or "concept"
 
-        # 1. Pictures and the latent cache (each picture encoded once, not every step).
-        resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        images, warnings = load_images(self.paths, resolution)
-        for message in warnings:
-            emit(TrainEvent("warning", message=message))
-        with model.lock:
-            latents = encode_latents(pipe.vae, images, cfg.flip, model.device, model.dtype)
-        templates = TEMPLATES["style" if cfg.template == "style" else "object"]
+        # 1. What to continue from, checked before any work is done.
+        resume_from, state = None, None
+        if cfg.resume:
+            resume_from = find_checkpoint(cfg.resume, cfg.token)
+            state = load_state(resume_from)
+            check_matches(state, resume_from, token=cfg.token, base_model=model.name, family=model.family,
+                          dims=dict(model.encoder_dims), n_vectors=cfg.n_vectors, total_steps=cfg.steps)
+        autocast_dtype, precision = self._precision()
 
-        # 2. Parameters: the new vectors only.
-        torch.manual_seed(cfg.seed)
-        rng = random.Random(cfg.seed)
-        init = self._init_vectors()
-        vectors = {k: torch.nn.Parameter(v.clone()) for k, v in init.items()}
-        optimizer = torch.optim.AdamW(vectors.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        lr_at = parse_lr_schedule(cfg.lr_schedule, cfg.learning_rate, cfg.warmup_steps, cfg.steps)
-        concept = Concept(cfg.token, dict(vectors), {})
-        from diffusers import DDPMScheduler
-        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        prediction = noise_scheduler.config.prediction_type
+        with model.lock, training_memory(pipe, cfg.memory) as savings:
+            # 2. Pictures and the latent cache (each picture encoded once, not every step).
+            resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+            images, warnings = load_images(self.paths, resolution)
+            for message in warnings:
+                emit(TrainEvent("warning", message=message))
+            latents = encode_latents(pipe.vae, images, cfg.flip, model.device, model.dtype, savings.latent_batch)
+            savings.after_latent_cache()
+            templates = TEMPLATES["style" if cfg.template == "style" else "object"]
 
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            if module is not None:
+            # 3. Parameters (the new vectors only, in fp32 whatever the model's dtype), optimizer, random streams.
+            generator = torch.Generator(model.device).manual_seed(cfg.seed)  # noise and timesteps
+            rng = random.Random(cfg.seed)  # pictures and templates
+            if state is None:
+                init = self._init_vectors()
+                start = {k: v.clone() for k, v in init.items()}
+            else:
+                init = {k: v.to(model.device) for k, v in state.init.items()}
+                saved = load_concept(resume_from, token=cfg.token)
+                start = {k: v.to(device=model.device, dtype=torch.float32) for k, v in saved.vectors.items()}
+            vectors = {k: torch.nn.Parameter(v) for k, v in start.items()}
+            optimizer = torch.optim.AdamW(vectors.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+            scaler = torch.amp.GradScaler(model.device.type, enabled=precision == "fp16" and model.device.type == "cuda")
+            first = 1
+            if state is not None:
+                for k, p in vectors.items():
+                    if k in state.adam:
+                        # Adam keeps its step count on the CPU (unless capturable); the moments live by the vectors.
+                        optimizer.state[p] = {n: v if n == "step" else v.to(model.device)
+                                              for n, v in state.adam[k].items()}
+                restore_rngs(state, generator, rng)
+                if state.scaler and scaler.is_enabled():
+                    scaler.load_state_dict(state.scaler)
+                first = state.step + 1
+            lr_at = parse_lr_schedule(cfg.lr_schedule, cfg.learning_rate, cfg.warmup_steps, cfg.steps)
+            concept = Concept(cfg.token, dict(vectors), {})
+            from diffusers import DDPMScheduler
+            noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+            prediction = noise_scheduler.config.prediction_type
+
+            frozen = [m for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m]
+            was_trainable = [[p.requires_grad for p in m.parameters()] for m in frozen]
+            for module in frozen:
                 module.requires_grad_(False)
-        emit(TrainEvent("started", total=cfg.steps, message=f"{len(images)} pictures, {len(latents)} latents"))
+            resumed = f"; resumed from {resume_from.name} at step {first - 1}" if resume_from else ""
+            savings_text = ", ".join(savings.applied) or "none"
+            emit(TrainEvent("started", step=first - 1, total=cfg.steps,
+                            message=f"{len(images)} pictures, {len(latents)} latents; memory mode "
+                                    f"{savings.preset.name} (savings: {savings_text}); precision {precision}{resumed}"))
 
-        # 3. The loop.
-        last_good = {k: v.detach().clone() for k, v in vectors.items()}
-        started, step = time.time(), 0
-        with model.lock:
-            for step in range(1, cfg.steps + 1):
-                if cancel is not None and cancel.is_set():
-                    path = self._save(last_good, step - 1, f"{token_file}.safetensors")
-                    emit(TrainEvent("cancelled", step=step - 1, total=cfg.steps, path=path,
-                                    message=f"cancelled; vectors of step {step - 1} saved"))
-                    return self._concept(last_good, step - 1)
-                lr = lr_at(step - 1)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                idx = [rng.randrange(len(latents)) for _ in range(cfg.batch_size)]
-                x0 = latents[idx]
-                prompts = [(images[i // (2 if cfg.flip else 1)].caption or rng.choice(templates)).replace(
-                    "{}", cfg.token).replace("[name]", cfg.token) for i in idx]
-                noise = torch.randn_like(x0)
-                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), device=x0.device)
-                noisy = noise_scheduler.add_noise(x0, noise, t)
-                encoded = model.encoder.encode(prompts, [concept])
-                extra = {}
-                if model.family == "sdxl":
-                    size = resolution
-                    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=x0.dtype, device=x0.device)
-                    extra["added_cond_kwargs"] = {"text_embeds": encoded.pooled, "time_ids": time_ids.repeat(len(idx), 1)}
-                pred = pipe.unet(noisy, t, encoded.embeds, **extra).sample
-                target = noise_scheduler.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
-                loss = F.mse_loss(pred.float(), target.float())
-                if cfg.regularization:
-                    loss = loss + cfg.regularization * sum((vectors[k] - init[k]).square().mean() for k in vectors)
-                if not math.isfinite(loss.item()):
-                    path = self._save(last_good, step - 1, f"{token_file}.safetensors")
-                    emit(TrainEvent("failed", step=step, total=cfg.steps, path=path,
-                                    message=f"the loss became {loss.item()} at step {step}: lower the learning rate "
-                                            f"(now {lr:g}) or use fp32; the last good vectors were saved to {path.name}"))
-                    raise TrainError(f"training diverged at step {step} (loss {loss.item()}); lower the learning rate")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(vectors.values()), cfg.max_grad_norm)
-                optimizer.step()
-                if not all(torch.isfinite(v).all() for v in vectors.values()):
-                    with torch.no_grad():
-                        for k in vectors:
-                            vectors[k].copy_(last_good[k])
-                    path = self._save(last_good, step - 1, f"{token_file}.safetensors")
-                    emit(TrainEvent("failed", step=step, total=cfg.steps, path=path,
-                                    message=f"the vectors became NaN/inf at step {step}: lower the learning rate"))
-                    raise TrainError(f"training diverged at step {step}; lower the learning rate (now {lr:g})")
-                last_good = {k: v.detach().clone() for k, v in vectors.items()}
-                rate = step / max(1e-9, time.time() - started)
-                emit(TrainEvent("step", step=step, total=cfg.steps, loss=loss.item(), lr=lr, steps_per_s=rate,
-                                eta_s=(cfg.steps - step) / rate))
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    path = self._save(last_good, step, f"{token_file}-step{step}.safetensors")
-                    emit(TrainEvent("checkpoint", step=step, total=cfg.steps, path=path))
-                if cfg.preview_every and step % cfg.preview_every == 0:
-                    emit(TrainEvent("preview", step=step, total=cfg.steps, images=self._preview(last_good)))
+            def snapshot(step: int) -> TrainState:
+                return self._state(step, init, vectors, optimizer, generator, rng, scaler)
 
-        # 4. The final file.
-        path = self._save(last_good, cfg.steps, f"{token_file}.safetensors")
+            # 4. The loop.
+            last_good = {k: v.detach().clone() for k, v in vectors.items()}
+            started, step = time.time(), first - 1
+            try:
+                for step in range(first, cfg.steps + 1):
+                    if cancel is not None and cancel.is_set():
+                        path = self._save(last_good, step - 1, f"{token_file}.safetensors", snapshot(step - 1))
+                        emit(TrainEvent("cancelled", step=step - 1, total=cfg.steps, path=path,
+                                        message=f"cancelled; vectors of step {step - 1} saved (resumable)"))
+                        return self._concept(last_good, step - 1)
+                    lr = lr_at(step - 1)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    idx = [rng.randrange(len(latents)) for _ in range(cfg.batch_size)]
+                    x0 = latents[idx]
+                    prompts = [(images[i // (2 if cfg.flip else 1)].caption or rng.choice(templates)).replace(
+                        "{}", cfg.token).replace("[name]", cfg.token) for i in idx]
+                    noise = torch.randn(x0.shape, generator=generator, device=model.device, dtype=x0.dtype)
+                    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),),
+                                      generator=generator, device=model.device)
+                    noisy = noise_scheduler.add_noise(x0, noise, t)
+                    with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        encoded = model.encoder.encode(prompts, [concept])
+                        extra = {}
+                        if model.family == "sdxl":
+                            size = resolution
+                            time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=x0.dtype, device=x0.device)
+                            extra["added_cond_kwargs"] = {"text_embeds": encoded.pooled,
+                                                          "time_ids": time_ids.repeat(len(idx), 1)}
+                        pred = pipe.unet(noisy, t, encoded.embeds, **extra).sample
+                    target = noise_scheduler.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
+                    loss = F.mse_loss(pred.float(), target.float())
+                    if cfg.regularization:
+                        loss = loss + cfg.regularization * sum((vectors[k] - init[k]).square().mean() for k in vectors)
+                    if not math.isfinite(loss.item()):
+                        path = self._save(last_good, step - 1, f"{token_file}.safetensors")
+                        emit(TrainEvent("failed", step=step, total=cfg.steps, path=path,
+                                        message=f"the loss became {loss.item()} at step {step}: lower the learning "
+                                                f"rate (now {lr:g}) or use fp32; the last good vectors were saved "
+                                                f"to {path.name}"))
+                        raise TrainError(f"training diverged at step {step} (loss {loss.item()}); "
+                                         "lower the learning rate")
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(list(vectors.values()), cfg.max_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    if not all(torch.isfinite(v).all() for v in vectors.values()):
+                        with torch.no_grad():
+                            for k in vectors:
+                                vectors[k].copy_(last_good[k])
+                        path = self._save(last_good, step - 1, f"{token_file}.safetensors")
+                        emit(TrainEvent("failed", step=step, total=cfg.steps, path=path,
+                                        message=f"the vectors became NaN/inf at step {step}: lower the learning rate"))
+                        raise TrainError(f"training diverged at step {step}; lower the learning rate (now {lr:g})")
+                    last_good = {k: v.detach().clone() for k, v in vectors.items()}
+                    rate = (step - first + 1) / max(1e-9, time.time() - started)
+                    emit(TrainEvent("step", step=step, total=cfg.steps, loss=loss.item(), lr=lr, steps_per_s=rate,
+                                    eta_s=(cfg.steps - step) / rate))
+                    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                        path = self._save(last_good, step, f"{token_file}-step{step}.safetensors", snapshot(step))
+                        emit(TrainEvent("checkpoint", step=step, total=cfg.steps, path=path))
+                    if cfg.preview_every and step % cfg.preview_every == 0:
+                        with savings.vae_back():
+                            emit(TrainEvent("preview", step=step, total=cfg.steps, images=self._preview(last_good)))
+            finally:
+                for module, flags in zip(frozen, was_trainable):
+                    for p, flag in zip(module.parameters(), flags):
+                        p.requires_grad_(flag)
+
+            # 5. The final file (resumable too: a later run can ask for more steps).
+            path = self._save(last_good, cfg.steps, f"{token_file}.safetensors", snapshot(cfg.steps))
         emit(TrainEvent("finished", step=cfg.steps, total=cfg.steps, path=path,
-                        message=f"{cfg.steps} steps in {time.time() - started:.1f}s"))
+                        message=f"{cfg.steps - first + 1} steps in {time.time() - started:.1f}s"))
         return self._concept(last_good, cfg.steps)
 
     def _preview(self, vectors) -> list:
