@@ -1,0 +1,112 @@
+"""What every tab shares: the model manager, the concept library, and per-session scratch space.
+
+Per-user state: each browser session (Gradio's session hash; each gradio_client `Client` has its own) has its own
+cancel flags, output folder, training run, thumbnails and session concepts; the shared library folder is visible
+to all.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gradio as gr
+
+from studio.engine.concepts import ConceptError
+from studio.engine.generate import Cancelled, GenerateRequest, generate, save_png
+from studio.engine.memory import preset
+from studio.engine.models import LoadedModel, ModelError, ModelManager
+from studio.library import ConceptLibrary, LibraryEntry
+from studio.training import TrainError
+
+# Errors that are the user's to fix: shown as a message in the UI (gr.Error), never as a traceback.
+USER_ERRORS = (ValueError, ModelError, ConceptError, TrainError, FileNotFoundError)
+
+
+@dataclass
+class Studio:
+    """The state the handlers share. `memory_mode` is the mode the current model was loaded in."""
+
+    manager: ModelManager
+    library: ConceptLibrary
+    memory_mode: str = "auto"
+    work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="concept-studio-")))
+    runs: dict = field(default_factory=dict)  # session -> studio.ui.training_run.TrainingRun (latest)
+    thumbnails: dict[tuple[str, str], Path] = field(default_factory=dict)  # (session, token) -> picture
+    _cancel: dict[tuple[str, str], threading.Event] = field(default_factory=dict)
+
+    @property
+    def model(self) -> LoadedModel:
+        return self.manager.current or self.manager.load(None)
+
+    def session_dir(self, session: str) -> Path:
+        path = self.work_dir / (session or "anonymous")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def cancel_flag(self, session: str, job: str = "generate") -> threading.Event:
+        """The flag that stops this session's `job` ("generate" or "train") within one step."""
+        return self._cancel.setdefault((session or "anonymous", job), threading.Event())
+
+    def entries(self, session: str) -> list[LibraryEntry]:
+        """Library files and this session's concepts, each with whether it fits the loaded model and why not."""
+        return self.library.entries(self.model.encoder_dims, session)
+
+    def concept_tokens(self, session: str) -> list[str]:
+        """The words a concept picker offers: every concept this session can use with the loaded model."""
+        return [entry.token for entry in self.entries(session) if entry.fits]
+
+    def forget_session(self, session: str) -> None:
+        """Drop what a closed browser session kept: its concepts, training run, thumbnails and cancel flags."""
+        self.library.drop_session(session)
+        self.runs.pop(session, None)
+        for key in [k for k in self.thumbnails if k[0] == session]:
+            del self.thumbnails[key]
+        for key in [k for k in self._cancel if k[0] == session]:
+            del self._cancel[key]
+
+    def describe_memory(self) -> str:
+        chosen = preset(self.memory_mode)
+        auto = f"auto → {chosen.name}" if self.memory_mode == "auto" else chosen.name
+        return f"{auto}: {chosen.explanation}"
+
+    def run_generate(self, req_fields: dict, session: str,
+                     on_step: Callable[[int, int], None] | None = None) -> list[str]:
+        """Resolve the concepts named in the prompts, generate, save PNGs with parameters; return their paths."""
+        model = self.model
+        text = req_fields["prompt"] + " " + req_fields.get("negative_prompt", "")
+        flag = self.cancel_flag(session)
+        flag.clear()
+        try:
+            concepts = self.library.resolve(text, model.encoder_dims, session)
+            step_cb = None if on_step is None else (lambda step, total, _preview: on_step(step, total))
+            result = generate(model, GenerateRequest(concepts=concepts, **req_fields), on_step=step_cb, cancel=flag)
+        except Cancelled as exc:
+            raise gr.Error(f"Cancelled: {exc}") from exc
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc)) from exc
+        out = self.session_dir(session)
+        paths = []
+        for image, seed in zip(result.images, result.seeds):
+            path = out / f"{len(list(out.glob('*.png'))):05d}-{seed}.png"
+            save_png(image, path)
+            paths.append(str(path))
+        return paths
+
+
+def session_of(request: gr.Request | None) -> str:
+    """The browser (or gradio_client) session a request comes from."""
+    return getattr(request, "session_hash", None) or "anonymous"
+
+
+def seed_or_random(value) -> int | None:
+    """UI seed field: -1 (or empty) means a random seed."""
+    return None if value is None or int(value) < 0 else int(value)
+
+
+def size_or_native(value) -> int | None:
+    """UI size field: 0 (or empty) means the model's native size."""
+    return int(value) if value else None

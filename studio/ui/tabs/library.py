@@ -1,0 +1,214 @@
+"""Library tab: the shared concept folder plus this session's concepts, with thumbnails, what each was trained on,
+why a file does not fit the loaded model, and rename / delete (with a confirmation step) / export / import.
+
+Imported files are this session's only (other users of the same server never see them) until "Save to the
+shared library" writes them into the library folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from studio.engine.concepts import IMAGE_SUFFIXES, load_concept, save_concept
+from studio.library import LibraryEntry
+from studio.ui.gpu import gpu_task
+from studio.ui.pickers import ConceptPickers
+from studio.ui.state import USER_ERRORS, Studio, session_of
+
+HEADERS = ["token", "vectors", "fits", "reason", "source", "trained on", "steps"]
+EXPORT_SUFFIX = {"studio": ".safetensors", "diffusers": ".safetensors", "kohya": ".safetensors", "a1111": ".pt"}
+
+
+def row(entry: LibraryEntry) -> list:
+    """One table row; `reason` says why a file does not fit (or cannot be read), empty when it fits."""
+    meta = entry.concept.meta if entry.concept else {}
+    trained_on = " / ".join(v for v in (meta.get("base_model", ""), entry.concept.family if entry.concept else "") if v)
+    return [entry.token, entry.concept.n_vectors if entry.concept else "", entry.fits, entry.reason,
+            str(entry.path) if entry.path else "this session", trained_on, meta.get("steps", "")]
+
+
+def thumbnail(studio: Studio, entry: LibraryEntry, session: str) -> Path | None:
+    """A picture for the entry: one made in this session, A1111's `<name>.preview.png`, or a picture embedding."""
+    made = studio.thumbnails.get((session, entry.token))
+    if made is not None and made.is_file():
+        return made
+    if entry.path is None:
+        return None
+    beside = entry.path.with_name(entry.path.stem + ".preview.png")
+    if beside.is_file():
+        return beside
+    return entry.path if entry.path.suffix.lower() in IMAGE_SUFFIXES else None
+
+
+def details(entry: LibraryEntry | None) -> str:
+    """Markdown about one entry: where it is from, its shape, what it was trained on, and whether it fits."""
+    if entry is None:
+        return "Pick a concept to see what it is."
+    lines = [f"**{entry.token}** — " + (f"`{entry.path}`" if entry.path else "this session only (not saved)")]
+    if entry.concept is not None:
+        c = entry.concept
+        shapes = ", ".join(f"{k}: {c.n_vectors}×{d}" for k, d in c.dims.items())
+        lines.append(f"{c.n_vectors} vector(s) ({shapes}), likely family {c.family}")
+        meta = {k: v for k, v in c.meta.items() if k in ("base_model", "init_text", "steps", "created", "source_format")}
+        if meta:
+            lines.append(", ".join(f"{k}: {v}" for k, v in meta.items()))
+    lines.append("Fits the loaded model." if entry.fits else f"**Does not fit:** {entry.reason}")
+    return "\n\n".join(lines)
+
+
+def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
+    """Table, thumbnails and actions; endpoints `/library`, `/import_concepts`, `/export_concept`,
+    `/rename_concept`, `/delete_concept`, `/save_concept`, `/preview_concept`."""
+    # 1. Pure functions.
+    def find(token: str, session: str) -> LibraryEntry:
+        for entry in studio.entries(session):
+            if entry.token == (token or "").strip():
+                return entry
+        raise gr.Error(f"No concept named {token!r}: pick one from the list (or refresh it).")
+
+    def rows(session: str) -> list[list]:
+        return [row(e) for e in studio.entries(session)]
+
+    def gallery(session: str) -> list[tuple[str, str]]:
+        shown = []
+        for entry in studio.entries(session):
+            picture = thumbnail(studio, entry, session)
+            if picture is not None:
+                shown.append((str(picture), entry.token + ("" if entry.fits else " (does not fit)")))
+        return shown
+
+    def all_tokens(session: str):
+        return gr.update(choices=[e.token for e in studio.entries(session)])
+
+    def list_library(request: gr.Request):
+        return rows(session_of(request))
+
+    def show(token, request: gr.Request) -> str:
+        session = session_of(request)
+        return details(next((e for e in studio.entries(session) if e.token == (token or "").strip()), None))
+
+    def pick_row(event: gr.SelectData):
+        return event.row_value[0]
+
+    def import_files(files, request: gr.Request):
+        session = session_of(request)
+        lines = []
+        for f in files or []:
+            name = Path(f).name
+            try:
+                concept = load_concept(f)
+            except USER_ERRORS as exc:
+                lines.append(f"{name}: {exc}")
+                continue
+            studio.library.add_session_concept(session, concept)
+            entry = find(concept.token, session)
+            note = "" if entry.fits else f" — it does not fit the loaded model: {entry.reason}"
+            lines.append(f"{name}: added {concept.token} to this session{note}")
+        return "\n".join(lines), rows(session)
+
+    def export_concept(token, fmt, request: gr.Request):
+        session = session_of(request)
+        try:
+            concept = studio.library.get(token.strip(), session)
+            out = studio.session_dir(session) / "export"
+            out.mkdir(exist_ok=True)
+            suffix = ".safetensors" if concept.family == "sdxl" else EXPORT_SUFFIX[fmt]
+            return str(save_concept(concept, out / (token.strip().strip("<>") + suffix), format=fmt))
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc)) from exc
+
+    def rename_concept(token, new_token, request: gr.Request):
+        session = session_of(request)
+        old, new = (token or "").strip(), (new_token or "").strip()
+        try:
+            studio.library.rename(old, new, session)
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc)) from exc
+        if (session, old) in studio.thumbnails:
+            studio.thumbnails[(session, new)] = studio.thumbnails.pop((session, old))
+        return f"renamed {old} to {new}", gr.update(value=new)
+
+    def ask_delete(token, request: gr.Request):
+        entry = find(token, session_of(request))
+        where = ("It is only in this session." if entry.path is None else
+                 f"This deletes `{entry.path.name}` from the shared library folder, for every user; "
+                 "it cannot be undone.")
+        return gr.update(visible=True), f"Delete **{entry.token}**? {where}"
+
+    def delete_concept(token, request: gr.Request):
+        session = session_of(request)
+        try:
+            studio.library.delete(token.strip(), session)
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc)) from exc
+        studio.thumbnails.pop((session, token.strip()), None)
+        return f"deleted {token}", rows(session)
+
+    def save_to_library(token, request: gr.Request):
+        session = session_of(request)
+        entry = find(token, session)
+        if entry.path is not None:
+            raise gr.Error(f"{entry.token} is already in the shared library ({entry.path.name}).")
+        try:
+            path = studio.library.save(entry.concept)
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc)) from exc
+        studio.library.delete(entry.token, session)  # the file now serves this session too
+        return f"saved {entry.token} to {path}; every user of this studio can use it now"
+
+    def preview_concept(token, request: gr.Request):
+        session = session_of(request)
+        entry = find(token, session)
+        if not entry.fits:
+            raise gr.Error(f"{entry.token} does not fit the loaded model: {entry.reason}")
+        paths = studio.run_generate(dict(prompt=f"a photo of {entry.token}", seed=0), session)
+        studio.thumbnails[(session, entry.token)] = Path(paths[0])
+        return gallery(session)
+
+    # 2. Layout.
+    gr.Markdown("Concepts in the shared folder and in this session. Files that don't fit the loaded model say why. "
+                "Imported files stay in this session until you save them to the shared library.")
+    thumbs = gr.Gallery(label="Thumbnails", columns=6, height=180, allow_preview=False)
+    table = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True)
+    with gr.Row():
+        refresh = gr.Button("Refresh")
+        upload = gr.File(label="Import concept files (this session)", file_count="multiple")
+    with gr.Row():
+        token = gr.Dropdown(label="Concept", choices=[], allow_custom_value=True)
+        info = gr.Markdown()
+    with gr.Row():
+        preview = gr.Button("Make a thumbnail")
+        keep = gr.Button("Save to the shared library")
+        fmt = gr.Dropdown(["studio", "diffusers", "a1111", "kohya"], value="studio", label="Export format")
+        export = gr.Button("Export")
+    with gr.Row():
+        new_name = gr.Textbox(label="New word", placeholder="<new-name>")
+        rename = gr.Button("Rename")
+        delete = gr.Button("Delete…", variant="stop")
+    with gr.Group(visible=False) as confirm:
+        question = gr.Markdown()
+        with gr.Row():
+            yes = gr.Button("Yes, delete", variant="stop")
+            no = gr.Button("Keep it")
+    exported = gr.File(label="Exported file")
+    report = gr.Textbox(label="Result")
+
+    # 3. Wiring.
+    pickers.view(table, rows)
+    pickers.view(thumbs, gallery)
+    pickers.view(token, all_tokens)
+    pickers.after(refresh.click(list_library, None, table, api_name="library"))
+    pickers.after(upload.upload(import_files, upload, [report, table], api_name="import_concepts"))
+    export.click(export_concept, [token, fmt], exported, api_name="export_concept")
+    pickers.after(rename.click(rename_concept, [token, new_name], [report, token], api_name="rename_concept"))
+    delete.click(ask_delete, token, [confirm, question], api_visibility="private")
+    deleted = yes.click(delete_concept, token, [report, table], api_name="delete_concept")
+    deleted.then(lambda: gr.update(visible=False), None, confirm, api_visibility="private")
+    pickers.after(deleted)
+    no.click(lambda: gr.update(visible=False), None, confirm, api_visibility="private")
+    pickers.after(keep.click(save_to_library, token, report, api_name="save_concept"))
+    preview.click(gpu_task(preview_concept), token, thumbs, api_name="preview_concept", concurrency_id="gpu")
+    token.change(show, token, info, api_visibility="private")
+    table.select(pick_row, None, token, api_visibility="private")

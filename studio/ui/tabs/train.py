@@ -1,0 +1,127 @@
+"""Train tab: a few pictures → a new word. Live loss plot, preview pictures, progress bar and cancel.
+
+The `/train` endpoint streams its status text (with the loss of the latest step) and finally returns
+`(status, concept_file)`; the loss plot and previews are read by a timer from the session's training run
+(`/training_progress`), so the endpoint keeps its two outputs for gradio_client users.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from studio.training import TrainConfig, Trainer
+from studio.ui.gpu import TRAIN_SECONDS, gpu_task
+from studio.ui.pickers import ConceptPickers
+from studio.ui.state import USER_ERRORS, Studio, session_of
+from studio.ui.training_run import TrainingRun
+
+STATUS_EVERY_S = 0.25  # at most four status messages a second: the browser need not redraw on every step
+POLL_EVERY_S = 1.0  # the loss plot and previews are re-read this often while training
+
+
+def start_training(studio: Studio, session: str, files: list[str] | None, cfg: TrainConfig) -> TrainingRun:
+    """Start `cfg` on the session's pictures in a background thread; the run is kept as the session's latest."""
+    if not files:
+        raise gr.Error("Upload at least one picture of your concept.")
+    flag = studio.cancel_flag(session, "train")
+    flag.clear()
+    try:
+        trainer = Trainer(studio.model, cfg, [Path(f) for f in files], studio.session_dir(session) / "concepts")
+    except USER_ERRORS as exc:
+        raise gr.Error(str(exc)) from exc
+    run = TrainingRun(trainer, flag)
+    studio.runs[session] = run
+    return run.start()
+
+
+def progress_view(studio: Studio, session: str) -> tuple[pd.DataFrame, list]:
+    """The loss plot's table and the latest preview pictures of the session's training run."""
+    run = studio.runs.get(session)
+    if run is None:
+        return pd.DataFrame({"step": [], "loss": [], "series": []}), []
+    return pd.DataFrame(run.loss_table()), list(run.previews)
+
+
+def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
+    """Pictures, word and settings; `/train`, `/cancel_training` and `/training_progress` endpoints."""
+    # 1. Pure functions.
+    def train(files, token, init, kind, vectors, steps, lr, batch, preview_every, request: gr.Request,
+              progress=gr.Progress()):
+        session = session_of(request)
+        try:
+            cfg = TrainConfig(token.strip(), init_text=init or "*", n_vectors=int(vectors), steps=int(steps),
+                              learning_rate=float(lr), batch_size=int(batch), template=kind,
+                              preview_every=int(preview_every or 0))
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc)) from exc
+        run = start_training(studio, session, files, cfg)
+        shown = 0.0
+        for event in run.events():
+            if event.kind == "step":
+                progress((event.step, event.total), desc=f"loss {event.loss:.4f}", unit="steps")
+            if event.kind != "step" or time.monotonic() - shown >= STATUS_EVERY_S or event.step == event.total:
+                shown = time.monotonic()
+                yield run.status(), None
+        if run.error is not None:
+            if isinstance(run.error, USER_ERRORS):
+                raise gr.Error(str(run.error)) from run.error
+            raise run.error
+        concept = run.concept
+        studio.library.add_session_concept(session, concept)
+        if run.previews:
+            thumb = studio.session_dir(session) / "concepts" / f"{cfg.token.strip('<>')}.preview.png"
+            run.previews[0].save(thumb)
+            studio.thumbnails[(session, concept.token)] = thumb
+        path = studio.session_dir(session) / "concepts" / (cfg.token.strip("<>") + ".safetensors")
+        done = f"{concept.token} is ready: write it in any prompt in this session."
+        yield f"{run.status()}\n{done}", str(path)
+
+    def cancel(request: gr.Request) -> None:
+        studio.cancel_flag(session_of(request), "train").set()
+
+    def poll(request: gr.Request):
+        return progress_view(studio, session_of(request))
+
+    def poll_and_stop(request: gr.Request):
+        return *progress_view(studio, session_of(request)), gr.Timer(active=False)
+
+    # 2. Layout.
+    gr.Markdown("Upload 3-5 pictures of your concept, name its word, and train: only that word's vectors learn.")
+    with gr.Row():
+        with gr.Column():
+            files = gr.File(label="Pictures", file_count="multiple", file_types=["image"])
+            token = gr.Textbox(label="New word", value="<my-concept>")
+            init = gr.Textbox(label="Start from the word", value="shape")
+            kind = gr.Radio(["object", "style"], value="object", label="What is it?")
+            with gr.Accordion("Advanced", open=False):
+                vectors = gr.Slider(1, 8, value=1, step=1, label="Vectors per word")
+                steps = gr.Slider(1, 3000, value=300, step=1, label="Steps")
+                lr = gr.Number(label="Learning rate", value=0.005)
+                batch = gr.Slider(1, 8, value=4, step=1, label="Batch size")
+                preview_every = gr.Slider(0, 500, value=50, step=1, label="Preview picture every N steps (0: none)")
+            with gr.Row():
+                start = gr.Button("Train", variant="primary")
+                stop = gr.Button("Cancel")
+        with gr.Column():
+            status = gr.Textbox(label="Progress", lines=4)
+            plot = gr.LinePlot(x="step", y="loss", color="series", label="Training loss", height=240,
+                               value=progress_view(studio, "")[0])
+            previews = gr.Gallery(label="Latest preview", columns=2, height=200)
+            result = gr.File(label="Learned concept (download)")
+    timer = gr.Timer(POLL_EVERY_S, active=False)
+
+    # 3. Wiring.
+    start.click(lambda: gr.Timer(active=True), None, timer, api_visibility="private", concurrency_limit=None)
+    trained = start.click(gpu_task(train, TRAIN_SECONDS),
+                          [files, token, init, kind, vectors, steps, lr, batch, preview_every],
+                          [status, result], api_name="train", concurrency_id="gpu")
+    trained.then(poll_and_stop, None, [plot, previews, timer], api_visibility="private", show_progress="hidden")
+    pickers.after(trained)
+    # Public too: API clients read (loss plot, previews) of their session's latest run as data.
+    timer.tick(poll, None, [plot, previews], api_name="training_progress", concurrency_limit=None,
+               show_progress="hidden")
+    stop.click(cancel, None, None, api_name="cancel_training", concurrency_limit=None)

@@ -1,0 +1,90 @@
+"""One training job for the UI: the Trainer runs in a background thread; its events are kept for the live view.
+
+The Gradio handler iterates `events()` (and yields status text and progress from its own thread), while the
+loss plot and the preview pictures are read from `losses` / `previews` by a timer in the browser. No Gradio here.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from PIL import Image
+
+from studio.engine.concepts import Concept
+from studio.training import TrainEvent, Trainer
+
+SMOOTHING = 10  # steps in the running mean drawn over the raw loss, which jumps with each step's random timestep
+
+
+@dataclass
+class TrainingRun:
+    """A Trainer running in a thread. `concept` (or `error`) is set once `done`."""
+
+    trainer: Trainer
+    cancel: threading.Event
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    previews: list[Image.Image] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    last: TrainEvent | None = None
+    concept: Concept | None = None
+    error: BaseException | None = None
+    _events: queue.Queue = field(default_factory=queue.Queue)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> "TrainingRun":
+        self._thread = threading.Thread(target=self._work, name=f"train {self.trainer.config.token}", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def done(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive() and self._events.empty()
+
+    def _work(self) -> None:
+        try:
+            self.concept = self.trainer.run(self._record, self.cancel)
+        except BaseException as exc:  # noqa: BLE001 - handed to the UI thread, which decides how to show it
+            self.error = exc
+        finally:
+            self._events.put(None)
+
+    def _record(self, event: TrainEvent) -> None:
+        if event.kind == "step" and event.loss is not None:
+            self.losses.append((event.step, event.loss))
+        if event.kind == "preview" and event.images:
+            self.previews = list(event.images)
+        if event.message:
+            self.messages.append(f"{event.kind}: {event.message}")
+        self.last = event
+        self._events.put(event)
+
+    def events(self) -> Iterator[TrainEvent]:
+        """Every event as it happens, until the trainer returns (or fails)."""
+        while True:
+            event = self._events.get()
+            if event is None:
+                return
+            yield event
+
+    def loss_table(self) -> dict[str, list]:
+        """Columns for a line plot: the raw loss and its running mean over `SMOOTHING` steps."""
+        steps, values, series = [], [], []
+        window: list[float] = []
+        for step, loss in list(self.losses):
+            window = (window + [loss])[-SMOOTHING:]
+            steps += [step, step]
+            values += [loss, sum(window) / len(window)]
+            series += ["loss", f"mean of {SMOOTHING}"]
+        return {"step": steps, "loss": values, "series": series}
+
+    def status(self) -> str:
+        """A few lines for the UI: the messages so far and where the loop is."""
+        lines = list(self.messages[-6:])
+        last = self.last
+        if last is not None and last.kind == "step":
+            lines.append(f"step {last.step}/{last.total} · loss {last.loss:.4f} · {last.steps_per_s:.2f} steps/s · "
+                         f"about {last.eta_s:.0f}s left")
+        return "\n".join(lines)
