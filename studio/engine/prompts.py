@@ -10,6 +10,14 @@ The result equals what a pipeline produces after diffusers' `load_textual_invers
 (tests/engine/test_prompts.py). One deliberate difference: transformers pools SDXL's second encoder at
 `argmax(input_ids)` when a config carries the legacy `eos_token_id == 2`; after `load_textual_inversion` that
 lands on the added token rather than the end of the prompt. We always pool at the real end-of-text position.
+
+Prompt weighting follows AUTOMATIC1111: `(word:1.3)`, `(word)` = x1.1, `[word]` = /1.1, `\\(` for a literal
+bracket (`parse_prompt_weights`). Each token's final hidden state is multiplied by its weight, then the whole
+embedding is rescaled so its mean equals the unweighted mean (A1111's "Original" emphasis). A concept token takes the
+weight of the text around it, on every one of its vectors. compel (installed) was considered and not used: it reads
+`(word)1.3` / `word++` rather than A1111's syntax, weights by interpolating from the empty prompt rather than
+A1111's scale-and-rescale, and runs the text encoder from token ids, so concepts would have to be added to the
+shared tokenizer and embedding table. A prompt without weighting syntax encodes exactly as before.
 """
 
 from __future__ import annotations
@@ -21,9 +29,83 @@ from typing import Sequence
 
 import torch
 
-from studio.engine.concepts import ENCODER_KEYS, Concept
+from studio.engine.concepts import ENCODER_KEYS, Concept, check_fits
 
 log = logging.getLogger(__name__)
+
+
+# ---- prompt weighting (A1111 syntax) ------------------------------------------------------------------------------
+ROUND_BRACKET_MULTIPLIER = 1.1  # A1111 modules/prompt_parser.py: (word) = x1.1
+SQUARE_BRACKET_MULTIPLIER = 1 / 1.1  # A1111: [word] = /1.1
+
+# A1111's tokenizer for attention syntax (modules/prompt_parser.py `re_attention`), without BREAK: escapes,
+# brackets, an explicit ":weight)" closer, runs of plain text, and a stray ":".
+_ATTENTION = re.compile(r"""
+\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:
+""", re.X)
+
+
+def parse_prompt_weights(text: str) -> list[tuple[str, float]]:
+    """Split `text` into (fragment, weight) runs with AUTOMATIC1111's attention syntax.
+
+    `(a:1.3)` multiplies by 1.3, `(a)` by 1.1, `[a]` by 1/1.1; brackets nest and multiply; an unclosed bracket
+    runs to the end; `\\(`, `\\)`, `\\[`, `\\]` and `\\\\` are literal characters. Adjacent runs of equal weight
+    are merged, so a prompt with no syntax comes back whole: `[(text, 1.0)]`. `BREAK` is plain text here.
+
+    >>> parse_prompt_weights("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")  # A1111's own example
+    [('a ', 1.0), ('house', 1.5730000000000004), (' ', 1.1), ('on', 1.0), (' a ', 1.1), ('hill', 0.55), (', sun, ', 1.1), ('sky', 1.4641000000000006), ('.', 1.1)]
+    """
+    runs: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def multiply_from(start: int, multiplier: float) -> None:
+        for run in runs[start:]:
+            run[1] *= multiplier
+
+    for match in _ATTENTION.finditer(text):
+        piece, weight = match.group(0), match.group(1)
+        if piece.startswith("\\"):
+            runs.append([piece[1:], 1.0])
+        elif piece == "(":
+            round_open.append(len(runs))
+        elif piece == "[":
+            square_open.append(len(runs))
+        elif weight is not None and round_open:
+            try:
+                value = float(weight)
+            except ValueError:
+                raise ValueError(f"prompt weight {weight!r} in {piece!r} is not a number; write it like (word:1.3)") from None
+            multiply_from(round_open.pop(), value)
+        elif piece == ")" and round_open:
+            multiply_from(round_open.pop(), ROUND_BRACKET_MULTIPLIER)
+        elif piece == "]" and square_open:
+            multiply_from(square_open.pop(), SQUARE_BRACKET_MULTIPLIER)
+        else:
+            runs.append([piece, 1.0])
+    for start in round_open:
+        multiply_from(start, ROUND_BRACKET_MULTIPLIER)
+    for start in square_open:
+        multiply_from(start, SQUARE_BRACKET_MULTIPLIER)
+
+    merged: list[list] = []
+    for run in runs:
+        if merged and merged[-1][1] == run[1]:
+            merged[-1][0] += run[0]
+        else:
+            merged.append(run)
+    return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+def apply_prompt_weights(embeds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's "Original" emphasis: scale each token's hidden state by its weight, then restore the mean.
+
+    `embeds` [B, T, D], `weights` [B, T]. The mean is restored per prompt (A1111 takes it over the whole batch,
+    which is the same for one prompt); a prompt whose weights are all 1 comes back bit for bit.
+    """
+    original_mean = embeds.mean(dim=(1, 2), keepdim=True)
+    weighted = embeds * weights.to(embeds.dtype).unsqueeze(-1)
+    return weighted * (original_mean / weighted.mean(dim=(1, 2), keepdim=True))
 
 
 @dataclass
@@ -71,62 +153,102 @@ class PromptEncoder:
         parts.append(prompt[pos:])
         return parts
 
-    def _ids_and_slots(self, prompt: str, concepts: Sequence[Concept], tokenizer) -> tuple[list[int], list[tuple[int, Concept, int]], int]:
-        """Token ids padded to the model length, (position, concept, vector index) per concept slot, EOS position.
+    def _ids_and_slots(self, prompt: str, concepts: Sequence[Concept], tokenizer,
+                       weighting: bool = True) -> tuple[list[int], list[tuple[int, Concept, int]], int, list[float]]:
+        """Token ids padded to the model length, (position, concept, vector index) per concept slot, EOS position,
+        and one prompt weight per position (1.0 for start, end and padding).
 
         A slot's id is a placeholder whose embedding is replaced; it is never EOS (CLIP's unknown token *is* EOS)."""
         placeholder = tokenizer.bos_token_id
         max_len = tokenizer.model_max_length
         ids: list[int] = [tokenizer.bos_token_id]
+        weights: list[float] = [1.0]
         slots: list[tuple[int, Concept, int]] = []
-        for part in self._split(prompt, concepts):
-            if isinstance(part, str):
-                if part.strip():
-                    ids.extend(tokenizer(part, add_special_tokens=False).input_ids)
-            else:
-                for k in range(part.n_vectors):
-                    slots.append((len(ids), part, k))
-                    ids.append(placeholder)
+        fragments = parse_prompt_weights(prompt) if weighting else [(prompt, 1.0)]
+        for text, weight in fragments:
+            for part in self._split(text, concepts):
+                if isinstance(part, str):
+                    if part.strip():
+                        new_ids = tokenizer(part, add_special_tokens=False).input_ids
+                        ids.extend(new_ids)
+                        weights.extend([weight] * len(new_ids))
+                else:
+                    for k in range(part.n_vectors):
+                        slots.append((len(ids), part, k))
+                        ids.append(placeholder)
+                        weights.append(weight)
         if len(ids) > max_len - 1:
             log.warning("prompt truncated to %d tokens (CLIP's limit): %d tokens cut", max_len, len(ids) - (max_len - 1))
-            ids = ids[: max_len - 1]
+            ids, weights = ids[: max_len - 1], weights[: max_len - 1]
             slots = [s for s in slots if s[0] < max_len - 1]
         eos_position = len(ids)
         ids.append(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ids.extend([pad] * (max_len - len(ids)))
-        return ids, slots, eos_position
+        weights.extend([1.0] * (max_len - len(weights)))
+        return ids, slots, eos_position, weights
 
     # ---- encoding -----------------------------------------------------------------------------------------------
-    def _run_encoder(self, index: int, prompts: list[str], concepts: Sequence[Concept], clip_skip: int | None):
+    @property
+    def encoder_dims(self) -> dict[str, int]:
+        """Encoder key -> input embedding width, e.g. `{"text_encoder": 768}`: what a concept's vectors must match."""
+        return {ENCODER_KEYS[i]: int(getattr(te, "text_model", te).embeddings.token_embedding.embedding_dim)
+                for i, te in enumerate(self.text_encoders)}
+
+    def check_concepts(self, concepts: Sequence[Concept]) -> None:
+        """Raise `ConceptMismatchError` (naming the file, its sizes, the model's and what to do) for a concept that
+        does not fit this model's text encoders; a bare shape or key error would tell the user nothing."""
+        dims = self.encoder_dims
+        for concept in concepts:
+            check_fits(concept, dims)
+
+    def input_embeddings(self, index: int, prompts: list[str], concepts: Sequence[Concept] = (),
+                         weighting: bool = True) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """The per-request step alone, for encoder `index`: token embeddings [B, 77, D] with each concept occurrence
+        substituted into its slots, the EOS position of each prompt, and the prompt weights [B, 77].
+
+        Out-of-place: the shared embedding table is untouched, and autograd reaches the concept vectors."""
         tokenizer, encoder = self.tokenizers[index], self.text_encoders[index]
         key = ENCODER_KEYS[index]
-        text_model = getattr(encoder, "text_model", encoder)  # CLIPTextModelWithProjection wraps a CLIPTextModel
-        device = text_model.embeddings.token_embedding.weight.device
-        dtype = text_model.embeddings.token_embedding.weight.dtype
+        table = getattr(encoder, "text_model", encoder).embeddings.token_embedding
+        device, dtype = table.weight.device, table.weight.dtype
 
-        rows, eos_positions, all_slots = [], [], []
+        rows, eos_positions, weight_rows, all_slots = [], [], [], []
         for b, prompt in enumerate(prompts):
-            ids, slots, eos_position = self._ids_and_slots(prompt, concepts, tokenizer)
+            ids, slots, eos_position, weights = self._ids_and_slots(prompt, concepts, tokenizer, weighting)
             rows.append(ids)
             eos_positions.append(eos_position)
+            weight_rows.append(weights)
             all_slots.extend((b, pos, concept, k) for pos, concept, k in slots)
-        input_ids = torch.tensor(rows, device=device)
-        inputs = text_model.embeddings.token_embedding(input_ids)
+        inputs = table(torch.tensor(rows, device=device))
         if all_slots:
-            # Out-of-place: the shared table is untouched, and autograd reaches the concept vectors.
             batch_idx = torch.tensor([s[0] for s in all_slots], device=device)
             pos_idx = torch.tensor([s[1] for s in all_slots], device=device)
             values = torch.stack([s[2].vectors[key][s[3]].to(device=device, dtype=dtype) for s in all_slots])
             inputs = inputs.index_put((batch_idx, pos_idx), values)
+        return inputs, eos_positions, torch.tensor(weight_rows, device=device)
+
+    def _run_encoder(self, index: int, prompts: list[str], concepts: Sequence[Concept], clip_skip: int | None,
+                     weighting: bool = True):
+        encoder = self.text_encoders[index]
+        text_model = getattr(encoder, "text_model", encoder)  # CLIPTextModelWithProjection wraps a CLIPTextModel
+        inputs, eos_positions, weights = self.input_embeddings(index, prompts, concepts, weighting)
+        device = inputs.device
 
         hidden = text_model.embeddings(inputs_embeds=inputs)
         seq = hidden.shape[1]
-        causal = torch.full((seq, seq), torch.finfo(hidden.dtype).min, device=device, dtype=hidden.dtype).triu(1)
-        causal = causal[None, None].expand(hidden.shape[0], 1, seq, seq)
+        lowest = torch.finfo(hidden.dtype).min
+        mask = torch.full((seq, seq), lowest, device=device, dtype=hidden.dtype).triu(1)
+        mask = mask[None, None].expand(hidden.shape[0], 1, seq, seq)
+        eos = torch.tensor(eos_positions, device=device)
+        # diffusers' SD/SD2 encode_prompt hands the tokenizer's attention mask (padding hidden) to encoders whose
+        # config sets `use_attention_mask`; its SDXL encode_prompt never does, so neither do we for SDXL.
+        if self.family != "sdxl" and getattr(encoder.config, "use_attention_mask", False):
+            padding = torch.arange(seq, device=device)[None, :] > eos[:, None]  # [B, seq]: after the EOS token
+            mask = mask.masked_fill(padding[:, None, None, :], lowest)
         states = [hidden]
         for layer in text_model.encoder.layers:
-            hidden = layer(hidden, causal)
+            hidden = layer(hidden, mask)
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
             states.append(hidden)
@@ -134,7 +256,6 @@ class PromptEncoder:
 
         pooled = None
         if hasattr(encoder, "text_projection"):
-            eos = torch.tensor(eos_positions, device=device)
             pooled = encoder.text_projection(last[torch.arange(len(prompts), device=device), eos])
         if self.family == "sdxl":  # SDXL: penultimate layer, no final norm
             embeds = states[-(clip_skip + 2)] if clip_skip else states[-2]
@@ -142,13 +263,21 @@ class PromptEncoder:
             embeds = text_model.final_layer_norm(states[-(clip_skip + 1)])
         else:
             embeds = last
+        # Weights act on the output, as in A1111; the pooled projection stays that of the unweighted prompt.
+        if not bool((weights == 1).all()):
+            embeds = apply_prompt_weights(embeds, weights)
         return embeds, pooled
 
-    def encode(self, prompts: list[str] | str, concepts: Sequence[Concept] = (), *, clip_skip: int | None = None) -> EncodedPrompt:
-        """Embeddings for `prompts` with `concepts` active; autograd flows into concept vectors that need it."""
+    def encode(self, prompts: list[str] | str, concepts: Sequence[Concept] = (), *, clip_skip: int | None = None,
+               weighting: bool = True) -> EncodedPrompt:
+        """Embeddings for `prompts` with `concepts` active; autograd flows into concept vectors that need it.
+
+        `weighting=False` reads brackets and backslashes as plain text instead of A1111 prompt weights.
+        Raises `ConceptMismatchError` when a concept was trained for another model family."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        outputs = [self._run_encoder(i, prompts, concepts, clip_skip) for i in range(len(self.text_encoders))]
+        self.check_concepts(concepts)
+        outputs = [self._run_encoder(i, prompts, concepts, clip_skip, weighting) for i in range(len(self.text_encoders))]
         embeds = torch.cat([o[0] for o in outputs], dim=-1) if len(outputs) > 1 else outputs[0][0]
         pooled = outputs[-1][1] if self.family == "sdxl" else None
         return EncodedPrompt(embeds, pooled)

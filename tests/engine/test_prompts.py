@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from studio.engine.concepts import Concept
+from studio.engine.concepts import Concept, ConceptMismatchError, load_concept, save_concept
 from studio.engine.prompts import PromptEncoder
 
 
@@ -100,3 +100,64 @@ def test_two_threads_with_different_concepts_get_their_own_embeddings(tiny_model
     [t.join() for t in threads]
     assert not errors and results == {"a": True, "b": True}
     assert not torch.equal(expected["a"], expected["b"])
+
+
+# ---- a concept that does not fit the model -------------------------------------------------------------------------
+
+def _concept_file(tmp_path, name, dims):
+    """A real concept file on disk, read back the way the studio reads user files."""
+    g = torch.Generator().manual_seed(7)
+    concept = Concept(name, {key: torch.randn(2, dim, generator=g) for key, dim in dims.items()}, {})
+    return load_concept(save_concept(concept, tmp_path / name))
+
+
+@pytest.mark.parametrize("family, file_dims, expected", [
+    ("sd2", {"text_encoder": 768}, ["768-d", "1024-d", "SD 1.x", "SD 2.x"]),  # SD1 file on an SD2 model
+    ("sd1", {"text_encoder": 1024}, ["1024-d", "768-d", "SD 2.x", "SD 1.x"]),  # SD2 file on an SD1 model
+    ("sdxl", {"text_encoder": 768}, ["768-d", "768-d + 1280-d", "SDXL", "text_encoder_2 (clip_g)"]),  # no 2nd half
+    ("sd1", {"text_encoder": 768, "text_encoder_2": 1280}, ["768-d + 1280-d", "SDXL", "SD 1.x"]),  # SDXL file on SD1
+])
+def test_concept_for_another_family_raises_mismatch_error_naming_file_and_sizes(tiny_model_dirs, tmp_path, family,
+                                                                                file_dims, expected):
+    """Guards against a bare KeyError / shape error from deep inside encoding when a file is for another model."""
+    pipe = _load(tiny_model_dirs, family)
+    concept = _concept_file(tmp_path, "wrong-model", file_dims)
+    enc = PromptEncoder.from_pipeline(pipe)
+    for call in (lambda: enc.encode(["a photo of wrong-model"], [concept]),
+                 lambda: enc.pipeline_kwargs("a photo of wrong-model", "", [concept], 1, 7.5)):
+        with pytest.raises(ConceptMismatchError) as info:
+            call()
+        message = str(info.value)
+        assert "wrong-model.safetensors" in message and "'wrong-model'" in message
+        for part in expected:
+            assert part in message, (part, message)
+        assert "Use it with a" in message and "or pick a concept trained for" in message
+
+
+def test_concept_that_fits_passes_the_check(tiny_model_dirs, tmp_path):
+    pipe = _load(tiny_model_dirs, "sdxl")
+    concept = _concept_file(tmp_path, "right-model", {"text_encoder": 768, "text_encoder_2": 1280})
+    enc = PromptEncoder.from_pipeline(pipe)
+    assert enc.encoder_dims == {"text_encoder": 768, "text_encoder_2": 1280}
+    assert enc.encode(["a photo of right-model"], [concept]).embeds.shape == (1, 77, 768 + 1280)
+
+
+# ---- attention mask, for text encoders that ask for it -------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_attention_mask_is_used_when_the_encoder_config_asks_for_it(tiny_model_dirs, family):
+    """With `use_attention_mask` set, diffusers' encode_prompt hides the padding; so must we (1e-5)."""
+    ours_pipe, ref_pipe = _load(tiny_model_dirs, family), _load(tiny_model_dirs, family)
+    prompt = "a photo of <cat-toy> on the beach"
+    cat = _concept("<cat-toy>", ours_pipe, 2, 4)
+    enc = PromptEncoder.from_pipeline(ours_pipe)
+    unmasked = enc.encode([prompt], [cat]).embeds
+    ours_pipe.text_encoder.config.use_attention_mask = True
+    ref_pipe.text_encoder.config.use_attention_mask = True
+    masked = enc.encode([prompt], [cat]).embeds
+    _diffusers_load(ref_pipe, cat)
+    with torch.no_grad():
+        ref = ref_pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+    assert torch.allclose(masked, ref, atol=1e-5, rtol=0)
+    # The mask really changes something (the padding positions), so this test can fail.
+    assert (masked - unmasked).abs().max() > 1e-3
