@@ -3,20 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from studio.engine.models import ModelManager
 from studio.training import TrainConfig, Trainer
-
-
-@pytest.fixture()
-def memory_pictures(tmp_path):
-    folder = tmp_path / "pics"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for k in range(3):
-        Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(folder / f"m{k}.png")
-    return folder
 
 
 def _count_calls(module):
@@ -31,7 +20,7 @@ def _train(model, folder, out, **kw):
     return Trainer(model, cfg, folder, out).run(events.append), events
 
 
-def test_low_vram_checkpoints_and_learns_the_same_vectors(tiny_model_dirs, memory_pictures, tmp_path):
+def test_low_vram_checkpoints_and_learns_the_same_vectors(tiny_model_dirs, pictures, tmp_path):
     """Guards against checkpointing that silently does nothing (eval mode) or changes the result."""
     model = ModelManager().load(tiny_model_dirs["sd1"])
     pipe = model.pipe
@@ -43,7 +32,7 @@ def test_low_vram_checkpoints_and_learns_the_same_vectors(tiny_model_dirs, memor
     counted = {}
     for mode in ("fast", "low-vram"):
         (text_calls, h1), (unet_calls, h2) = _count_calls(text_mlp), _count_calls(resnet)
-        concept, events = _train(model, memory_pictures, tmp_path / mode, memory=mode)
+        concept, events = _train(model, pictures, tmp_path / mode, memory=mode)
         h1.remove(), h2.remove()
         counted[mode] = (concept, len(text_calls), len(unet_calls), events[0].message)
 
@@ -59,12 +48,12 @@ def test_low_vram_checkpoints_and_learns_the_same_vectors(tiny_model_dirs, memor
     assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == processors
 
 
-def test_bf16_autocast_trains_fp32_vectors_on_cpu(tiny_model_dirs, memory_pictures, tmp_path):
+def test_bf16_autocast_trains_fp32_vectors_on_cpu(tiny_model_dirs, pictures, tmp_path):
     model = ModelManager().load(tiny_model_dirs["sd1"])
     seen = []
     hook = model.pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_q.register_forward_hook(
         lambda _m, _i, out: seen.append(out.dtype))
-    concept, events = _train(model, memory_pictures, tmp_path / "bf16", mixed_precision="bf16")
+    concept, events = _train(model, pictures, tmp_path / "bf16", mixed_precision="bf16")
     hook.remove()
     assert seen and set(seen) == {torch.bfloat16}  # autocast really ran the UNet in bf16
     vectors = concept.vectors["text_encoder"]
@@ -75,9 +64,9 @@ def test_bf16_autocast_trains_fp32_vectors_on_cpu(tiny_model_dirs, memory_pictur
     assert "precision bf16" in events[0].message
 
 
-def test_auto_on_cpu_is_fast_in_fp32(tiny_model_dirs, memory_pictures, tmp_path):
+def test_auto_on_cpu_is_fast_in_fp32(tiny_model_dirs, pictures, tmp_path):
     model = ModelManager().load(tiny_model_dirs["sd1"])
-    _, events = _train(model, memory_pictures, tmp_path, memory="auto", mixed_precision="auto")
+    _, events = _train(model, pictures, tmp_path, memory="auto", mixed_precision="auto")
     assert "memory mode fast (savings: none); precision no" in events[0].message
     with pytest.raises(ValueError, match="memory must be"):
         TrainConfig("<x>", memory="tiny")

@@ -2,7 +2,6 @@
 
 import threading
 
-import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -12,19 +11,6 @@ from studio.engine.concepts import load_concept
 from studio.engine.models import ModelManager
 from studio.training import TrainConfig, TrainError, Trainer
 from studio.training.config import parse_lr_schedule
-
-
-@pytest.fixture()
-def pictures(tmp_path):
-    folder = tmp_path / "pics"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for k in range(4):
-        arr = np.zeros((48, 48, 3), np.uint8)
-        arr[8:40, 8:40] = (200, 40 + 20 * k, 40)
-        arr += rng.integers(0, 20, arr.shape, dtype=np.uint8)
-        Image.fromarray(arr).save(folder / f"p{k}.png")
-    return folder
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
