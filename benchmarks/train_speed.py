@@ -1,0 +1,240 @@
+"""Training speed and memory: the studio trainer vs a loop in the style of diffusers' textual_inversion example.
+
+`python benchmarks/train_speed.py [--size tiny|full] [--steps 40] [--batch 4]`
+
+The reference loop does what diffusers' `examples/textual_inversion/textual_inversion.py` does, written out here
+without accelerate: the new token is added to the tokenizer and the whole input-embedding table is trainable
+(AdamW over every row, weight decay 1e-2), the other rows are copied back from a saved copy after every step, each
+batch is loaded from disk, resized, flipped and tokenized by a Dataset, and every step encodes its pictures with
+the VAE (no latent cache). The studio side is `studio.training.Trainer` with memory mode `fast` and no mixed
+precision. Both train the same model (random weights, `--size tiny` or SD-1.5-sized `full`) on the same pictures
+with the same steps, batch size, learning rate and seed; each runs in its own process so that one's memory
+cannot be reused by the other.
+
+Measured from a loaded model and pictures on disk to the trained vectors: steps/s (setup included: the studio's
+latent cache, the reference's token and table set-up) and the peak memory above the loaded model (CPU: peak RSS,
+reset through /proc/self/clear_refs, or psutil sampling; CUDA: torch.cuda.max_memory_allocated).
+Prints both and the ratios (targets: studio >= 3x the steps/s, <= 0.7x the memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+TOKEN, INIT_WORD, LEARNING_RATE = "<bench>", "toy", 5e-3
+
+
+# ---- memory ---------------------------------------------------------------------------------------------------
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Yield a dict that gets `peak_mib` (and `how`): the peak memory above the level at entry."""
+    result: dict = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        yield result
+        torch.cuda.synchronize()
+        result.update(peak_mib=(torch.cuda.max_memory_allocated() - base) / 2**20, how="torch.cuda.max_memory_allocated")
+        return
+    base = _rss_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+    except OSError:
+        import psutil
+
+        process, peak, stop = psutil.Process(), [base * 1024], threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.005):
+                peak[0] = max(peak[0], process.memory_info().rss)
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        yield result
+        stop.set()
+        thread.join()
+        result.update(peak_mib=(peak[0] / 1024 - base) / 1024, how="psutil RSS sampled every 5 ms")
+        return
+    yield result
+    result.update(peak_mib=(_rss_kib("VmHWM") - base) / 1024, how="peak RSS (VmHWM) after /proc/self/clear_refs")
+
+
+# ---- the two loops --------------------------------------------------------------------------------------------
+def run_studio(model_dir: Path, images: Path, args) -> dict:
+    """The studio trainer, as `studio train` runs it."""
+    from studio.engine.models import LoadOptions, ModelManager
+    from studio.training import TrainConfig, Trainer
+
+    model = ModelManager(LoadOptions(device=args.device, dtype="fp32")).load(model_dir)
+    cfg = TrainConfig(TOKEN, init_text=INIT_WORD, steps=args.steps, batch_size=args.batch, learning_rate=LEARNING_RATE,
+                      seed=args.seed, memory="fast", mixed_precision="no")
+    out = Path(tempfile.mkdtemp(prefix="train-bench-studio-"))
+    with peak_memory(model.device) as memory:
+        started = time.perf_counter()
+        concept = Trainer(model, cfg, images, out).run()
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+    assert torch.isfinite(concept.vectors["text_encoder"]).all()
+    return {"steps_per_s": args.steps / elapsed, "seconds": elapsed, **memory}
+
+
+def run_diffusers_style(model_dir: Path, images: Path, args) -> dict:
+    """The loop of diffusers' textual_inversion example: whole table trainable, VAE encode every step."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from studio.training.templates import OBJECT_TEMPLATES
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, safety_checker=None)
+    tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder.to(device), pipe.vae.to(device), pipe.unet.to(device)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    size = unet.config.sample_size * pipe.vae_scale_factor
+    files = sorted(images.glob("*.png"))
+    torch.manual_seed(args.seed)
+
+    with peak_memory(device) as memory:
+        started = time.perf_counter()
+        # Token set-up: a new row in the tokenizer and the table, initialised from the init word.
+        tokenizer.add_tokens([TOKEN])
+        token_id = tokenizer.convert_tokens_to_ids(TOKEN)
+        init_id = tokenizer.encode(INIT_WORD, add_special_tokens=False)[0]
+        text_encoder.resize_token_embeddings(len(tokenizer))
+        table = text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            table[token_id] = table[init_id].clone()
+        text_model = getattr(text_encoder, "text_model", text_encoder)
+        vae.requires_grad_(False)
+        unet.requires_grad_(False)
+        text_model.encoder.requires_grad_(False)
+        text_model.final_layer_norm.requires_grad_(False)
+        text_model.embeddings.position_embedding.requires_grad_(False)
+        optimizer = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=LEARNING_RATE,
+                                      betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        original_rows = table.detach().clone()
+        keep = torch.ones(len(tokenizer), dtype=torch.bool)
+        keep[token_id] = False
+
+        def item(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """One example as the example's Dataset builds it: read, resize, maybe flip, tokenize."""
+            with Image.open(files[k % len(files)]) as raw:
+                img = raw.convert("RGB").resize((size, size), Image.BICUBIC)
+            if torch.rand(()) < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+            prompt = OBJECT_TEMPLATES[int(torch.randint(len(OBJECT_TEMPLATES), ()))].format(TOKEN)
+            ids = tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                            return_tensors="pt").input_ids[0]
+            return pixels, ids
+
+        text_encoder.train()
+        for _ in range(args.steps):
+            batch = [item(int(k)) for k in torch.randint(len(files) * 100, (args.batch,))]  # shuffled repeats
+            pixels = torch.stack([b[0] for b in batch]).to(device)
+            input_ids = torch.stack([b[1] for b in batch]).to(device)
+            latents = vae.encode(pixels).latent_dist.sample().detach() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), device=device)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            hidden = text_encoder(input_ids)[0]
+            pred = unet(noisy, t, hidden).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            with torch.no_grad():  # only the new row may change
+                table[keep] = original_rows[keep]
+            loss.item()  # the example logs the loss every step
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+    assert torch.isfinite(table[token_id]).all()
+    return {"steps_per_s": args.steps / elapsed, "seconds": elapsed, **memory}
+
+
+# ---- driver ---------------------------------------------------------------------------------------------------
+def prepare(root: Path, size: str, n_images: int) -> tuple[Path, Path]:
+    """A saved random pipeline of `size` and `n_images` seeded pictures of a square on noise."""
+    from studio.architectures import build_random_pipeline
+
+    pipe = build_random_pipeline("sd1", size, tokenizer_dir=root / "tok")
+    pipe.save_pretrained(root / "model")
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    rng = np.random.default_rng(0)
+    folder = root / "pics"
+    folder.mkdir()
+    for k in range(n_images):
+        arr = rng.integers(0, 40, (side, side, 3), dtype=np.uint8)
+        arr[side // 4: 3 * side // 4, side // 4: 3 * side // 4] = (200, 60 + 30 * k, 40)
+        Image.fromarray(arr).save(folder / f"{k}.png")
+    return root / "model", folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=["tiny", "full"], default="tiny",
+                        help="tiny: the test model (CPU, < 2 min); full: SD-1.5-sized random weights (for a GPU)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per side (default: 40 tiny, 20 full)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--images", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when there is one)")
+    parser.add_argument("--only", choices=["studio", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--images-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.steps = args.steps or (40 if args.size == "tiny" else 20)
+
+    if args.only:  # one side, in its own process
+        side = run_studio if args.only == "studio" else run_diffusers_style
+        print(json.dumps(side(args.model_dir, args.images_dir, args)))
+        return
+
+    root = Path(tempfile.mkdtemp(prefix="train-bench-"))
+    model_dir, images = prepare(root, args.size, args.images)
+    results = {}
+    for name in ("diffusers", "studio"):
+        cmd = [sys.executable, __file__, "--only", name, "--model-dir", str(model_dir), "--images-dir", str(images),
+               "--steps", str(args.steps), "--batch", str(args.batch), "--seed", str(args.seed)]
+        if args.device:
+            cmd += ["--device", args.device]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if done.returncode != 0:
+            sys.exit(f"the {name} side failed:\n{done.stderr[-3000:]}")
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+
+    ref, ours = results["diffusers"], results["studio"]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"size={args.size} device={device} steps={args.steps} batch={args.batch} seed={args.seed} "
+          f"threads={torch.get_num_threads()} memory: {ours['how']}")
+    print(f"{'':28}{'steps/s':>10}{'seconds':>10}{'peak MiB':>11}")
+    for label, r in (("diffusers-example style", ref), ("studio Trainer", ours)):
+        print(f"{label:28}{r['steps_per_s']:10.2f}{r['seconds']:10.1f}{r['peak_mib']:11.1f}")
+    speed = ours["steps_per_s"] / ref["steps_per_s"]
+    memory = ours["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else float("nan")
+    print(f"speed ratio studio/diffusers: {speed:.2f}x (target >= 3x)")
+    print(f"memory ratio studio/diffusers: {memory:.2f}x (target <= 0.7x)")
+
+
+if __name__ == "__main__":
+    main()
