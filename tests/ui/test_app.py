@@ -1,44 +1,18 @@
 """The studio end to end through a real Gradio server and gradio_client: train, generate, style, compose, inpaint."""
 
-import socket
-
-import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from studio.engine.models import ModelManager
-from studio.library import ConceptLibrary
-from studio.ui.app import build_app
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def server(studio_server):
+    return studio_server[0]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dirs, tmp_path_factory):
-    manager = ModelManager()
-    manager.load(tiny_model_dirs["sd1"])
-    app = build_app(manager, ConceptLibrary(tmp_path_factory.mktemp("library")))
-    port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    app.close()
-
-
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pics")
-    paths = []
-    for k in range(3):
-        arr = np.full((48, 48, 3), 240, np.uint8)
-        arr[10:38, 10:38] = (40, 60 + 40 * k, 200)
-        Image.fromarray(arr).save(folder / f"p{k}.png")
-        paths.append(str(folder / f"p{k}.png"))
-    return paths
+def pictures(concept_pictures):
+    return concept_pictures
 
 
 def _parameters(path) -> str:

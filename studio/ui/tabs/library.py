@@ -128,7 +128,7 @@ def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
             raise gr.Error(str(exc)) from exc
         if (session, old) in studio.thumbnails:
             studio.thumbnails[(session, new)] = studio.thumbnails.pop((session, old))
-        return f"renamed {old} to {new}", gr.update(value=new)
+        return f"renamed {old} to {new}", new
 
     def ask_delete(token, request: gr.Request):
         entry = find(token, session_of(request))

@@ -1,0 +1,101 @@
+"""Library and Model tabs through a real server: uploads stay in their session, files that do not fit say why,
+rename / thumbnail / save / delete, and memory modes that apply to the loaded model."""
+
+import dataclasses
+
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from studio.engine.concepts import Concept, save_concept
+from studio.engine.models import ModelManager
+from studio.library import ConceptLibrary
+from studio.ui.state import Studio
+from studio.ui.tabs.model import describe
+
+
+def png_parameters(path) -> str:
+    return Image.open(path).info.get("parameters", "")
+
+
+def concept_file(folder, token: str, width: int, n_vectors: int = 1) -> str:
+    torch.manual_seed(0)
+    path = save_concept(Concept(token, {"text_encoder": torch.randn(n_vectors, width)}, {}), folder / token.strip("<>"))
+    return str(path)
+
+
+def rows(client: Client) -> dict[str, list]:
+    table = client.predict(api_name="/library")
+    return {r[0]: r for r in table["data"]}
+
+
+def generate(client: Client, prompt: str) -> str:
+    gallery = client.predict(prompt, "", 1, 2, 7.5, "euler_a", 32, 32, 1, api_name="/generate")
+    return png_parameters(gallery[0]["image"])
+
+
+def test_an_upload_stays_in_its_session_and_a_misfit_says_why(studio_server, tmp_path):
+    url, _, _ = studio_server
+    mine, other = Client(url, verbose=False), Client(url, verbose=False)
+    files = [concept_file(tmp_path, "<fits>", 768, 2), concept_file(tmp_path, "<too-wide>", 1024)]
+    report, _ = mine.predict([handle_file(f) for f in files], api_name="/import_concepts")
+    assert "added <fits> to this session" in report
+    assert "added <too-wide>" in report and "does not fit" in report and "1024" in report and "768" in report
+
+    listed = rows(mine)
+    assert listed["<fits>"][1:3] == [2, True] and listed["<fits>"][4] == "this session"
+    assert listed["<too-wide>"][2] is False and "1024" in listed["<too-wide>"][3]
+    assert "Concepts: <fits>" in generate(mine, "a photo of <fits>")
+    with pytest.raises(Exception, match="trained for"):
+        generate(mine, "a photo of <too-wide>")
+
+    assert "<fits>" not in rows(other) and "<too-wide>" not in rows(other)  # another session sees neither
+    assert "Concepts:" not in generate(other, "a photo of <fits>")
+
+
+def test_rename_thumbnail_save_for_everyone_then_delete(studio_server, tmp_path):
+    url, _, root = studio_server
+    mine, other = Client(url, verbose=False), Client(url, verbose=False)
+    mine.predict([handle_file(concept_file(tmp_path, "<old-name>", 768))], api_name="/import_concepts")
+    report, token = mine.predict("<old-name>", "<new-name>", api_name="/rename_concept")
+    assert token == "<new-name>" and "<old-name>" not in rows(mine)
+    assert "Concepts: <new-name>" in generate(mine, "a photo of <new-name>")
+
+    thumbs = mine.predict("<new-name>", api_name="/preview_concept")
+    assert [t["caption"] for t in thumbs] == ["<new-name>"]
+
+    assert "every user" in mine.predict("<new-name>", api_name="/save_concept")
+    assert [p.name for p in root.iterdir()] == ["<new-name>.safetensors"]
+    assert rows(other)["<new-name>"][4].endswith("<new-name>.safetensors")  # now shared
+
+    report, _ = other.predict("<new-name>", api_name="/delete_concept")
+    assert report == "deleted <new-name>" and list(root.iterdir()) == []
+    assert "<new-name>" not in rows(mine)
+    with pytest.raises(Exception, match="no concept named"):
+        other.predict("<new-name>", api_name="/delete_concept")
+
+
+def test_memory_mode_reloads_the_model_with_its_settings_and_bad_input_is_explained(studio_server):
+    url, manager, _ = studio_server
+    client = Client(url, verbose=False)
+    info = client.predict("low-vram", api_name="/set_memory_mode")
+    assert "low-vram" in info and "Family **sd1**" in info
+    assert manager.options.vae_slicing and manager.options.attention_slicing
+    assert manager.current.pipe.vae.use_slicing and manager.current.pipe.vae.use_tiling
+    assert generate(client, "a red circle").startswith("a red circle")
+    client.predict("fast", api_name="/set_memory_mode")
+    assert not manager.current.pipe.vae.use_slicing
+
+    with pytest.raises(Exception, match="not in the list of choices"):
+        client.predict("huge", api_name="/set_memory_mode")
+    with pytest.raises(Exception, match="no model at"):
+        client.predict("not/a/model/path", api_name="/load_model")
+    assert generate(client, "a red circle").startswith("a red circle")
+
+
+def test_the_model_text_says_the_demo_is_loaded(tiny_model_dirs, tmp_path):
+    manager = ModelManager()
+    manager.current = dataclasses.replace(manager.load(tiny_model_dirs["sd1"]), is_demo=True)
+    text = describe(Studio(manager, ConceptLibrary(tmp_path)))
+    assert text.startswith("**The built-in demo model is loaded**") and "auto → fast" in text
