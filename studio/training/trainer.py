@@ -11,9 +11,10 @@ import math
 import random
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,21 @@ from studio.training.memory import training_memory
 from studio.training.resume import (TrainState, check_matches, find_checkpoint, load_state, restore_rngs, save_state,
                                     state_path)
 from studio.training.templates import TEMPLATES
+
+
+@contextmanager
+def frozen(*modules) -> Iterator[None]:
+    """No gradients for the parameters of `modules` inside the block; each parameter's own flag comes back after."""
+    modules = [m for m in modules if m is not None]
+    flags = [[p.requires_grad for p in m.parameters()] for m in modules]
+    for module in modules:
+        module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for module, module_flags in zip(modules, flags):
+            for param, flag in zip(module.parameters(), module_flags):
+                param.requires_grad_(flag)
 
 
 @dataclass
@@ -86,6 +102,17 @@ class Trainer:
                           dims=dict(self.model.encoder_dims), init=init, adam=adam, noise_rng=generator.get_state(),
                           data_rng=rng.getstate(), scaler=scaler.state_dict() if scaler.is_enabled() else None)
 
+    def _restore(self, state: TrainState, vectors, optimizer, generator, rng, scaler) -> int:
+        """Load the optimizer, random streams and loss scale of `state`; return the first step still to do."""
+        for key, param in vectors.items():
+            if key in state.adam:
+                # Adam keeps its step count on the CPU (unless capturable); the moments live by the vectors.
+                optimizer.state[param] = {n: v if n == "step" else v.to(param.device) for n, v in state.adam[key].items()}
+        restore_rngs(state, generator, rng)
+        if state.scaler and scaler.is_enabled():
+            scaler.load_state_dict(state.scaler)
+        return state.step + 1
+
     def _precision(self) -> tuple[torch.dtype | None, str]:
         """The autocast dtype (None: no autocast) and its name, from `mixed_precision` and the device."""
         wanted, device = self.config.mixed_precision, self.model.device
@@ -115,7 +142,8 @@ class Trainer:
                           dims=dict(model.encoder_dims), n_vectors=cfg.n_vectors, total_steps=cfg.steps)
         autocast_dtype, precision = self._precision()
 
-        with model.lock, training_memory(pipe, cfg.memory) as savings:
+        encoders = (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+        with model.lock, training_memory(pipe, cfg.memory) as savings, frozen(pipe.unet, pipe.vae, *encoders):
             # 2. Pictures and the latent cache (each picture encoded once, not every step).
             resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
             images, warnings = load_images(self.paths, resolution)
@@ -138,27 +166,13 @@ class Trainer:
             vectors = {k: torch.nn.Parameter(v) for k, v in start.items()}
             optimizer = torch.optim.AdamW(vectors.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
             scaler = torch.amp.GradScaler(model.device.type, enabled=precision == "fp16" and model.device.type == "cuda")
-            first = 1
-            if state is not None:
-                for k, p in vectors.items():
-                    if k in state.adam:
-                        # Adam keeps its step count on the CPU (unless capturable); the moments live by the vectors.
-                        optimizer.state[p] = {n: v if n == "step" else v.to(model.device)
-                                              for n, v in state.adam[k].items()}
-                restore_rngs(state, generator, rng)
-                if state.scaler and scaler.is_enabled():
-                    scaler.load_state_dict(state.scaler)
-                first = state.step + 1
+            first = 1 if state is None else self._restore(state, vectors, optimizer, generator, rng, scaler)
             lr_at = parse_lr_schedule(cfg.lr_schedule, cfg.learning_rate, cfg.warmup_steps, cfg.steps)
             concept = Concept(cfg.token, dict(vectors), {})
             from diffusers import DDPMScheduler
             noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
             prediction = noise_scheduler.config.prediction_type
 
-            frozen = [m for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m]
-            was_trainable = [[p.requires_grad for p in m.parameters()] for m in frozen]
-            for module in frozen:
-                module.requires_grad_(False)
             resumed = f"; resumed from {resume_from.name} at step {first - 1}" if resume_from else ""
             savings_text = ", ".join(savings.applied) or "none"
             emit(TrainEvent("started", step=first - 1, total=cfg.steps,
@@ -170,74 +184,69 @@ class Trainer:
 
             # 4. The loop.
             last_good = {k: v.detach().clone() for k, v in vectors.items()}
-            started, step = time.time(), first - 1
-            try:
-                for step in range(first, cfg.steps + 1):
-                    if cancel is not None and cancel.is_set():
-                        path = self._save(last_good, step - 1, f"{token_file}.safetensors", snapshot(step - 1))
-                        emit(TrainEvent("cancelled", step=step - 1, total=cfg.steps, path=path,
-                                        message=f"cancelled; vectors of step {step - 1} saved (resumable)"))
-                        return self._concept(last_good, step - 1)
-                    lr = lr_at(step - 1)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    idx = [rng.randrange(len(latents)) for _ in range(cfg.batch_size)]
-                    x0 = latents[idx]
-                    prompts = [(images[i // (2 if cfg.flip else 1)].caption or rng.choice(templates)).replace(
-                        "{}", cfg.token).replace("[name]", cfg.token) for i in idx]
-                    noise = torch.randn(x0.shape, generator=generator, device=model.device, dtype=x0.dtype)
-                    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),),
-                                      generator=generator, device=model.device)
-                    noisy = noise_scheduler.add_noise(x0, noise, t)
-                    with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        encoded = model.encoder.encode(prompts, [concept])
-                        extra = {}
-                        if model.family == "sdxl":
-                            size = resolution
-                            time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=x0.dtype, device=x0.device)
-                            extra["added_cond_kwargs"] = {"text_embeds": encoded.pooled,
-                                                          "time_ids": time_ids.repeat(len(idx), 1)}
-                        pred = pipe.unet(noisy, t, encoded.embeds, **extra).sample
-                    target = noise_scheduler.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
-                    loss = F.mse_loss(pred.float(), target.float())
-                    if cfg.regularization:
-                        loss = loss + cfg.regularization * sum((vectors[k] - init[k]).square().mean() for k in vectors)
-                    if not math.isfinite(loss.item()):
-                        path = self._save(last_good, step - 1, f"{token_file}.safetensors")
-                        emit(TrainEvent("failed", step=step, total=cfg.steps, path=path,
-                                        message=f"the loss became {loss.item()} at step {step}: lower the learning "
-                                                f"rate (now {lr:g}) or use fp32; the last good vectors were saved "
-                                                f"to {path.name}"))
-                        raise TrainError(f"training diverged at step {step} (loss {loss.item()}); "
-                                         "lower the learning rate")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(list(vectors.values()), cfg.max_grad_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    if not all(torch.isfinite(v).all() for v in vectors.values()):
-                        with torch.no_grad():
-                            for k in vectors:
-                                vectors[k].copy_(last_good[k])
-                        path = self._save(last_good, step - 1, f"{token_file}.safetensors")
-                        emit(TrainEvent("failed", step=step, total=cfg.steps, path=path,
-                                        message=f"the vectors became NaN/inf at step {step}: lower the learning rate"))
-                        raise TrainError(f"training diverged at step {step}; lower the learning rate (now {lr:g})")
-                    last_good = {k: v.detach().clone() for k, v in vectors.items()}
-                    rate = (step - first + 1) / max(1e-9, time.time() - started)
-                    emit(TrainEvent("step", step=step, total=cfg.steps, loss=loss.item(), lr=lr, steps_per_s=rate,
-                                    eta_s=(cfg.steps - step) / rate))
-                    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                        path = self._save(last_good, step, f"{token_file}-step{step}.safetensors", snapshot(step))
-                        emit(TrainEvent("checkpoint", step=step, total=cfg.steps, path=path))
-                    if cfg.preview_every and step % cfg.preview_every == 0:
-                        with savings.vae_back():
-                            emit(TrainEvent("preview", step=step, total=cfg.steps, images=self._preview(last_good)))
-            finally:
-                for module, flags in zip(frozen, was_trainable):
-                    for p, flag in zip(module.parameters(), flags):
-                        p.requires_grad_(flag)
+            started = time.time()
+            for step in range(first, cfg.steps + 1):
+                if cancel is not None and cancel.is_set():
+                    path = self._save(last_good, step - 1, f"{token_file}.safetensors", snapshot(step - 1))
+                    emit(TrainEvent("cancelled", step=step - 1, total=cfg.steps, path=path,
+                                    message=f"cancelled; vectors of step {step - 1} saved (resumable)"))
+                    return self._concept(last_good, step - 1)
+                lr = lr_at(step - 1)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                idx = [rng.randrange(len(latents)) for _ in range(cfg.batch_size)]
+                x0 = latents[idx]
+                prompts = [(images[i // (2 if cfg.flip else 1)].caption or rng.choice(templates)).replace(
+                    "{}", cfg.token).replace("[name]", cfg.token) for i in idx]
+                noise = torch.randn(x0.shape, generator=generator, device=model.device, dtype=x0.dtype)
+                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),),
+                                  generator=generator, device=model.device)
+                noisy = noise_scheduler.add_noise(x0, noise, t)
+                with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    encoded = model.encoder.encode(prompts, [concept])
+                    extra = {}
+                    if model.family == "sdxl":
+                        size = resolution
+                        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=x0.dtype, device=x0.device)
+                        extra["added_cond_kwargs"] = {"text_embeds": encoded.pooled,
+                                                      "time_ids": time_ids.repeat(len(idx), 1)}
+                    pred = pipe.unet(noisy, t, encoded.embeds, **extra).sample
+                target = noise_scheduler.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
+                loss = F.mse_loss(pred.float(), target.float())
+                if cfg.regularization:
+                    loss = loss + cfg.regularization * sum((vectors[k] - init[k]).square().mean() for k in vectors)
+                if not math.isfinite(loss.item()):
+                    path = self._save(last_good, step - 1, f"{token_file}.safetensors")
+                    emit(TrainEvent("failed", step=step, total=cfg.steps, path=path,
+                                    message=f"the loss became {loss.item()} at step {step}: lower the learning "
+                                            f"rate (now {lr:g}) or use fp32; the last good vectors were saved "
+                                            f"to {path.name}"))
+                    raise TrainError(f"training diverged at step {step} (loss {loss.item()}); "
+                                     "lower the learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(list(vectors.values()), cfg.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                if not all(torch.isfinite(v).all() for v in vectors.values()):
+                    with torch.no_grad():
+                        for k in vectors:
+                            vectors[k].copy_(last_good[k])
+                    path = self._save(last_good, step - 1, f"{token_file}.safetensors")
+                    emit(TrainEvent("failed", step=step, total=cfg.steps, path=path,
+                                    message=f"the vectors became NaN/inf at step {step}: lower the learning rate"))
+                    raise TrainError(f"training diverged at step {step}; lower the learning rate (now {lr:g})")
+                last_good = {k: v.detach().clone() for k, v in vectors.items()}
+                rate = (step - first + 1) / max(1e-9, time.time() - started)
+                emit(TrainEvent("step", step=step, total=cfg.steps, loss=loss.item(), lr=lr, steps_per_s=rate,
+                                eta_s=(cfg.steps - step) / rate))
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    path = self._save(last_good, step, f"{token_file}-step{step}.safetensors", snapshot(step))
+                    emit(TrainEvent("checkpoint", step=step, total=cfg.steps, path=path))
+                if cfg.preview_every and step % cfg.preview_every == 0:
+                    with savings.vae_back():
+                        emit(TrainEvent("preview", step=step, total=cfg.steps, images=self._preview(last_good)))
 
             # 5. The final file (resumable too: a later run can ask for more steps).
             path = self._save(last_good, cfg.steps, f"{token_file}.safetensors", snapshot(cfg.steps))
