@@ -22,13 +22,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="prompt templates: the paper's object or style lists, or name.txt captions beside pictures")
     p.add_argument("--resolution", type=int, help="training size (default: the model's native size)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips (for text or asymmetric concepts)")
-    p.add_argument("--save-every", type=int, default=0, help="also write <token>-stepN files every N steps")
+    p.add_argument("--save-every", type=int, default=0, help="also write <token>-stepN files every N steps (each one resumable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", metavar="PATH",
                    help="continue a run from a <token>-stepN.safetensors it wrote (or a folder: its newest one); "
                         "give the same options and a larger --steps")
     p.add_argument("--memory", choices=["auto", "fast", "balanced", "low-vram"], default="auto",
-                   help="memory mode: balanced/low-vram add gradient checkpointing, slicing, VAE off the GPU")
+                   help="balanced: gradient checkpointing; low-vram: also attention slicing and the VAE off the GPU "
+                        "once the pictures are encoded; auto: by free GPU memory (fast on CPU)")
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
                    help="autocast the frozen model (vectors stay fp32); auto: none on CPU, the model's dtype on GPU")
     p.add_argument("--out", type=Path, default=Path("."), help="folder for the concept files")

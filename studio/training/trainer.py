@@ -219,8 +219,8 @@ class Trainer:
                     path = self._save(last_good, step - 1, f"{token_file}.safetensors")
                     emit(TrainEvent("failed", step=step, total=cfg.steps, path=path,
                                     message=f"the loss became {loss.item()} at step {step}: lower the learning "
-                                            f"rate (now {lr:g}) or use fp32; the last good vectors were saved "
-                                            f"to {path.name}"))
+                                            f"rate (now {lr:g}) or train in fp32 (mixed precision now "
+                                            f"{precision}); the last good vectors were saved to {path.name}"))
                     raise TrainError(f"training diverged at step {step} (loss {loss.item()}); "
                                      "lower the learning rate")
                 optimizer.zero_grad(set_to_none=True)
