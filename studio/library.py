@@ -286,6 +286,8 @@ class ConceptLibrary:
                     old.unlink()
             else:  # the token is only the file name (kohya, SDXL, PNG): a rename is the whole change
                 os.replace(old_path, new_path)
+            # A trainer's resume state names the old token, so it cannot continue the renamed concept.
+            _training_state(old_path).unlink(missing_ok=True)
             self.refresh()
             return self._entry_for(new_path)
 
@@ -301,6 +303,7 @@ class ConceptLibrary:
                 raise ConceptError(f"no concept named {token!r} in the library")
             for file in [path] + _second_half(path, self._files[path].concept):
                 file.unlink()
+            _training_state(path).unlink(missing_ok=True)
             self.refresh()
 
     def _entry_for(self, path: Path) -> LibraryEntry:
@@ -308,6 +311,11 @@ class ConceptLibrary:
             if entry.path == path:
                 return entry
         raise ConceptError(f"{path} did not appear in the library after writing it")
+
+
+def _training_state(path: Path) -> Path:
+    """The trainer's resume sidecar of a concept file (studio/training/resume.py), which goes with the file."""
+    return path.with_name(path.name + ".trainstate")
 
 
 def _is_concept_file_name(name: str) -> bool:

@@ -226,3 +226,17 @@ def test_a1111_preview_thumbnails_are_not_listed_but_other_pictures_are_explaine
     entries = {e.token: e for e in ConceptLibrary(tmp_path).entries(SD1)}
     assert sorted(entries) == ["holiday", "style"]
     assert not entries["holiday"].fits and "no 'sd-ti-embedding' text chunk" in entries["holiday"].reason
+
+
+def test_trainer_resume_sidecar_goes_with_its_concept_on_rename_and_delete(tmp_path):
+    """Guards leftovers: a `<file>.trainstate` (the trainer's resume state) is not a concept, is never listed, and
+    is removed with its concept, and on rename too (it names the old token, so it could not resume the new one)."""
+    library = ConceptLibrary(tmp_path / "lib")
+    first = library.save(Concept("<a>", {"text_encoder": vectors()}, {}))
+    second = library.save(Concept("<b>", {"text_encoder": vectors(seed=1)}, {}))
+    for path in (first, second):
+        path.with_name(path.name + ".trainstate").write_bytes(b"state")
+    assert sorted(e.token for e in library.entries()) == ["<a>", "<b>"]
+    library.rename("<a>", "<c>")
+    library.delete("<b>")
+    assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == ["<c>.safetensors"]
