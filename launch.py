@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     from studio.library import ConceptLibrary
     from studio.ui.app import build_app
 
-    options = apply_preset("low-vram" if args.low_vram else args.memory, LoadOptions(device=args.device))
+    memory = "low-vram" if args.low_vram else args.memory
+    if memory == "auto" and os.environ.get("SPACES_ZERO_GPU"):
+        memory = "fast"  # ZeroGPU: no GPU to measure at start-up; each call gets a 40-70 GB slice of an A100/H200
+    options = apply_preset(memory, LoadOptions(device=args.device))
     manager = ModelManager(options)
     try:
         model = manager.load(args.model)
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"Concept Studio: {'built-in demo model' if model.is_demo else model.source} ({model.family}, {model.device})")
     Path(args.concepts).mkdir(parents=True, exist_ok=True)
-    app = build_app(manager, ConceptLibrary(args.concepts))
+    app = build_app(manager, ConceptLibrary(args.concepts), memory_mode=memory)
     app.launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
 

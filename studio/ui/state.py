@@ -11,8 +11,6 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 import gradio as gr
 
 from studio.engine.concepts import ConceptError
@@ -21,6 +19,7 @@ from studio.engine.memory import preset
 from studio.engine.models import LoadedModel, ModelError, ModelManager
 from studio.library import ConceptLibrary, LibraryEntry
 from studio.training import TrainError
+from studio.ui.gpu import gpu_task
 
 # Errors that are the user's to fix: shown as a message in the UI (gr.Error), never as a traceback.
 USER_ERRORS = (ValueError, ModelError, ConceptError, TrainError, FileNotFoundError)
@@ -34,7 +33,7 @@ class Studio:
     library: ConceptLibrary
     memory_mode: str = "auto"
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="concept-studio-")))
-    runs: dict = field(default_factory=dict)  # session -> studio.ui.training_run.TrainingRun (latest)
+    runs: dict = field(default_factory=dict)  # session -> latest studio.ui.training_run.TrainingSnapshot
     thumbnails: dict[tuple[str, str], Path] = field(default_factory=dict)  # (session, token) -> picture
     _cancel: dict[tuple[str, str], threading.Event] = field(default_factory=dict)
 
@@ -73,21 +72,28 @@ class Studio:
         auto = f"auto → {chosen.name}" if self.memory_mode == "auto" else chosen.name
         return f"{auto}: {chosen.explanation}"
 
-    def run_generate(self, req_fields: dict, session: str,
-                     on_step: Callable[[int, int], None] | None = None) -> list[str]:
+    def __post_init__(self) -> None:
+        # The one step that needs the GPU, decorated for ZeroGPU (studio.ui.gpu). There it runs in a forked worker:
+        # it takes plain values and returns file paths, and every change to shared state stays out here.
+        self.render = gpu_task(self._render)
+
+    def run_generate(self, req_fields: dict, session: str, progress: gr.Progress | None = None) -> list[str]:
         """Resolve the concepts named in the prompts, generate, save PNGs with parameters; return their paths."""
         model = self.model
         text = req_fields["prompt"] + " " + req_fields.get("negative_prompt", "")
-        flag = self.cancel_flag(session)
-        flag.clear()
+        self.cancel_flag(session).clear()
         try:
             concepts = self.library.resolve(text, model.encoder_dims, session)
-            step_cb = None if on_step is None else (lambda step, total, _preview: on_step(step, total))
-            result = generate(model, GenerateRequest(concepts=concepts, **req_fields), on_step=step_cb, cancel=flag)
+            return self.render(GenerateRequest(concepts=concepts, **req_fields), session, progress)
         except Cancelled as exc:
             raise gr.Error(f"Cancelled: {exc}") from exc
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from exc
+
+    def _render(self, req: GenerateRequest, session: str, progress: gr.Progress | None) -> list[str]:
+        """Generate `req` on the current model and save the pictures (PNG with parameters) in the session folder."""
+        on_step = None if progress is None else (lambda step, total, _preview: progress((step, total), unit="steps"))
+        result = generate(self.model, req, on_step=on_step, cancel=self.cancel_flag(session))
         out = self.session_dir(session)
         paths = []
         for image, seed in zip(result.images, result.seeds):

@@ -1,7 +1,7 @@
-"""One training job for the UI: the Trainer runs in a background thread; its events are kept for the live view.
+"""One training job for the UI: the Trainer runs in a background thread and its events are kept for the live view.
 
-The Gradio handler iterates `events()` (and yields status text and progress from its own thread), while the
-loss plot and the preview pictures are read from `losses` / `previews` by a timer in the browser. No Gradio here.
+The UI iterates `events()` and hands on `snapshot()`s: plain data (so they can cross the process boundary of a
+ZeroGPU worker) from which the status text, the progress bar, the loss plot and the previews are drawn. No Gradio.
 """
 
 from __future__ import annotations
@@ -17,6 +17,31 @@ from studio.engine.concepts import Concept
 from studio.training import TrainEvent, Trainer
 
 SMOOTHING = 10  # steps in the running mean drawn over the raw loss, which jumps with each step's random timestep
+
+
+@dataclass
+class TrainingSnapshot:
+    """What the UI shows of a run at one moment. `concept` is set in the last snapshot of a run that returned."""
+
+    status: str
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    previews: list[Image.Image] = field(default_factory=list)
+    concept: Concept | None = None
+
+
+def loss_table(losses: list[tuple[int, float]]) -> dict[str, list]:
+    """Columns for a line plot: the raw loss and its running mean over `SMOOTHING` steps."""
+    steps, values, series = [], [], []
+    window: list[float] = []
+    for step, loss in losses:
+        window = (window + [loss])[-SMOOTHING:]
+        steps += [step, step]
+        values += [loss, sum(window) / len(window)]
+        series += ["loss", f"mean of {SMOOTHING}"]
+    return {"step": steps, "loss": values, "series": series}
 
 
 @dataclass
@@ -69,16 +94,13 @@ class TrainingRun:
                 return
             yield event
 
-    def loss_table(self) -> dict[str, list]:
-        """Columns for a line plot: the raw loss and its running mean over `SMOOTHING` steps."""
-        steps, values, series = [], [], []
-        window: list[float] = []
-        for step, loss in list(self.losses):
-            window = (window + [loss])[-SMOOTHING:]
-            steps += [step, step]
-            values += [loss, sum(window) / len(window)]
-            series += ["loss", f"mean of {SMOOTHING}"]
-        return {"step": steps, "loss": values, "series": series}
+    def snapshot(self) -> TrainingSnapshot:
+        """The run as it is now (a copy: the thread goes on appending)."""
+        last = self.last
+        step = last.step if last is not None else 0
+        total = last.total if last is not None else self.trainer.config.steps
+        loss = last.loss if last is not None and last.kind == "step" else None
+        return TrainingSnapshot(self.status(), step, total, loss, list(self.losses), list(self.previews), self.concept)
 
     def status(self) -> str:
         """A few lines for the UI: the messages so far and where the loop is."""

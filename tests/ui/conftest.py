@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +10,7 @@ from PIL import Image
 from studio.engine.models import ModelManager
 from studio.library import ConceptLibrary
 from studio.ui.app import build_app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ui_server import launch
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +20,7 @@ def studio_server(tiny_model_dirs, tmp_path_factory):
     manager.load(tiny_model_dirs["sd1"])
     root = tmp_path_factory.mktemp("shared-library")
     app = build_app(manager, ConceptLibrary(root))
-    port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/", manager, root
+    yield launch(app), manager, root
     app.close()
 
 

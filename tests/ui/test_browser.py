@@ -1,7 +1,6 @@
 """A real browser (Debian's chromium through Playwright) clicks through the studio and sees pictures appear."""
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -9,6 +8,7 @@ import pytest
 from studio.engine.models import ModelManager
 from studio.library import ConceptLibrary
 from studio.ui.app import build_app
+from ui_server import launch
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -22,17 +22,14 @@ def test_generate_by_clicking_shows_a_picture_in_the_gallery(tiny_model_dirs, tm
     manager = ModelManager()
     manager.load(tiny_model_dirs["sd1"])
     app = build_app(manager, ConceptLibrary(tmp_path / "lib"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    url = launch(app)
     ARTIFACTS.mkdir(exist_ok=True)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
                 "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(url)
             page.get_by_label("Prompt", exact=True).first.fill("a red circle")
             page.get_by_label("Steps").first.fill("2")
             page.get_by_role("button", name="Generate").click()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.ui.gpu import gpu_task
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import Studio, session_of
 
@@ -17,9 +16,9 @@ def fill_template(template: str, a: str, b: str) -> str:
 def build_compose_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Two concept pickers (any word may be typed too) and a template; the `/compose` endpoint."""
     # 1. Pure functions.
-    def run(a, b, template, seeds, request: gr.Request):
+    def run(a, b, template, seeds, request: gr.Request, progress=gr.Progress()):
         return studio.run_generate(dict(prompt=fill_template(template, a, b), batch=int(seeds), seed=0),
-                                   session_of(request))
+                                   session_of(request), progress)
 
     # 2. Layout.
     gr.Markdown("Put two concepts in one picture: `{A}` and `{B}` are replaced by the words you pick or type.")
@@ -32,4 +31,4 @@ def build_compose_tab(studio: Studio, pickers: ConceptPickers) -> None:
     grid = gr.Gallery(label="Grid over seeds", columns=4, height=320)
 
     # 3. Wiring.
-    go.click(gpu_task(run), [a, b, template, seeds], grid, api_name="compose", concurrency_id="gpu")
+    go.click(run, [a, b, template, seeds], grid, api_name="compose", concurrency_id="gpu")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gradio as gr
 
 from studio.engine.generate import SCHEDULERS, read_infotext
-from studio.ui.gpu import gpu_task
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import Studio, seed_or_random, session_of, size_or_native
 
@@ -30,8 +29,7 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
         fields = dict(prompt=prompt, negative_prompt=negative, seed=seed_or_random(seed), steps=int(steps),
                       guidance=float(guidance), scheduler=scheduler, width=size_or_native(width),
                       height=size_or_native(height), batch=int(count))
-        return studio.run_generate(fields, session_of(request),
-                                   on_step=lambda step, total: progress((step, total), unit="steps"))
+        return studio.run_generate(fields, session_of(request), progress)
 
     def cancel(request: gr.Request) -> None:
         studio.cancel_flag(session_of(request)).set()
@@ -67,7 +65,7 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
         gallery = gr.Gallery(label="Results", columns=4, height=420)
 
     # 3. Wiring.
-    go.click(gpu_task(run), [prompt, negative, seed, steps, guidance, scheduler, width, height, count], gallery,
+    go.click(run, [prompt, negative, seed, steps, guidance, scheduler, width, height, count], gallery,
              api_name="generate", concurrency_id="gpu")
     stop.click(cancel, None, None, api_name="cancel", concurrency_limit=None)
     png.upload(read_png, png, [prompt, negative, seed, steps, guidance, scheduler, width, height], api_name="read_png")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gradio as gr
 from PIL import Image
 
-from studio.ui.gpu import gpu_task
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import Studio, session_of
 from studio.ui.tabs.generate import concept_inserter
@@ -28,11 +27,11 @@ def picture_and_mask(value: dict | None) -> tuple[Image.Image, Image.Image]:
 def build_inpaint_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Picture with a brushed mask and a prompt; the `/inpaint` endpoint returns [original, result]."""
     # 1. Pure functions.
-    def run(value, prompt, strength, request: gr.Request):
+    def run(value, prompt, strength, request: gr.Request, progress=gr.Progress()):
         picture, mask = picture_and_mask(value)
         session = session_of(request)
         paths = studio.run_generate(dict(prompt=prompt, init_image=picture, mask=mask, strength=float(strength),
-                                         seed=0), session)
+                                         seed=0), session, progress)
         original = studio.session_dir(session) / "original.png"
         picture.save(original)
         return [str(original)] + paths
@@ -48,4 +47,4 @@ def build_inpaint_tab(studio: Studio, pickers: ConceptPickers) -> None:
     go = gr.Button("Inpaint", variant="primary")
 
     # 3. Wiring.
-    go.click(gpu_task(run), [editor, prompt, strength], result, api_name="inpaint", concurrency_id="gpu")
+    go.click(run, [editor, prompt, strength], result, api_name="inpaint", concurrency_id="gpu")

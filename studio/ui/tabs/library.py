@@ -13,7 +13,6 @@ import gradio as gr
 
 from studio.engine.concepts import IMAGE_SUFFIXES, load_concept, save_concept
 from studio.library import LibraryEntry
-from studio.ui.gpu import gpu_task
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import USER_ERRORS, Studio, session_of
 
@@ -209,6 +208,6 @@ def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
     pickers.after(deleted)
     no.click(lambda: gr.update(visible=False), None, confirm, api_visibility="private")
     pickers.after(keep.click(save_to_library, token, report, api_name="save_concept"))
-    preview.click(gpu_task(preview_concept), token, thumbs, api_name="preview_concept", concurrency_id="gpu")
+    preview.click(preview_concept, token, thumbs, api_name="preview_concept", concurrency_id="gpu")
     token.change(show, token, info, api_visibility="private")
     table.select(pick_row, None, token, api_visibility="private")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.ui.gpu import gpu_task
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import Studio, seed_or_random, session_of
 from studio.ui.tabs.generate import concept_inserter
@@ -13,12 +12,12 @@ from studio.ui.tabs.generate import concept_inserter
 def build_style_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Content picture, prompt and strength; the `/style_transfer` endpoint returns [before, after]."""
     # 1. Pure functions.
-    def run(content, prompt, strength, seed, request: gr.Request):
+    def run(content, prompt, strength, seed, request: gr.Request, progress=gr.Progress()):
         if content is None:
             raise gr.Error("Upload a content picture first.")
         session = session_of(request)
         paths = studio.run_generate(dict(prompt=prompt, init_image=content, strength=float(strength),
-                                         seed=seed_or_random(seed)), session)
+                                         seed=seed_or_random(seed)), session, progress)
         before = studio.session_dir(session) / "before.png"
         content.save(before)
         return [str(before)] + paths
@@ -35,4 +34,4 @@ def build_style_tab(studio: Studio, pickers: ConceptPickers) -> None:
     go = gr.Button("Transfer style", variant="primary")
 
     # 3. Wiring.
-    go.click(gpu_task(run), [content, prompt, strength, seed], result, api_name="style_transfer", concurrency_id="gpu")
+    go.click(run, [content, prompt, strength, seed], result, api_name="style_transfer", concurrency_id="gpu")

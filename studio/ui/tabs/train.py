@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Iterator
 
 import gradio as gr
 import pandas as pd
@@ -17,68 +18,77 @@ from studio.training import TrainConfig, Trainer
 from studio.ui.gpu import TRAIN_SECONDS, gpu_task
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import USER_ERRORS, Studio, session_of
-from studio.ui.training_run import TrainingRun
+from studio.ui.training_run import TrainingRun, TrainingSnapshot, loss_table
 
 STATUS_EVERY_S = 0.25  # at most four status messages a second: the browser need not redraw on every step
 POLL_EVERY_S = 1.0  # the loss plot and previews are re-read this often while training
 
 
-def start_training(studio: Studio, session: str, files: list[str] | None, cfg: TrainConfig) -> TrainingRun:
-    """Start `cfg` on the session's pictures in a background thread; the run is kept as the session's latest."""
-    if not files:
-        raise gr.Error("Upload at least one picture of your concept.")
+def training_snapshots(studio: Studio, session: str, files: list[str], cfg: TrainConfig) -> Iterator[TrainingSnapshot]:
+    """Train `cfg` on the pictures (the GPU part): a snapshot at most every STATUS_EVERY_S, the last with the concept.
+
+    Takes and yields plain data only, so that on ZeroGPU it can run in the GPU worker process.
+    """
     flag = studio.cancel_flag(session, "train")
     flag.clear()
     try:
         trainer = Trainer(studio.model, cfg, [Path(f) for f in files], studio.session_dir(session) / "concepts")
     except USER_ERRORS as exc:
         raise gr.Error(str(exc)) from exc
-    run = TrainingRun(trainer, flag)
-    studio.runs[session] = run
-    return run.start()
+    run = TrainingRun(trainer, flag).start()
+    shown = 0.0
+    for event in run.events():
+        if event.kind != "step" or time.monotonic() - shown >= STATUS_EVERY_S or event.step == event.total:
+            shown = time.monotonic()
+            yield run.snapshot()
+    if run.error is not None:
+        if isinstance(run.error, USER_ERRORS):
+            raise gr.Error(str(run.error)) from run.error
+        raise run.error
+    yield run.snapshot()
 
 
 def progress_view(studio: Studio, session: str) -> tuple[pd.DataFrame, list]:
     """The loss plot's table and the latest preview pictures of the session's training run."""
-    run = studio.runs.get(session)
-    if run is None:
-        return pd.DataFrame({"step": [], "loss": [], "series": []}), []
-    return pd.DataFrame(run.loss_table()), list(run.previews)
+    snapshot = studio.runs.get(session)
+    return pd.DataFrame(loss_table(snapshot.losses if snapshot else [])), list(snapshot.previews if snapshot else [])
 
 
 def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Pictures, word and settings; `/train`, `/cancel_training` and `/training_progress` endpoints."""
     # 1. Pure functions.
+    def snapshots(session: str, files: list[str], cfg: TrainConfig) -> Iterator[TrainingSnapshot]:
+        yield from training_snapshots(studio, session, files, cfg)
+
+    on_device = gpu_task(snapshots, TRAIN_SECONDS)  # ZeroGPU: this part runs in the GPU worker
+
     def train(files, token, init, kind, vectors, steps, lr, batch, preview_every, request: gr.Request,
               progress=gr.Progress()):
         session = session_of(request)
+        if not files:
+            raise gr.Error("Upload at least one picture of your concept.")
         try:
             cfg = TrainConfig(token.strip(), init_text=init or "*", n_vectors=int(vectors), steps=int(steps),
                               learning_rate=float(lr), batch_size=int(batch), template=kind,
                               preview_every=int(preview_every or 0))
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from exc
-        run = start_training(studio, session, files, cfg)
-        shown = 0.0
-        for event in run.events():
-            if event.kind == "step":
-                progress((event.step, event.total), desc=f"loss {event.loss:.4f}", unit="steps")
-            if event.kind != "step" or time.monotonic() - shown >= STATUS_EVERY_S or event.step == event.total:
-                shown = time.monotonic()
-                yield run.status(), None
-        if run.error is not None:
-            if isinstance(run.error, USER_ERRORS):
-                raise gr.Error(str(run.error)) from run.error
-            raise run.error
-        concept = run.concept
+        snapshot = None
+        for snapshot in on_device(session, [str(f) for f in files], cfg):
+            studio.runs[session] = snapshot
+            if snapshot.loss is not None:
+                progress((snapshot.step, snapshot.total), desc=f"loss {snapshot.loss:.4f}", unit="steps")
+            if snapshot.concept is None:
+                yield snapshot.status, None
+        concept = snapshot.concept
         studio.library.add_session_concept(session, concept)
-        if run.previews:
-            thumb = studio.session_dir(session) / "concepts" / f"{cfg.token.strip('<>')}.preview.png"
-            run.previews[0].save(thumb)
+        stem = cfg.token.strip("<>")
+        if snapshot.previews:
+            thumb = studio.session_dir(session) / "concepts" / f"{stem}.preview.png"
+            snapshot.previews[0].save(thumb)
             studio.thumbnails[(session, concept.token)] = thumb
-        path = studio.session_dir(session) / "concepts" / (cfg.token.strip("<>") + ".safetensors")
-        done = f"{concept.token} is ready: write it in any prompt in this session."
-        yield f"{run.status()}\n{done}", str(path)
+        path = studio.session_dir(session) / "concepts" / f"{stem}.safetensors"
+        yield f"{snapshot.status}\n{concept.token} is ready: write it in any prompt in this session.", str(path)
 
     def cancel(request: gr.Request) -> None:
         studio.cancel_flag(session_of(request), "train").set()
@@ -116,7 +126,7 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
 
     # 3. Wiring.
     start.click(lambda: gr.Timer(active=True), None, timer, api_visibility="private", concurrency_limit=None)
-    trained = start.click(gpu_task(train, TRAIN_SECONDS),
+    trained = start.click(train,
                           [files, token, init, kind, vectors, steps, lr, batch, preview_every],
                           [status, result], api_name="train", concurrency_id="gpu")
     trained.then(poll_and_stop, None, [plot, previews, timer], api_visibility="private", show_progress="hidden")
