@@ -1,7 +1,8 @@
 """ModelManager: load a Stable Diffusion base model once and hand out pipelines that share its modules.
 
-Sources: a local diffusers folder, a single `.safetensors`/`.ckpt` file (`from_single_file`), or a hub id
-(`from_pretrained`). `load(None)` loads the embedded demo model in `assets/demo-model/`.
+Sources: a local diffusers folder, a single `.safetensors`/`.ckpt` file (`from_single_file`, with the component
+configs of `LoadOptions.config`; see `studio.engine.single_file`), or a hub id (`from_pretrained`).
+`load(None)` loads the embedded demo model in `assets/demo-model/`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class LoadOptions:
     vae_slicing: bool = False
     vae_tiling: bool = False
     offload: str = "none"  # "none" | "model" | "sequential"
+    # Single-file checkpoints only: a diffusers model folder (or hub id) of the same architecture whose component
+    # configs (only its .json/tokenizer files) describe the checkpoint. None: diffusers' default repo for the
+    # family, which must be in the Hugging Face cache when HF_HUB_OFFLINE is set.
+    config: str | None = None
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -140,7 +145,7 @@ class ModelManager:
             return model
 
     def _load(self, src: str, opts: LoadOptions, is_demo: bool) -> LoadedModel:
-        from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers import DiffusionPipeline
 
         device = pick_device(opts.device)
         dtype = pick_dtype(opts.dtype, device)
@@ -150,12 +155,7 @@ class ModelManager:
                 raise ModelError(f"the built-in demo model is missing from {path}; build it with "
                                  "`python -m studio.demo.build` or pass --model (hub id, folder or .safetensors file)")
             if path.is_file():
-                if path.suffix not in (".safetensors", ".ckpt"):
-                    raise ModelError(f"{path.name}: a single-file model must be .safetensors or .ckpt")
-                try:
-                    pipe = StableDiffusionXLPipeline.from_single_file(src, torch_dtype=dtype)
-                except Exception:  # noqa: BLE001 - not SDXL: try SD 1.x/2.x, whose error is the one we report
-                    pipe = StableDiffusionPipeline.from_single_file(src, torch_dtype=dtype)
+                pipe = self._load_single_file(path, opts, dtype)
             elif path.is_dir():
                 if not (path / "model_index.json").is_file():
                     raise ModelError(f"{path} is not a diffusers model folder (no model_index.json)")
@@ -176,6 +176,43 @@ class ModelManager:
         pipe.set_progress_bar_config(disable=True)
         attention = self._apply_options(pipe, opts, device)
         return LoadedModel(src, detect_family(pipe), device, dtype, pipe, attention, is_demo)
+
+    @staticmethod
+    def _load_single_file(path: Path, opts: LoadOptions, dtype: torch.dtype):
+        """An original-layout checkpoint: identify its family from its keys, then build it from local configs."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        from studio.engine.single_file import (UnsafeCheckpointError, hub_offline, identify_checkpoint,
+                                              read_checkpoint_shapes, resolve_config)
+
+        # 1. Check the file: a known suffix, tensors only (pickles: weights_only), a complete SD txt2img model.
+        #    .pt/.pth/.bin are read too, so that a concept embedding passed as a model is named as one.
+        wrong_suffix = (f"{path.name}: a single-file model must be .safetensors or .ckpt, "
+                        f"not {path.suffix or 'no suffix'}")
+        if path.suffix not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+            raise ModelError(wrong_suffix)
+        try:
+            info = identify_checkpoint(read_checkpoint_shapes(path))
+        except UnsafeCheckpointError:
+            raise
+        except ModelError as exc:
+            if path.suffix in (".safetensors", ".ckpt"):
+                raise
+            raise ModelError(wrong_suffix) from exc
+        if info.family is None:
+            raise ModelError(f"{path.name} is {info.description}")
+        # 2. Find the component configs (a local folder, or the hub cache) before diffusers tries the network.
+        config = resolve_config(info, opts.config, path.name)
+        # 3. Build the pipeline class of that family; diffusers opens .ckpt files with weights_only=True too.
+        cls = StableDiffusionXLPipeline if info.family == "sdxl" else StableDiffusionPipeline
+        try:
+            return cls.from_single_file(str(path), config=config, torch_dtype=dtype,
+                                        local_files_only=hub_offline() or Path(config).is_dir())
+        except Exception as exc:  # noqa: BLE001 - library errors become one readable message
+            raise ModelError(
+                f"could not build {path.name} ({info.description}) with the configs of {config}: "
+                f"{exc.__class__.__name__}: {str(exc)[:300]}. The config must be a diffusers model of the same "
+                "architecture (layer sizes) as the checkpoint") from exc
 
     @staticmethod
     def _apply_options(pipe, opts: LoadOptions, device: torch.device) -> str:
