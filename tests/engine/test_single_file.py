@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from safetensors.torch import save_file
 
 from studio.engine.concepts import Concept, save_concept
 from studio.engine.generate import GenerateRequest, generate
@@ -91,6 +92,39 @@ def test_exported_keys_are_the_original_layout(checkpoints):
     assert "model.diffusion_model.label_emb.0.0.weight" in sdxl
     sd2 = read_checkpoint_shapes(checkpoints["sd2"][0])
     assert "cond_stage_model.model.token_embedding.weight" in sd2
+
+
+@pytest.mark.parametrize("family, diffusers_type", [("sd1", "v1"), ("sd2", "v2"), ("sdxl", "xl_base")])
+def test_full_size_exports_have_the_layout_of_real_checkpoints(family, diffusers_type):
+    """The real SD 1.5 / 2.1 / XL architectures (weights on the meta device: names and shapes only) export to files
+    that diffusers' own detection calls v1 / v2 / xl_base and its converters map back onto every UNet/VAE weight."""
+    from accelerate import init_empty_weights
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                     infer_diffusers_model_type)
+
+    from studio.architectures import build_random_pipeline
+
+    with init_empty_weights():
+        pipe = build_random_pipeline(family, "full")
+    checkpoint = pipeline_to_checkpoint(pipe)
+    assert infer_diffusers_model_type(checkpoint) == diffusers_type
+    assert identify_checkpoint({k: tuple(v.shape) for k, v in checkpoint.items()}).family == family
+    for name, convert in (("unet", convert_ldm_unet_checkpoint), ("vae", convert_ldm_vae_checkpoint)):
+        model = getattr(pipe, name)
+        converted = convert(checkpoint, dict(model.config))
+        assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_extra_keys_of_real_checkpoints_are_ignored(checkpoints, originals, tmp_path):
+    """Released checkpoints also carry position_ids, the noise schedule and EMA counters."""
+    state = {k: v.contiguous() for k, v in pipeline_to_checkpoint(originals["sd1"]).items()}
+    state.update({"cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+                  "alphas_cumprod": torch.rand(1000), "model_ema.decay": torch.tensor(0.9999),
+                  "model_ema.num_updates": torch.tensor(5)})
+    released = tmp_path / "released.safetensors"
+    save_file(state, str(released))
+    model = ModelManager(LoadOptions(device="cpu", config=str(checkpoints["sd1"][1]))).load(released)
+    assert_same_weights(model.pipe, originals["sd1"])
 
 
 def test_ckpt_is_read_with_weights_only_and_loads(checkpoints, originals, tmp_path):
