@@ -209,9 +209,11 @@ class ModelManager:
             return cls.from_single_file(str(path), config=config, torch_dtype=dtype,
                                         local_files_only=hub_offline() or Path(config).is_dir())
         except Exception as exc:  # noqa: BLE001 - library errors become one readable message
+            # diffusers' shape-mismatch advice (ignore_mismatched_sizes) would load random weights: leave it out.
+            detail = str(exc).split(" If you want to instead overwrite")[0][:300]
             raise ModelError(
                 f"could not build {path.name} ({info.description}) with the configs of {config}: "
-                f"{exc.__class__.__name__}: {str(exc)[:300]}. The config must be a diffusers model of the same "
+                f"{exc.__class__.__name__}: {detail}. The config must be a diffusers model of the same "
                 "architecture (layer sizes) as the checkpoint") from exc
 
     @staticmethod

@@ -196,12 +196,14 @@ def identify_checkpoint(shapes: Shapes) -> CheckpointInfo:
 
 
 def _config_family(folder: Path) -> str | None:
+    """Family of a diffusers model folder from its configs alone, as `models.detect_family` does for a pipeline."""
     index = json.loads((folder / "model_index.json").read_text())
-    if "text_encoder_2" in index and index["text_encoder_2"][0] is not None:
+    if (index.get("text_encoder_2") or [None])[0] is not None:
         return "sdxl"
-    width = json.loads((folder / "text_encoder" / "config.json").read_text()).get("hidden_size") \
-        if (folder / "text_encoder" / "config.json").is_file() else None
-    return {768: "sd1", 1024: "sd2"}.get(width)
+    encoder_config = folder / "text_encoder" / "config.json"
+    if not encoder_config.is_file():
+        return None
+    return {768: "sd1", 1024: "sd2"}.get(json.loads(encoder_config.read_text()).get("hidden_size"))
 
 
 def _cached_hub_configs(repo: str) -> Path | None:

@@ -7,6 +7,7 @@ weight compared below came out of the single file.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -205,6 +206,17 @@ def test_config_of_another_family_is_refused(checkpoints):
         ModelManager(LoadOptions(device="cpu", config=str(checkpoints["sdxl"][1]))).load(checkpoints["sd1"][0])
     with pytest.raises(ModelError, match="not a diffusers model folder"):
         ModelManager(LoadOptions(device="cpu", config=str(checkpoints["sd1"][1] / "unet"))).load(checkpoints["sd1"][0])
+
+
+def test_config_of_other_layer_sizes_names_the_mismatch(checkpoints, tmp_path):
+    config = Path(shutil.copytree(checkpoints["sd1"][1], tmp_path / "config"))
+    encoder_config = config / "text_encoder" / "config.json"
+    encoder_config.write_text(json.dumps({**json.loads(encoder_config.read_text()), "vocab_size": 1000}))
+    with pytest.raises(ModelError) as err:
+        ModelManager(LoadOptions(device="cpu", config=str(config))).load(checkpoints["sd1"][0])
+    message = str(err.value)
+    assert "token_embedding.weight expected shape torch.Size([1000, 768])" in message
+    assert "same architecture" in message and "ignore_mismatched_sizes" not in message
 
 
 def test_a_concept_passed_as_a_model_is_named_as_a_concept(tmp_path):
