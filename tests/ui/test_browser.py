@@ -1,5 +1,6 @@
 """A real browser (Debian's chromium through Playwright) clicks through the studio and sees pictures appear."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -39,6 +40,45 @@ def test_generate_by_clicking_shows_a_picture_in_the_gallery(tiny_model_dirs, tm
                 page.get_by_role("tab", name=tab).click()
                 page.wait_for_timeout(300)
                 page.screenshot(path=str(ARTIFACTS / f"{tab.lower()}.png"))
+            browser.close()
+    finally:
+        app.close()
+
+
+def test_train_by_clicking_draws_the_loss_and_fills_the_concept_pickers(tiny_model_dirs, tmp_path, concept_pictures):
+    from playwright.sync_api import expect, sync_playwright
+
+    manager = ModelManager()
+    manager.load(tiny_model_dirs["sd1"])
+    app = build_app(manager, ConceptLibrary(tmp_path / "lib"))
+    url = launch(app)
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.goto(url)
+            page.get_by_role("tab", name="Train").click()
+            page.locator("#train-pictures input[type=file]").set_input_files(concept_pictures)
+            uploaded = page.locator("#train-pictures").get_by_role("button", name="Remove this file")
+            expect(uploaded).to_have_count(3, timeout=20000)
+            page.get_by_text("Advanced").click()
+            for slider, value in (("#train-steps", "8"), ("#train-preview-every", "4")):
+                box = page.locator(f"{slider} input[type=number]")
+                box.fill(value)
+                box.press("Enter")
+                box.blur()
+                expect(page.locator(f"{slider} input[type=range]")).to_have_value(value)  # the slider took it
+            page.get_by_role("button", name="Train", exact=True).click()
+            expect(page.locator("#train-status textarea")).to_have_value(re.compile("is ready"), timeout=60000)
+            page.locator("#train-previews img").first.wait_for(timeout=10000)  # drawn by the timer's poll
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(ARTIFACTS / "train-done.png"))
+
+            page.get_by_role("tab", name="Generate").click()
+            page.get_by_label("Insert a concept").first.click()
+            expect(page.get_by_role("option", name="<my-concept>")).to_be_visible(timeout=10000)
             browser.close()
     finally:
         app.close()

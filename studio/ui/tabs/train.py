@@ -18,7 +18,7 @@ from studio.training import TrainConfig, Trainer
 from studio.ui.gpu import TRAIN_SECONDS, gpu_task
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import USER_ERRORS, Studio, session_of
-from studio.ui.training_run import TrainingRun, TrainingSnapshot, loss_table
+from studio.ui.training_run import SMOOTHING, TrainingRun, TrainingSnapshot, loss_table
 
 STATUS_EVERY_S = 0.25  # at most four status messages a second: the browser need not redraw on every step
 POLL_EVERY_S = 1.0  # the loss plot and previews are re-read this often while training
@@ -48,10 +48,16 @@ def training_snapshots(studio: Studio, session: str, files: list[str], cfg: Trai
     yield run.snapshot()
 
 
-def progress_view(studio: Studio, session: str) -> tuple[pd.DataFrame, list]:
-    """The loss plot's table and the latest preview pictures of the session's training run."""
+def progress_view(studio: Studio, session: str) -> tuple[pd.DataFrame | None, list]:
+    """The loss plot's table and the latest preview pictures of the session's training run.
+
+    No loss yet: None, not an empty table; a LinePlot once given an empty table with a `color` column draws no
+    lines for later values (gradio 6.31, seen in chromium).
+    """
     snapshot = studio.runs.get(session)
-    return pd.DataFrame(loss_table(snapshot.losses if snapshot else [])), list(snapshot.previews if snapshot else [])
+    if snapshot is None or not snapshot.losses:
+        return None, list(snapshot.previews if snapshot else [])
+    return pd.DataFrame(loss_table(snapshot.losses)), list(snapshot.previews)
 
 
 def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
@@ -103,24 +109,26 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
     gr.Markdown("Upload 3-5 pictures of your concept, name its word, and train: only that word's vectors learn.")
     with gr.Row():
         with gr.Column():
-            files = gr.File(label="Pictures", file_count="multiple", file_types=["image"])
+            files = gr.File(label="Pictures", file_count="multiple", file_types=["image"], elem_id="train-pictures")
             token = gr.Textbox(label="New word", value="<my-concept>")
             init = gr.Textbox(label="Start from the word", value="shape")
             kind = gr.Radio(["object", "style"], value="object", label="What is it?")
             with gr.Accordion("Advanced", open=False):
                 vectors = gr.Slider(1, 8, value=1, step=1, label="Vectors per word")
-                steps = gr.Slider(1, 3000, value=300, step=1, label="Steps")
+                steps = gr.Slider(1, 3000, value=300, step=1, label="Steps", elem_id="train-steps")
                 lr = gr.Number(label="Learning rate", value=0.005)
                 batch = gr.Slider(1, 8, value=4, step=1, label="Batch size")
-                preview_every = gr.Slider(0, 500, value=50, step=1, label="Preview picture every N steps (0: none)")
+                preview_every = gr.Slider(0, 500, value=50, step=1, label="Preview picture every N steps (0: none)",
+                                          elem_id="train-preview-every")
             with gr.Row():
                 start = gr.Button("Train", variant="primary")
                 stop = gr.Button("Cancel")
         with gr.Column():
-            status = gr.Textbox(label="Progress", lines=4)
-            plot = gr.LinePlot(x="step", y="loss", color="series", label="Training loss", height=240,
-                               value=progress_view(studio, "")[0])
-            previews = gr.Gallery(label="Latest preview", columns=2, height=200)
+            status = gr.Textbox(label="Progress", lines=4, elem_id="train-status")
+            plot = gr.LinePlot(x="step", y="loss", color="series", height=240, elem_id="train-loss",
+                               color_map={"loss": "#93c5fd", f"mean of {SMOOTHING}": "#ea580c"},
+                               label=f"Training loss (light blue: each step; orange: mean of the last {SMOOTHING})")
+            previews = gr.Gallery(label="Latest preview", columns=2, height=200, elem_id="train-previews")
             result = gr.File(label="Learned concept (download)")
     timer = gr.Timer(POLL_EVERY_S, active=False)
 
