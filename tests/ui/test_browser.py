@@ -17,36 +17,10 @@ pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian chromium is not installed")]
 
 
-def test_generate_by_clicking_shows_a_picture_in_the_gallery(tiny_model_dirs, tmp_path):
+@pytest.fixture
+def page(tiny_model_dirs, tmp_path):
+    """A chromium page (1280x1100) open on a fresh studio over the tiny SD1 model and an empty library."""
     from playwright.sync_api import sync_playwright
-
-    manager = ModelManager()
-    manager.load(tiny_model_dirs["sd1"])
-    app = build_app(manager, ConceptLibrary(tmp_path / "lib"))
-    url = launch(app)
-    ARTIFACTS.mkdir(exist_ok=True)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(url)
-            page.get_by_label("Prompt", exact=True).first.fill("a red circle")
-            page.get_by_label("Steps").first.fill("2")
-            page.get_by_role("button", name="Generate").click()
-            page.locator("img[src*='file=']").or_(page.locator(".gallery img, [data-testid='gallery'] img")).first.wait_for(timeout=60000)
-            page.screenshot(path=str(ARTIFACTS / "generate.png"))
-            for tab in ("Train", "Inpaint", "Library", "Model"):
-                page.get_by_role("tab", name=tab).click()
-                page.wait_for_timeout(300)
-                page.screenshot(path=str(ARTIFACTS / f"{tab.lower()}.png"))
-            browser.close()
-    finally:
-        app.close()
-
-
-def test_train_by_clicking_draws_the_loss_and_fills_the_concept_pickers(tiny_model_dirs, tmp_path, concept_pictures):
-    from playwright.sync_api import expect, sync_playwright
 
     manager = ModelManager()
     manager.load(tiny_model_dirs["sd1"])
@@ -59,26 +33,44 @@ def test_train_by_clicking_draws_the_loss_and_fills_the_concept_pickers(tiny_mod
                 "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
             page.goto(url)
-            page.get_by_role("tab", name="Train").click()
-            page.locator("#train-pictures input[type=file]").set_input_files(concept_pictures)
-            uploaded = page.locator("#train-pictures").get_by_role("button", name="Remove this file")
-            expect(uploaded).to_have_count(3, timeout=20000)
-            page.get_by_text("Advanced").click()
-            for slider, value in (("#train-steps", "8"), ("#train-preview-every", "4")):
-                box = page.locator(f"{slider} input[type=number]")
-                box.fill(value)
-                box.press("Enter")
-                box.blur()
-                expect(page.locator(f"{slider} input[type=range]")).to_have_value(value)  # the slider took it
-            page.get_by_role("button", name="Train", exact=True).click()
-            expect(page.locator("#train-status textarea")).to_have_value(re.compile("is ready"), timeout=60000)
-            page.locator("#train-previews img").first.wait_for(timeout=10000)  # drawn by the timer's poll
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(ARTIFACTS / "train-done.png"))
-
-            page.get_by_role("tab", name="Generate").click()
-            page.get_by_label("Insert a concept").first.click()
-            expect(page.get_by_role("option", name="<my-concept>")).to_be_visible(timeout=10000)
+            yield page
             browser.close()
     finally:
         app.close()
+
+
+def test_generate_by_clicking_shows_a_picture_in_the_gallery(page):
+    page.get_by_label("Prompt", exact=True).first.fill("a red circle")
+    page.get_by_label("Steps").first.fill("2")
+    page.get_by_role("button", name="Generate").click()
+    page.locator("img[src*='file=']").or_(page.locator(".gallery img, [data-testid='gallery'] img")).first.wait_for(timeout=60000)
+    page.screenshot(path=str(ARTIFACTS / "generate.png"))
+    for tab in ("Train", "Inpaint", "Library", "Model"):
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(ARTIFACTS / f"{tab.lower()}.png"))
+
+
+def test_train_by_clicking_draws_the_loss_and_fills_the_concept_pickers(page, concept_pictures):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-pictures input[type=file]").set_input_files(concept_pictures)
+    uploaded = page.locator("#train-pictures").get_by_role("button", name="Remove this file")
+    expect(uploaded).to_have_count(3, timeout=20000)
+    page.get_by_text("Advanced").click()
+    for slider, value in (("#train-steps", "8"), ("#train-preview-every", "4")):
+        box = page.locator(f"{slider} input[type=number]")
+        box.fill(value)
+        box.press("Enter")
+        box.blur()
+        expect(page.locator(f"{slider} input[type=range]")).to_have_value(value)  # the slider took it
+    page.get_by_role("button", name="Train", exact=True).click()
+    expect(page.locator("#train-status textarea")).to_have_value(re.compile("is ready"), timeout=60000)
+    page.locator("#train-previews img").first.wait_for(timeout=10000)  # drawn by the timer's poll
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(ARTIFACTS / "train-done.png"))
+
+    page.get_by_role("tab", name="Generate").click()
+    page.get_by_label("Insert a concept").first.click()
+    expect(page.get_by_role("option", name="<my-concept>")).to_be_visible(timeout=10000)
