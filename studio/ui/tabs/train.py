@@ -136,7 +136,8 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
     start.click(lambda: gr.Timer(active=True), None, timer, api_visibility="private", concurrency_limit=None)
     trained = start.click(train,
                           [files, token, init, kind, vectors, steps, lr, batch, preview_every],
-                          [status, result], api_name="train", concurrency_id="gpu")
+                          [status, result], api_name="train", concurrency_id="gpu",
+                          show_progress_on=result)  # the bar sits on the download box; the status stays readable
     trained.then(poll_and_stop, None, [plot, previews, timer], api_visibility="private", show_progress="hidden")
     pickers.after(trained)
     # Public too: API clients read (loss plot, previews) of their session's latest run as data.
