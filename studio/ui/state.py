@@ -11,6 +11,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import gradio as gr
 
 from studio.engine.concepts import ConceptError

@@ -30,6 +30,7 @@ class TrainingSnapshot:
     losses: list[tuple[int, float]] = field(default_factory=list)
     previews: list[Image.Image] = field(default_factory=list)
     concept: Concept | None = None
+    path: str | None = None  # the concept file the trainer wrote when it finished or was cancelled
 
 
 def loss_table(losses: list[tuple[int, float]]) -> dict[str, list]:
@@ -54,6 +55,7 @@ class TrainingRun:
     previews: list[Image.Image] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     last: TrainEvent | None = None
+    path: str | None = None
     concept: Concept | None = None
     error: BaseException | None = None
     _events: queue.Queue = field(default_factory=queue.Queue)
@@ -81,6 +83,8 @@ class TrainingRun:
             self.losses.append((event.step, event.loss))
         if event.kind == "preview" and event.images:
             self.previews = list(event.images)
+        if event.kind in ("finished", "cancelled") and event.path is not None:
+            self.path = str(event.path)
         if event.message:
             self.messages.append(f"{event.kind}: {event.message}")
         self.last = event
@@ -100,7 +104,8 @@ class TrainingRun:
         step = last.step if last is not None else 0
         total = last.total if last is not None else self.trainer.config.steps
         loss = last.loss if last is not None and last.kind == "step" else None
-        return TrainingSnapshot(self.status(), step, total, loss, list(self.losses), list(self.previews), self.concept)
+        return TrainingSnapshot(self.status(), step, total, loss, list(self.losses), list(self.previews), self.concept,
+                                self.path)
 
     def status(self) -> str:
         """A few lines for the UI: the messages so far and where the loop is."""

@@ -99,3 +99,19 @@ def test_the_model_text_says_the_demo_is_loaded(tiny_model_dirs, tmp_path):
     manager.current = dataclasses.replace(manager.load(tiny_model_dirs["sd1"]), is_demo=True)
     text = describe(Studio(manager, ConceptLibrary(tmp_path)))
     assert text.startswith("**The built-in demo model is loaded**") and "auto → fast" in text
+
+
+def test_a_closed_session_leaves_nothing_behind(tiny_model_dirs, tmp_path):
+    """Guards the app's `unload` hook: a session's concepts, training view, thumbnails and flags go with it."""
+    manager = ModelManager()
+    manager.load(tiny_model_dirs["sd1"])
+    studio = Studio(manager, ConceptLibrary(tmp_path))
+    for session in ("gone", "stays"):
+        studio.library.add_session_concept(session, Concept("<c>", {"text_encoder": torch.zeros(1, 768)}, {}))
+        studio.thumbnails[(session, "<c>")] = tmp_path / "c.png"
+        studio.runs[session] = object()
+        studio.cancel_flag(session, "train")
+    studio.forget_session("gone")
+    assert studio.concept_tokens("gone") == [] and studio.concept_tokens("stays") == ["<c>"]
+    assert list(studio.thumbnails) == [("stays", "<c>")] and list(studio.runs) == ["stays"]
+    assert [key[0] for key in studio._cancel] == ["stays"]

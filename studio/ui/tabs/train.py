@@ -88,13 +88,11 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
                 yield snapshot.status, None
         concept = snapshot.concept
         studio.library.add_session_concept(session, concept)
-        stem = cfg.token.strip("<>")
-        if snapshot.previews:
-            thumb = studio.session_dir(session) / "concepts" / f"{stem}.preview.png"
+        if snapshot.previews and snapshot.path:
+            thumb = Path(snapshot.path).with_suffix(".preview.png")  # A1111's name for a concept's thumbnail
             snapshot.previews[0].save(thumb)
             studio.thumbnails[(session, concept.token)] = thumb
-        path = studio.session_dir(session) / "concepts" / f"{stem}.safetensors"
-        yield f"{snapshot.status}\n{concept.token} is ready: write it in any prompt in this session.", str(path)
+        yield f"{snapshot.status}\n{concept.token} is ready: write it in any prompt in this session.", snapshot.path
 
     def cancel(request: gr.Request) -> None:
         studio.cancel_flag(session_of(request), "train").set()
