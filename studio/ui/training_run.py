@@ -47,7 +47,7 @@ def loss_table(losses: list[tuple[int, float]]) -> dict[str, list]:
 
 @dataclass
 class TrainingRun:
-    """A Trainer running in a thread. `concept` (or `error`) is set once `done`."""
+    """A Trainer running in a thread. `concept` (or `error`) is set once `events()` has ended."""
 
     trainer: Trainer
     cancel: threading.Event
@@ -62,13 +62,10 @@ class TrainingRun:
     _thread: threading.Thread | None = None
 
     def start(self) -> "TrainingRun":
+        """Run the trainer in a daemon thread (it stops within one step once `cancel` is set); returns self."""
         self._thread = threading.Thread(target=self._work, name=f"train {self.trainer.config.token}", daemon=True)
         self._thread.start()
         return self
-
-    @property
-    def done(self) -> bool:
-        return self._thread is not None and not self._thread.is_alive() and self._events.empty()
 
     def _work(self) -> None:
         try:
