@@ -74,3 +74,31 @@ def test_train_by_clicking_draws_the_loss_and_fills_the_concept_pickers(page, co
     page.get_by_role("tab", name="Generate").click()
     page.get_by_label("Insert a concept").first.click()
     expect(page.get_by_role("option", name="<my-concept>")).to_be_visible(timeout=10000)
+
+
+def test_library_shows_why_a_file_does_not_fit_and_deletes_only_after_confirming(page, tmp_path):
+    import torch
+    from playwright.sync_api import expect
+
+    from studio.engine.concepts import Concept, save_concept
+
+    files = [str(save_concept(Concept(token, {"text_encoder": torch.zeros(1, width)}, {}), tmp_path / name))
+             for token, width, name in (("<fits>", 768, "fits"), ("<too-wide>", 1024, "too-wide"))]
+    page.get_by_role("tab", name="Library").click()
+    page.locator("#library-import input[type=file]").set_input_files(files)
+    table = page.locator("#library-table")
+    expect(table).to_contain_text("<too-wide>", timeout=20000)
+    expect(table).to_contain_text("but the model is")  # the reason, in the row of the file that does not fit
+
+    page.get_by_label("Concept", exact=True).fill("<too-wide>")
+    page.get_by_label("Concept", exact=True).press("Enter")
+    expect(page.locator("#library-info")).to_contain_text("Does not fit: session concept '<too-wide>'")
+    page.get_by_label("Concept", exact=True).fill("<fits>")
+    page.get_by_label("Concept", exact=True).press("Enter")
+    page.get_by_role("button", name="Delete…").click()
+    expect(page.locator("#library-confirm").first).to_contain_text("Delete <fits>?")
+    page.screenshot(path=str(ARTIFACTS / "library-confirm.png"))
+    expect(table).to_contain_text("<fits>")  # nothing is deleted before the confirmation
+    page.get_by_role("button", name="Yes, delete").click()
+    expect(table).not_to_contain_text("<fits>", timeout=10000)
+    expect(page.locator("#library-confirm").first).to_be_hidden()

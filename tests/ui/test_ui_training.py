@@ -71,7 +71,8 @@ def test_every_concept_picker_is_refreshed_after_training_import_and_delete(tiny
     fns = list(app.fns.values())
     by_name = {fn.api_name: fn for fn in fns}
     for endpoint in ("train", "import_concepts", "delete_concept", "rename_concept", "load_model", "save_concept"):
-        refresh = [fn for fn in fns if fn.trigger_after == by_name[endpoint]._id and getattr(fn.fn, "__name__", "") == "refresh"]
+        refresh = [fn for fn in fns
+                   if fn.trigger_after == by_name[endpoint]._id and getattr(fn.fn, "__name__", "") == "refresh"]
         assert refresh, f"no picker refresh after /{endpoint}"
         assert {p._id for p in pickers} <= {o._id for o in refresh[0].outputs}, endpoint
 

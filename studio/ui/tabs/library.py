@@ -7,6 +7,7 @@ shared library" writes them into the library folder.
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import gradio as gr
@@ -45,15 +46,18 @@ def details(entry: LibraryEntry | None) -> str:
     """Markdown about one entry: where it is from, its shape, what it was trained on, and whether it fits."""
     if entry is None:
         return "Pick a concept to see what it is."
-    lines = [f"**{entry.token}** — " + (f"`{entry.path}`" if entry.path else "this session only (not saved)")]
+    lines = [f"`{entry.token}` — " + (f"`{entry.path}`" if entry.path else "this session only (not saved)")]
     if entry.concept is not None:
         c = entry.concept
         shapes = ", ".join(f"{k}: {c.n_vectors}×{d}" for k, d in c.dims.items())
         lines.append(f"{c.n_vectors} vector(s) ({shapes}), likely family {c.family}")
-        meta = {k: v for k, v in c.meta.items() if k in ("base_model", "init_text", "steps", "created", "source_format")}
+        shown = ("base_model", "init_text", "steps", "created", "source_format")
+        meta = {k: v for k, v in c.meta.items() if k in shown and v}
         if meta:
-            lines.append(", ".join(f"{k}: {v}" for k, v in meta.items()))
-    lines.append("Fits the loaded model." if entry.fits else f"**Does not fit:** {entry.reason}")
+            lines.append(html.escape(", ".join(f"{k}: {v}" for k, v in meta.items()), quote=False))
+    # Tokens look like HTML tags (<my-cat>): escaped, or the Markdown sanitizer drops them from the text.
+    reason = html.escape(entry.reason, quote=False)
+    lines.append("Fits the loaded model." if entry.fits else f"**Does not fit:** {reason}")
     return "\n\n".join(lines)
 
 
@@ -134,7 +138,7 @@ def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
         where = ("It is only in this session." if entry.path is None else
                  f"This deletes `{entry.path.name}` from the shared library folder, for every user; "
                  "it cannot be undone.")
-        return gr.update(visible=True), f"Delete **{entry.token}**? {where}"
+        return gr.update(visible=True), f"Delete `{entry.token}`? {where}"
 
     def delete_concept(token, request: gr.Request):
         session = session_of(request)
@@ -170,13 +174,14 @@ def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
     gr.Markdown("Concepts in the shared folder and in this session. Files that don't fit the loaded model say why. "
                 "Imported files stay in this session until you save them to the shared library.")
     thumbs = gr.Gallery(label="Thumbnails", columns=6, height=180, allow_preview=False)
-    table = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True)
+    table = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, elem_id="library-table",
+                         column_widths=["14%", "8%", "6%", "42%", "14%", "10%", "6%"])
     with gr.Row():
         refresh = gr.Button("Refresh")
-        upload = gr.File(label="Import concept files (this session)", file_count="multiple")
+        upload = gr.File(label="Import concept files (this session)", file_count="multiple", elem_id="library-import")
     with gr.Row():
         token = gr.Dropdown(label="Concept", choices=[], allow_custom_value=True)
-        info = gr.Markdown()
+        info = gr.Markdown(elem_id="library-info")
     with gr.Row():
         preview = gr.Button("Make a thumbnail")
         keep = gr.Button("Save to the shared library")
@@ -186,7 +191,7 @@ def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
         new_name = gr.Textbox(label="New word", placeholder="<new-name>")
         rename = gr.Button("Rename")
         delete = gr.Button("Delete…", variant="stop")
-    with gr.Group(visible=False) as confirm:
+    with gr.Group(visible=False, elem_id="library-confirm") as confirm:
         question = gr.Markdown()
         with gr.Row():
             yes = gr.Button("Yes, delete", variant="stop")

@@ -12,8 +12,8 @@ from studio.ui.state import USER_ERRORS, Studio
 MEMORY_MODES = ["auto", *PRESETS]
 HOW_TO_LOAD = """\
 **Load a real model** by typing one of these and pressing *Load*:
-- a Hugging Face hub id, e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5` or `stabilityai/stable-diffusion-xl-base-1.0`
-  (downloaded once; needs network access),
+- a Hugging Face hub id, e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5` or
+  `stabilityai/stable-diffusion-xl-base-1.0` (downloaded once; needs network access),
 - a diffusers model folder on this machine (the one holding `model_index.json`),
 - a single checkpoint file, e.g. `/models/dreamshaper_8.safetensors` (`.ckpt` works too).
 
