@@ -7,6 +7,7 @@ to all.
 
 from __future__ import annotations
 
+import html
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -24,6 +25,12 @@ from studio.ui.gpu import gpu_task
 
 # Errors that are the user's to fix: shown as a message in the UI (gr.Error), never as a traceback.
 USER_ERRORS = (ValueError, ModelError, ConceptError, TrainError, FileNotFoundError)
+
+
+def user_error(message: object) -> gr.Error:
+    """The gr.Error for a message, so that it reads as written: Gradio shows error messages as HTML, where a concept
+    word like <my-cat> is an unknown tag that hides itself and the rest of the message (seen in chromium)."""
+    return gr.Error(html.escape(str(message), quote=False))
 
 
 @dataclass
@@ -87,9 +94,9 @@ class Studio:
             concepts = self.library.resolve(text, model.encoder_dims, session)
             return self.render(GenerateRequest(concepts=concepts, **req_fields), session, progress)
         except Cancelled as exc:
-            raise gr.Error(f"Cancelled: {exc}") from exc
+            raise user_error(f"Cancelled: {exc}") from exc
         except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
+            raise user_error(exc) from exc
 
     def _render(self, req: GenerateRequest, session: str, progress: gr.Progress | None) -> list[str]:
         """Generate `req` on the current model and save the pictures (PNG with parameters) in the session folder."""

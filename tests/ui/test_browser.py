@@ -102,3 +102,9 @@ def test_library_shows_why_a_file_does_not_fit_and_deletes_only_after_confirming
     page.get_by_role("button", name="Yes, delete").click()
     expect(table).not_to_contain_text("<fits>", timeout=10000)
     expect(page.locator("#library-confirm").first).to_be_hidden()
+
+    page.get_by_label("Concept", exact=True).fill("<ghost>")
+    page.get_by_label("Concept", exact=True).press("Enter")
+    page.get_by_role("button", name="Delete…").click()
+    # The error names the word: Gradio renders error text as HTML, where <ghost> would vanish as a tag.
+    expect(page.get_by_test_id("toast-body").first).to_contain_text("No concept named '<ghost>'")

@@ -6,7 +6,7 @@ import gradio as gr
 
 from studio.engine.generate import SCHEDULERS, read_infotext
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import Studio, seed_or_random, session_of, size_or_native
+from studio.ui.state import Studio, seed_or_random, session_of, size_or_native, user_error
 
 
 def insert_word(token: str | None, text: str) -> str:
@@ -38,7 +38,7 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
         try:
             info = read_infotext(path)
         except (ValueError, OSError) as exc:
-            raise gr.Error(str(exc)) from exc
+            raise user_error(exc) from exc
         return (info["prompt"], info.get("negative_prompt", ""), info.get("seed", -1), info.get("steps", 20),
                 info.get("guidance", 7.5), info.get("scheduler", "euler_a"), info.get("width", 0), info.get("height", 0))
 

@@ -15,7 +15,7 @@ import gradio as gr
 from studio.engine.concepts import IMAGE_SUFFIXES, load_concept, save_concept
 from studio.library import LibraryEntry
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import USER_ERRORS, Studio, session_of
+from studio.ui.state import USER_ERRORS, Studio, session_of, user_error
 
 HEADERS = ["token", "vectors", "fits", "reason", "source", "trained on", "steps"]
 EXPORT_SUFFIX = {"studio": ".safetensors", "diffusers": ".safetensors", "kohya": ".safetensors", "a1111": ".pt"}
@@ -69,7 +69,7 @@ def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
         for entry in studio.entries(session):
             if entry.token == (token or "").strip():
                 return entry
-        raise gr.Error(f"No concept named {token!r}: pick one from the list (or refresh it).")
+        raise user_error(f"No concept named {token!r}: pick one from the list (or refresh it).")
 
     def rows(session: str) -> list[list]:
         return [row(e) for e in studio.entries(session)]
@@ -120,7 +120,7 @@ def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
             suffix = ".safetensors" if concept.family == "sdxl" else EXPORT_SUFFIX[fmt]
             return str(save_concept(concept, out / (token.strip().strip("<>") + suffix), format=fmt))
         except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
+            raise user_error(exc) from exc
 
     def rename_concept(token, new_token, request: gr.Request):
         session = session_of(request)
@@ -128,7 +128,7 @@ def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
         try:
             studio.library.rename(old, new, session)
         except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
+            raise user_error(exc) from exc
         if (session, old) in studio.thumbnails:
             studio.thumbnails[(session, new)] = studio.thumbnails.pop((session, old))
         return f"renamed {old} to {new}", new
@@ -145,7 +145,7 @@ def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
         try:
             studio.library.delete(token.strip(), session)
         except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
+            raise user_error(exc) from exc
         studio.thumbnails.pop((session, token.strip()), None)
         return f"deleted {token}", rows(session)
 
@@ -153,11 +153,11 @@ def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
         session = session_of(request)
         entry = find(token, session)
         if entry.path is not None:
-            raise gr.Error(f"{entry.token} is already in the shared library ({entry.path.name}).")
+            raise user_error(f"{entry.token} is already in the shared library ({entry.path.name}).")
         try:
             path = studio.library.save(entry.concept)
         except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
+            raise user_error(exc) from exc
         studio.library.delete(entry.token, session)  # the file now serves this session too
         return f"saved {entry.token} to {path}; every user of this studio can use it now"
 
@@ -165,7 +165,7 @@ def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
         session = session_of(request)
         entry = find(token, session)
         if not entry.fits:
-            raise gr.Error(f"{entry.token} does not fit the loaded model: {entry.reason}")
+            raise user_error(f"{entry.token} does not fit the loaded model: {entry.reason}")
         paths = studio.run_generate(dict(prompt=f"a photo of {entry.token}", seed=0), session)
         studio.thumbnails[(session, entry.token)] = Path(paths[0])
         return gallery(session)

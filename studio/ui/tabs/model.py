@@ -7,7 +7,7 @@ import gradio as gr
 
 from studio.engine.memory import PRESETS, apply_preset
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import USER_ERRORS, Studio
+from studio.ui.state import USER_ERRORS, Studio, user_error
 
 MEMORY_MODES = ["auto", *PRESETS]
 HOW_TO_LOAD = """\
@@ -45,7 +45,7 @@ def build_model_tab(studio: Studio, pickers: ConceptPickers) -> gr.Markdown:
         try:
             studio.manager.load((source or "").strip() or None, options)
         except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
+            raise user_error(exc) from exc
         return describe(studio)
 
     def set_memory_mode(mode: str) -> str:
@@ -53,12 +53,12 @@ def build_model_tab(studio: Studio, pickers: ConceptPickers) -> gr.Markdown:
         try:
             options = apply_preset(mode, studio.manager.options)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from exc
+            raise user_error(exc) from exc
         current = studio.model
         try:
             studio.manager.load(current.source, options)
         except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
+            raise user_error(exc) from exc
         studio.manager.options = options
         studio.memory_mode = mode
         return describe(studio)

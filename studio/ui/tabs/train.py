@@ -17,7 +17,7 @@ import pandas as pd
 from studio.training import TrainConfig, Trainer
 from studio.ui.gpu import TRAIN_SECONDS, gpu_task
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import USER_ERRORS, Studio, session_of
+from studio.ui.state import USER_ERRORS, Studio, session_of, user_error
 from studio.ui.training_run import SMOOTHING, TrainingRun, TrainingSnapshot, loss_table
 
 STATUS_EVERY_S = 0.25  # at most four status messages a second: the browser need not redraw on every step
@@ -34,7 +34,7 @@ def training_snapshots(studio: Studio, session: str, files: list[str], cfg: Trai
     try:
         trainer = Trainer(studio.model, cfg, [Path(f) for f in files], studio.session_dir(session) / "concepts")
     except USER_ERRORS as exc:
-        raise gr.Error(str(exc)) from exc
+        raise user_error(exc) from exc
     run = TrainingRun(trainer, flag).start()
     shown = 0.0
     for event in run.events():
@@ -43,7 +43,7 @@ def training_snapshots(studio: Studio, session: str, files: list[str], cfg: Trai
             yield run.snapshot()
     if run.error is not None:
         if isinstance(run.error, USER_ERRORS):
-            raise gr.Error(str(run.error)) from run.error
+            raise user_error(run.error) from run.error
         raise run.error
     yield run.snapshot()
 
@@ -78,7 +78,7 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
                               learning_rate=float(lr), batch_size=int(batch), template=kind,
                               preview_every=int(preview_every or 0))
         except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
+            raise user_error(exc) from exc
         snapshot = None
         for snapshot in on_device(session, [str(f) for f in files], cfg):
             studio.runs[session] = snapshot
