@@ -35,6 +35,20 @@ SCHEDULERS: dict[str, tuple[str, dict, str]] = {
 }
 
 
+# Linear latent -> RGB projections of the SD VAEs' 4 latent channels (rows: channels; columns: R, G, B), plus a bias,
+# as fitted by the ComfyUI / A1111 "latent preview" code. SD 2.x shares SD 1.x's VAE.
+LATENT_RGB_FACTORS: dict[str, tuple[list[list[float]], list[float]]] = {
+    "sd1": ([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
+             [-0.2120, -0.2616, -0.7177]], [0.0, 0.0, 0.0]),
+    "sdxl": ([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362],
+              [-0.3165, -0.2492, -0.2188]], [0.1084, -0.0175, -0.0011]),
+}
+LATENT_RGB_FACTORS["sd2"] = LATENT_RGB_FACTORS["sd1"]
+# A VAE decode costs about as much as several UNet steps at full size, so the fallback previews this many times
+# less often than `preview_every` asks.
+VAE_PREVIEW_SLOWDOWN = 2
+
+
 class Cancelled(Exception):
     """The request was cancelled; no partial result is returned."""
 
@@ -54,6 +68,7 @@ class GenerateRequest:
     init_image: Image.Image | None = None
     strength: float = 0.75
     mask: Image.Image | None = None
+    preview_every: int = 5  # on_step gets a preview every N steps (0: never); cheap, see LATENT_RGB_FACTORS
 
     @property
     def mode(self) -> str:
@@ -83,6 +98,8 @@ def validate(model, req: GenerateRequest) -> tuple[int, int]:
         raise ValueError(f"steps must be between 1 and 150, not {req.steps}")
     if not 1 <= req.batch <= 16:
         raise ValueError(f"batch must be between 1 and 16, not {req.batch}")
+    if req.preview_every < 0:
+        raise ValueError(f"preview_every must be 0 (no previews) or a number of steps, not {req.preview_every}")
     if not 0.0 <= req.strength <= 1.0:
         raise ValueError(f"strength must be between 0 and 1, not {req.strength}")
     native = _native_size(model)
@@ -123,9 +140,40 @@ def infotext(req: GenerateRequest, seed: int, width: int, height: int, model_nam
     return text + "\n" + ", ".join(f"{k}: {v}" for k, v in items)
 
 
+def preview_method(model) -> str:
+    """How previews of `model` are drawn: "linear" (the family's latent->RGB factors) or "vae" (a full decode).
+
+    The factors fit the VAE that SD 1.x/2.x/XL checkpoints ship with; the demo model's own small VAE, or one whose
+    latents are not 4 channels, has no fitted factors, so it is decoded instead."""
+    if model.is_demo or model.family not in LATENT_RGB_FACTORS or model.pipe.vae.config.latent_channels != 4:
+        return "vae"
+    return "linear"
+
+
+def latent_preview(latents: torch.Tensor, family: str, size: tuple[int, int]) -> Image.Image:
+    """The first latent of a batch [B, 4, h, w] as a `size` picture through the family's linear RGB projection."""
+    weights, bias = LATENT_RGB_FACTORS[family]
+    rgb = torch.einsum("chw,cr->hwr", latents[0, :4].float().cpu(), torch.tensor(weights)) + torch.tensor(bias)
+    pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels, "RGB").resize(size, Image.BILINEAR)
+
+
+def vae_preview(pipe, latents: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+    """The first latent of a batch decoded by the pipeline's VAE (for VAEs without fitted linear factors)."""
+    vae = pipe.vae
+    latent = latents[:1, : vae.config.latent_channels].to(vae.dtype)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    decoded = vae.decode(latent / vae.config.scaling_factor + shift, return_dict=False)[0]
+    return pipe.image_processor.postprocess(decoded, output_type="pil")[0].resize(size, Image.BILINEAR)
+
+
 def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.Image | None], None] | None = None,
              cancel: threading.Event | None = None) -> GenerateResult:
-    """Run one request on `model` (a LoadedModel). Cancel stops within one step and raises `Cancelled`."""
+    """Run one request on `model` (a LoadedModel). Cancel stops within one step and raises `Cancelled`.
+
+    `on_step(step, total, preview)` is called after every denoising step; `preview` is a picture of the first image
+    of the batch, at the output size, every `req.preview_every` steps (the VAE fallback every
+    VAE_PREVIEW_SLOWDOWN times that), else None."""
     # 1. Check inputs.
     width, height = validate(model, req)
     base_seed = req.seed if req.seed is not None else random.randrange(2**32 - 1)
@@ -143,11 +191,21 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
         # 4. One generator per image, so image k equals a single run with seed + k.
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
-        def step_end(_pipe, step: int, _t, tensors: dict) -> dict:
+        method = preview_method(model)
+        every = req.preview_every * (VAE_PREVIEW_SLOWDOWN if method == "vae" else 1)
+
+        def step_end(step_pipe, step: int, _t, tensors: dict) -> dict:
+            # img2img and inpainting run only the last `strength` part of the schedule.
+            total = step_pipe.num_timesteps
             if cancel is not None and cancel.is_set():
-                raise Cancelled(f"cancelled at step {step + 1} of {req.steps}")
+                raise Cancelled(f"cancelled at step {step + 1} of {total}")
             if on_step is not None:
-                on_step(step + 1, req.steps, None)
+                preview = None
+                if every and (step + 1) % every == 0:
+                    latents = tensors["latents"]
+                    preview = (latent_preview(latents, model.family, (width, height)) if method == "linear"
+                               else vae_preview(step_pipe, latents, (width, height)))
+                on_step(step + 1, total, preview)
             return tensors
 
         call = dict(kwargs, num_inference_steps=req.steps, guidance_scale=req.guidance, generator=generators,
