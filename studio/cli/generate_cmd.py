@@ -1,4 +1,4 @@
-"""`studio generate --prompt P [--model M] [--concept FILE]... [--out PNG]`: text (or image) to picture."""
+"""`studio generate --prompt P [--model M] [--concept FILE]... [--memory MODE] [--out PNG]`: text (or image) to picture."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--init-image", type=Path, help="picture to start from (img2img)")
     p.add_argument("--strength", type=float, default=0.75)
     p.add_argument("--mask", type=Path, help="white = redraw (inpainting; needs --init-image)")
+    p.add_argument("--memory", default="fast", choices=["auto", "fast", "balanced", "low-vram"],
+                   help="memory mode (studio.engine.memory): fast (default), balanced, low-vram, or auto (by free "
+                        "GPU memory)")
     p.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (several: -1, -2 ... appended)")
     p.set_defaults(func=run)
 
@@ -33,16 +36,26 @@ def run(args: argparse.Namespace) -> int:
 
     from studio.engine.concepts import load_concept
     from studio.engine.generate import GenerateRequest, generate, save_png
+    from studio.engine.memory import apply_preset, memory_settings, oom_guard, preset
     from studio.engine.models import ModelManager
 
     concepts = [load_concept(path) for path in args.concept]
-    model = ModelManager().load(args.model)
+    mode = preset(args.memory)  # `auto` resolves to one of the named modes here, once
+    print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explanation}")
+    model = ModelManager(apply_preset(mode.name)).load(args.model)
+    settings = memory_settings(model.pipe)
+    print("memory settings on", model.device.type + ":", ", ".join(f"{k.replace('_', ' ')} {'on' if v else 'off'}"
+                                                                    for k, v in settings.items()))
     req = GenerateRequest(args.prompt, args.negative, concepts, args.seed, args.steps, args.guidance, args.scheduler,
                           args.width, args.height, args.batch,
                           Image.open(args.init_image) if args.init_image else None, args.strength,
-                          Image.open(args.mask) if args.mask else None)
-    with tqdm(total=args.steps, desc="generating") as bar:
-        result = generate(model, req, on_step=lambda step, total, _p: bar.update(1))
+                          Image.open(args.mask) if args.mask else None, preview_every=0)
+    with tqdm(total=args.steps, desc="generating") as bar, oom_guard(mode.name):
+        def on_step(step: int, total: int, _preview) -> None:
+            bar.total = total  # img2img/inpaint run only `strength` of the steps
+            bar.update(1)
+
+        result = generate(model, req, on_step=on_step)
     for k, (image, seed) in enumerate(zip(result.images, result.seeds)):
         out = args.out if len(result.images) == 1 else args.out.with_name(f"{args.out.stem}-{k + 1}{args.out.suffix}")
         save_png(image, out)

@@ -63,6 +63,18 @@ def apply_preset(name: str, options: LoadOptions | None = None) -> LoadOptions:
                    vae_tiling=p.vae_tiling, offload=p.offload)
 
 
+def memory_settings(pipe) -> dict[str, bool]:
+    """What is really in effect on a loaded pipeline (offload only happens on CUDA), read from its modules."""
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    return {
+        "attention_slicing": any(isinstance(p, SlicedAttnProcessor) for p in pipe.unet.attn_processors.values()),
+        "vae_slicing": bool(getattr(pipe.vae, "use_slicing", False)),
+        "vae_tiling": bool(getattr(pipe.vae, "use_tiling", False)),
+        "cpu_offload": hasattr(pipe.unet, "_hf_hook"),  # accelerate's offload hooks
+    }
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
 

@@ -37,3 +37,15 @@ def test_out_of_memory_inside_a_pipeline_step_names_the_next_mode_and_the_model_
     with pytest.raises(RuntimeError, match="unrelated"):
         with oom_guard("fast"):
             raise RuntimeError("unrelated failure")
+
+
+def test_memory_settings_read_what_a_preset_really_turned_on(tiny_model_dirs):
+    from studio.engine.memory import memory_settings
+
+    fast = ModelManager(apply_preset("fast")).load(tiny_model_dirs["sd1"])
+    low = ModelManager(apply_preset("low-vram")).load(tiny_model_dirs["sd1"])
+    assert memory_settings(fast.pipe) == {"attention_slicing": False, "vae_slicing": False, "vae_tiling": False,
+                                          "cpu_offload": False}
+    # Offload is CUDA-only: on the CPU the low-vram preset slices and tiles but keeps the model where it is.
+    assert memory_settings(low.pipe) == {"attention_slicing": True, "vae_slicing": True, "vae_tiling": True,
+                                         "cpu_offload": torch.cuda.is_available()}
