@@ -7,6 +7,7 @@ scheduler and its embedding table are never changed.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -150,6 +151,26 @@ def preview_method(model) -> str:
     return "linear"
 
 
+def _keep_x0_prediction(scheduler) -> dict:
+    """Make this request's own scheduler keep its latest x0 prediction (`pred_original_sample`) for previews.
+
+    Only the per-request scheduler instance is wrapped, never a shared one or the class. Schedulers that predict no
+    x0 (DPM++, UniPC, PLMS) leave `x0` as None and previews show the current noisy latents instead."""
+    seen: dict = {"x0": None}
+    step = scheduler.step
+
+    # wraps: pipelines pass `generator` only to a step whose signature names it; without it euler_a's noise would
+    # come from the global RNG and the seed would no longer fix the picture.
+    @functools.wraps(step)
+    def step_keeping_x0(*args, return_dict: bool = True, **kwargs):
+        out = step(*args, return_dict=True, **kwargs)
+        seen["x0"] = getattr(out, "pred_original_sample", None)
+        return out if return_dict else out.to_tuple()
+
+    scheduler.step = step_keeping_x0
+    return seen
+
+
 def latent_preview(latents: torch.Tensor, family: str, size: tuple[int, int]) -> Image.Image:
     """The first latent of a batch [B, 4, h, w] as a `size` picture through the family's linear RGB projection."""
     weights, bias = LATENT_RGB_FACTORS[family]
@@ -172,7 +193,7 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
     """Run one request on `model` (a LoadedModel). Cancel stops within one step and raises `Cancelled`.
 
     `on_step(step, total, preview)` is called after every denoising step; `preview` is a picture of the first image
-    of the batch, at the output size, every `req.preview_every` steps (the VAE fallback every
+    of the batch (its current x0 prediction where the scheduler makes one), at the output size, every `req.preview_every` steps (the VAE fallback every
     VAE_PREVIEW_SLOWDOWN times that), else None."""
     # 1. Check inputs.
     width, height = validate(model, req)
@@ -184,7 +205,9 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
             raise Cancelled("cancelled before it started")
         # 2. Pipeline for this request: the mode's view with its own scheduler, sharing every module.
         view = {"txt2img": lambda: model.pipe, "img2img": model.img2img, "inpaint": model.inpaint}[req.mode]()
-        pipe = view.__class__(**{**view.components, "scheduler": _scheduler_for(view, req.scheduler)})
+        scheduler = _scheduler_for(view, req.scheduler)
+        denoised = _keep_x0_prediction(scheduler) if req.preview_every and on_step is not None else {"x0": None}
+        pipe = view.__class__(**{**view.components, "scheduler": scheduler})
         pipe.set_progress_bar_config(disable=True)
         # 3. Prompt embeddings with this request's concepts.
         kwargs = model.encoder.pipeline_kwargs(req.prompt, req.negative_prompt, req.concepts, req.batch, req.guidance)
@@ -202,7 +225,8 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
             if on_step is not None:
                 preview = None
                 if every and (step + 1) % every == 0:
-                    latents = tensors["latents"]
+                    # The x0 prediction shows the picture-to-be from the first steps; x_t is mostly noise then.
+                    latents = denoised["x0"] if denoised["x0"] is not None else tensors["latents"]
                     preview = (latent_preview(latents, model.family, (width, height)) if method == "linear"
                                else vae_preview(step_pipe, latents, (width, height)))
                 on_step(step + 1, total, preview)

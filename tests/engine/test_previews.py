@@ -89,3 +89,23 @@ def test_cancelling_from_a_preview_stops_within_one_step(sd1):
 def test_negative_preview_every_is_refused(sd1):
     with pytest.raises(ValueError, match="preview_every must be 0"):
         generate(sd1, GenerateRequest("a cat", steps=2, width=32, height=32, preview_every=-1))
+
+
+def test_previews_show_the_x0_prediction_and_fall_back_to_the_latents_for_schedulers_without_one(sd1):
+    """Guards: previews change nothing (euler_a's noise left the seeded generator when the step was wrapped)."""
+    for scheduler in ("euler_a", "ddim", "dpm++_2m", "unipc"):
+        req = GenerateRequest("a cat", seed=2, steps=4, width=32, height=32, scheduler=scheduler, preview_every=1)
+        calls = []
+        with_previews = generate(sd1, req, on_step=lambda s, t, p: calls.append(p)).images[0]
+        req.preview_every = 0
+        without = generate(sd1, req).images[0]
+        assert np.array_equal(np.asarray(with_previews), np.asarray(without)), scheduler
+        assert all(isinstance(p, Image.Image) for p in calls) and len(calls) == 4, scheduler
+
+
+def test_the_demo_model_is_previewed_through_its_own_vae(demo_model_dir):
+    model = ModelManager().load(None)
+    assert model.is_demo and preview_method(model) == "vae"
+    calls = _collect(model, GenerateRequest("a cat", seed=1, steps=4, preview_every=1))
+    native = model.pipe.unet.config.sample_size * model.pipe.vae_scale_factor
+    assert _preview_steps(calls) == [2, 4] and calls[1][2].size == (native, native)
