@@ -132,11 +132,28 @@ def test_weighted_multi_vector_concept_gets_the_weight_on_each_vector(encoders, 
 
 
 def test_each_prompt_of_a_batch_keeps_its_own_mean(encoders):
+    """Weighting one prompt of a batch leaves the other exactly alone, and each row's mean is restored on its own.
+
+    The per-row check uses hidden states with a clear mean: a random tiny encoder's outputs average ~0 after its
+    final layer norm, where the mean ratio only amplifies float rounding (which differs with batch size and thread
+    count), so comparing a batched row with a lone encoding there would test rounding, not the method."""
+    from studio.engine.prompts import apply_prompt_weights
+
     enc = encoders["sd1"]
     with torch.no_grad():
         batch = enc.encode(["a (red:1.5) cat", "a red cat"])
     assert torch.equal(batch.embeds[1:], _encode(enc, "a red cat").embeds)
-    assert torch.allclose(batch.embeds[:1], _encode(enc, "a (red:1.5) cat").embeds, atol=1e-6, rtol=0)
+
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, 77, 32, generator=gen) + torch.tensor([[[1.0]], [[-2.0]]])
+    weights = torch.ones(2, 77)
+    weights[0, 3:5] = 1.5
+    together = apply_prompt_weights(embeds, weights)
+    for row in range(2):
+        alone = apply_prompt_weights(embeds[row:row + 1], weights[row:row + 1])
+        assert torch.allclose(together[row:row + 1], alone, atol=1e-6, rtol=0)
+        assert torch.allclose(together[row].mean(), embeds[row].mean(), atol=1e-5)
+    assert torch.equal(together[1], embeds[1])
 
 
 def test_gradients_reach_a_weighted_concept(encoders):
