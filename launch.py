@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parent
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the built-in demo)")
+    parser.add_argument("--model-config", help="for a single-file --model offline: a local diffusers folder (or hub "
+                        "id) whose configs describe the checkpoint")
     parser.add_argument("--concepts", default=str(REPO / "concepts"), help="shared concept library folder")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     memory = "low-vram" if args.low_vram else args.memory
     if memory == "auto" and os.environ.get("SPACES_ZERO_GPU"):
         memory = "fast"  # ZeroGPU: no GPU to measure at start-up; each call gets a 40-70 GB slice of an A100/H200
-    options = apply_preset(memory, LoadOptions(device=args.device))
+    options = apply_preset(memory, LoadOptions(device=args.device, config=args.model_config))
     manager = ModelManager(options)
     try:
         model = manager.load(args.model)
