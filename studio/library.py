@@ -314,8 +314,10 @@ class ConceptLibrary:
 
 
 def _training_state(path: Path) -> Path:
-    """The trainer's resume sidecar of a concept file (studio/training/resume.py), which goes with the file."""
-    return path.with_name(path.name + ".trainstate")
+    """The trainer's resume sidecar of a concept file, which goes with the file."""
+    from studio.training.resume import state_path  # imported here: listing concepts need not load the trainer
+
+    return state_path(path)
 
 
 def _is_concept_file_name(name: str) -> bool:
