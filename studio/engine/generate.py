@@ -21,6 +21,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from studio.engine.concepts import Concept, check_fits
+from studio.engine.memory import mode_in_effect, oom_guard
 
 # UI name -> (diffusers scheduler class name, config overrides, A1111's sampler name)
 SCHEDULERS: dict[str, tuple[str, dict, str]] = {
@@ -240,8 +241,9 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
             call.update(image=req.init_image.convert("RGB").resize((width, height)), strength=req.strength)
             if req.mode == "inpaint":
                 call.update(mask_image=req.mask.convert("L").resize((width, height)), width=width, height=height)
-        # 5. Denoise.
-        with torch.inference_mode():
+        # 5. Denoise. Out of memory: the memory is freed and the error names the mode to switch to; the model
+        # stays loaded and usable.
+        with oom_guard(mode_in_effect(model.pipe)), torch.inference_mode():
             images = pipe(**call).images
     texts = [infotext(req, s, width, height, model.name) for s in seeds]
     for image, text in zip(images, texts):

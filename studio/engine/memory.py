@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Iterator
 
 import torch
 
@@ -75,21 +77,60 @@ def memory_settings(pipe) -> dict[str, bool]:
     }
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+class OutOfMemory(ModelError):
+    """The accelerator (or the CPU) ran out of memory; the message names the memory mode to switch to."""
+
+
+# Messages of the allocators whose errors are not torch.OutOfMemoryError: CUDA raised plain RuntimeErrors before
+# torch 2.5, MPS still does, and the CPU allocator says "not enough memory".
+OOM_MESSAGES = ("out of memory", "not enough memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an out-of-memory error of torch (CUDA, MPS or CPU allocator) or one already turned into an
+    `OutOfMemory` advice by this module."""
+    if isinstance(exc, (torch.OutOfMemoryError, OutOfMemory)):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in OOM_MESSAGES)
+
+
+def oom_advice(mode: str) -> str:
+    """What to do after running out of memory in memory mode `mode`: the next smaller preset, or a smaller job."""
+    smaller = NEXT_SMALLER.get(mode)
+    return f"switch the memory mode to '{smaller}'" if smaller else "use a smaller picture size or batch"
+
+
+def release_memory(exc: BaseException | None = None) -> None:
+    """Free what a failed step held: the local tensors of the finished frames in `exc`'s traceback (the
+    activations of the layer that ran out; kept alive by the traceback otherwise), then garbage, then CUDA's cache."""
+    if exc is not None and exc.__traceback__ is not None:
+        traceback.clear_frames(exc.__traceback__)  # frames still running (the callers) are skipped
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def mode_in_effect(pipe) -> str:
+    """The memory mode whose generation settings a loaded pipeline has (see `memory_settings`): the smallest preset
+    whose slicing and tiling are all on. Offload is left out: it only happens on CUDA."""
+    settings = memory_settings(pipe)
+    for name in ("low-vram", "balanced", "fast"):
+        p = PRESETS[name]
+        wanted = {"attention_slicing": p.attention_slicing, "vae_slicing": p.vae_slicing, "vae_tiling": p.vae_tiling}
+        if all(settings[key] for key, on in wanted.items() if on):
+            return name
+    return "fast"
 
 
 @contextmanager
-def oom_guard(mode: str = "fast"):
-    """Turn an out-of-memory error into a ModelError that names the next smaller mode, after freeing memory."""
+def oom_guard(mode: str = "fast") -> Iterator[None]:
+    """Turn an out-of-memory error into an `OutOfMemory` (a ModelError) that names the next smaller mode, after
+    freeing the memory the failed work held. An `OutOfMemory` raised inside (by a nested guard) passes unchanged."""
     try:
         yield
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
-        if not _is_oom(exc):
+    except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if isinstance(exc, OutOfMemory) or not is_out_of_memory(exc):
             raise
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        smaller = NEXT_SMALLER.get(mode)
-        advice = f"switch the memory mode to '{smaller}'" if smaller else "use a smaller size or batch"
-        raise ModelError(f"the GPU ran out of memory in '{mode}' mode: {advice} and try again") from None
+        release_memory(exc)
+        raise OutOfMemory(f"the model ran out of memory in '{mode}' memory mode: {oom_advice(mode)} and try "
+                          "again") from None
