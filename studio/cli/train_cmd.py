@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from studio.engine.memory import preset
     from studio.engine.models import ModelManager
     from studio.training import TrainConfig, Trainer
 
@@ -44,12 +45,13 @@ def run(args: argparse.Namespace) -> int:
         lr, schedule = float(args.lr), "constant"
     except ValueError:
         lr, schedule = 0.005, args.lr
+    mode = preset(args.memory)  # `auto` resolves here, once, by free GPU memory
+    print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explanation}")
     cfg = TrainConfig(args.token, init_text=args.init, n_vectors=args.vectors, steps=args.steps, learning_rate=lr,
                       lr_schedule=schedule, batch_size=args.batch, template=args.template,
                       resolution=args.resolution, flip=not args.no_flip, save_every=args.save_every, seed=args.seed,
-                      resume=args.resume, memory=args.memory, mixed_precision=args.mixed_precision)
+                      resume=args.resume, memory=mode.name, mixed_precision=args.mixed_precision)
     model = ModelManager().load(args.model)
-    bar = tqdm(total=cfg.steps, desc=f"training {cfg.token}")
 
     def on_event(event) -> None:
         if event.kind == "step":
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         elif event.kind in ("warning", "checkpoint", "finished", "failed", "cancelled"):
             tqdm.write(f"{event.kind}: {event.message or event.path}")
 
-    Trainer(model, cfg, args.images, args.out).run(on_event)
-    bar.close()
+    # Out of memory ends the run with a `failed` line naming the mode to switch to (the last good vectors saved),
+    # then the one-line error of `studio.cli.main`, exit code 2.
+    with tqdm(total=cfg.steps, desc=f"training {cfg.token}") as bar:
+        Trainer(model, cfg, args.images, args.out).run(on_event)
     return 0

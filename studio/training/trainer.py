@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from studio.engine.concepts import ENCODER_KEYS, Concept, load_concept, save_concept
+from studio.engine.memory import is_out_of_memory, oom_advice, release_memory
 from studio.training.config import TrainConfig, parse_lr_schedule
 from studio.training.data import TrainError, encode_latents, find_images, load_images
 from studio.training.memory import training_memory
@@ -55,6 +56,16 @@ class TrainEvent:
     message: str = ""
     path: Path | None = None
     images: list = field(default_factory=list)
+
+
+@dataclass
+class LastGood:
+    """The newest vectors that came through a step whole, and how to snapshot the run at them: what a run that
+    fails before its final save (out of memory) still saves."""
+
+    step: int = 0
+    vectors: dict[str, torch.Tensor] | None = None
+    snapshot: Callable[[int], TrainState] | None = None
 
 
 class Trainer:
@@ -125,6 +136,26 @@ class Trainer:
                 wanted = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[wanted], wanted
 
+    @contextmanager
+    def _out_of_memory_fails(self, mode: str, kept: LastGood, emit, token_file: str) -> Iterator[None]:
+        """Out of memory anywhere in the block (latent cache, a step, a preview) ends the run as `failed`: the memory
+        the failed step held is freed, the last good vectors are saved (resumable, so the run can go on in the
+        smaller mode), and the event and the TrainError name the memory mode to switch to (studio.engine.memory)."""
+        try:
+            yield
+        except RuntimeError as exc:  # torch.OutOfMemoryError, and a preview's OutOfMemory, are RuntimeErrors
+            if not is_out_of_memory(exc):
+                raise
+            release_memory(exc)
+            where = f"at step {kept.step + 1}" if kept.vectors is not None else "while encoding the pictures"
+            message = f"out of memory {where} in '{mode}' memory mode: {oom_advice(mode)} and train again"
+            path = None
+            if kept.vectors is not None:
+                path = self._save(kept.vectors, kept.step, f"{token_file}.safetensors", kept.snapshot(kept.step))
+                message += f"; the vectors of step {kept.step} were saved to {path.name} (--resume continues from it)"
+            emit(TrainEvent("failed", step=kept.step, total=self.config.steps, path=path, message=message))
+            raise TrainError(message) from None
+
     def run(self, on_event: Callable[[TrainEvent], None] | None = None,
             cancel: threading.Event | None = None) -> Concept:
         """Train; emits events to `on_event`; returns the learned concept (also written to `out_dir`)."""
@@ -143,7 +174,9 @@ class Trainer:
         autocast_dtype, precision = self._precision()
 
         encoders = (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
-        with model.lock, training_memory(pipe, cfg.memory) as savings, frozen(pipe.unet, pipe.vae, *encoders):
+        kept = LastGood()
+        with model.lock, training_memory(pipe, cfg.memory) as savings, frozen(pipe.unet, pipe.vae, *encoders), \
+                self._out_of_memory_fails(savings.preset.name, kept, emit, token_file):
             # 2. Pictures and the latent cache (each picture encoded once, not every step).
             resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
             images, warnings = load_images(self.paths, resolution)
@@ -184,6 +217,7 @@ class Trainer:
 
             # 4. The loop.
             last_good = {k: v.detach().clone() for k, v in vectors.items()}
+            kept.step, kept.vectors, kept.snapshot = first - 1, last_good, snapshot
             started = time.time()
             for step in range(first, cfg.steps + 1):
                 if cancel is not None and cancel.is_set():
@@ -238,6 +272,7 @@ class Trainer:
                                     message=f"the vectors became NaN/inf at step {step}: lower the learning rate"))
                     raise TrainError(f"training diverged at step {step}; lower the learning rate (now {lr:g})")
                 last_good = {k: v.detach().clone() for k, v in vectors.items()}
+                kept.step, kept.vectors = step, last_good
                 rate = (step - first + 1) / max(1e-9, time.time() - started)
                 emit(TrainEvent("step", step=step, total=cfg.steps, loss=loss.item(), lr=lr, steps_per_s=rate,
                                 eta_s=(cfg.steps - step) / rate))

@@ -6,32 +6,17 @@ torch.OutOfMemoryError on its Nth call, as CUDA's allocator does in the middle o
 """
 
 import gc
-import weakref
 
 import numpy as np
 import pytest
 import torch
+from simulated_oom import OutOfMemoryOnCall
 
 from studio.engine.generate import GenerateRequest, generate
 from studio.engine.memory import OutOfMemory, apply_preset, is_out_of_memory, mode_in_effect, oom_guard
 from studio.engine.models import LoadOptions, ModelError, ModelManager
 
 REQUEST = dict(prompt="a red cat", seed=3, steps=3, width=32, height=32, preview_every=0)
-
-
-class OutOfMemoryOnCall:
-    """A UNet forward pre-hook that raises CUDA's out-of-memory error on call `n` and holds a tensor in its frame
-    when it does (as a layer's activations are held), to check that the error's traceback does not keep it alive."""
-
-    def __init__(self, n: int):
-        self.n, self.calls, self.held = n, 0, None
-
-    def __call__(self, module, args):
-        self.calls += 1
-        if self.calls == self.n:
-            activations = torch.zeros(256, 256)
-            self.held = weakref.ref(activations)
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total)")
 
 
 @pytest.mark.parametrize("mode, advice", [("fast", "switch the memory mode to 'balanced'"),
