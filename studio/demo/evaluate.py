@@ -309,16 +309,24 @@ def color_spread(judge: Judge, images: Sequence[Image.Image]) -> dict[str, Any]:
             "colors": dict(counts.most_common())}
 
 
+Draw = Callable[[str, Sequence, int, int], list[Image.Image]]  # (prompt, concepts, n, first seed) -> pictures
+
+
 def score_subject(model, judge: Judge, cs: ConceptSet, concepts: Sequence, subject: str,
-                  cfg: EvalConfig) -> dict[str, Any]:
-    """Reconstruction and editability for one way of naming the concept (its token, or the plain words)."""
+                  cfg: EvalConfig, draw: Draw | None = None) -> dict[str, Any]:
+    """Reconstruction and editability for one way of naming the concept (its token, or the plain words).
+
+    `draw` makes the pictures (default: `_generate` with `cfg`); the studio's Evaluate tab passes one that reports
+    progress, can be cancelled and keeps the pictures it shows.
+    """
+    draw = draw or (lambda prompt, used, n, seed: _generate(model, prompt, used, n, seed, cfg))
     recon_images = []
     for k, prompt in enumerate(reconstruction_prompts(cs, subject)):
-        recon_images += _generate(model, prompt, concepts, cfg.images, cfg.seed + 100 * k, cfg)
+        recon_images += draw(prompt, concepts, cfg.images, cfg.seed + 100 * k)
     reconstruction, recon_checks = _score(judge, recon_images, cs.attributes)
     edit_scores, identity = {}, []
     for k, (prompt, wanted) in enumerate(editing_prompts(cs, subject)):
-        images = _generate(model, prompt, concepts, cfg.images, cfg.seed + 1000 + 100 * k, cfg)
+        images = draw(prompt, concepts, cfg.images, cfg.seed + 1000 + 100 * k)
         edit_scores[prompt.replace(subject, "S*")], _ = _score(judge, images, wanted)
         if cs.kind != "style" and "count" not in wanted:  # does the concept survive the edit?
             identity.append(_score(judge, images, cs.attributes)[0])

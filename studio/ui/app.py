@@ -15,6 +15,7 @@ from studio.library import ConceptLibrary
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import Studio, session_of
 from studio.ui.tabs.compose import build_compose_tab
+from studio.ui.tabs.evaluate import build_evaluate_tab
 from studio.ui.tabs.generate import build_generate_tab
 from studio.ui.tabs.inpaint import build_inpaint_tab
 from studio.ui.tabs.library import build_library_tab
@@ -46,6 +47,8 @@ def build_app(manager: ModelManager, library: ConceptLibrary, memory_mode: str =
             build_inpaint_tab(studio, pickers)
         with gr.Tab("Library"):
             build_library_tab(studio, pickers)
+        with gr.Tab("Evaluate"):
+            build_evaluate_tab(studio, pickers)
         with gr.Tab("Model"):
             info = build_model_tab(studio, pickers)
         pickers.wire(app)

@@ -1,0 +1,155 @@
+"""Evaluate tab: score a concept the way the Textual Inversion paper does and show the pictures the scores came from.
+
+On the built-in demo model the judge checks the pictures against a bundled concept set's ground truth; on any
+model a CLIP model (hub id or folder) gives image-image and image-text similarity. The engine call is
+`studio.engine.scoring.score_concept`; this file only adapts the form to it and the result to a table and a grid.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image, UnidentifiedImageError
+
+from studio.demo.concept_sets import list_concept_sets, load_concept_set
+from studio.engine.generate import Cancelled, save_png
+from studio.engine.scoring import ClipScorer, ConceptScores, ScoreConfig, concept_set_for, score_concept
+from studio.ui.gpu import gpu_task
+from studio.ui.pickers import ConceptPickers
+from studio.ui.state import USER_ERRORS, Studio, session_of, user_error
+
+HEADERS = ["measure", "with the word", "with plain words", "what it compares"]
+AUTO, NONE = "auto (the set whose word it is)", "none"
+EVALUATE_SECONDS = 300  # ZeroGPU time for one evaluation: 16 prompts x a few seeds on a real model
+
+
+def table(scores: ConceptScores) -> list[list]:
+    """The score rows; a measure not taken (no baseline, no training pictures) is left empty."""
+    return [[line.measure, line.concept, line.plain, line.compares] for line in scores.lines]
+
+
+def summary(scores: ConceptScores, model_name: str) -> str:
+    """Markdown: who scored what, against which ground truth and baseline, and what was left out."""
+    # Words like <my-cat> stay inside code spans, which show them as written; other text is escaped, or the
+    # Markdown sanitizer would drop anything that looks like an HTML tag.
+    plain = html.escape(scores.plain_words or "", quote=False)
+    text = (f"`{scores.token}` on {html.escape(model_name, quote=False)}, scored by {' and '.join(scores.scorers)}"
+            + (f" against the ground truth of `{scores.ground_truth}`" if scores.ground_truth else "")
+            + (f"; plain words: “{plain}”" if plain else "")
+            + f"; {len(scores.samples)} pictures in {scores.seconds:.0f} s.")
+    return "\n\n".join([text] + [f"Not measured: {html.escape(note, quote=False)}." for note in scores.notes])
+
+
+def ground_truth_set(token: str, choice: str | None):
+    """The concept set whose attributes the judge checks: by the concept's word (auto), a named one, or none."""
+    if choice in (None, "", AUTO):
+        return concept_set_for(token)
+    return None if choice == NONE else load_concept_set(choice)
+
+
+def reference_pictures(files) -> list[Image.Image]:
+    """The uploaded training pictures, as RGB; a file that is no picture is named."""
+    pictures = []
+    for f in files or []:
+        try:
+            pictures.append(Image.open(f).convert("RGB"))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"{Path(f).name} is not a picture PIL can read ({exc}); upload PNG or JPEG files") from exc
+    return pictures
+
+
+def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
+    """Concept, samples, CLIP model and advanced settings; `/evaluate_concept` and `/cancel_evaluation` endpoints."""
+    clip_cache: dict[str, ClipScorer] = {}  # the last CLIP model used, so a second run does not load it again
+
+    # 1. Pure functions.
+    def clip_for(source: str | None) -> ClipScorer | None:
+        source = (source or "").strip()
+        if not source:
+            return None
+        if source not in clip_cache:
+            clip_cache.clear()  # one CLIP model at a time: they are hundreds of MB
+            clip_cache[source] = ClipScorer.load(source, studio.model.device)
+        return clip_cache[source]
+
+    def scored(session: str, token: str, cfg: ScoreConfig, ground_truth: str, files: list[str], clip_source: str,
+               progress) -> ConceptScores:
+        """The GPU part: plain values in, a picklable result out (ZeroGPU runs it in a worker process)."""
+        concept = studio.library.get(token, session)
+
+        def on_progress(done: int, total: int, prompt: str) -> None:
+            if progress is not None:
+                progress((done, total), desc=prompt, unit="steps")
+
+        return score_concept(studio.model, concept, cfg, concept_set=ground_truth_set(token, ground_truth),
+                             reference_images=reference_pictures(files), clip=clip_for(clip_source),
+                             on_progress=on_progress, cancel=studio.cancel_flag(session, "evaluate"))
+
+    on_device = gpu_task(scored, EVALUATE_SECONDS)
+
+    def evaluate(token, samples, clip_source, ground_truth, kind, plain_words, steps, seed, files,
+                 request: gr.Request, progress=gr.Progress()):
+        session = session_of(request)
+        token = (token or "").strip()
+        if not token:
+            raise user_error("Pick a concept to score (train or import one first).")
+        studio.cancel_flag(session, "evaluate").clear()
+        try:
+            cfg = ScoreConfig(samples=int(samples), steps=int(steps), seed=int(seed or 0), kind=kind or "object",
+                              plain_words=(plain_words or "").strip() or None)
+            scores = on_device(session, token, cfg, ground_truth, [str(f) for f in files or []], clip_source,
+                               progress)
+        except Cancelled as exc:
+            raise user_error(f"Cancelled: {exc}") from exc
+        except USER_ERRORS as exc:
+            raise user_error(exc) from exc
+        out = studio.session_dir(session) / "evaluate"
+        out.mkdir(exist_ok=True)
+        run = time.strftime("%Y%m%d-%H%M%S")
+        grid = []
+        for k, sample in enumerate(scores.samples):
+            path = save_png(sample.image, out / f"{run}-{k:03d}-{sample.subject}.png")
+            grid.append((str(path), f"{sample.prompt} (seed {sample.seed})"))
+        return summary(scores, studio.model.name), table(scores), grid
+
+    def cancel(request: gr.Request) -> None:
+        studio.cancel_flag(session_of(request), "evaluate").set()
+
+    # 2. Layout.
+    gr.Markdown("Score a concept the way the Textual Inversion paper does: draw “a photo of S*” (does it look like "
+                "the concept?) and edit prompts like “S* on a black background” (does the rest of the prompt still "
+                "work?), and the same prompts with plain words instead of S*. The demo model is scored by its judge "
+                "against a bundled concept set; any model by CLIP when you name a CLIP model.")
+    with gr.Row():
+        with gr.Column():
+            token = pickers.dropdown("Concept", custom=True, elem_id="evaluate-concept")  # API clients name any word
+            samples = gr.Slider(1, 8, value=2, step=1, label="Pictures per prompt")
+            clip_source = gr.Textbox(label="CLIP model (optional: hub id or folder)",
+                                     placeholder="openai/clip-vit-base-patch32")
+            with gr.Accordion("Advanced", open=False):
+                ground_truth = gr.Dropdown([AUTO, *list_concept_sets(), NONE], value=AUTO,
+                                           label="Ground truth for the judge (bundled concept set)")
+                kind = gr.Radio(["object", "style"], value="object", label="What is it? (when no set says)")
+                plain_words = gr.Textbox(label="Plain words to compare with",
+                                         placeholder="default: the set's plain words, or the word it started from")
+                steps = gr.Slider(1, 50, value=ScoreConfig.steps, step=1, label="Sampling steps")
+                seed = gr.Number(label="First seed", value=0, precision=0)
+                files = gr.File(label="Training pictures (for CLIP image-image similarity)", file_count="multiple",
+                                file_types=["image"])
+            with gr.Row():
+                start = gr.Button("Evaluate", variant="primary")
+                stop = gr.Button("Cancel")
+        with gr.Column():
+            about = gr.Markdown(elem_id="evaluate-summary")
+            scores = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, elem_id="evaluate-scores",
+                                  column_widths=["30%", "14%", "14%", "42%"])
+            grid = gr.Gallery(label="The pictures the scores came from", columns=4, height=420,
+                              elem_id="evaluate-grid")
+
+    # 3. Wiring.
+    run = start.click(evaluate, [token, samples, clip_source, ground_truth, kind, plain_words, steps, seed, files],
+                      [about, scores, grid], api_name="evaluate_concept", concurrency_id="gpu")
+    stop.click(cancel, None, None, api_name="cancel_evaluation", concurrency_limit=None, cancels=[run])

@@ -1,0 +1,64 @@
+"""Evaluate tab through a real server on the built-in demo model: a bundled concept set's concept is scored by the
+judge (numbers in [0, 1], beside the plain-words baseline) with the pictures they came from; a concept with nothing to
+score it against says what to configure instead of failing with a traceback."""
+
+import pytest
+from gradio_client import Client
+from PIL import Image
+
+from studio.demo.concept_sets import load_concept_set
+from studio.demo.evaluate import initial_concept
+from studio.engine.concepts import save_concept
+from studio.engine.models import ModelManager
+from studio.library import ConceptLibrary
+from studio.ui.app import build_app
+from ui_server import launch
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_model_dir, tmp_path_factory):
+    """A studio on the demo model whose shared library holds <purple-star> (its set's word, started from "star",
+    untrained: scoring needs a concept, not a good one) and <no-truth> (a word no bundled set has)."""
+    manager = ModelManager()
+    model = manager.load(None)
+    root = tmp_path_factory.mktemp("evaluate-library")
+    concept = initial_concept(model, load_concept_set("purple-star"))
+    save_concept(concept, root / concept.token)  # the library names files by their word
+    concept.token = "<no-truth>"
+    save_concept(concept, root / concept.token)
+    app = build_app(manager, ConceptLibrary(root))
+    yield launch(app)
+    app.close()
+
+
+def evaluate(client: Client, token: str, clip: str = "", ground_truth: str = "auto (the set whose word it is)"):
+    # token, pictures per prompt, CLIP model, ground truth, kind, plain words, steps, first seed, training pictures
+    return client.predict(token, 1, clip, ground_truth, "object", "", 4, 0, [], api_name="/evaluate_concept")
+
+
+def test_a_bundled_sets_concept_gets_judge_scores_in_0_1_and_the_pictures_they_came_from(demo_server):
+    about, table, grid = evaluate(Client(demo_server, verbose=False), "<purple-star>")
+    rows = {row[0]: row for row in table["data"]}
+    assert {"reconstruction", "editability"} <= set(rows)
+    for row in table["data"]:
+        for value in row[1:3]:  # with the word, with plain words
+            assert isinstance(value, float) and 0.0 <= value <= 1.0, row
+    assert "purple-star" in rows["reconstruction"][3] and "shape star" in rows["reconstruction"][3]
+    assert "`<purple-star>`" in about and "judge" in about and "purple star" in about
+
+    # 3 reconstruction + 5 edit prompts, for the word and for the plain words, one picture each.
+    assert len(grid) == 16
+    captions = [item["caption"] for item in grid]
+    assert captions[0] == "a photo of a <purple-star> (seed 0)" and "a photo of a purple star (seed 0)" in captions
+    for item in grid:
+        assert Image.open(item["image"]).size == (64, 64)
+
+
+def test_nothing_to_score_against_says_what_to_configure(demo_server):
+    client = Client(demo_server, verbose=False)
+    with pytest.raises(Exception, match="has no ground truth.*purple-star.*CLIP model"):
+        evaluate(client, "<no-truth>")
+    with pytest.raises(Exception, match="could not load the CLIP model 'no/such-clip'"):
+        evaluate(client, "<no-truth>", clip="no/such-clip")
+    about, table, _ = evaluate(client, "<no-truth>", ground_truth="purple-star")  # the server kept running
+    assert table["data"][0][0] == "reconstruction"
