@@ -64,7 +64,8 @@ def test_out_of_memory_in_a_step_fails_with_the_next_mode_and_keeps_the_last_goo
 
     # As the advice says: the run goes on from the saved file in the smaller mode.
     resumed = []
-    concept = Trainer(model, _config(memory="low-vram", resume=str(failed.path)), pictures, tmp_path).run(resumed.append)
+    smaller = _config(memory="low-vram", resume=str(failed.path))
+    concept = Trainer(model, smaller, pictures, tmp_path).run(resumed.append)
     assert [e.step for e in resumed if e.kind == "step"] == [5, 6] and resumed[-1].kind == "finished"
     assert torch.isfinite(concept.vectors["text_encoder"]).all()
 
