@@ -2,6 +2,9 @@
 judge (numbers in [0, 1], beside the plain-words baseline) with the pictures they came from; a concept with nothing to
 score it against says what to configure instead of failing with a traceback."""
 
+import re
+import time
+
 import pytest
 from gradio_client import Client
 from PIL import Image
@@ -27,6 +30,9 @@ def demo_server(demo_model_dir, tmp_path_factory):
     concept.token = "<no-truth>"
     save_concept(concept, root / concept.token)
     app = build_app(manager, ConceptLibrary(root))
+    by_name = {fn.api_name: fn for fn in app.fns.values()}
+    assert by_name["evaluate_concept"].concurrency_id == "gpu"  # waits in the one GPU queue
+    assert by_name["cancel_evaluation"].concurrency_limit is None  # ... and its Cancel does not
     yield launch(app)
     app.close()
 
@@ -62,3 +68,19 @@ def test_nothing_to_score_against_says_what_to_configure(demo_server):
         evaluate(client, "<no-truth>", clip="no/such-clip")
     about, table, _ = evaluate(client, "<no-truth>", ground_truth="purple-star")  # the server kept running
     assert table["data"][0][0] == "reconstruction"
+
+
+def test_cancel_stops_a_running_evaluation_within_a_step(demo_server):
+    client = Client(demo_server, verbose=False)
+    started = time.monotonic()
+    job = client.submit("<purple-star>", 8, "", "purple-star", "object", "", 50, 0, [], api_name="/evaluate_concept")
+    while not job.status().progress_data:  # wait for the first denoising step
+        assert not job.done(), "the evaluation ended before it could be cancelled"
+        assert time.monotonic() - started < 60, "the evaluation did not start within 60 s"
+        time.sleep(0.05)
+    cancelled_at = time.monotonic()
+    client.predict(api_name="/cancel_evaluation")
+    with pytest.raises(Exception) as stopped:
+        job.result(timeout=30)
+    assert re.search(r"Cancelled: cancelled at step \d+ of 50", str(stopped.value)), stopped.value
+    assert time.monotonic() - cancelled_at < 10
