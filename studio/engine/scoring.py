@@ -227,10 +227,32 @@ def concept_set_for(token: str) -> "ConceptSet | None":
     return None
 
 
+def ground_truth_from_pictures(pictures: Sequence[Image.Image], token: str, kind: str) -> "ConceptSet | None":
+    """On the demo world, what the judge reads alike in every training picture, as a concept set to score against.
+
+    Objects: the shape, colour and pattern of pictures holding one object (backgrounds vary and are not the
+    concept); styles: the look (style, background) and a pattern every object shares. None when nothing is shared.
+    """
+    from studio.demo.concept_sets import ConceptSet
+    from studio.demo.judge import Judge
+
+    preds = Judge.load().predict(list(pictures))
+    if kind == "style":
+        seen = [{"style": p["style"], "background": p["background"],
+                 **({"pattern": p["objects"][0]["pattern"]}
+                    if len({o["pattern"] for o in p["objects"]}) == 1 else {})} for p in preds]
+    else:
+        seen = [{k: p["objects"][0][k] for k in ("shape", "color", "pattern")} for p in preds if p["count"] == 1]
+    shared = {k: v for k, v in seen[0].items() if all(s.get(k) == v for s in seen)} if seen else {}
+    if not shared:
+        return None
+    return ConceptSet("the training pictures", Path("."), [], kind, token, "", kind, shared, "", "", "read by the judge")
+
+
 def _plain_words(concept: Concept, cfg: ScoreConfig, cs: "ConceptSet | None") -> str | None:
     if cfg.plain_words and cfg.plain_words.strip():
         return cfg.plain_words.strip()
-    if cs is not None:
+    if cs is not None and cs.plain_subject:
         return cs.plain_subject
     init = concept.meta.get("init_text", "").strip()
     return init if init and init != "*" else None
@@ -243,8 +265,8 @@ def _nothing_applies(model, concept: Concept, judge_possible: bool) -> ScoringEr
         return ScoringError(
             f"{concept.token} has no ground truth to score against: on the demo model the judge checks a concept "
             f"against a bundled concept set's attributes. Pick the set it was trained on as ground truth "
-            f"({', '.join(list_concept_sets()) or 'none bundled'}), or give a CLIP model (hub id or folder) and "
-            "the pictures it was trained on")
+            f"({', '.join(list_concept_sets()) or 'none bundled'}), or give the pictures it was trained on (the "
+            "judge reads what they share), or give a CLIP model (hub id or folder)")
     return ScoringError(
         f"scoring {concept.token} on {model.name} needs a CLIP model: give a hub id (openai/clip-vit-large-patch14 "
         "is the paper's; openai/clip-vit-base-patch32 is smaller) or a local folder holding one. The judge reads "
@@ -258,13 +280,16 @@ def score_concept(model, concept: Concept, cfg: ScoreConfig | None = None, *,
     """Score `concept` on `model` (a LoadedModel): the judge on the demo model when `concept_set` gives ground truth,
     CLIP when `clip` is a ClipScorer, hub id or folder; raises ScoringError when neither applies.
 
-    `reference_images`: the concept's training pictures for CLIP's image-image similarity (default: the concept
-    set's). `cancel` stops within one denoising step (raises studio.engine.generate.Cancelled).
+    `reference_images`: the concept's training pictures, for CLIP's image-image similarity (default: the concept
+    set's) and, on the demo model without a concept set, for the judge's ground truth (what it reads alike in
+    all of them). `cancel` stops within one denoising step (raises studio.engine.generate.Cancelled).
     """
     # 1. Check inputs and decide which scorers apply.
     t0 = time.time()
     cfg = cfg or ScoreConfig()
     check_fits(concept, model.encoder_dims, where=f"concept {concept.token!r}")
+    if model.is_demo and concept_set is None and reference_images:
+        concept_set = ground_truth_from_pictures(reference_images, concept.token, cfg.kind)
     use_judge = bool(model.is_demo and concept_set is not None)
     if not use_judge and not clip:
         raise _nothing_applies(model, concept, judge_possible=model.is_demo)
@@ -323,7 +348,7 @@ def _judge_lines(judged: dict[str, dict], cs: "ConceptSet") -> list[ScoreLine]:
     ti, plain = judged["concept"], judged.get("plain", {})
     wanted = ", ".join(f"{k} {'/'.join(v) if isinstance(v, list) else v}" for k, v in cs.attributes.items())
     lines = [ScoreLine("reconstruction", ti["reconstruction"], plain.get("reconstruction"),
-                       f"judge: share of {cs.name}'s attributes ({wanted}) seen in 'a photo of S*' pictures"),
+                       f"judge: share of the attributes of {cs.name} ({wanted}) seen in 'a photo of S*' pictures"),
              ScoreLine("editability", ti["editability"], plain.get("editability"),
                        "judge: share of what each edit prompt asks for, seen in its pictures")]
     for prompt, value in ti["editing_prompts"].items():

@@ -18,7 +18,9 @@ from studio.demo.tokenizer import build_clip_tokenizer
 from studio.engine.concepts import Concept
 from studio.engine.generate import Cancelled
 from studio.engine.models import ModelManager
-from studio.engine.scoring import ClipScorer, ScoreConfig, ScoringError, score_concept, without_subject
+from studio.demo.concept_sets import load_concept_set
+from studio.engine.scoring import (ClipScorer, ScoreConfig, ScoringError, ground_truth_from_pictures, score_concept,
+                                    without_subject)
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +120,16 @@ def test_nothing_to_score_with_says_what_to_configure(sd1):
         ClipScorer.load("/no/such/clip-folder")
     with pytest.raises(ScoringError, match="samples must be between 1 and 16"):
         ScoreConfig(samples=0)
+
+
+def test_the_judge_reads_the_ground_truth_that_every_training_picture_shares():
+    """A demo-model concept trained on the user's own pictures is judged against what those pictures share."""
+    def pictures(name):
+        return [Image.open(p) for p in load_concept_set(name).images]
+
+    stars = ground_truth_from_pictures(pictures("purple-star"), "<mine>", "object")
+    assert stars.attributes == {"shape": "star", "color": "purple", "pattern": "solid"} and stars.token == "<mine>"
+    look = ground_truth_from_pictures(pictures("zigzag-soft"), "<look>", "style")
+    assert look.attributes == {"style": "soft", "background": "beige", "pattern": "zigzag"} and look.kind == "style"
+    mixed = ground_truth_from_pictures(pictures("purple-star")[:2] + pictures("dotted-cyan-heart")[:2], "<x>", "object")
+    assert mixed is None  # star/heart, purple/cyan, solid/dotted: nothing is shared

@@ -6,7 +6,7 @@ import re
 import time
 
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from PIL import Image
 
 from studio.demo.concept_sets import load_concept_set
@@ -67,7 +67,17 @@ def test_nothing_to_score_against_says_what_to_configure(demo_server):
     with pytest.raises(Exception, match="could not load the CLIP model 'no/such-clip'"):
         evaluate(client, "<no-truth>", clip="no/such-clip")
     about, table, _ = evaluate(client, "<no-truth>", ground_truth="purple-star")  # the server kept running
-    assert table["data"][0][0] == "reconstruction"
+    assert table["data"][0][0] == "reconstruction" and "ground truth of purple-star" in about
+
+
+def test_on_the_demo_model_the_training_pictures_give_the_judge_its_ground_truth(demo_server):
+    pictures = [handle_file(str(p)) for p in load_concept_set("purple-star").images]
+    about, table, grid = Client(demo_server, verbose=False).predict(
+        "<no-truth>", 1, "", "none", "object", "", 4, 0, pictures, api_name="/evaluate_concept")
+    assert "ground truth of the training pictures" in about and len(grid) == 16
+    reconstruction = table["data"][0]
+    assert reconstruction[0] == "reconstruction" and 0.0 <= reconstruction[1] <= 1.0
+    assert "(shape star, color purple, pattern solid)" in reconstruction[3]
 
 
 def test_cancel_stops_a_running_evaluation_within_a_step(demo_server):

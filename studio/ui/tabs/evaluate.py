@@ -37,7 +37,8 @@ def summary(scores: ConceptScores, model_name: str) -> str:
     # Markdown sanitizer would drop anything that looks like an HTML tag.
     plain = html.escape(scores.plain_words or "", quote=False)
     text = (f"`{scores.token}` on {html.escape(model_name, quote=False)}, scored by {' and '.join(scores.scorers)}"
-            + (f" against the ground truth of `{scores.ground_truth}`" if scores.ground_truth else "")
+            + (f" against the ground truth of {html.escape(scores.ground_truth, quote=False)}"
+               if scores.ground_truth else "")
             + (f"; plain words: “{plain}”" if plain else "")
             + f"; {len(scores.samples)} pictures in {scores.seconds:.0f} s.")
     return "\n\n".join([text] + [f"Not measured: {html.escape(note, quote=False)}." for note in scores.notes])
@@ -137,7 +138,8 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
                                          placeholder="default: the set's plain words, or the word it started from")
                 steps = gr.Slider(1, 50, value=ScoreConfig.steps, step=1, label="Sampling steps")
                 seed = gr.Number(label="First seed", value=0, precision=0)
-                files = gr.File(label="Training pictures (for CLIP image-image similarity)", file_count="multiple",
+                files = gr.File(label="Training pictures (CLIP compares with them; on the demo model without a "
+                                      "set, the judge reads what they share)", file_count="multiple",
                                 file_types=["image"])
             with gr.Row():
                 start = gr.Button("Evaluate", variant="primary")
