@@ -16,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio.engine.concepts import ConceptError
-from studio.engine.generate import Cancelled, GenerateRequest, generate, save_png
+from studio.engine.generate import Cancelled, GenerateRequest, GenerateResult, generate, save_png
 from studio.engine.memory import preset
 from studio.engine.models import LoadedModel, ModelError, ModelManager
 from studio.library import ConceptLibrary, LibraryEntry
@@ -87,12 +87,9 @@ class Studio:
 
     def run_generate(self, req_fields: dict, session: str, progress: gr.Progress | None = None) -> list[str]:
         """Resolve the concepts named in the prompts, generate, save PNGs with parameters; return their paths."""
-        model = self.model
-        text = req_fields["prompt"] + " " + req_fields.get("negative_prompt", "")
         self.cancel_flag(session).clear()
         try:
-            concepts = self.library.resolve(text, model.encoder_dims, session)
-            return self.render(GenerateRequest(concepts=concepts, **req_fields), session, progress)
+            return self.render(self.request_for(req_fields, session), session, progress)
         except Cancelled as exc:
             raise user_error(f"Cancelled: {exc}") from exc
         except USER_ERRORS as exc:
@@ -102,6 +99,22 @@ class Studio:
         """Generate `req` on the current model and save the pictures (PNG with parameters) in the session folder."""
         on_step = None if progress is None else (lambda step, total, _preview: progress((step, total), unit="steps"))
         result = generate(self.model, req, on_step=on_step, cancel=self.cancel_flag(session))
+        return self.save_pictures(result, session)
+
+    def request_for(self, req_fields: dict, session: str) -> GenerateRequest:
+        """The engine request for a form's fields, with the concepts its prompt and negative prompt name."""
+        text = req_fields["prompt"] + " " + req_fields.get("negative_prompt", "")
+        concepts = self.library.resolve(text, self.model.encoder_dims, session)
+        return GenerateRequest(concepts=concepts, **req_fields)
+
+    def fresh_cancel_flag(self, session: str, job: str = "generate") -> threading.Event:
+        """A new, unset flag for a `job` that starts now (what Cancel sets from here on). A run that was closed
+        early keeps its own, set, flag: clearing a shared one could let it run on after its cancel."""
+        flag = self._cancel[(session or "anonymous", job)] = threading.Event()
+        return flag
+
+    def save_pictures(self, result: GenerateResult, session: str) -> list[str]:
+        """Save each picture of `result` (PNG with its parameters) in the session folder; return their paths."""
         out = self.session_dir(session)
         paths = []
         for image, seed in zip(result.images, result.seeds):

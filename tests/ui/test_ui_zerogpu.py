@@ -73,4 +73,4 @@ def test_with_spaces_gpu_work_crosses_as_plain_data_and_the_concept_still_reache
             client.predict("a cat", "", 1, 2, 7.5, "euler_a", 36, 32, 1, api_name="/generate")
     finally:
         app.close()
-    assert ("snapshots", 600) in calls and ("_render", 60) in calls
+    assert ("snapshots", 600) in calls and ("render_streamed", 60) in calls

@@ -1,12 +1,26 @@
-"""Generate tab: prompt → pictures; concept words in the prompt are looked up in the library automatically."""
+"""Generate tab: prompt → pictures; concept words in the prompt are looked up in the library automatically.
+
+`/generate` and `/variations` stream: while the model works the gallery shows a preview of the first picture
+every few steps (captioned "step k/n"), then the finished PNGs; gradio_client's `predict` returns the finished
+gallery and `submit(...).outputs()` holds the previews too. Cancel stops a running job within one step and, in
+the browser, also takes a job still waiting in the GPU queue off it (API clients: `job.cancel()`).
+"""
 
 from __future__ import annotations
 
+from contextlib import closing
+from typing import Iterator
+
 import gradio as gr
 
-from studio.engine.generate import SCHEDULERS, read_infotext
+from studio.engine.generate import SCHEDULERS, Cancelled, GenerateRequest, read_infotext
+from studio.ui.generation_run import GenerationUpdate, generation_updates
+from studio.ui.gpu import gpu_task
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import Studio, seed_or_random, session_of, size_or_native, user_error
+from studio.ui.state import USER_ERRORS, Studio, seed_or_random, session_of, size_or_native, user_error
+
+VARIATION_SEEDS = 4  # pictures "a photo of <concept>" over this many seeds (seed, seed + 1, ...)
+VARIATION_PROMPT = "a photo of {}"  # the paper's simplest object template
 
 
 def insert_word(token: str | None, text: str) -> str:
@@ -14,22 +28,63 @@ def insert_word(token: str | None, text: str) -> str:
     return f"{text} {token}".strip() if token else text
 
 
-def concept_inserter(pickers: ConceptPickers, prompt: gr.Textbox, label: str = "Insert a concept") -> gr.Dropdown:
-    """A concept picker that appends the chosen word to `prompt`."""
-    picker = pickers.dropdown(label)
+def concept_inserter(pickers: ConceptPickers, prompt: gr.Textbox, label: str = "Insert a concept", *,
+                     custom: bool = False) -> gr.Dropdown:
+    """A concept picker that appends the chosen word to `prompt` (`custom`: see `ConceptPickers.dropdown`)."""
+    picker = pickers.dropdown(label, custom=custom)
     picker.select(insert_word, [picker, prompt], prompt, api_visibility="private")
     return picker
 
 
 def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
-    """Prompt, settings and a gallery; `/generate`, `/cancel` and `/read_png` endpoints."""
+    """Prompt, settings and a gallery; `/generate`, `/variations`, `/cancel` and `/read_png` endpoints."""
     # 1. Pure functions.
+    def render_streamed(req: GenerateRequest, session: str) -> Iterator[GenerationUpdate]:
+        yield from generation_updates(studio, req, session)
+
+    on_device = gpu_task(render_streamed)  # ZeroGPU: this part runs in the GPU worker
+
+    def stream(req_fields: dict, session: str, progress: gr.Progress) -> Iterator[list]:
+        """Gallery values: the latest preview (captioned with its step) while it runs, then the saved PNGs."""
+        try:
+            # Concepts are looked up here, in the server process, where the session's concepts live. Closing this
+            # handler early (Cancel in the browser) closes the run, which stops the engine.
+            with closing(on_device(studio.request_for(req_fields, session), session)) as updates:
+                for update in updates:
+                    if update.paths is not None:
+                        yield update.paths
+                        return
+                    progress((update.step, update.total), unit="steps")
+                    if update.preview is not None:
+                        yield [(update.preview, f"step {update.step}/{update.total}")]
+        except Cancelled as exc:
+            raise user_error(f"Cancelled: {exc}") from exc
+        except USER_ERRORS as exc:
+            raise user_error(exc) from exc
+
+    def settings(seed, steps, guidance, scheduler, width, height) -> dict:
+        return dict(seed=seed_or_random(seed), steps=int(steps), guidance=float(guidance), scheduler=scheduler,
+                    width=size_or_native(width), height=size_or_native(height))
+
     def run(prompt, negative, seed, steps, guidance, scheduler, width, height, count, request: gr.Request,
             progress=gr.Progress()):
-        fields = dict(prompt=prompt, negative_prompt=negative, seed=seed_or_random(seed), steps=int(steps),
-                      guidance=float(guidance), scheduler=scheduler, width=size_or_native(width),
-                      height=size_or_native(height), batch=int(count))
-        return studio.run_generate(fields, session_of(request), progress)
+        fields = dict(prompt=prompt, negative_prompt=negative, batch=int(count),
+                      **settings(seed, steps, guidance, scheduler, width, height))
+        yield from stream(fields, session_of(request), progress)
+
+    def variations(token, seed, steps, guidance, scheduler, width, height, request: gr.Request,
+                   progress=gr.Progress()):
+        session = session_of(request)
+        if not token:
+            raise gr.Error("Pick a concept in “Insert a concept” first: Variations show it over "
+                           f"{VARIATION_SEEDS} seeds.")
+        try:
+            studio.library.get(token, session)  # an unknown word fails here, not as a plain-text prompt
+        except USER_ERRORS as exc:
+            raise user_error(exc) from exc
+        fields = dict(prompt=VARIATION_PROMPT.format(token), batch=VARIATION_SEEDS,
+                      **settings(seed, steps, guidance, scheduler, width, height))
+        yield from stream(fields, session, progress)
 
     def cancel(request: gr.Request) -> None:
         studio.cancel_flag(session_of(request)).set()
@@ -48,7 +103,8 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", value="a red circle on a white background", lines=2)
             negative = gr.Textbox(label="Negative prompt", lines=1)
-            concept_inserter(pickers, prompt)
+            # custom: API clients name the concept for /variations; the server's copy of the choices is empty.
+            picked = concept_inserter(pickers, prompt, custom=True)
             with gr.Row():
                 seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0)
                 steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
@@ -60,12 +116,17 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
                 count = gr.Slider(1, 8, value=4, step=1, label="Pictures")
             with gr.Row():
                 go = gr.Button("Generate", variant="primary")
+                vary = gr.Button(f"Variations ({VARIATION_SEEDS} seeds of the picked concept)")
                 stop = gr.Button("Cancel")
             png = gr.File(label="Read parameters from a PNG", file_types=[".png"])
         gallery = gr.Gallery(label="Results", columns=4, height=420)
 
     # 3. Wiring.
-    go.click(run, [prompt, negative, seed, steps, guidance, scheduler, width, height, count], gallery,
-             api_name="generate", concurrency_id="gpu")
-    stop.click(cancel, None, None, api_name="cancel", concurrency_limit=None)
+    generated = go.click(run, [prompt, negative, seed, steps, guidance, scheduler, width, height, count], gallery,
+                         api_name="generate", concurrency_id="gpu")
+    varied = vary.click(variations, [picked, seed, steps, guidance, scheduler, width, height], gallery,
+                        api_name="variations", concurrency_id="gpu")
+    # The flag stops a running generation within one step; `cancels` also takes this browser's job off the queue
+    # while it still waits there (and closes a running one, which sets the flag too).
+    stop.click(cancel, None, None, api_name="cancel", concurrency_limit=None, cancels=[generated, varied])
     png.upload(read_png, png, [prompt, negative, seed, steps, guidance, scheduler, width, height], api_name="read_png")

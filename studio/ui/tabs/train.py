@@ -7,6 +7,7 @@ The `/train` endpoint streams its status text (with the loss of the latest step)
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -29,8 +30,8 @@ def training_snapshots(studio: Studio, session: str, files: list[str], cfg: Trai
 
     Takes and yields plain data only, so that on ZeroGPU it can run in the GPU worker process.
     """
-    flag = studio.cancel_flag(session, "train")
-    flag.clear()
+    # A fresh flag: a run closed early keeps its own, set, one (clearing a shared flag would let it run on).
+    flag = studio.fresh_cancel_flag(session, "train")
     try:
         trainer = Trainer(studio.model, cfg, [Path(f) for f in files], studio.session_dir(session) / "concepts")
     except USER_ERRORS as exc:
@@ -79,20 +80,40 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
                               preview_every=int(preview_every or 0))
         except USER_ERRORS as exc:
             raise user_error(exc) from exc
+        runs = on_device(session, [str(f) for f in files], cfg)
         snapshot = None
-        for snapshot in on_device(session, [str(f) for f in files], cfg):
-            studio.runs[session] = snapshot
-            if snapshot.loss is not None:
-                progress((snapshot.step, snapshot.total), desc=f"loss {snapshot.loss:.4f}", unit="steps")
-            if snapshot.concept is None:
-                yield snapshot.status, None
+        try:
+            for snapshot in runs:
+                studio.runs[session] = snapshot
+                if snapshot.loss is not None:
+                    progress((snapshot.step, snapshot.total), desc=f"loss {snapshot.loss:.4f}", unit="steps")
+                if snapshot.concept is None:
+                    yield snapshot.status, None
+        except GeneratorExit:
+            # The browser's Cancel (`cancels=`) or a client's job.cancel() closed this event while the trainer ran:
+            # it stops at its next step, and what it learned is kept, as after /cancel_training. In a thread, since
+            # the close may come from the server's event loop.
+            studio.cancel_flag(session, "train").set()
+            threading.Thread(target=keep_last, args=(session, runs), name=f"keep {cfg.token}", daemon=True).start()
+            raise
+        yield keep(session, snapshot), snapshot.path
+
+    def keep(session: str, snapshot: TrainingSnapshot) -> str:
+        """Put the concept of a run's last snapshot in the session (with its thumbnail); the status to show."""
         concept = snapshot.concept
         studio.library.add_session_concept(session, concept)
         if snapshot.previews and snapshot.path:
             thumb = Path(snapshot.path).with_suffix(".preview.png")  # A1111's name for a concept's thumbnail
             snapshot.previews[0].save(thumb)
             studio.thumbnails[(session, concept.token)] = thumb
-        yield f"{snapshot.status}\n{concept.token} is ready: write it in any prompt in this session.", snapshot.path
+        return f"{snapshot.status}\n{concept.token} is ready: write it in any prompt in this session."
+
+    def keep_last(session: str, runs: Iterator[TrainingSnapshot]) -> None:
+        snapshot = None
+        for snapshot in runs:
+            studio.runs[session] = snapshot
+        if snapshot is not None and snapshot.concept is not None:
+            keep(session, snapshot)
 
     def cancel(request: gr.Request) -> None:
         studio.cancel_flag(session_of(request), "train").set()
@@ -141,4 +162,6 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
     # Public too: API clients read (loss plot, previews) of their session's latest run as data.
     timer.tick(poll, None, [plot, previews], api_name="training_progress", concurrency_limit=None,
                show_progress="hidden")
-    stop.click(cancel, None, None, api_name="cancel_training", concurrency_limit=None)
+    # The flag stops a running training within one step; `cancels` also takes this browser's job off the GPU queue
+    # while it still waits there.
+    stop.click(cancel, None, None, api_name="cancel_training", concurrency_limit=None, cancels=[trained])
