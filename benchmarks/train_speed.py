@@ -1,13 +1,14 @@
 """Training speed and memory: the studio trainer vs a loop in the style of diffusers' textual_inversion example.
 
-`python benchmarks/train_speed.py [--size tiny|full] [--steps 40] [--batch 4]`
+`python benchmarks/train_speed.py [--size tiny|demo|full] [--steps 40] [--batch 4]`
 
 The reference loop does what diffusers' `examples/textual_inversion/textual_inversion.py` does, written out here
 without accelerate: the new token is added to the tokenizer and the whole input-embedding table is trainable
 (AdamW over every row, weight decay 1e-2), the other rows are copied back from a saved copy after every step, each
 batch is loaded from disk, resized, flipped and tokenized by a Dataset, and every step encodes its pictures with
 the VAE (no latent cache). The studio side is `studio.training.Trainer` with memory mode `fast` and no mixed
-precision. Both train the same model (random weights, `--size tiny` or SD-1.5-sized `full`) on the same pictures
+precision. Both train the same model (random weights, `--size tiny` or SD-1.5-sized `full`; or `--size demo`: the
+embedded demo model in assets/demo-model with the bundled concept set assets/concepts/zigzag-ring) on the same pictures
 with the same steps, batch size, learning rate and seed; each runs in its own process so that one's memory
 cannot be reused by the other; the sides alternate `--repeats` times and the best run of each is shown.
 
@@ -34,7 +35,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-TOKEN, INIT_WORD, LEARNING_RATE = "<bench>", "toy", 5e-3
+TOKEN, LEARNING_RATE = "<bench>", 5e-3
+INIT_WORD = "ring"  # one token in both the CLIP vocabulary of the random models and the demo model's own
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------
@@ -174,8 +177,16 @@ def run_diffusers_style(model_dir: Path, images: Path, args) -> dict:
 
 # ---- driver ---------------------------------------------------------------------------------------------------
 def prepare(root: Path, size: str, n_images: int) -> tuple[Path, Path]:
-    """A saved random pipeline of `size` and `n_images` seeded pictures of a square on noise."""
+    """A saved random pipeline of `size` and `n_images` seeded pictures of a square on noise; for `demo`, the
+    embedded demo model and a bundled concept set (copied, so both sides read the same PNG files)."""
     from studio.architectures import build_random_pipeline
+
+    if size == "demo":
+        folder = root / "pics"
+        folder.mkdir()
+        for k, src in enumerate(sorted((REPO / "assets" / "concepts" / "zigzag-ring").glob("*.png"))[:n_images]):
+            (folder / f"{k}.png").write_bytes(src.read_bytes())
+        return REPO / "assets" / "demo-model", folder
 
     pipe = build_random_pipeline("sd1", size, tokenizer_dir=root / "tok")
     pipe.save_pretrained(root / "model")
@@ -192,8 +203,9 @@ def prepare(root: Path, size: str, n_images: int) -> tuple[Path, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=["tiny", "full"], default="tiny",
-                        help="tiny: the test model (CPU, < 2 min); full: SD-1.5-sized random weights (for a GPU)")
+    parser.add_argument("--size", choices=["tiny", "demo", "full"], default="tiny",
+                        help="tiny: the test model (CPU, < 2 min); demo: the embedded demo model (the CPU target's "
+                        "model); full: SD-1.5-sized random weights (for a GPU)")
     parser.add_argument("--steps", type=int, default=None, help="steps per side (default: 40 tiny, 20 full)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--images", type=int, default=5)
@@ -204,7 +216,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--images-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.steps = args.steps or (40 if args.size == "tiny" else 20)
+    args.steps = args.steps or (20 if args.size == "full" else 40)
 
     if args.only:  # one side, in its own process
         side = run_studio if args.only == "studio" else run_diffusers_style

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from studio.engine.concepts import load_concept
     from studio.engine.generate import GenerateRequest, generate, save_png
-    from studio.engine.memory import apply_preset, memory_settings, oom_guard, preset
+    from studio.engine.memory import apply_preset, memory_settings, preset
     from studio.engine.models import ModelManager
 
     concepts = [load_concept(path) for path in args.concept]
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                           args.width, args.height, args.batch,
                           Image.open(args.init_image) if args.init_image else None, args.strength,
                           Image.open(args.mask) if args.mask else None, preview_every=0)
-    with tqdm(total=args.steps, desc="generating") as bar, oom_guard(mode.name):
+    with tqdm(total=args.steps, desc="generating") as bar:  # generate() itself turns an OOM into advice
         def on_step(step: int, total: int, _preview) -> None:
             bar.total = total  # img2img/inpaint run only `strength` of the steps
             bar.update(1)
