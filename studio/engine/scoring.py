@@ -54,15 +54,17 @@ class ScoringError(ValueError):
 
 @dataclass
 class ScoreConfig:
-    """How much to draw. Defaults are a quick look (about 30 s for the demo model on a 2-core CPU)."""
+    """How much to draw. Defaults are a quick look: on the demo model 16 prompts x 2 pictures x 10 steps, about 20 s
+    on a shared 2-core CPU (1.3 s per prompt measured)."""
 
     samples: int = 2  # pictures per prompt, seeds seed .. seed+samples-1 (the paper draws 64)
-    steps: int = 10  # half the studio's 20: enough to rank concepts; use 20 for docs/benchmarks.md's figures
+    steps: int = 10  # half the studio's 20, to keep a look cheap; 20 gives figures comparable to docs/benchmarks.md
     guidance: float = 7.5  # the studio's default
     scheduler: str = "euler_a"  # the studio's default
     seed: int = 0
     kind: str = "object"  # "object" | "style": which prompts; a concept set's own kind wins
-    plain_words: str | None = None  # stand in for S* in the baseline; None: the set's plain words, else init_text
+    plain_words: str | None = None  # replace S* ("in the style of S*" for styles) in the baseline prompts;
+    #                                  None: the set's plain words, else the word training started from
 
     def __post_init__(self) -> None:
         if not 1 <= self.samples <= 16:
@@ -249,13 +251,16 @@ def ground_truth_from_pictures(pictures: Sequence[Image.Image], token: str, kind
     return ConceptSet("the training pictures", Path("."), [], kind, token, "", kind, shared, "", "", "read by the judge")
 
 
-def _plain_words(concept: Concept, cfg: ScoreConfig, cs: "ConceptSet | None") -> str | None:
+def _plain_words(concept: Concept, cfg: ScoreConfig, cs: "ConceptSet | None", kind: str) -> str | None:
+    """What replaces the concept's phrase (S*, or "in the style of S*") in the baseline prompts."""
     if cfg.plain_words and cfg.plain_words.strip():
         return cfg.plain_words.strip()
     if cs is not None and cs.plain_subject:
         return cs.plain_subject
     init = concept.meta.get("init_text", "").strip()
-    return init if init and init != "*" else None
+    if not init or init == "*":
+        return None
+    return f"in the style of {init}" if kind == "style" else init
 
 
 def _nothing_applies(model, concept: Concept, judge_possible: bool) -> ScoringError:
@@ -296,7 +301,7 @@ def score_concept(model, concept: Concept, cfg: ScoreConfig | None = None, *,
     if isinstance(clip, (str, Path)):
         clip = ClipScorer.load(clip, model.device)
     kind = cfg.kind if concept_set is None else ("style" if concept_set.kind == "style" else "object")
-    plain = _plain_words(concept, cfg, concept_set)
+    plain = _plain_words(concept, cfg, concept_set, kind)
     references = list(reference_images) or ([Image.open(p).convert("RGB") for p in concept_set.images]
                                             if concept_set is not None else [])
     subjects = {"concept": (f"in the style of {concept.token}" if kind == "style" else concept.token, [concept])}
@@ -322,7 +327,6 @@ def score_concept(model, concept: Concept, cfg: ScoreConfig | None = None, *,
             judged[name] = score_subject(model, judge, concept_set, used, subject, eval_cfg,
                                          draw=drawer.for_subject(name, recon))
         lines += _judge_lines(judged, concept_set)
-        recon_of = {name: reconstruction_prompts(concept_set, s) for name, (s, _) in subjects.items()}
     # 3. Draw for CLIP alone (any model).
     else:
         recon_of = {name: [p.format(s) for p in RECONSTRUCTION_PROMPTS[kind]] for name, (s, _) in subjects.items()}

@@ -8,6 +8,7 @@ model a CLIP model (hub id or folder) gives image-image and image-text similarit
 from __future__ import annotations
 
 import html
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,10 +110,10 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
             raise user_error(exc) from exc
         out = studio.session_dir(session) / "evaluate"
         out.mkdir(exist_ok=True)
-        run = time.strftime("%Y%m%d-%H%M%S")
+        run = Path(tempfile.mkdtemp(dir=out, prefix=time.strftime("%Y%m%d-%H%M%S-")))  # one folder per run
         grid = []
         for k, sample in enumerate(scores.samples):
-            path = save_png(sample.image, out / f"{run}-{k:03d}-{sample.subject}.png")
+            path = save_png(sample.image, run / f"{k:03d}-{sample.subject}.png")
             grid.append((str(path), f"{sample.prompt} (seed {sample.seed})"))
         return summary(scores, studio.model.name), table(scores), grid
 
@@ -135,7 +136,8 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
                                            label="Ground truth for the judge (bundled concept set)")
                 kind = gr.Radio(["object", "style"], value="object", label="What is it? (when no set says)")
                 plain_words = gr.Textbox(label="Plain words to compare with",
-                                         placeholder="default: the set's plain words, or the word it started from")
+                                         placeholder="default: the set's plain words, or the word it started from; "
+                                                     "for a style, a phrase like 'in watercolor style'")
                 steps = gr.Slider(1, 50, value=ScoreConfig.steps, step=1, label="Sampling steps")
                 seed = gr.Number(label="First seed", value=0, precision=0)
                 files = gr.File(label="Training pictures (CLIP compares with them; on the demo model without a "
