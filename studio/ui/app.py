@@ -1,9 +1,9 @@
 """The Gradio studio: one tab per file in `studio/ui/tabs/`, thin handlers over the engine; engine errors become
 `gr.Error` at the edge. Heavy work shares one queue (`concurrency_id="gpu"`, one job at a time).
 
-Endpoints (gradio_client `api_name`): generate, cancel, read_png, train, cancel_training, training_progress,
-style_transfer, compose, inpaint, library, import_concepts, export_concept, rename_concept, delete_concept,
-save_concept, preview_concept, load_model, set_memory_mode.
+Endpoints (gradio_client `api_name`): generate, variations, cancel, read_png, train, cancel_training,
+training_progress, style_transfer, compose, inpaint, evaluate_concept, cancel_evaluation, library, import_concepts,
+export_concept, rename_concept, delete_concept, save_concept, preview_concept, load_model, set_memory_mode.
 """
 
 from __future__ import annotations
