@@ -98,7 +98,9 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
                 info.get("guidance", 7.5), info.get("scheduler", "euler_a"), info.get("width", 0), info.get("height", 0))
 
     # 2. Layout.
-    gr.Markdown("Write a prompt; any concept word from the library (e.g. `<my-cat>`) is used automatically.")
+    gr.Markdown("Write a prompt; any concept word from the library (e.g. `<my-cat>`) is used automatically. "
+                f"**Variations**: `{VARIATION_PROMPT.format('<concept>')}` for the picked concept over "
+                f"{VARIATION_SEEDS} seeds.")
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", value="a red circle on a white background", lines=2)
@@ -116,7 +118,7 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
                 count = gr.Slider(1, 8, value=4, step=1, label="Pictures")
             with gr.Row():
                 go = gr.Button("Generate", variant="primary")
-                vary = gr.Button(f"Variations ({VARIATION_SEEDS} seeds of the picked concept)")
+                vary = gr.Button(f"Variations ({VARIATION_SEEDS} seeds)")
                 stop = gr.Button("Cancel")
             png = gr.File(label="Read parameters from a PNG", file_types=[".png"])
         gallery = gr.Gallery(label="Results", columns=4, height=420)
