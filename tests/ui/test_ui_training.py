@@ -67,7 +67,7 @@ def test_every_concept_picker_is_refreshed_after_training_import_and_delete(tiny
     app = build_app(manager, library)
     pickers = [b for b in app.blocks.values() if isinstance(b, gr.Dropdown)
                and b.label in ("Insert a concept", "Insert a style concept", "Concept A", "Concept B", "Concept")]
-    assert len(pickers) == 6  # generate, style, inpaint, compose A and B, library
+    assert len(pickers) == 7  # generate, style, inpaint, compose A and B, library, evaluate
     fns = list(app.fns.values())
     by_name = {fn.api_name: fn for fn in fns}
     for endpoint in ("train", "import_concepts", "delete_concept", "rename_concept", "load_model", "save_concept"):
