@@ -25,7 +25,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -295,15 +295,18 @@ def check(prediction: dict[str, Any], attributes: dict[str, Any]) -> dict[str, b
 
 # ---------------------------------------------------------------------------------------------- measuring
 
-def measure_accuracy(judge: Judge, n: int = 2000, seed: int = 12345) -> dict[str, float]:
-    """Per-attribute accuracy on `n` fresh clean renders (a seed training never used).
+def measure_accuracy(judge: Judge, n: int = 2000, seed: int = 12345,
+                     transform: Callable[[list[Image.Image]], list[Image.Image]] | None = None) -> dict[str, float]:
+    """Per-attribute accuracy on `n` fresh clean renders (a seed training never used), or on what `transform`
+    makes of them (e.g. a VAE's reconstructions: the most a model decoding through that VAE can reach).
 
     shape/color/pattern count every object; size/position only single objects (pairs fix them); `scene` is the
     fraction of pictures with every attribute right.
     """
     rng = random.Random(seed)
     scenes = judge_scenes(rng, n)
-    preds = judge.predict([world.render(s, RESOLUTION) for s in scenes])
+    pictures = [world.render(s, RESOLUTION) for s in scenes]
+    preds = judge.predict(transform(pictures) if transform else pictures)
     hits: dict[str, list[bool]] = {k: [] for k in VOCAB}
     whole = []
     for scene, pred in zip(scenes, preds):

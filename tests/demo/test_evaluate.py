@@ -96,8 +96,9 @@ def test_eval_cli_writes_compliance_json(demo_model_dir, tmp_path):
 
 
 def test_short_textual_inversion_beats_the_untrained_initial_word(demo_model_dir, tmp_path, judge):
-    """120 seeded steps on the zigzag-night style: the trained word fits the pictures better than its initial
-    word ("flat") by the training objective on fixed draws, and the judge finds its generations nearer the set."""
+    """120 seeded steps on the zigzag-ring set (a ring wearing the pattern no caption names): the trained word fits
+    the pictures better than its initial word ("ring") by the training objective on fixed draws, and the judge
+    finds its generations nearer the set (build 3: soft reconstruction 0.43 -> 0.73)."""
     import torch
 
     from studio.demo.evaluate import EvalConfig, _generate, reconstruction_prompts, subject_phrases
@@ -105,7 +106,7 @@ def test_short_textual_inversion_beats_the_untrained_initial_word(demo_model_dir
 
     torch.manual_seed(0)
     model = ModelManager().load(demo_model_dir)
-    cs = load_concept_set("zigzag-night")
+    cs = load_concept_set("zigzag-ring")
     start = initial_concept(model, cs)
     trained, _seconds = train_concept(model, cs, tmp_path, steps=120, seed=0, progress=lambda _m: None)
 
