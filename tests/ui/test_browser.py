@@ -45,7 +45,7 @@ def test_generate_by_clicking_shows_a_picture_in_the_gallery(page):
     page.get_by_role("button", name="Generate").click()
     page.locator("img[src*='file=']").or_(page.locator(".gallery img, [data-testid='gallery'] img")).first.wait_for(timeout=60000)
     page.screenshot(path=str(ARTIFACTS / "generate.png"))
-    for tab in ("Train", "Inpaint", "Library", "Model"):
+    for tab in ("Train", "Style transfer", "Compose", "Inpaint", "Library", "Evaluate", "Model"):
         page.get_by_role("tab", name=tab).click()
         page.wait_for_timeout(300)
         page.screenshot(path=str(ARTIFACTS / f"{tab.lower()}.png"))
