@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--size", choices=["tiny", "demo", "full"], default="tiny",
                         help="tiny: the test model (CPU, < 2 min); demo: the embedded demo model (the CPU target's "
                         "model); full: SD-1.5-sized random weights (for a GPU)")
-    parser.add_argument("--steps", type=int, default=None, help="steps per side (default: 40 tiny, 20 full)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per side (default: 40 tiny and demo, 20 full)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--images", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)

@@ -167,24 +167,27 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, log: dict, gen: torch.Gener
 
 def vae_roundtrip(vae) -> Callable[[list[Image.Image]], list[Image.Image]]:
     """Pictures -> the VAE's reconstructions of them (encode to the latent mean, decode), as pictures."""
+    from diffusers.image_processor import VaeImageProcessor
+
     def run(pictures):
         x = _to_tensor([p.convert("RGB") for p in pictures])
         with torch.no_grad():
             y = torch.cat([vae.decode(vae.encode(x[i:i + 128]).latent_dist.mean).sample
                            for i in range(0, len(x), 128)])
-        arr = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        return [Image.fromarray(a) for a in arr]
+        return VaeImageProcessor().postprocess(y, output_type="pil")
     return run
 
 
 def vae_ceiling(vae, n: int = 500) -> dict[str, float] | None:
     """The judge's per-attribute accuracy on the VAE's reconstructions of fresh renders: an upper bound on the
     prompt compliance of any UNet decoding through this VAE (None when the judge is not there)."""
-    from studio.demo.judge import JUDGE_DIR, Judge, measure_accuracy
+    from studio.demo.judge import Judge, JudgeError, measure_accuracy
 
-    if not (JUDGE_DIR / "judge.safetensors").is_file():
+    try:
+        judge = Judge.load()
+    except JudgeError:
         return None
-    return measure_accuracy(Judge.load(), n=n, transform=vae_roundtrip(vae))
+    return measure_accuracy(judge, n=n, transform=vae_roundtrip(vae))
 
 
 def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, log: dict) -> None:

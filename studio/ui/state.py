@@ -87,7 +87,7 @@ class Studio:
 
     def run_generate(self, req_fields: dict, session: str, progress: gr.Progress | None = None) -> list[str]:
         """Resolve the concepts named in the prompts, generate, save PNGs with parameters; return their paths."""
-        self.cancel_flag(session).clear()
+        self.fresh_cancel_flag(session)  # what `render` passes to the engine and Cancel sets
         try:
             return self.render(self.request_for(req_fields, session), session, progress)
         except Cancelled as exc:

@@ -98,7 +98,7 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
         token = (token or "").strip()
         if not token:
             raise user_error("Pick a concept to score (train or import one first).")
-        studio.cancel_flag(session, "evaluate").clear()
+        studio.fresh_cancel_flag(session, "evaluate")
         try:
             cfg = ScoreConfig(samples=int(samples), steps=int(steps), seed=int(seed or 0), kind=kind or "object",
                               plain_words=(plain_words or "").strip() or None)
