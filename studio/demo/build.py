@@ -12,9 +12,13 @@ fixes the count instead for an exactly repeatable run):
    world has no long-range structure) with L1 + MSE reconstruction weighted towards object pixels, mostly on
    object-seeking crops (see `train_vae`).
 4. Encode every picture once; set the VAE's scaling factor to 1/std of the latents, as SD does.
-5. Train a small CLIP text encoder jointly with a small UNet on the cached latents: epsilon prediction, SD's
-   scaled-linear betas, Min-SNR-5 loss weighting (Hang et al. 2023: faster convergence), 10% empty captions so
-   classifier-free guidance works, AdamW with warm-up and cosine decay, an EMA of the weights that is what gets
+5. Train a small CLIP text encoder jointly with a small UNet on the cached latents: SD's scaled-linear betas
+   rescaled to zero terminal SNR, v-prediction, and "trailing" timesteps at sampling (Lin et al. 2024, "Common
+   Diffusion Noise Schedules and Sample Steps are Flawed"): with SD's own schedule the last training step still
+   shows the model 7% of the picture, so it learns to read the background and the layout off the noise and
+   ignores the caption for them, and sampling, which starts from pure noise, draws them at random (build 3:
+   background and position at chance, tinted backgrounds). Min-SNR-5 loss weighting (Hang et al. 2023) with a
+   floor of 1 so the pure-noise step keeps its weight; 10% empty captions so classifier-free guidance works, AdamW with warm-up and cosine decay, an EMA of the weights that is what gets
    saved. Cross-attention sits at the 8x8 and 4x4 levels only: 16x16 self-attention would double the cost.
 6. Save a standard diffusers StableDiffusionPipeline folder atomically (temp folder, then rename), with a
    snapshot every `--snapshot-minutes` so a cut-off build still leaves a usable model.
@@ -53,6 +57,9 @@ CAPTIONS_PER_PICTURE = 3
 UNNAMED_RATE = 0.1
 OBJECT_WEIGHT = 9.0  # VAE loss weight of object pixels against background pixels
 EDGE_WEIGHT = 2.0  # VAE loss weight of the neighbouring-pixel differences
+# The UNet's noise schedule (training and the saved sampler config): SD's betas, rescaled to zero terminal SNR.
+NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      rescale_betas_zero_snr=True, prediction_type="v_prediction")
 VAE_CROP, VAE_CROP_SHARE = 32, 0.8  # VAE: crop side, and the share of steps trained on crops
 
 
@@ -194,8 +201,8 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, log: dict) -> N
     """Write the pipeline folder atomically: a temp folder beside `out`, then rename."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              timestep_spacing="trailing")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -233,7 +240,7 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    log = {"recipe": 3, "seed": seed, "minutes": minutes, "vae_steps": vae_steps, "n_images": n_images,
+    log = {"recipe": 4, "seed": seed, "minutes": minutes, "vae_steps": vae_steps, "n_images": n_images,
            "batch": batch, "lr": lr, "hardware": f"{platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "vae_loss": [], "unet_loss": []}
 
@@ -277,10 +284,9 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
     # 5. Text encoder + UNet.
     text_encoder, unet = make_text_encoder(tokenizer), make_unet()
     ema = _EMA([text_encoder, unet])
-    noise_sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                num_train_timesteps=1000)
-    snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
-    weights = torch.clamp(snr, max=5.0) / snr  # Min-SNR-gamma for epsilon prediction
+    noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
+    snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)  # 0 at the last step
+    weights = torch.clamp(snr, min=1.0, max=5.0) / (snr + 1)  # Min-SNR-5 for v-prediction, floored at the x0 loss
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     remaining = budget - (time.time() - t0) - 30  # leave time to save
@@ -306,7 +312,8 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
         t = torch.randint(0, 1000, (batch,), generator=gen)
         xt = noise_sched.add_noise(x0, noise, t)
         cond = text_encoder(tok).last_hidden_state
-        per_sample = F.mse_loss(unet(xt, t, cond).sample, noise, reduction="none").mean(dim=(1, 2, 3))
+        target = noise_sched.get_velocity(x0, noise, t)
+        per_sample = F.mse_loss(unet(xt, t, cond).sample, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

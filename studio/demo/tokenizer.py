@@ -31,28 +31,41 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply merges the way CLIP's tokenizer does: always the lowest-ranked adjacent pair first."""
+    pieces = list(pieces)
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        ranked = [(r, i) for r, i in pairs if r is not None]
+        if not ranked:
+            break
+        _, i = min(ranked)
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
 def clip_vocab_and_merges(words: Iterable[str]) -> tuple[dict[str, int], list[str]]:
-    """Return `(vocab, merges)` in the format of CLIP's `vocab.json` / `merges.txt`."""
+    """Return `(vocab, merges)` in the format of CLIP's `vocab.json` / `merges.txt`.
+
+    Each word gets the merges that join what the earlier merges already make of it, left to right, until it is one
+    token. BPE applies merges by rank, not by word, so a chain that ignored the earlier words' merges could be
+    overtaken by them ("art" merged first would leave "heart" as "he" + "art")."""
     symbols = list(_bytes_to_unicode().values())
     vocab_list: list[str] = symbols + [s + "</w>" for s in symbols]
     seen = set(vocab_list)
     merges: list[str] = []
-    merge_set: set[str] = set()
+    ranks: dict[tuple[str, str], int] = {}
     byte_map = _bytes_to_unicode()
     for word in sorted({w.lower() for w in words if w.strip()}):
         pieces = [byte_map[b] for b in word.encode("utf-8")]
         pieces[-1] += "</w>"
-        # Merge left to right: ((w o) r) d</w>; every prefix becomes a token of its own.
-        current = pieces[0]
-        for nxt in pieces[1:]:
-            rule = f"{current} {nxt}"
-            current = current + nxt
-            if rule not in merge_set:
-                merge_set.add(rule)
-                merges.append(rule)
-            if current not in seen:
-                seen.add(current)
-                vocab_list.append(current)
+        while len(pieces := _bpe(pieces, ranks)) > 1:
+            pair = (pieces[0], pieces[1])  # a new merge outranks every earlier one, so it applies last
+            ranks[pair] = len(merges)
+            merges.append(" ".join(pair))
+            if pair[0] + pair[1] not in seen:
+                seen.add(pair[0] + pair[1])
+                vocab_list.append(pair[0] + pair[1])
     vocab_list += [BOS, EOS]
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
 

@@ -38,9 +38,12 @@ def test_a_tiny_build_loads_generates_and_repeats(tmp_path):
 
     first = run(tmp_path / "a")
     log = json.loads((first / "training_log.json").read_text())
-    assert log["recipe"] == 3 and log["unet_steps"] == 3 and log["vae_steps"] == 5
+    assert log["recipe"] == 4 and log["unet_steps"] == 3 and log["vae_steps"] == 5
     assert 0.0 <= log["vae_judge"]["color"] <= 1.0  # the judge read the VAE's reconstructions
     model = ModelManager().load(first)
+    sampler = model.pipe.scheduler.config  # zero terminal SNR, v-prediction, sampling from the last timestep
+    assert sampler.rescale_betas_zero_snr and sampler.prediction_type == "v_prediction"
+    assert sampler.timestep_spacing == "trailing"
     result = generate(model, GenerateRequest(prompt="a red circle", seed=0, steps=2, width=64, height=64,
                                              preview_every=0))
     assert result.images[0].size == (64, 64)
@@ -49,3 +52,14 @@ def test_a_tiny_build_loads_generates_and_repeats(tmp_path):
     a = ModelManager().load(first).pipe.unet.state_dict()
     b = ModelManager().load(second).pipe.unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_last_training_step_is_pure_noise_and_keeps_its_loss_weight():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(**build.NOISE_SCHEDULE)
+    assert float(sched.alphas_cumprod[-1]) == 0.0  # nothing of the picture is left to read off the noise
+    x0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    last = torch.tensor([999])
+    assert torch.allclose(sched.add_noise(x0, noise, last), noise)
+    assert torch.allclose(sched.get_velocity(x0, noise, last), -x0)  # the target there: the picture itself
