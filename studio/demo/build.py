@@ -12,13 +12,12 @@ fixes the count instead for an exactly repeatable run):
    world has no long-range structure) with L1 + MSE reconstruction weighted towards object pixels, mostly on
    object-seeking crops (see `train_vae`).
 4. Encode every picture once; set the VAE's scaling factor to 1/std of the latents, as SD does.
-5. Train a small CLIP text encoder jointly with a small UNet on the cached latents: SD's scaled-linear betas
-   rescaled to zero terminal SNR, v-prediction, and "trailing" timesteps at sampling (Lin et al. 2024, "Common
-   Diffusion Noise Schedules and Sample Steps are Flawed"): with SD's own schedule the last training step still
-   shows the model 7% of the picture, so it learns to read the background and the layout off the noise and
-   ignores the caption for them, and sampling, which starts from pure noise, draws them at random (build 3:
-   background and position at chance, tinted backgrounds). Min-SNR-5 loss weighting (Hang et al. 2023) with a
-   floor of 1 so the pure-noise step keeps its weight; 10% empty captions so classifier-free guidance works, AdamW with warm-up and cosine decay, an EMA of the weights that is what gets
+5. Train a small CLIP text encoder jointly with a small UNet on the cached latents: epsilon prediction, SD's
+   scaled-linear betas, Min-SNR-5 loss weighting (Hang et al. 2023: faster convergence), 10% empty captions so
+   classifier-free guidance works. `--schedule zero-snr` trains instead on the betas rescaled to zero terminal SNR
+   with v-prediction and samples from the last timestep ("trailing"; Lin et al. 2024): SD's schedule leaves 7% of
+   the picture in its noisiest training step, so the model reads background and layout off the noise and sampling
+   from pure noise draws them at random; zero-snr fixes that but learnt colour and shape far slower here. AdamW with warm-up and cosine decay, an EMA of the weights that is what gets
    saved. Cross-attention sits at the 8x8 and 4x4 levels only: 16x16 self-attention would double the cost.
 6. Save a standard diffusers StableDiffusionPipeline folder atomically (temp folder, then rename), with a
    snapshot every `--snapshot-minutes` so a cut-off build still leaves a usable model.
@@ -57,9 +56,15 @@ CAPTIONS_PER_PICTURE = 3
 UNNAMED_RATE = 0.1
 OBJECT_WEIGHT = 9.0  # VAE loss weight of object pixels against background pixels
 EDGE_WEIGHT = 2.0  # VAE loss weight of the neighbouring-pixel differences
-# The UNet's noise schedule (training and the saved sampler config): SD's betas, rescaled to zero terminal SNR.
-NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                      rescale_betas_zero_snr=True, prediction_type="v_prediction")
+# The UNet's noise schedule (training, and the sampler config saved with the model). "sd": SD 1.x's own, what the
+# shipped build 3 used. "zero-snr": the same betas rescaled to zero terminal SNR, v-prediction, trailing timesteps
+# (Lin et al. 2024): fixed build 3's backgrounds and positions, learnt colour and shape far slower (docs/demo-model.md).
+_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+NOISE_SCHEDULES = {
+    "sd": dict(_BETAS, prediction_type="epsilon"),
+    "zero-snr": dict(_BETAS, rescale_betas_zero_snr=True, prediction_type="v_prediction"),
+}
+_SPACING = {"sd": "leading", "zero-snr": "trailing"}
 VAE_CROP, VAE_CROP_SHARE = 32, 0.8  # VAE: crop side, and the share of steps trained on crops
 
 
@@ -197,12 +202,12 @@ def vae_ceiling(vae, n: int = 500) -> dict[str, float] | None:
     return measure_accuracy(judge, n=n, transform=vae_roundtrip(vae))
 
 
-def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, log: dict) -> None:
+def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, log: dict, schedule: str = "sd") -> None:
     """Write the pipeline folder atomically: a temp folder beside `out`, then rename."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    scheduler = DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              timestep_spacing="trailing")
+    scheduler = DDIMScheduler(**NOISE_SCHEDULES[schedule], clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              timestep_spacing=_SPACING[schedule])
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -234,13 +239,15 @@ class _EMA:
 
 def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 4000,
           unet_steps: int | None = None, snapshot_minutes: float = 15.0, batch: int = 32, lr: float = 1e-3,
-          vae_dir: Path | None = None, ceiling_pictures: int = 500) -> Path:
+          vae_dir: Path | None = None, ceiling_pictures: int = 500, schedule: str = "sd") -> Path:
+    if schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"unknown noise schedule {schedule!r}; choose one of: {', '.join(NOISE_SCHEDULES)}")
     t0 = time.time()
     budget = minutes * 60
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    log = {"recipe": 4, "seed": seed, "minutes": minutes, "vae_steps": vae_steps, "n_images": n_images,
+    log = {"recipe": 3, "schedule": schedule, "seed": seed, "minutes": minutes, "vae_steps": vae_steps, "n_images": n_images,
            "batch": batch, "lr": lr, "hardware": f"{platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "vae_loss": [], "unet_loss": []}
 
@@ -284,9 +291,12 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
     # 5. Text encoder + UNet.
     text_encoder, unet = make_text_encoder(tokenizer), make_unet()
     ema = _EMA([text_encoder, unet])
-    noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
-    snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)  # 0 at the last step
-    weights = torch.clamp(snr, min=1.0, max=5.0) / (snr + 1)  # Min-SNR-5 for v-prediction, floored at the x0 loss
+    noise_sched = DDPMScheduler(**NOISE_SCHEDULES[schedule])
+    snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)  # zero-snr: 0 at the last step
+    if schedule == "zero-snr":  # Min-SNR-5 for v-prediction, floored at the x0 loss so the pure-noise step counts
+        weights = torch.clamp(snr, min=1.0, max=5.0) / (snr + 1)
+    else:
+        weights = torch.clamp(snr, max=5.0) / snr  # Min-SNR-5 for epsilon prediction
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     remaining = budget - (time.time() - t0) - 30  # leave time to save
@@ -294,7 +304,7 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
 
     def snapshot() -> None:
         log["unet_steps"], log["seconds"] = step, round(time.time() - t0, 1)
-        save_pipeline(out, vae, ema.copies[0], tokenizer, ema.copies[1], log)
+        save_pipeline(out, vae, ema.copies[0], tokenizer, ema.copies[1], log, schedule)
 
     while True:
         elapsed = time.time() - start
@@ -312,7 +322,7 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
         t = torch.randint(0, 1000, (batch,), generator=gen)
         xt = noise_sched.add_noise(x0, noise, t)
         cond = text_encoder(tok).last_hidden_state
-        target = noise_sched.get_velocity(x0, noise, t)
+        target = noise_sched.get_velocity(x0, noise, t) if schedule == "zero-snr" else noise
         per_sample = F.mse_loss(unet(xt, t, cond).sample, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
         opt.zero_grad(set_to_none=True)
@@ -352,9 +362,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=24000, help="number of world pictures to train on")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--schedule", choices=sorted(NOISE_SCHEDULES), default="sd",
+                        help="UNet noise schedule: sd (SD 1.x's; the shipped build) or zero-snr (v-prediction, "
+                        "zero terminal SNR, trailing timesteps; see docs/demo-model.md)")
     args = parser.parse_args(argv)
     build(args.out, args.minutes, args.seed, args.images, args.vae_steps, args.unet_steps,
-          args.snapshot_minutes, args.batch, args.lr, args.vae)
+          args.snapshot_minutes, args.batch, args.lr, args.vae, schedule=args.schedule)
 
 
 if __name__ == "__main__":

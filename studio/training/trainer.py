@@ -216,15 +216,15 @@ class Trainer:
                 return self._state(step, init, vectors, optimizer, generator, rng, scaler)
 
             # 4. The loop.
-            last_good = {k: v.detach().clone() for k, v in vectors.items()}
-            kept.step, kept.vectors, kept.snapshot = first - 1, last_good, snapshot
+            kept.step, kept.snapshot = first - 1, snapshot
+            kept.vectors = {k: v.detach().clone() for k, v in vectors.items()}
             started = time.time()
             for step in range(first, cfg.steps + 1):
                 if cancel is not None and cancel.is_set():
-                    path = self._save(last_good, step - 1, f"{token_file}.safetensors", snapshot(step - 1))
+                    path = self._save(kept.vectors, step - 1, f"{token_file}.safetensors", snapshot(step - 1))
                     emit(TrainEvent("cancelled", step=step - 1, total=cfg.steps, path=path,
                                     message=f"cancelled; vectors of step {step - 1} saved (resumable)"))
-                    return self._concept(last_good, step - 1)
+                    return self._concept(kept.vectors, step - 1)
                 lr = lr_at(step - 1)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -250,7 +250,7 @@ class Trainer:
                 if cfg.regularization:
                     loss = loss + cfg.regularization * sum((vectors[k] - init[k]).square().mean() for k in vectors)
                 if not math.isfinite(loss.item()):
-                    path = self._save(last_good, step - 1, f"{token_file}.safetensors")
+                    path = self._save(kept.vectors, step - 1, f"{token_file}.safetensors")
                     emit(TrainEvent("failed", step=step, total=cfg.steps, path=path,
                                     message=f"the loss became {loss.item()} at step {step}: lower the learning "
                                             f"rate (now {lr:g}) or train in fp32 (mixed precision now "
@@ -266,28 +266,27 @@ class Trainer:
                 if not all(torch.isfinite(v).all() for v in vectors.values()):
                     with torch.no_grad():
                         for k in vectors:
-                            vectors[k].copy_(last_good[k])
-                    path = self._save(last_good, step - 1, f"{token_file}.safetensors")
+                            vectors[k].copy_(kept.vectors[k])
+                    path = self._save(kept.vectors, step - 1, f"{token_file}.safetensors")
                     emit(TrainEvent("failed", step=step, total=cfg.steps, path=path,
                                     message=f"the vectors became NaN/inf at step {step}: lower the learning rate"))
                     raise TrainError(f"training diverged at step {step}; lower the learning rate (now {lr:g})")
-                last_good = {k: v.detach().clone() for k, v in vectors.items()}
-                kept.step, kept.vectors = step, last_good
+                kept.step, kept.vectors = step, {k: v.detach().clone() for k, v in vectors.items()}
                 rate = (step - first + 1) / max(1e-9, time.time() - started)
                 emit(TrainEvent("step", step=step, total=cfg.steps, loss=loss.item(), lr=lr, steps_per_s=rate,
                                 eta_s=(cfg.steps - step) / rate))
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    path = self._save(last_good, step, f"{token_file}-step{step}.safetensors", snapshot(step))
+                    path = self._save(kept.vectors, step, f"{token_file}-step{step}.safetensors", snapshot(step))
                     emit(TrainEvent("checkpoint", step=step, total=cfg.steps, path=path))
                 if cfg.preview_every and step % cfg.preview_every == 0:
                     with savings.vae_back():
-                        emit(TrainEvent("preview", step=step, total=cfg.steps, images=self._preview(last_good)))
+                        emit(TrainEvent("preview", step=step, total=cfg.steps, images=self._preview(kept.vectors)))
 
             # 5. The final file (resumable too: a later run can ask for more steps).
-            path = self._save(last_good, cfg.steps, f"{token_file}.safetensors", snapshot(cfg.steps))
+            path = self._save(kept.vectors, cfg.steps, f"{token_file}.safetensors", snapshot(cfg.steps))
         emit(TrainEvent("finished", step=cfg.steps, total=cfg.steps, path=path,
                         message=f"{cfg.steps - first + 1} steps in {time.time() - started:.1f}s"))
-        return self._concept(last_good, cfg.steps)
+        return self._concept(kept.vectors, cfg.steps)
 
     def _preview(self, vectors) -> list:
         """Pictures of the fixed preview prompts with fixed seeds, from the same loaded modules."""

@@ -38,12 +38,10 @@ def test_a_tiny_build_loads_generates_and_repeats(tmp_path):
 
     first = run(tmp_path / "a")
     log = json.loads((first / "training_log.json").read_text())
-    assert log["recipe"] == 4 and log["unet_steps"] == 3 and log["vae_steps"] == 5
+    assert log["recipe"] == 3 and log["schedule"] == "sd" and log["unet_steps"] == 3 and log["vae_steps"] == 5
     assert 0.0 <= log["vae_judge"]["color"] <= 1.0  # the judge read the VAE's reconstructions
     model = ModelManager().load(first)
-    sampler = model.pipe.scheduler.config  # zero terminal SNR, v-prediction, sampling from the last timestep
-    assert sampler.rescale_betas_zero_snr and sampler.prediction_type == "v_prediction"
-    assert sampler.timestep_spacing == "trailing"
+    assert model.pipe.scheduler.config.prediction_type == "epsilon"
     result = generate(model, GenerateRequest(prompt="a red circle", seed=0, steps=2, width=64, height=64,
                                              preview_every=0))
     assert result.images[0].size == (64, 64)
@@ -57,9 +55,18 @@ def test_a_tiny_build_loads_generates_and_repeats(tmp_path):
 def test_the_last_training_step_is_pure_noise_and_keeps_its_loss_weight():
     from diffusers import DDPMScheduler
 
-    sched = DDPMScheduler(**build.NOISE_SCHEDULE)
+    sched = DDPMScheduler(**build.NOISE_SCHEDULES["zero-snr"])
     assert float(sched.alphas_cumprod[-1]) == 0.0  # nothing of the picture is left to read off the noise
     x0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     last = torch.tensor([999])
     assert torch.allclose(sched.add_noise(x0, noise, last), noise)
     assert torch.allclose(sched.get_velocity(x0, noise, last), -x0)  # the target there: the picture itself
+
+
+def test_a_zero_snr_build_saves_a_v_prediction_sampler(tmp_path):
+    out = build.build(tmp_path / "z", minutes=5, seed=3, n_images=16, vae_steps=2, unet_steps=2, snapshot_minutes=0,
+                      batch=4, ceiling_pictures=0, schedule="zero-snr")
+    sampler = ModelManager().load(out).pipe.scheduler.config  # sampling starts from the last timestep
+    assert sampler.rescale_betas_zero_snr and sampler.prediction_type == "v_prediction"
+    assert sampler.timestep_spacing == "trailing"
+    assert json.loads((out / "training_log.json").read_text())["schedule"] == "zero-snr"
