@@ -431,6 +431,7 @@ def run_evaluation(model_source: str | None = None, cfg: EvalConfig | None = Non
     cfg = cfg or EvalConfig()
     t0 = time.time()
     from studio.demo.judge import Judge
+    from studio.training.data import TrainError
 
     model = ModelManager().load(model_source)
     judge = Judge.load()
@@ -462,7 +463,11 @@ def run_evaluation(model_source: str | None = None, cfg: EvalConfig | None = Non
         trained: dict[str, Any] = {}
         results["concepts"] = {}
         for name, cs in sets.items():
-            results["concepts"][name], trained[name] = evaluate_concept(model, judge, cs, cfg, work, progress)
+            try:
+                results["concepts"][name], trained[name] = evaluate_concept(model, judge, cs, cfg, work, progress)
+            except (ValueError, TrainError) as exc:  # one unusable set must not cost the scores already taken
+                results["concepts"][name] = {"kind": cs.kind, "error": str(exc)}
+                progress(f"  {name}: skipped: {exc}")
 
         # 3. Style transfer, 4. composition.
         results["style_transfer"] = {n: style_transfer(model, judge, sets[n], trained[n], cfg)
@@ -495,6 +500,9 @@ def format_table(results: dict[str, Any]) -> str:
         head = f"  {'concept':<18}{'kind':<8}{'recon TI':>9}{'plain':>7}{'gain':>7}{'edit TI':>9}{'plain':>7}{'train s':>9}"
         lines.append(head)
         for name, r in concepts.items():
+            if "error" in r:
+                lines.append(f"  {name:<18}{r['kind']:<8}not evaluated: {r['error']}")
+                continue
             ti, pl = r["textual_inversion"], r["plain_prompt"]
             lines.append(f"  {name:<18}{r['kind']:<8}{ti['reconstruction']:>9.2f}{pl['reconstruction']:>7.2f}"
                          f"{r['reconstruction_gain']:>+7.2f}{ti['editability']:>9.2f}{pl['editability']:>7.2f}"

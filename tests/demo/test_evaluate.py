@@ -95,6 +95,26 @@ def test_eval_cli_writes_compliance_json(demo_model_dir, tmp_path):
     assert set(results["conditioning_gap"]) == {"loss_with_captions", "loss_with_empty_prompt", "relative_gap"}
 
 
+def test_a_concept_set_that_cannot_be_trained_is_reported_and_the_other_scores_are_kept(demo_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "bad-init"
+    shutil.copytree(CONCEPTS_DIR / "purple-star", folder)
+    meta = json.loads((folder / "concept.json").read_text())
+    meta["init_word"] = "night"  # not in the demo vocabulary: several byte tokens, so no vector to start from
+    (folder / "concept.json").write_text(json.dumps(meta))
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "studio", "eval", "--prompts", "2", "--steps", "2", "--images", "1",
+                           "--concepts", str(folder), "--out", str(out)], cwd=REPO,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not evaluated: the initial word 'night'" in proc.stdout
+    results = json.loads(out.read_text())
+    assert results["compliance"]["prompts"] == 2  # the scores taken before the bad set survive
+    (entry,) = results["concepts"].values()
+    assert "tokens" in entry["error"] and entry["kind"] == "object"
+
+
 def test_short_textual_inversion_beats_the_untrained_initial_word(demo_model_dir, tmp_path, judge):
     """120 seeded steps on the zigzag-ring set (a ring wearing the pattern no caption names): the trained word fits
     the pictures better than its initial word ("ring") by the training objective on fixed draws, and the judge
