@@ -46,8 +46,10 @@ def test_seeds_reproducible_and_batch_image_k_equals_seed_plus_k(sd1):
     batch = generate(sd1, req)
     single = generate(sd1, GenerateRequest("a red cat", seed=6, steps=2, width=32, height=32))
     assert batch.seeds == [5, 6]
-    assert np.array_equal(_arr(batch.images[1]), _arr(single.images[0]))
-    assert not np.array_equal(_arr(batch.images[0]), _arr(batch.images[1]))
+    # Same noise, same picture: batched convolutions may round differently from single ones on the CPU, so allow
+    # a level or two of 255; a wrong seed gives a different picture everywhere (checked on image 0 just below).
+    assert np.abs(_arr(batch.images[1]) - _arr(single.images[0])).max() <= 2
+    assert np.abs(_arr(batch.images[0]) - _arr(batch.images[1])).mean() > 10
 
 
 def test_concurrent_requests_never_mix(sd1):
