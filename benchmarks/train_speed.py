@@ -86,6 +86,10 @@ def peak_memory(device: torch.device):
     result.update(peak_mib=(_rss_kib("VmHWM") - base) / 1024, how="peak RSS (VmHWM) after /proc/self/clear_refs")
 
 
+def _device(args) -> torch.device:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 # ---- the two loops --------------------------------------------------------------------------------------------
 def run_studio(model_dir: Path, images: Path, args) -> dict:
     """The studio trainer, as `studio train` runs it."""
@@ -112,7 +116,7 @@ def run_diffusers_style(model_dir: Path, images: Path, args) -> dict:
 
     from studio.training.templates import OBJECT_TEMPLATES
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, safety_checker=None)
     tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder.to(device), pipe.vae.to(device), pipe.unet.to(device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -186,7 +190,7 @@ def run_floor(model_dir: Path, images: Path, args) -> dict:
     is the most any trainer can gain over the reference on this model."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, safety_checker=None)
     for module in (pipe.text_encoder, pipe.vae, pipe.unet):
         module.to(device).requires_grad_(False)
@@ -291,12 +295,15 @@ def main() -> None:
     for label, r in (("diffusers-example style", ref), ("studio Trainer", ours), ("floor: UNet fwd+bwd only", floor)):
         print(f"{label:28}{r['steps_per_s']:10.2f}{r['seconds']:10.1f}{r['peak_mib']:11.1f}")
     speed = ours["steps_per_s"] / ref["steps_per_s"]
-    memory = ours["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else float("nan")
+    def of_ref(mib: float) -> float:
+        return mib / ref["peak_mib"] if ref["peak_mib"] > 0 else float("nan")
+
+    memory = of_ref(ours["peak_mib"])
     print(f"speed ratio studio/diffusers: {speed:.2f}x (target >= 3x)")
     print(f"memory ratio studio/diffusers: {memory:.2f}x (target <= 0.7x)")
     # The floor is the part no loop can drop; the reference's remaining time and memory is all a trainer can save.
     print(f"most any loop can reach on this model (floor vs diffusers): {floor['steps_per_s'] / ref['steps_per_s']:.2f}x "
-          f"steps/s, {floor['peak_mib'] / ref['peak_mib'] if ref['peak_mib'] > 0 else float('nan'):.2f}x memory; "
+          f"steps/s, {of_ref(floor['peak_mib']):.2f}x memory; "
           f"studio's share of the possible speed-up: "
           f"{_share(ref['steps_per_s'], ours['steps_per_s'], floor['steps_per_s'])}")
 

@@ -17,8 +17,8 @@ fixes the count instead for an exactly repeatable run):
    classifier-free guidance works. `--schedule zero-snr` trains instead on the betas rescaled to zero terminal SNR
    with v-prediction and samples from the last timestep ("trailing"; Lin et al. 2024): SD's schedule leaves 7% of
    the picture in its noisiest training step, so the model reads background and layout off the noise and sampling
-   from pure noise draws them at random; zero-snr fixes that but learnt colour and shape far slower here. AdamW with warm-up and cosine decay, an EMA of the weights that is what gets
-   saved. Cross-attention sits at the 8x8 and 4x4 levels only: 16x16 self-attention would double the cost.
+   from pure noise draws them at random; zero-snr fixes that but learnt colour and shape far slower here. AdamW
+   with warm-up and cosine decay, an EMA of the weights that is what gets saved. Cross-attention sits at the 8x8 and 4x4 levels only: 16x16 self-attention would double the cost.
 6. Save a standard diffusers StableDiffusionPipeline folder atomically (temp folder, then rename), with a
    snapshot every `--snapshot-minutes` so a cut-off build still leaves a usable model.
 """
@@ -61,10 +61,9 @@ EDGE_WEIGHT = 2.0  # VAE loss weight of the neighbouring-pixel differences
 # (Lin et al. 2024): fixed build 3's backgrounds and positions, learnt colour and shape far slower (docs/demo-model.md).
 _BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 NOISE_SCHEDULES = {
-    "sd": dict(_BETAS, prediction_type="epsilon"),
-    "zero-snr": dict(_BETAS, rescale_betas_zero_snr=True, prediction_type="v_prediction"),
+    "sd": dict(_BETAS, prediction_type="epsilon", timestep_spacing="leading"),
+    "zero-snr": dict(_BETAS, rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"),
 }
-_SPACING = {"sd": "leading", "zero-snr": "trailing"}
 VAE_CROP, VAE_CROP_SHARE = 32, 0.8  # VAE: crop side, and the share of steps trained on crops
 
 
@@ -206,8 +205,7 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, log: dict, sche
     """Write the pipeline folder atomically: a temp folder beside `out`, then rename."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    scheduler = DDIMScheduler(**NOISE_SCHEDULES[schedule], clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              timestep_spacing=_SPACING[schedule])
+    scheduler = DDIMScheduler(**NOISE_SCHEDULES[schedule], clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -293,7 +291,8 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
     ema = _EMA([text_encoder, unet])
     noise_sched = DDPMScheduler(**NOISE_SCHEDULES[schedule])
     snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)  # zero-snr: 0 at the last step
-    if schedule == "zero-snr":  # Min-SNR-5 for v-prediction, floored at the x0 loss so the pure-noise step counts
+    v_prediction = noise_sched.config.prediction_type == "v_prediction"
+    if v_prediction:  # Min-SNR-5 for v-prediction, floored at the x0 loss so the pure-noise step counts
         weights = torch.clamp(snr, min=1.0, max=5.0) / (snr + 1)
     else:
         weights = torch.clamp(snr, max=5.0) / snr  # Min-SNR-5 for epsilon prediction
@@ -322,7 +321,7 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
         t = torch.randint(0, 1000, (batch,), generator=gen)
         xt = noise_sched.add_noise(x0, noise, t)
         cond = text_encoder(tok).last_hidden_state
-        target = noise_sched.get_velocity(x0, noise, t) if schedule == "zero-snr" else noise
+        target = noise_sched.get_velocity(x0, noise, t) if v_prediction else noise
         per_sample = F.mse_loss(unet(xt, t, cond).sample, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
         opt.zero_grad(set_to_none=True)

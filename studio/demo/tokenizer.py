@@ -60,12 +60,12 @@ def clip_vocab_and_merges(words: Iterable[str]) -> tuple[dict[str, int], list[st
         pieces = [byte_map[b] for b in word.encode("utf-8")]
         pieces[-1] += "</w>"
         while len(pieces := _bpe(pieces, ranks)) > 1:
-            pair = (pieces[0], pieces[1])  # a new merge outranks every earlier one, so it applies last
-            ranks[pair] = len(merges)
+            pair, merged = (pieces[0], pieces[1]), pieces[0] + pieces[1]
+            ranks[pair] = len(merges)  # a new merge outranks every earlier one, so it applies last
             merges.append(" ".join(pair))
-            if pair[0] + pair[1] not in seen:
-                seen.add(pair[0] + pair[1])
-                vocab_list.append(pair[0] + pair[1])
+            if merged not in seen:
+                seen.add(merged)
+                vocab_list.append(merged)
     vocab_list += [BOS, EOS]
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
 
