@@ -7,6 +7,7 @@ are cached per file, so a refresh costs one `stat` per file and a re-read only o
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -28,6 +29,12 @@ from studio.engine.concepts import (
     load_concept,
     save_concept,
 )
+from studio.engine.names import FILE_MODE, check_word, file_stem, inside, session_key
+
+# What a save does when the word (or its file) is already in the shared library.
+IF_TAKEN = ("refuse", "replace", "keep both")
+# Temp files of a write that a kill interrupted (`.<name>.<random>.tmp`) are removed once older than this.
+STALE_TEMP_S = 3600.0
 
 # Characters that end a word in a prompt: whitespace and A1111/compel prompt syntax. Tokens may hold < > - _ . etc.
 _PROMPT_SEPARATORS = re.compile(r"[\s,()\[\]{}:|]+")
@@ -60,11 +67,17 @@ class _CachedFile:
 class ConceptLibrary:
     """Concept files under `root` (recursive) plus per-session concepts; thread-safe."""
 
-    def __init__(self, root: Path | str, refresh_interval: float = 1.0) -> None:
-        """`refresh_interval`: seconds during which `get`/`resolve` reuse the last scan (entries() always rescans)."""
+    def __init__(self, root: Path | str, refresh_interval: float = 1.0, sessions_dir: Path | str | None = None) -> None:
+        """`refresh_interval`: seconds during which `get`/`resolve` reuse the last scan (entries() always rescans).
+
+        `sessions_dir`: where each session's concepts are also kept on disk (one folder per session), so that they
+        outlive a page reload or a restart; None keeps them in memory only.
+        """
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.sessions_dir = Path(sessions_dir) if sessions_dir is not None else None
         self.refresh_interval = refresh_interval
+        remove_stale_temp_files(self.root)
         self._lock = threading.RLock()
         self._files: dict[Path, _CachedFile] = {}
         self._sessions: dict[str, dict[str, Concept]] = {}
@@ -154,7 +167,7 @@ class ConceptLibrary:
         """Every file (unreadable ones with their error) and this session's concepts, with fits/reason for the model."""
         with self._lock:
             self.refresh()
-            session_concepts = self._sessions.get(session, {}) if session is not None else {}
+            session_concepts = self._session(session) if session is not None else {}
             rows = []
             for token, concept in sorted(session_concepts.items()):
                 fits, reason = self._fit(concept, encoder_dims, where=f"session concept {token!r}")
@@ -199,7 +212,7 @@ class ConceptLibrary:
             return found
 
     def _lookup(self, token: str, session: str | None) -> Concept | None:
-        if session is not None and token in self._sessions.get(session, {}):
+        if session is not None and token in self._session(session):
             return self._sessions[session][token]
         path = self._by_token.get(token)
         return self._files[path].concept if path is not None else None
@@ -228,20 +241,113 @@ class ConceptLibrary:
 
     # ------------------------------------------------------------------------------------------------ writing
 
-    def add_session_concept(self, session: str, concept: Concept) -> None:
-        """Make `concept` usable by `session` only (e.g. a concept just trained); other sessions never see it."""
-        with self._lock:
-            self._sessions.setdefault(session, {})[concept.token] = concept
+    def add_session_concept(self, session: str, concept: Concept, if_taken: str = "replace") -> Concept:
+        """Make `concept` usable by `session` only (e.g. a concept just trained); other sessions never see it.
 
-    def drop_session(self, session: str) -> None:
-        """Forget a session's concepts (call when the session ends)."""
+        `if_taken` when the session already has a concept with this word: "replace" it (training the same word
+        again), "keep both" (this one gets the next free word, `<w>-2`, ...) or "refuse". Returns what was added.
+        """
+        with self._lock:
+            mine = self._session(session)
+            if concept.token in mine:
+                if if_taken == "refuse":
+                    raise ConceptError(f"this session already has a concept called {concept.token!r}; "
+                                       "rename or delete that one first")
+                if if_taken == "keep both":
+                    concept = _renamed(concept, self._free_word(concept.token, session))
+            self._write_session_file(session, concept)
+            mine[concept.token] = concept
+            return concept
+
+    def drop_session(self, session: str, *, files: bool = False) -> None:
+        """Forget a session's concepts in memory (its files stay for a later visit); `files=True` deletes those too."""
         with self._lock:
             self._sessions.pop(session, None)
+            folder = self._session_folder(session)
+            if files and folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 
-    def save(self, concept: Concept, format: str = "studio") -> Path:
-        """Write `concept` into the library folder as `<token>.safetensors` (or `.pt` for SD1/SD2 a1111)."""
+    def expire_sessions(self, max_age_s: float) -> list[str]:
+        """Delete the folders of sessions unused for `max_age_s` seconds (and forget them); returns their ids."""
+        if self.sessions_dir is None or not self.sessions_dir.is_dir():
+            return []
+        now, expired = time.time(), []
         with self._lock:
-            path = save_concept(concept, self.root / concept.token, format=format)
+            for folder in self.sessions_dir.iterdir():
+                if folder.is_dir() and session_key(folder.name) and now - folder.stat().st_mtime > max_age_s:
+                    self.drop_session(folder.name, files=True)
+                    expired.append(folder.name)
+        return expired
+
+    def _session(self, session: str) -> dict[str, Concept]:
+        """This session's concepts, read back from its folder on the first use after a restart."""
+        mine = self._sessions.get(session)
+        if mine is None:
+            mine = self._sessions[session] = {}
+            folder = self._session_folder(session)
+            if folder is not None and folder.is_dir():
+                os.utime(folder)  # in use: not expired
+                for file in sorted(folder.glob("*.safetensors")):
+                    try:
+                        concept = load_concept(file)
+                    except ConceptError:
+                        continue  # a file a kill left half-written is never final (atomic writes): not ours
+                    mine[concept.token] = concept
+        return mine
+
+    def _session_folder(self, session: str) -> Path | None:
+        if self.sessions_dir is None or session_key(session) is None:
+            return None  # e.g. "anonymous": memory only
+        return inside(self.sessions_dir, session)
+
+    def _session_file(self, session: str, token: str) -> Path | None:
+        folder = self._session_folder(session)
+        # Words that make the same file stem (<a> and a) stay apart by a digest of the word itself.
+        digest = hashlib.sha1(token.encode("utf-8")).hexdigest()[:8]
+        return None if folder is None else inside(folder, f"{file_stem(token)}-{digest}.safetensors")
+
+    def _write_session_file(self, session: str, concept: Concept) -> None:
+        path = self._session_file(session, concept.token)
+        if path is not None:
+            save_concept(concept, path, format="studio")
+
+    def _free_word(self, token: str, session: str | None = None) -> str:
+        """`token` with the first `-2`, `-3` ... (inside any <>) that neither the library nor `session` uses."""
+        opening, core, closing = ("<", token[1:-1], ">") if token.startswith("<") and token.endswith(">") else ("", token, "")
+        for k in range(2, 10_000):
+            word = f"{opening}{core}-{k}{closing}"
+            taken = word in self._by_token or (session is not None and word in self._session(session))
+            path_taken = (self.root / f"{file_stem(word)}.safetensors").exists()
+            if not taken and not path_taken:
+                return word
+        raise ConceptError(f"no free variant of {token!r} in the library; rename it")
+
+    def save(self, concept: Concept, format: str = "studio", *, if_taken: str = "refuse") -> Path:
+        """Write `concept` into the library folder as `<file_stem(token)>.safetensors` (`.pt` for SD1/SD2 a1111).
+
+        When the word or its file is already there: `if_taken="refuse"` (the default) raises ConceptExistsError,
+        "replace" overwrites that file, "keep both" saves this one under the next free word (`<w>-2`).
+        """
+        if if_taken not in IF_TAKEN:
+            raise ConceptError(f"if_taken must be one of {', '.join(IF_TAKEN)}, not {if_taken!r}")
+        with self._lock:
+            self.refresh()
+            target = inside(self.root, file_stem(concept.token))
+            holder = self._by_token.get(concept.token)
+            clash = holder or next((p for p in self._files if p.with_suffix("") == target), None)
+            if clash is not None:
+                if if_taken == "refuse":
+                    raise ConceptExistsError(
+                        f"{concept.token!r} is already in the shared library ({clash.relative_to(self.root)}): "
+                        "choose replace or keep both")
+                if if_taken == "keep both":
+                    concept = _renamed(concept, self._free_word(concept.token))
+                    target = inside(self.root, file_stem(concept.token))
+                elif holder is not None and holder.with_suffix("") != target:
+                    raise ConceptExistsError(f"{concept.token!r} is used by {holder.relative_to(self.root)}, another "
+                                             "file: rename or delete that one first")
+            path = save_concept(concept, target, format=format)
+            _training_state(path).unlink(missing_ok=True)  # a replaced file's resume state belongs to the old vectors
             self.refresh()
             return path
 
@@ -253,22 +359,34 @@ class ConceptLibrary:
         concept = load_concept(source)  # validate first: a bad file never enters the library
         with self._lock:
             sources = [source] + _second_half(source, concept)
-            for src in sources:
-                if (self.root / src.name).exists():
-                    raise ConceptError(f"{src.name} is already in the library; rename or delete that one first")
-            for src in sources:
-                _atomic_copy(src, self.root / src.name)
+            targets = [inside(self.root, file_stem(src.stem) + src.suffix.lower()) for src in sources]
+            for target in targets:
+                if target.exists():
+                    raise ConceptExistsError(f"{target.name} is already in the library; rename or delete that one first")
+            for src, target in zip(sources, targets):
+                _atomic_copy(src, target)
             self.refresh()
-            return self._entry_for(self.root / sources[0].name)
+            return self._entry_for(targets[0])
 
     def rename(self, token: str, new_token: str, session: str | None = None) -> LibraryEntry:
-        """Give a concept a new trigger word: rewrites the token stored inside and the file name."""
+        """Give a concept a new trigger word: rewrites the token stored inside and the file name.
+
+        All or nothing: the new word is checked (one word, free, its file free) before anything changes.
+        """
+        check_word(new_token, "new word")
         with self._lock:
             self.refresh()
-            if session is not None and token in self._sessions.get(session, {}):
-                concept = self._sessions[session].pop(token)
-                renamed = Concept(new_token, concept.vectors, dict(concept.meta))
-                self._sessions[session][new_token] = renamed
+            if session is not None and token in self._session(session):
+                mine = self._sessions[session]
+                if new_token in mine:
+                    raise ConceptError(f"this session already has a concept called {new_token!r}; pick another word")
+                renamed = _renamed(mine[token], new_token)
+                self._write_session_file(session, renamed)
+                mine[new_token] = renamed
+                del mine[token]
+                old_file = self._session_file(session, token)
+                if old_file is not None:
+                    old_file.unlink(missing_ok=True)
                 return LibraryEntry(None, new_token, renamed, True, "", session)
             old_path = self._by_token.get(token)
             if old_path is None:
@@ -276,14 +394,17 @@ class ConceptLibrary:
             if new_token in self._by_token:
                 raise ConceptError(f"{new_token!r} is already used by {self._by_token[new_token].name}; pick another name")
             concept = self._files[old_path].concept
-            renamed = Concept(new_token, concept.vectors, dict(concept.meta))  # validates the new token
-            new_path = old_path.with_name(new_token + old_path.suffix)
-            fmt = _REWRITE_ON_RENAME.get(concept.meta.get("source_format", ""))
+            renamed = _renamed(concept, new_token)
+            new_path = inside(old_path.parent, file_stem(new_token) + old_path.suffix)
             old_files = [old_path] + _second_half(old_path, concept)
+            if new_path.exists() and new_path not in old_files:
+                raise ConceptError(f"{new_path.name} already exists in the library; pick another word")
+            fmt = _REWRITE_ON_RENAME.get(concept.meta.get("source_format", ""))
             if fmt is not None:
                 save_concept(renamed, new_path, format=fmt)  # written atomically before the old one goes
                 for old in old_files:
-                    old.unlink()
+                    if old != new_path and not (fmt == "diffusers" and old == companion_of(new_path)):
+                        old.unlink()
             else:  # the token is only the file name (kohya, SDXL, PNG): a rename is the whole change
                 os.replace(old_path, new_path)
             # A trainer's resume state names the old token, so it cannot continue the renamed concept.
@@ -294,8 +415,11 @@ class ConceptLibrary:
     def delete(self, token: str, session: str | None = None) -> None:
         """Remove a session concept, or delete the library file (both halves of a diffusers SDXL pair)."""
         with self._lock:
-            if session is not None and token in self._sessions.get(session, {}):
+            if session is not None and token in self._session(session):
                 del self._sessions[session][token]
+                old_file = self._session_file(session, token)
+                if old_file is not None:
+                    old_file.unlink(missing_ok=True)
                 return
             self.refresh()
             path = self._by_token.get(token)
@@ -311,6 +435,28 @@ class ConceptLibrary:
             if entry.path == path:
                 return entry
         raise ConceptError(f"{path} did not appear in the library after writing it")
+
+
+class ConceptExistsError(ConceptError):
+    """A save or import that would replace another file of the shared library; nothing was written."""
+
+
+def _renamed(concept: Concept, token: str) -> Concept:
+    return Concept(token, concept.vectors, dict(concept.meta))  # validates the new word
+
+
+def remove_stale_temp_files(folder: Path, older_than_s: float = STALE_TEMP_S) -> list[Path]:
+    """Delete the `.<name>.<random>.tmp` files that a killed write left under `folder`; a write still running (younger
+    than `older_than_s`) keeps its own. Returns what was removed."""
+    removed, now = [], time.time()
+    for tmp in folder.rglob(".*.tmp"):
+        try:
+            if tmp.is_file() and now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:  # its writer finished (os.replace) meanwhile
+            continue
+    return removed
 
 
 def _training_state(path: Path) -> Path:
@@ -340,6 +486,7 @@ def _atomic_copy(source: Path, target: Path) -> None:
     os.close(fd)
     try:
         shutil.copyfile(source, tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -149,7 +149,7 @@ def test_duplicate_tokens_resolve_deterministically_with_a_reason(tmp_path):
 def test_save_import_rename_delete(tmp_path, compat_dir):
     library = ConceptLibrary(tmp_path / "lib")
     saved = library.save(Concept("<new>", {"text_encoder": vectors(n=2)}, {"init_text": "cat"}))
-    assert saved == tmp_path / "lib" / "<new>.safetensors"
+    assert saved == tmp_path / "lib" / "new.safetensors"  # file-safe on every system; the word is inside
     assert library.get("<new>").meta["init_text"] == "cat"
 
     entry = library.import_file(compat_dir / "badhandv4.pt")
@@ -171,7 +171,7 @@ def test_save_import_rename_delete(tmp_path, compat_dir):
         library.rename("hands-neg", "<new>")
 
     library.rename("<new>", "<newer>")
-    assert load_concept(tmp_path / "lib" / "<newer>.safetensors").meta["token"] == "<newer>"
+    assert load_concept(tmp_path / "lib" / "newer.safetensors").meta["token"] == "<newer>"
 
     library.delete("hands-neg")
     assert not renamed.path.exists()
@@ -239,4 +239,4 @@ def test_trainer_resume_sidecar_goes_with_its_concept_on_rename_and_delete(tmp_p
     assert sorted(e.token for e in library.entries()) == ["<a>", "<b>"]
     library.rename("<a>", "<c>")
     library.delete("<b>")
-    assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == ["<c>.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == ["c.safetensors"]

@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "once the pictures are encoded; auto: by free GPU memory (fast on CPU)")
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
                    help="autocast the frozen model (vectors stay fp32); auto: none on CPU, the model's dtype on GPU")
-    p.add_argument("--out", type=Path, default=Path("."), help="folder for the concept files")
+    p.add_argument("--out", type=Path, default=Path("."),
+                   help="folder for the concept files, or the final file itself when it ends in .safetensors")
     p.set_defaults(func=run)
 
 

@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +33,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
+
+from studio.engine.names import FILE_MODE, WordError, check_word, file_stem
 
 ENCODER_KEYS = ("text_encoder", "text_encoder_2")  # diffusers pipeline attribute names
 
@@ -72,9 +75,10 @@ class Concept:
     meta: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.token or any(ch.isspace() for ch in self.token):
-            raise ConceptError(f"concept token {self.token!r} must be one word without spaces; "
-                               "rename the file or pass token=")
+        try:
+            check_word(self.token, "concept word")
+        except WordError as exc:
+            raise ConceptError(f"{exc} (rename the file or pass token=)") from None
         if "text_encoder" not in self.vectors or not set(self.vectors) <= set(ENCODER_KEYS):
             raise ConceptError(f"concept {self.token!r}: vectors must be keyed by {ENCODER_KEYS} "
                                f"(text_encoder required), got {sorted(self.vectors)}")
@@ -172,12 +176,34 @@ def load_concept(path: str | os.PathLike, token: str | None = None) -> Concept:
         # Our own files carry the word they were trained for ("<my-cat>" in my-cat.safetensors): a step-500
         # checkpoint or a renamed copy still answers to the word the user trained.
         token = stored_name
+    if token is None and stored_name and _named_after(stem, stored_name, source_format):
+        token = stored_name
     try:
         concept = Concept(token=token or stem, vectors=vectors, meta=meta)
     except ConceptError as exc:
         raise ConceptError(f"{path.name}: {exc}") from None
     concept.meta["family"] = concept.family
     return concept
+
+
+# The file name diffusers' textual_inversion script gives every result: it names no concept.
+DIFFUSERS_DEFAULT_STEM = "learned_embeds"
+
+
+def _named_after(stem: str, stored_name: str, source_format: str) -> bool:
+    """Whether the word stored inside a file, not its file name, is its trigger word.
+
+    - a diffusers file still called `learned_embeds` (its script's default name for every concept): the stored
+      token, as diffusers' own `load_textual_inversion` uses; two such files are two concepts, not one;
+    - a file whose name is the file-safe form of the stored word (`zz.pt` holding `<zz>`, as the studio's a1111
+      export writes it, since `<` and `>` cannot be in a file name on Windows): the stored word round-trips.
+    A1111's own rule otherwise: the file name wins (badhandv4.pt holding "badhandv3" answers to badhandv4).
+    """
+    if any(c.isspace() for c in stored_name):
+        return False
+    if source_format == "diffusers" and stem == DIFFUSERS_DEFAULT_STEM:
+        return True
+    return stored_name != stem and file_stem(stored_name) == stem
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -188,18 +214,36 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise ConceptError(f"{path.name}: not a readable safetensors file ({exc}); re-download or re-export it") from None
 
 
+class _PickledParameterDict:
+    """Inert stand-in for the `torch.nn.ParameterDict` in files of the paper's code: keeps the pickled attributes.
+
+    A real ParameterDict would run `Module.__setstate__`, and its methods need `_keys`, which torch of 2022 did not
+    pickle; both layouts keep the vectors in `_parameters`, the one attribute we read.
+    """
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+# Torch's own weights-only unpickler (a GLOBAL allowlist, os/sys blocked, BUILD and REDUCE only on allowlisted
+# names) reads the paper's files once the one name it refuses, torch.nn.modules.container.ParameterDict, resolves
+# to the stand-in above; every other class or function is still refused before anything runs. Chosen over reading
+# the tensor records straight out of the zip (ComfyUI's fallback): the records carry no shape, dtype or key (in the
+# paper's file data/0 is the token id, data/1 the vector), while torch's reader keeps them and applies map_location
+# to the storages saved from cuda:0. safe_globals is process-wide while the `with` lasts (a concurrent torch.load
+# elsewhere would get the inert stand-in too) and removes its entry on exit, so the lock keeps two loads from
+# removing each other's entry mid-load.
+_PAPER_SAFE_GLOBALS = [(_PickledParameterDict, "torch.nn.modules.container.ParameterDict")]
+_PAPER_SAFE_GLOBALS_LOCK = threading.Lock()
+
+
 def _read_torch(path: Path) -> object:
+    """A `.pt`/`.bin` through torch's weights-only unpickler; a paper-style ParameterDict comes back as a dict."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with _PAPER_SAFE_GLOBALS_LOCK, torch.serialization.safe_globals(_PAPER_SAFE_GLOBALS):
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "ParameterDict" in text:
-            raise ConceptError(
-                f"{path.name}: written by the original Textual Inversion code (string_to_param pickled as a "
-                "torch.nn.ParameterDict); we never unpickle arbitrary objects. Convert it on a trusted machine: "
-                "d = torch.load(f, map_location='cpu', weights_only=False); "
-                "torch.save({'string_to_param': {'*': d['string_to_param']['*'].detach().clone()}}, 'fixed.pt')"
-            ) from None
         found = re.search(r"GLOBAL ([\w.]+)|Unsupported global|Unsupported class", text)
         if found is None:  # garbage rather than an object: the byte stream is not a pickle we understand
             raise ConceptError(f"{path.name}: not a readable torch file (broken pickle); "
@@ -213,6 +257,20 @@ def _read_torch(path: Path) -> object:
         # the weights-only unpickler has executed nothing, so every failure here means "not a readable torch file".
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ConceptError(f"{path.name}: not a readable torch file ({first_line}); re-download or re-export it") from None
+    return _with_plain_string_to_param(data, path)
+
+
+def _with_plain_string_to_param(data: object, path: Path) -> object:
+    """`data` with a pickled ParameterDict under `string_to_param` replaced by the dict of its parameters."""
+    params = data.get("string_to_param") if isinstance(data, dict) else None
+    if not isinstance(params, _PickledParameterDict):
+        return data
+    state = params.state
+    found = state.get("_parameters") if isinstance(state, dict) else None
+    if not isinstance(found, dict):
+        raise ConceptError(f"{path.name}: string_to_param is a ParameterDict without its parameters; "
+                           "re-export the embedding")
+    return {**data, "string_to_param": dict(found)}
 
 
 def _read_image(path: Path) -> dict:
@@ -473,6 +531,7 @@ def _atomic_write(path: Path, payload: bytes) -> None:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from studio.engine.names import check_word
+
 
 @dataclass
 class TrainConfig:
@@ -30,8 +32,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # "no" | "fp16" | "bf16" | "auto" (CPU: "no"; GPU: the loaded dtype, else bf16)
 
     def __post_init__(self) -> None:
-        if not self.token.strip() or any(ch.isspace() for ch in self.token):
-            raise ValueError(f"the token must be one word without spaces, like <my-cat>, not {self.token!r}")
+        check_word(self.token, "new word")
         if not 1 <= self.n_vectors <= 75:
             raise ValueError(f"vectors per token must be between 1 and 75 (CLIP's prompt length), not {self.n_vectors}")
         if self.steps < 1 or self.batch_size < 1:

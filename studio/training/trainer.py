@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from studio.engine.concepts import ENCODER_KEYS, Concept, load_concept, save_concept
 from studio.engine.memory import is_out_of_memory, oom_advice, release_memory
+from studio.engine.names import file_stem, inside
 from studio.training.config import TrainConfig, parse_lr_schedule
 from studio.training.data import TrainError, encode_latents, find_images, load_images
 from studio.training.memory import training_memory
@@ -68,14 +69,30 @@ class LastGood:
     snapshot: Callable[[int], TrainState] | None = None
 
 
-class Trainer:
-    """Learn `config.token` from `images` on a LoadedModel; files go to `out_dir`."""
+# Divergence beyond NaN: a vector this many times the norm of the embedding table's largest row has left the space
+# the text encoder was trained on. Shared SD 1.5 embeddings that work reach 44x the vocabulary's typical norm
+# (0.39): SingleInsert's 43.95, dgtlv2's 10.5 (../shared/compat); a learning rate of 1e6 reaches 5.7e6 in a few
+# steps while the loss stays finite. 100x the largest row (demo model: 0.65 -> 65) keeps the first and stops the last.
+NORM_LIMIT_FACTOR = 100.0
 
-    def __init__(self, model, config: TrainConfig, images, out_dir: Path | str):
+
+class Trainer:
+    """Learn `config.token` from `images` on a LoadedModel.
+
+    `out` is a folder (the final file is `<word>.safetensors` in it, the word made file-safe by
+    `studio.engine.names.file_stem`) or a `.safetensors` path, which is then the final file; checkpoints are written
+    beside it as `<stem>-stepN.safetensors`.
+    """
+
+    def __init__(self, model, config: TrainConfig, images, out: Path | str):
         self.model = model
         self.config = config
         self.paths = find_images(images)
-        self.out_dir = Path(out_dir)
+        out = Path(out)
+        if out.suffix.lower() == ".safetensors":
+            self.out_dir, self.file_stem = out.parent, out.stem
+        else:
+            self.out_dir, self.file_stem = out, file_stem(config.token)
 
     def _init_vectors(self) -> dict[str, torch.Tensor]:
         """Vectors start from the embeddings of `init_text`'s tokens, repeated or cut to `n_vectors`."""
@@ -99,7 +116,7 @@ class Trainer:
     def _save(self, vectors, step: int, name: str, state: TrainState | None = None) -> Path:
         """Write the concept file `name`, with its resume sidecar when `state` is given (else none is left)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = save_concept(self._concept(vectors, step), self.out_dir / name, format="studio")
+        path = save_concept(self._concept(vectors, step), inside(self.out_dir, name), format="studio")
         if state is not None:
             save_state(path, state)
         else:
@@ -162,7 +179,7 @@ class Trainer:
         emit = on_event or (lambda _e: None)
         cfg, model = self.config, self.model
         pipe = model.pipe
-        token_file = cfg.token.strip("<>").replace("/", "_") or "concept"
+        token_file = self.file_stem
 
         # 1. What to continue from, checked before any work is done.
         resume_from, state = None, None
@@ -215,6 +232,8 @@ class Trainer:
             def snapshot(step: int) -> TrainState:
                 return self._state(step, init, vectors, optimizer, generator, rng, scaler)
 
+            norm_limit = self._norm_limit()
+
             # 4. The loop.
             kept.step, kept.snapshot = first - 1, snapshot
             kept.vectors = {k: v.detach().clone() for k, v in vectors.items()}
@@ -255,22 +274,24 @@ class Trainer:
                                     message=f"the loss became {loss.item()} at step {step}: lower the learning "
                                             f"rate (now {lr:g}) or train in fp32 (mixed precision now "
                                             f"{precision}); the last good vectors were saved to {path.name}"))
-                    raise TrainError(f"training diverged at step {step} (loss {loss.item()}); "
-                                     "lower the learning rate")
+                    raise TrainError(f"training diverged at step {step} (loss {loss.item()}): lower the learning "
+                                     f"rate (now {lr:g}); the vectors of step {step - 1} were saved to {path.name}")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(list(vectors.values()), cfg.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
-                if not all(torch.isfinite(v).all() for v in vectors.values()):
+                exploded = self._exploded(vectors, norm_limit)
+                if exploded:
                     with torch.no_grad():
                         for k in vectors:
                             vectors[k].copy_(kept.vectors[k])
                     path = self._save(kept.vectors, step - 1, f"{token_file}.safetensors")
-                    emit(TrainEvent("failed", step=step, total=cfg.steps, path=path,
-                                    message=f"the vectors became NaN/inf at step {step}: lower the learning rate"))
-                    raise TrainError(f"training diverged at step {step}; lower the learning rate (now {lr:g})")
+                    message = (f"training diverged at step {step}: {exploded}; lower the learning rate (now {lr:g}); "
+                               f"the vectors of step {step - 1} were saved to {path.name}")
+                    emit(TrainEvent("failed", step=step, total=cfg.steps, path=path, message=message))
+                    raise TrainError(message)
                 kept.step, kept.vectors = step, {k: v.detach().clone() for k, v in vectors.items()}
                 rate = (step - first + 1) / max(1e-9, time.time() - started)
                 emit(TrainEvent("step", step=step, total=cfg.steps, loss=loss.item(), lr=lr, steps_per_s=rate,
@@ -287,6 +308,25 @@ class Trainer:
         emit(TrainEvent("finished", step=cfg.steps, total=cfg.steps, path=path,
                         message=f"{cfg.steps - first + 1} steps in {time.time() - started:.1f}s"))
         return self._concept(kept.vectors, cfg.steps)
+
+    def _norm_limit(self) -> dict[str, float]:
+        """Per encoder: NORM_LIMIT_FACTOR times the largest row norm of its embedding table."""
+        pipe = self.model.pipe
+        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.model.family == "sdxl" else [])
+        return {key: NORM_LIMIT_FACTOR * float(enc.get_input_embeddings().weight.detach().float().norm(dim=1).max())
+                for key, enc in zip(ENCODER_KEYS, encoders)}
+
+    @staticmethod
+    def _exploded(vectors: dict[str, torch.Tensor], norm_limit: dict[str, float]) -> str:
+        """Why the vectors are no longer usable ("" while they are): NaN/inf, or a norm far above the vocabulary's."""
+        for key, v in vectors.items():
+            if not torch.isfinite(v).all():
+                return "the vectors became NaN/inf"
+            norm = float(v.detach().norm(dim=-1).max())
+            if norm > norm_limit[key]:
+                return (f"the vectors' norm reached {norm:.3g}, over {NORM_LIMIT_FACTOR:g}x the largest word of the "
+                        f"vocabulary ({norm_limit[key] / NORM_LIMIT_FACTOR:.3g})")
+        return ""
 
     def _preview(self, vectors) -> list:
         """Pictures of the fixed preview prompts with fixed seeds, from the same loaded modules."""

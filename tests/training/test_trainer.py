@@ -114,6 +114,39 @@ def test_diverging_loss_stops_with_a_clear_message_and_keeps_good_vectors(tiny_m
     assert torch.isfinite(load_concept(events[-1].path).vectors["text_encoder"]).all()
 
 
+def test_a_finite_but_exploding_norm_stops_the_run_naming_the_learning_rate(tiny_model_dirs, pictures, tmp_path):
+    """Guards 'learning rate 1e6: vectors reach 5.7e6, status ready': the loss stays finite, the norm explodes."""
+    events = []
+    model = ModelManager().load(tiny_model_dirs["sd1"])
+    cfg = TrainConfig("<t>", steps=5, learning_rate=1e6)
+    with pytest.raises(TrainError, match=r"norm reached .* lower the learning rate \(now 1e\+06\)"):
+        Trainer(model, cfg, pictures, tmp_path).run(events.append)
+    assert events[-1].kind == "failed" and "t.safetensors" in events[-1].message
+    kept = load_concept(events[-1].path).vectors["text_encoder"]
+    largest = model.pipe.text_encoder.get_input_embeddings().weight.norm(dim=1).max()
+    assert kept.norm(dim=-1).max() <= 100 * largest
+    # The default learning rate stays well inside the limit.
+    assert Trainer(model, TrainConfig("<ok>", steps=3), pictures, tmp_path / "ok").run().vectors[
+        "text_encoder"].norm(dim=-1).max() < 10 * largest
+
+
+def test_out_ending_in_safetensors_is_the_file_and_hostile_words_stay_in_the_folder(tiny_model_dirs, pictures,
+                                                                                  tmp_path):
+    model = ModelManager().load(tiny_model_dirs["sd1"])
+    target = tmp_path / "out" / "my-file.safetensors"
+    Trainer(model, TrainConfig("<t>", steps=2, save_every=1), pictures, target).run()
+    assert sorted(p.name for p in target.parent.iterdir()) == [
+        "my-file-step1.safetensors", "my-file-step1.safetensors.trainstate", "my-file.safetensors",
+        "my-file.safetensors.trainstate"]
+    assert load_concept(target).token == "<t>"
+    folder = tmp_path / "deep" / "folder"
+    Trainer(model, TrainConfig("../../evil", steps=1), pictures, folder).run()
+    assert sorted(p.name for p in folder.iterdir()) == ["evil.safetensors", "evil.safetensors.trainstate"]
+    assert not (tmp_path / "evil.safetensors").exists()
+    with pytest.raises(ValueError, match="at most 100"):
+        TrainConfig("x" * 300)
+
+
 def test_a1111_learning_rate_schedule_and_bad_config():
     lr = parse_lr_schedule("0.005:100, 1e-3:1000, 1e-5", 0.005, 0, 2000)
     assert (lr(0), lr(99), lr(100), lr(999), lr(1500)) == (0.005, 0.005, 1e-3, 1e-3, 1e-5)
