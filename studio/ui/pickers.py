@@ -11,7 +11,7 @@ from typing import Callable
 
 import gradio as gr
 
-from studio.ui.state import Studio, session_of
+from studio.ui.state import Studio
 
 
 class ConceptPickers:
@@ -39,13 +39,13 @@ class ConceptPickers:
 
     def refresh(self, request: gr.Request) -> list:
         """New choices for every dropdown (their values stay) and new values for every view."""
-        session = session_of(request)
+        session = self.studio.session_of(request)
         tokens = self.studio.concept_tokens(session)
         return [gr.update(choices=tokens) for _ in self.dropdowns] + [render(session) for render, _ in self.views]
 
-    def wire(self, app: gr.Blocks) -> None:
-        """Chain the refresh after every registered event and on page load; call once, after all tabs are built."""
+    def wire(self, page_loaded) -> None:
+        """Chain the refresh after every registered event and after `page_loaded` (the load event that ties the page
+        to its session); call once, after all tabs are built."""
         outputs = self.dropdowns + [component for _, component in self.views]
-        for event in self.triggers:
+        for event in self.triggers + [page_loaded]:
             event.then(self.refresh, None, outputs, api_visibility="private", show_progress="hidden")
-        app.load(self.refresh, None, outputs, api_visibility="private", show_progress="hidden")

@@ -114,3 +114,28 @@ def test_library_shows_why_a_file_does_not_fit_and_deletes_only_after_confirming
     page.get_by_role("button", name="Delete…").click()
     # The error names the word: Gradio renders error text as HTML, where <ghost> would vanish as a tag.
     expect(page.get_by_test_id("toast-body").first).to_contain_text("No concept named '<ghost>'")
+
+
+def test_session_concepts_outlive_a_page_reload_and_no_other_browser_sees_them(page, tmp_path):
+    """Guards 'a page reload drops every concept trained in that browser session, without a warning': the browser
+    keeps its session id (localStorage), the server its concepts; a second browser (its own storage) has its own."""
+    import torch
+    from playwright.sync_api import expect
+
+    from studio.engine.concepts import Concept, save_concept
+
+    file = save_concept(Concept("<kept>", {"text_encoder": torch.zeros(1, 768)}, {}), tmp_path / "kept")
+    page.get_by_role("tab", name="Library").click()
+    page.locator("#library-import input[type=file]").set_input_files([str(file)])
+    table = page.locator("#library-table")
+    expect(table).to_contain_text("<kept>", timeout=20000)
+    page.reload()
+    page.get_by_role("tab", name="Library").click()
+    expect(page.locator("#library-table")).to_contain_text("<kept>", timeout=20000)
+
+    other = page.context.browser.new_context().new_page()  # another browser profile: storage of its own
+    other.goto(page.url)
+    other.get_by_role("tab", name="Library").click()
+    other.get_by_role("button", name="Refresh").click()
+    expect(other.locator("#library-table")).to_contain_text("token", timeout=20000)
+    expect(other.locator("#library-table")).not_to_contain_text("<kept>")

@@ -66,14 +66,43 @@ def test_rename_thumbnail_save_for_everyone_then_delete(studio_server, tmp_path)
     assert [t["caption"] for t in thumbs] == ["<new-name>"]
 
     assert "every user" in mine.predict("<new-name>", api_name="/save_concept")
-    assert [p.name for p in root.iterdir()] == ["<new-name>.safetensors"]
-    assert rows(other)["<new-name>"][4].endswith("<new-name>.safetensors")  # now shared
+    assert [p.name for p in root.iterdir()] == ["new-name.safetensors"]  # file-safe; the word is inside
+    assert rows(other)["<new-name>"][4].endswith("new-name.safetensors")  # now shared
 
     report, _ = other.predict("<new-name>", api_name="/delete_concept")
     assert report == "deleted <new-name>" and list(root.iterdir()) == []
     assert "<new-name>" not in rows(mine)
     with pytest.raises(Exception, match="no concept named"):
         other.predict("<new-name>", api_name="/delete_concept")
+
+
+def test_two_users_saving_one_word_never_replace_each_other_and_errors_read_as_written(studio_server, tmp_path):
+    """Guards the silent overwrite ('the second replaces the first one's file and is told every user can use it'),
+    the rename that lost the concept on a bad word, and errors reaching API clients HTML-escaped (&lt;c1&gt;)."""
+    url, _, root = studio_server
+    first, second = Client(url, verbose=False), Client(url, verbose=False)
+    for client, folder in ((first, tmp_path / "a"), (second, tmp_path / "b")):
+        folder.mkdir()
+        client.predict([handle_file(concept_file(folder, "<c1>", 768))], api_name="/import_concepts")
+    assert "every user" in first.predict("<c1>", api_name="/save_concept")
+    before = (root / "c1.safetensors").read_bytes()
+    with pytest.raises(Exception, match=r"'<c1>' is already in the shared library \(c1.safetensors\)"):
+        second.predict("<c1>", api_name="/save_concept")  # raw text, not &lt;c1&gt;
+    assert (root / "c1.safetensors").read_bytes() == before and "<c1>" in rows(second)  # nothing lost
+    assert "as <c1-2>" in second.predict("<c1>", "keep both", api_name="/save_concept")
+    assert sorted(p.name for p in root.iterdir()) == ["c1-2.safetensors", "c1.safetensors"]
+
+    second.predict([handle_file(concept_file(tmp_path / "b", "<mine>", 768))], api_name="/import_concepts")
+    for bad in ("two words", ""):
+        with pytest.raises(Exception, match="spaces|empty"):
+            second.predict("<mine>", bad, api_name="/rename_concept")
+        assert "<mine>" in rows(second)
+    second.predict("<mine>", "../../evil", api_name="/rename_concept")  # a word may look like a path ...
+    assert "every user" in second.predict("../../evil", api_name="/save_concept")
+    assert sorted(p.name for p in root.iterdir()) == ["c1-2.safetensors", "c1.safetensors", "evil.safetensors"]
+    assert not (root.parent / "evil.safetensors").exists() and not (root.parent.parent / "evil.safetensors").exists()
+    for name in ("c1.safetensors", "c1-2.safetensors", "evil.safetensors"):  # ... but its file stays inside
+        (root / name).unlink()
 
 
 def test_memory_mode_reloads_the_model_with_its_settings_and_bad_input_is_explained(studio_server):
@@ -101,17 +130,28 @@ def test_the_model_text_says_the_demo_is_loaded(tiny_model_dirs, tmp_path):
     assert text.startswith("**The built-in demo model is loaded**") and "auto → fast" in text
 
 
-def test_a_closed_session_leaves_nothing_behind(tiny_model_dirs, tmp_path):
-    """Guards the app's `unload` hook: a session's concepts, training view, thumbnails and flags go with it."""
+def test_a_closed_page_frees_memory_and_its_browser_finds_its_concepts_again(tiny_model_dirs, tmp_path):
+    """Guards the app's `unload` hook both ways: a closed page's training view, thumbnails and flags go, and its
+    concepts leave memory, but a reload (a new page of the same browser session) reads them back from disk."""
+    from types import SimpleNamespace
+
     manager = ModelManager()
     manager.load(tiny_model_dirs["sd1"])
-    studio = Studio(manager, ConceptLibrary(tmp_path))
-    for session in ("gone", "stays"):
+    studio = Studio(manager, ConceptLibrary(tmp_path / "lib"), work_dir=tmp_path / "work")
+    pages = {name: SimpleNamespace(session_hash=name, headers={}) for name in ("page-a", "page-b", "page-a2")}
+    browser_a = studio.attach(pages["page-a"], None)  # a new browser: a new id
+    browser_b = studio.attach(pages["page-b"], "../../not-an-id")  # an id we could not have made: a new one
+    assert browser_a != browser_b and "/" not in browser_b
+    for page, session in (("page-a", browser_a), ("page-b", browser_b)):
+        assert studio.session_of(pages[page]) == session
         studio.library.add_session_concept(session, Concept("<c>", {"text_encoder": torch.zeros(1, 768)}, {}))
         studio.thumbnails[(session, "<c>")] = tmp_path / "c.png"
         studio.runs[session] = object()
         studio.cancel_flag(session, "train")
-    studio.forget_session("gone")
-    assert studio.concept_tokens("gone") == [] and studio.concept_tokens("stays") == ["<c>"]
-    assert list(studio.thumbnails) == [("stays", "<c>")] and list(studio.runs) == ["stays"]
-    assert [key[0] for key in studio._cancel] == ["stays"]
+    studio.detach(pages["page-a"])
+    assert list(studio.thumbnails) == [(browser_b, "<c>")] and list(studio.runs) == [browser_b]
+    assert [key[0] for key in studio._cancel] == [browser_b]
+    assert browser_a not in studio.library._sessions  # memory freed
+    assert studio.attach(pages["page-a2"], browser_a) == browser_a  # the reloaded page of browser A
+    assert studio.concept_tokens(studio.session_of(pages["page-a2"])) == ["<c>"]
+    assert studio.session_dir("../../x").parent == (tmp_path / "work").resolve()

@@ -20,7 +20,7 @@ from studio.engine.generate import Cancelled, save_png
 from studio.engine.scoring import ClipScorer, ConceptScores, ScoreConfig, concept_set_for, score_concept
 from studio.ui.gpu import gpu_task
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import USER_ERRORS, Studio, session_of, user_error
+from studio.ui.state import USER_ERRORS, Studio, user_error
 
 HEADERS = ["measure", "with the word", "with plain words", "what it compares"]
 AUTO, NONE = "auto (the set whose word it is)", "none"
@@ -94,10 +94,10 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
 
     def evaluate(token, samples, clip_source, ground_truth, kind, plain_words, steps, seed, files,
                  request: gr.Request, progress=gr.Progress()):
-        session = session_of(request)
+        session = studio.session_of(request)
         token = (token or "").strip()
         if not token:
-            raise user_error("Pick a concept to score (train or import one first).")
+            raise user_error("Pick a concept to score (train or import one first).", request)
         studio.fresh_cancel_flag(session, "evaluate")
         try:
             cfg = ScoreConfig(samples=int(samples), steps=int(steps), seed=int(seed or 0), kind=kind or "object",
@@ -105,9 +105,9 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
             scores = on_device(session, token, cfg, ground_truth, [str(f) for f in files or []], clip_source,
                                progress)
         except Cancelled as exc:
-            raise user_error(f"Cancelled: {exc}") from exc
+            raise user_error(f"Cancelled: {exc}", request) from exc
         except USER_ERRORS as exc:
-            raise user_error(exc) from exc
+            raise user_error(exc, request) from exc
         out = studio.session_dir(session) / "evaluate"
         out.mkdir(exist_ok=True)
         run = Path(tempfile.mkdtemp(dir=out, prefix=time.strftime("%Y%m%d-%H%M%S-")))  # one folder per run
@@ -118,7 +118,7 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
         return summary(scores, studio.model.name), table(scores), grid
 
     def cancel(request: gr.Request) -> None:
-        studio.cancel_flag(session_of(request), "evaluate").set()
+        studio.cancel_flag(studio.session_of(request), "evaluate").set()
 
     # 2. Layout.
     gr.Markdown("Score a concept the way the Textual Inversion paper does: draw “a photo of S*” (does it look like "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -18,11 +19,26 @@ import pandas as pd
 from studio.training import TrainConfig, Trainer
 from studio.ui.gpu import TRAIN_SECONDS, gpu_task
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import USER_ERRORS, Studio, session_of, user_error
+from studio.ui.state import USER_ERRORS, Studio, for_client, user_error
 from studio.ui.training_run import SMOOTHING, TrainingRun, TrainingSnapshot, loss_table
 
 STATUS_EVERY_S = 0.25  # at most four status messages a second: the browser need not redraw on every step
 POLL_EVERY_S = 1.0  # the loss plot and previews are re-read this often while training
+CANCEL_WAIT_S = 60.0  # a cancelled run stops within one step; a step longer than this is no step we run
+
+
+@dataclass
+class RunEnd:
+    """How a session's latest training run ended (set once it has): the status to show and the concept file."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    status: str = ""
+    path: str | None = None
+
+    def finish(self, status: str, path: str | None) -> tuple[str, str | None]:
+        self.status, self.path = status, path
+        self.done.set()
+        return status, path
 
 
 def training_snapshots(studio: Studio, session: str, files: list[str], cfg: TrainConfig) -> Iterator[TrainingSnapshot]:
@@ -71,7 +87,7 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
 
     def train(files, token, init, kind, vectors, steps, lr, batch, preview_every, request: gr.Request,
               progress=gr.Progress()):
-        session = session_of(request)
+        session = studio.session_of(request)
         if not files:
             raise gr.Error("Upload at least one picture of your concept.")
         try:
@@ -79,7 +95,8 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
                               learning_rate=float(lr), batch_size=int(batch), template=kind,
                               preview_every=int(preview_every or 0))
         except USER_ERRORS as exc:
-            raise user_error(exc) from exc
+            raise user_error(exc, request) from exc
+        end = studio.training_ends[session] = RunEnd()
         runs = on_device(session, [str(f) for f in files], cfg)
         snapshot = None
         try:
@@ -94,9 +111,15 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
             # it stops at its next step, and what it learned is kept, as after /cancel_training. In a thread, since
             # the close may come from the server's event loop.
             studio.cancel_flag(session, "train").set()
-            threading.Thread(target=keep_last, args=(session, runs), name=f"keep {cfg.token}", daemon=True).start()
+            threading.Thread(target=keep_last, args=(session, runs, end), name=f"keep {cfg.token}", daemon=True).start()
             raise
-        yield keep(session, snapshot), snapshot.path
+        except gr.Error as exc:
+            end.finish(str(exc.message), None)
+            raise for_client(exc, request) from exc
+        except BaseException as exc:
+            end.finish(f"failed: {exc}", None)
+            raise
+        yield end.finish(keep(session, snapshot), snapshot.path)
 
     def keep(session: str, snapshot: TrainingSnapshot) -> str:
         """Put the concept of a run's last snapshot in the session (with its thumbnail); the status to show."""
@@ -108,21 +131,34 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
             studio.thumbnails[(session, concept.token)] = thumb
         return f"{snapshot.status}\n{concept.token} is ready: write it in any prompt in this session."
 
-    def keep_last(session: str, runs: Iterator[TrainingSnapshot]) -> None:
+    def keep_last(session: str, runs: Iterator[TrainingSnapshot], end: RunEnd) -> None:
         snapshot = None
-        for snapshot in runs:
-            studio.runs[session] = snapshot
+        try:
+            for snapshot in runs:
+                studio.runs[session] = snapshot
+        except BaseException as exc:  # noqa: BLE001 - nobody listens to this closed run but its RunEnd
+            end.finish(f"failed: {getattr(exc, 'message', exc)}", None)
+            return
         if snapshot is not None and snapshot.concept is not None:
-            keep(session, snapshot)
+            end.finish(keep(session, snapshot), snapshot.path)
+        else:
+            end.finish(snapshot.status if snapshot else "cancelled before the first step", None)
 
-    def cancel(request: gr.Request) -> None:
-        studio.cancel_flag(session_of(request), "train").set()
+    def cancel(request: gr.Request):
+        """Stop this session's run within one step; once it has stopped, its last status line and file (the browser's
+        Cancel also closes the /train event, which can then no longer show them)."""
+        session = studio.session_of(request)
+        studio.cancel_flag(session, "train").set()
+        end = studio.training_ends.get(session)
+        if end is None or not end.done.wait(CANCEL_WAIT_S):
+            return gr.update(), gr.update()
+        return end.status, end.path
 
     def poll(request: gr.Request):
-        return progress_view(studio, session_of(request))
+        return progress_view(studio, studio.session_of(request))
 
     def poll_and_stop(request: gr.Request):
-        return *progress_view(studio, session_of(request)), gr.Timer(active=False)
+        return *progress_view(studio, studio.session_of(request)), gr.Timer(active=False)
 
     # 2. Layout.
     gr.Markdown("Upload 3-5 pictures of your concept, name its word, and train: only that word's vectors learn.")
@@ -164,4 +200,4 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
                show_progress="hidden")
     # The flag stops a running training within one step; `cancels` also takes this browser's job off the GPU queue
     # while it still waits there.
-    stop.click(cancel, None, None, api_name="cancel_training", concurrency_limit=None, cancels=[trained])
+    stop.click(cancel, None, [status, result], api_name="cancel_training", concurrency_limit=None, cancels=[trained])
