@@ -50,6 +50,15 @@ _FAMILY_BY_DIMS = {
     (768,): ("sd1", "SD 1.x"),
     (1024,): ("sd2", "SD 2.x"),
     (768, 1280): ("sdxl", "SDXL"),
+    (128,): ("demo", "the built-in demo model"),  # assets/demo-model: SD 1.x's architecture, a 128-wide encoder
+}
+# What loads a model of each family, for the message that says a concept needs another model.
+_HOW_TO_LOAD = {
+    "sd1": "load an SD 1.x model in the Model tab (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, a folder or a "
+           ".safetensors file; CLI: --model)",
+    "sd2": "load an SD 2.x model in the Model tab (e.g. stabilityai/stable-diffusion-2-1; CLI: --model)",
+    "sdxl": "load an SDXL model in the Model tab (e.g. stabilityai/stable-diffusion-xl-base-1.0; CLI: --model)",
+    "demo": "load the built-in demo model (Model tab: leave the box empty and press Load; CLI: no --model)",
 }
 
 # A1111 allows 1-75 vectors per token (a 77-slot CLIP window minus start/end); wider than 8192 is no CLIP we know.
@@ -415,14 +424,15 @@ def check_fits(concept: Concept, encoder_dims: dict[str, int], *, where: str = "
     if mine == dict(encoder_dims):
         return
     origin = where or concept.meta.get("source_path") or concept.token
-    mine_name, model_name = family_of(mine)[1], family_of(encoder_dims)[1]
+    (mine_family, mine_name), model_name = family_of(mine), family_of(encoder_dims)[1]
     missing = [k for k in encoder_dims if k not in mine]
     clip_names = {dst: src for src, dst in _SDXL_KEYS.items()}
     detail = f" (it has no {', '.join(f'{k} ({clip_names[k]})' for k in missing)} vectors)" if missing else ""
     raise ConceptMismatchError(
         f"{origin}: concept {concept.token!r} ({concept.n_vectors} vector(s) of {_widths(mine)}) was trained for "
         f"{mine_name} ({_widths(mine)}) but the model is {model_name} ({_widths(encoder_dims)}){detail}. "
-        f"Use it with a {mine_name} model, or pick a concept trained for {model_name}."
+        f"To use it, {_HOW_TO_LOAD.get(mine_family, f'load a model with {_widths(mine)} text encoders')}; "
+        f"or pick a concept trained for {model_name}."
     )
 
 

@@ -350,3 +350,12 @@ def test_two_sd1_files_named_x_and_x_2_stay_two_concepts(tmp_path):
     assert load_concept(tmp_path / "style.safetensors").dims == SD1
     second = load_concept(tmp_path / "style_2.safetensors")
     assert second.dims == SD1 and second.token == "style_2"
+
+
+def test_on_the_demo_model_a_real_sd1_file_is_named_as_such_with_what_would_load_it(tmp_path):
+    """Guards 'on the demo model every real SD 1.x file is refused as unknown model (128-d)'."""
+    with pytest.raises(ConceptMismatchError) as info:
+        check_fits(random_concept("sd1"), {"text_encoder": 128}, where="hands.pt")
+    message = str(info.value)
+    assert "the model is the built-in demo model (128-d)" in message
+    assert "load an SD 1.x model in the Model tab" in message and "--model" in message

@@ -131,7 +131,7 @@ def test_concept_for_another_family_raises_mismatch_error_naming_file_and_sizes(
         assert "wrong-model.safetensors" in message and "'wrong-model'" in message
         for part in expected:
             assert part in message, (part, message)
-        assert "Use it with a" in message and "or pick a concept trained for" in message
+        assert "To use it, load" in message and "or pick a concept trained for" in message
 
 
 def test_concept_that_fits_passes_the_check(tiny_model_dirs, tmp_path):

@@ -32,7 +32,9 @@ def describe(studio: Studio) -> str:
                 "only, which is enough to train and try concepts on a CPU.")
     else:
         what = f"**Loaded:** `{m.source}`."
-    return (f"{what}\n\nFamily **{m.family}**, {m.device} / {str(m.dtype).replace('torch.', '')}, "
+    family = (f"**{m.family}** architecture with its own {m.encoder_dims['text_encoder']}-wide text encoder: concept "
+              f"files made for real SD 1.x/2.x/SDXL models need that model" if m.is_demo else f"**{m.family}**")
+    return (f"{what}\n\nFamily {family}, {m.device} / {str(m.dtype).replace('torch.', '')}, "
             f"attention {m.attention}. Memory mode: {studio.describe_memory()}")
 
 
