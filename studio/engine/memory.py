@@ -89,7 +89,7 @@ OOM_MESSAGES = ("out of memory", "not enough memory")
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether `exc` is an out-of-memory error of torch (CUDA, MPS or CPU allocator) or one already turned into an
     `OutOfMemory` advice by this module."""
-    if isinstance(exc, (torch.OutOfMemoryError, OutOfMemory)):
+    if isinstance(exc, (torch.OutOfMemoryError, OutOfMemory, MemoryError)):  # MemoryError: a capped CPU process
         return True
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in OOM_MESSAGES)
 
@@ -128,7 +128,7 @@ def oom_guard(mode: str = "fast") -> Iterator[None]:
     freeing the memory the failed work held. An `OutOfMemory` raised inside (by a nested guard) passes unchanged."""
     try:
         yield
-    except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if isinstance(exc, OutOfMemory) or not is_out_of_memory(exc):
             raise
         release_memory(exc)

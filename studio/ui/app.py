@@ -46,6 +46,7 @@ def browser_secret(sessions_dir: Path) -> str:
 
 # Where a browser keeps its session id (localStorage); the secret that encrypts it lives beside the sessions.
 SESSION_STORAGE_KEY = "concept-studio-session"
+PIXEL_ART_STYLE = "<style>.pixel-art img { image-rendering: pixelated; object-fit: contain; }</style>"
 
 
 def build_app(manager: ModelManager, library: ConceptLibrary, memory_mode: str = "auto",
@@ -59,6 +60,8 @@ def build_app(manager: ModelManager, library: ConceptLibrary, memory_mode: str =
     pickers = ConceptPickers(studio)
     with gr.Blocks(title="Concept Studio") as app:
         gr.Markdown("# Concept Studio\nTeach the model a new word from a few pictures, then use it in any prompt.")
+        # Small pictures (the demo model draws 64 px) are shown whole and scaled up with nearest-neighbour.
+        gr.HTML("", head=PIXEL_ART_STYLE, padding=False, apply_default_css=False)
         browser_session = gr.BrowserState(None, storage_key=SESSION_STORAGE_KEY,
                                           secret=browser_secret(library.sessions_dir))
         with gr.Tab("Generate"):

@@ -74,6 +74,10 @@ def test_train_by_clicking_draws_the_loss_and_fills_the_concept_pickers(page, co
     page.get_by_role("button", name="Train", exact=True).click()
     expect(page.locator("#train-status textarea")).to_have_value(re.compile("is ready"), timeout=60000)
     page.locator("#train-previews img").first.wait_for(timeout=10000)  # drawn by the timer's poll
+    # Guards the 64 px preview cropped to a grey strip: whole picture, scaled up with nearest-neighbour.
+    style = page.locator("#train-previews img").first.evaluate(
+        "img => [getComputedStyle(img).imageRendering, getComputedStyle(img).objectFit]")
+    assert style == ["pixelated", "contain"], style
     page.wait_for_timeout(500)
     page.screenshot(path=str(ARTIFACTS / "train-done.png"))
 

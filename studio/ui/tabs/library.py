@@ -196,7 +196,8 @@ def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
     # 2. Layout.
     gr.Markdown("Concepts in the shared folder and in this session. Files that don't fit the loaded model say why. "
                 "Imported files stay in this session until you save them to the shared library.")
-    thumbs = gr.Gallery(label="Thumbnails", columns=6, height=180, allow_preview=False)
+    thumbs = gr.Gallery(label="Thumbnails", columns=6, height=180, allow_preview=False, object_fit="contain",
+                        elem_classes=["pixel-art"])
     table = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, elem_id="library-table",
                          column_widths=["14%", "8%", "6%", "42%", "14%", "10%", "6%"])
     with gr.Row():

@@ -183,7 +183,8 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
             plot = gr.LinePlot(x="step", y="loss", color="series", height=240, elem_id="train-loss",
                                color_map={"loss": "#93c5fd", f"mean of {SMOOTHING}": "#ea580c"},
                                label=f"Training loss (light blue: each step; orange: mean of the last {SMOOTHING})")
-            previews = gr.Gallery(label="Latest preview", columns=2, height=200, elem_id="train-previews")
+            previews = gr.Gallery(label="Latest preview", columns=2, height=200, elem_id="train-previews",
+                                  object_fit="contain", elem_classes=["pixel-art"])
             result = gr.File(label="Learned concept (download)")
     timer = gr.Timer(POLL_EVERY_S, active=False)
 
