@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-config", help="for a single-file --model offline: a local diffusers folder (or hub "
                         "id) whose configs describe the checkpoint")
     parser.add_argument("--concepts", default=str(REPO / "concepts"), help="shared concept library folder")
+    parser.add_argument("--data", default=str(REPO / "studio-data"),
+                        help="each user's session concepts (kept 7 days after their last visit) and pictures")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="make a public gradio.live link")
@@ -42,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"Concept Studio: {'built-in demo model' if model.is_demo else model.source} ({model.family}, {model.device})")
     Path(args.concepts).mkdir(parents=True, exist_ok=True)
-    app = build_app(manager, ConceptLibrary(args.concepts), memory_mode=memory)
+    data = Path(args.data)
+    library = ConceptLibrary(args.concepts, sessions_dir=data / "sessions")
+    app = build_app(manager, library, memory_mode=memory, work_dir=data / "work")
     app.launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
 

@@ -208,7 +208,8 @@ class ConceptLibrary:
                 self.refresh()
                 found = self._lookup(token, session)
             if found is None:
-                raise ConceptError(f"no concept named {token!r} in the library ({self.root}) or this session")
+                raise ConceptError(f"no concept named {token!r} in the shared library or this session: check the "
+                                   "spelling, or train or import it first")
             return found
 
     def _lookup(self, token: str, session: str | None) -> Concept | None:

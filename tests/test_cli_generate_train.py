@@ -38,6 +38,42 @@ def test_user_errors_are_one_line_without_traceback(tiny_model_dirs, tmp_path):
     assert "multiples of 8" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_bad_sizes_and_pictures_are_one_line_exit_2_before_the_model_loads(tmp_path):
+    """Guards against a 100000-wide request, or a broken --init-image, reaching the model: refused first (no --model
+    is needed to be refused, and none is loaded: the demo model is never looked for)."""
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    done = _studio("generate", "--prompt", "x", "--width", "100000", cwd=repo)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == ("studio generate: error: width 100000 is outside 8..2048, the sizes any model "
+                                   "draws at; choose a multiple of 8 in that range")
+    whole = tmp_path / "whole.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(whole)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole.read_bytes()[:300])
+    text = tmp_path / "notes.jpg"
+    text.write_text("hello")
+    for picture, why in ((cut, "image file is truncated"), (text, "not a PNG, JPEG or WebP file")):
+        done = _studio("generate", "--prompt", "x", "--init-image", picture, cwd=repo)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"studio generate: error: --init-image {picture}: not a readable picture ({why}); upload a PNG, JPEG "
+            "or WebP"]
+    done = _studio("generate", "--prompt", "x", "--seed", str(2**70), cwd=repo)
+    assert done.returncode == 2 and "seed 1180591620717411303424 is out of range" in done.stderr
+
+
+def test_an_init_image_runs_at_the_working_size_and_seed_minus_1_is_random(tiny_model_dirs, tmp_path):
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    picture = tmp_path / "big.png"
+    Image.new("RGB", (300, 200), (200, 40, 40)).save(picture)
+    out = tmp_path / "out.png"
+    done = _studio("generate", "--model", tiny_model_dirs["sd1"], "--prompt", "a cat", "--init-image", picture,
+                   "--steps", "2", "--seed", "-1", "--out", out, cwd=repo)
+    assert done.returncode == 0, done.stderr
+    assert Image.open(out).size == (64, 40)  # 2x the tiny model's 32 px side, aspect kept
+    assert "Seed: -1," not in Image.open(out).info["parameters"]
+
+
 def test_train_resume_continues_a_stopped_run_with_memory_and_precision_flags(tiny_model_dirs, tmp_path):
     pics = tmp_path / "pics"
     pics.mkdir()

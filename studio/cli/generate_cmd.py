@@ -14,11 +14,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="the prompt; write a concept's word to use it")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--concept", action="append", default=[], type=Path, help="concept file (repeatable)")
-    p.add_argument("--seed", type=int, help="seed (default: random, printed)")
+    p.add_argument("--seed", type=int, help="seed, 0 to 2**63 - 1 (default or -1: random, printed)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--scheduler", default="euler_a")
-    p.add_argument("--width", type=int)
+    p.add_argument("--width", type=int, help="a multiple of 8 within the model's sizes (studio.engine.pictures."
+                                            "side_limits); default: the model's size, or --init-image's working size")
     p.add_argument("--height", type=int)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--init-image", type=Path, help="picture to start from (img2img)")
@@ -32,24 +33,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from studio.engine.concepts import load_concept
-    from studio.engine.generate import GenerateRequest, generate, save_png
+    from studio.engine.generate import GenerateRequest, check_seed, check_size, generate, save_png
     from studio.engine.memory import apply_preset, memory_settings, preset
     from studio.engine.models import ModelManager
+    from studio.engine.pictures import open_picture
 
+    # 1. What can be checked without a model, before one is loaded: sizes no model draws at, seeds, the pictures.
+    check_size(args.width, args.height)
+    check_seed(args.seed, args.batch)
+    init_image = open_picture(args.init_image, what=f"--init-image {args.init_image}") if args.init_image else None
+    mask = open_picture(args.mask, what=f"--mask {args.mask}") if args.mask else None
     concepts = [load_concept(path) for path in args.concept]
+    # 2. The model.
     mode = preset(args.memory)  # `auto` resolves to one of the named modes here, once
     print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explanation}")
     model = ModelManager(apply_preset(mode.name)).load(args.model)
     settings = memory_settings(model.pipe)
     print("memory settings on", model.device.type + ":", ", ".join(f"{k.replace('_', ' ')} {'on' if v else 'off'}"
                                                                     for k, v in settings.items()))
-    req = GenerateRequest(args.prompt, args.negative, concepts, args.seed, args.steps, args.guidance, args.scheduler,
-                          args.width, args.height, args.batch,
-                          Image.open(args.init_image) if args.init_image else None, args.strength,
-                          Image.open(args.mask) if args.mask else None, preview_every=0)
+    # 3. Generate: the request is checked against this model (its sizes) before any memory is taken.
+    req = GenerateRequest(args.prompt, args.negative, concepts, seed=args.seed, steps=args.steps,
+                          guidance=args.guidance, scheduler=args.scheduler, width=args.width, height=args.height,
+                          batch=args.batch, init_image=init_image, strength=args.strength, mask=mask, preview_every=0)
     with tqdm(total=args.steps, desc="generating") as bar:  # generate() itself turns an OOM into advice
         def on_step(step: int, total: int, _preview) -> None:
             bar.total = total  # img2img/inpaint run only `strength` of the steps

@@ -22,6 +22,12 @@ from PIL import Image, PngImagePlugin
 
 from studio.engine.concepts import Concept, check_fits
 from studio.engine.memory import mode_in_effect, oom_guard
+from studio.engine.pictures import MAX_SIDE, SIDE_STEP, scaled, side_limits, working_size
+
+# Seeds go to torch.Generator.manual_seed as a 64-bit integer (2**70 gave torch's "Overflow when unpacking long
+# long"); below 2**63 every seed + k of a batch fits a signed 64-bit integer.
+SEED_LIMIT = 2**63
+RANDOM_SEED = -1  # what a seed field (the UI's, the CLI's --seed) takes for "pick one", as in A1111
 
 # UI name -> (diffusers scheduler class name, config overrides, A1111's sampler name)
 SCHEDULERS: dict[str, tuple[str, dict, str]] = {
@@ -60,14 +66,14 @@ class GenerateRequest:
     prompt: str
     negative_prompt: str = ""
     concepts: list[Concept] = field(default_factory=list)
-    seed: int | None = None  # None: a random seed, reported in the result
+    seed: int | None = None  # None or RANDOM_SEED: a random seed, reported in the result; else 0 <= seed < SEED_LIMIT
     steps: int = 20
     guidance: float = 7.5
     scheduler: str = "euler_a"
-    width: int | None = None  # None: the model's native size
+    width: int | None = None  # None: the model's native size (or the init image's working size); see side_limits
     height: int | None = None
     batch: int = 1
-    init_image: Image.Image | None = None
+    init_image: Image.Image | None = None  # drawn at studio.engine.pictures.working_size unless width/height say
     strength: float = 0.75
     mask: Image.Image | None = None
     preview_every: int = 5  # on_step gets a preview every N steps (0: never); cheap, see LATENT_RGB_FACTORS
@@ -86,12 +92,41 @@ class GenerateResult:
     infotexts: list[str]
 
 
-def _native_size(model) -> int:
+def native_size(model) -> int:
+    """The side, in pixels, `model` (a LoadedModel) was trained at: 512 for SD1 and SD2-base, 768 for SD2, 1024
+    for SDXL."""
     return model.pipe.unet.config.sample_size * model.pipe.vae_scale_factor
 
 
+def check_size(width: int | None, height: int | None, native_side: int | None = None, model_name: str = "") -> None:
+    """Refuse a width or height that is not a positive multiple of 8 or lies outside `side_limits(native_side)`;
+    without a model (`native_side` None), outside what any model allows. None: not asked for, not checked."""
+    given = {"width": width, "height": height}
+    if any(v is not None and (v <= 0 or v % SIDE_STEP) for v in given.values()):
+        raise ValueError(f"width and height have to be positive multiples of {SIDE_STEP} but are {width} and {height}")
+    smallest, largest = side_limits(native_side) if native_side else (SIDE_STEP, MAX_SIDE)
+    of = f"{model_name} (native {native_side}x{native_side})" if native_side else "any model"
+    for name, value in given.items():
+        if value is not None and not smallest <= value <= largest:
+            raise ValueError(f"{name} {value} is outside {smallest}..{largest}, the sizes {of} draws at; choose a "
+                             f"multiple of {SIDE_STEP} in that range")
+
+
+def check_seed(seed: int | None, batch: int = 1) -> None:
+    """Refuse a seed torch cannot take: 0 to SEED_LIMIT - 1 (image k of a batch uses seed + k), or None or
+    RANDOM_SEED for a random one."""
+    if seed is None or seed == RANDOM_SEED:
+        return
+    if not 0 <= seed <= SEED_LIMIT - batch:
+        batch_note = f" for a batch of {batch} (it uses seed ... seed + {batch - 1})" if batch > 1 else ""
+        raise ValueError(f"seed {seed} is out of range{batch_note}: use 0 to {SEED_LIMIT - batch}, or {RANDOM_SEED} "
+                         "for a random one")
+
+
 def validate(model, req: GenerateRequest) -> tuple[int, int]:
-    """Check the request against the model; return (width, height). Errors say what to change."""
+    """Check the request against the model; return (width, height). Errors say what to change.
+
+    Nothing is allocated here, so a request for 100000x100000 is refused before any memory is taken."""
     if not req.prompt.strip():
         raise ValueError("the prompt is empty: describe what to generate")
     if req.scheduler not in SCHEDULERS:
@@ -100,16 +135,17 @@ def validate(model, req: GenerateRequest) -> tuple[int, int]:
         raise ValueError(f"steps must be between 1 and 150, not {req.steps}")
     if not 1 <= req.batch <= 16:
         raise ValueError(f"batch must be between 1 and 16, not {req.batch}")
+    check_seed(req.seed, req.batch)
     if req.preview_every < 0:
         raise ValueError(f"preview_every must be 0 (no previews) or a number of steps, not {req.preview_every}")
     if not 0.0 <= req.strength <= 1.0:
         raise ValueError(f"strength must be between 0 and 1, not {req.strength}")
-    native = _native_size(model)
+    native = native_size(model)
+    check_size(req.width or None, req.height or None, native, model.name)  # 0 or None: the native size
     width, height = req.width or native, req.height or native
     if req.init_image is not None and not (req.width or req.height):
-        width, height = req.init_image.size
-    if width % 8 or height % 8 or width <= 0 or height <= 0:
-        raise ValueError(f"width and height have to be positive multiples of 8 but are {width} and {height}")
+        # A camera original is drawn scaled down, a 1x1 icon scaled up: the size the model works at.
+        width, height = working_size(req.init_image.size, native)
     if req.mask is not None:
         if req.init_image is None:
             raise ValueError("a mask needs the picture it belongs to (init_image)")
@@ -198,7 +234,8 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
     VAE_PREVIEW_SLOWDOWN times that), else None."""
     # 1. Check inputs.
     width, height = validate(model, req)
-    base_seed = req.seed if req.seed is not None else random.randrange(2**32 - 1)
+    random_seed = req.seed is None or req.seed == RANDOM_SEED
+    base_seed = random.randrange(2**32 - 1) if random_seed else req.seed  # A1111's range of random seeds
     seeds = [base_seed + k for k in range(req.batch)]
 
     with model.lock:
@@ -238,9 +275,10 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
         if req.mode == "txt2img":
             call.update(width=width, height=height)
         else:
-            call.update(image=req.init_image.convert("RGB").resize((width, height)), strength=req.strength)
+            # The picture and its mask are scaled to the same (working) size; one that already has it is kept as is.
+            call.update(image=scaled(req.init_image.convert("RGB"), (width, height)), strength=req.strength)
             if req.mode == "inpaint":
-                call.update(mask_image=req.mask.convert("L").resize((width, height)), width=width, height=height)
+                call.update(mask_image=scaled(req.mask.convert("L"), (width, height)), width=width, height=height)
         # 5. Denoise. Out of memory: the memory is freed and the error names the mode to switch to; the model
         # stays loaded and usable.
         with oom_guard(mode_in_effect(model.pipe)), torch.inference_mode():

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
+
+from studio.engine.pictures import PictureError, open_picture
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 MIN_SIDE = 32  # smaller pictures carry too little to learn from
@@ -34,20 +36,16 @@ def find_images(images: list[Path] | Path | str) -> list[Path]:
 
 
 def load_images(paths: list[Path], resolution: int) -> tuple[list[TrainingImage], list[str]]:
-    """Load and center-crop every readable picture; return them and one warning per picture left out."""
+    """Load and center-crop every readable picture; return them and one warning per picture left out.
+
+    Pictures are opened by `open_picture` (upright, transparency on white); a broken file, or one too large to
+    decode (a decompression bomb), is left out with a warning without being decoded in full."""
     good, warnings = [], []
     for path in paths:
         try:
-            with Image.open(path) as raw:
-                raw.load()
-                img = ImageOps.exif_transpose(raw)
-                if img.mode in ("RGBA", "LA", "P"):
-                    rgba = img.convert("RGBA")
-                    img = Image.new("RGB", rgba.size, (255, 255, 255))
-                    img.paste(rgba, mask=rgba.split()[-1])  # transparent parts become white
-                img = img.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            warnings.append(f"{path.name}: not a readable picture ({exc.__class__.__name__}); left out")
+            img = open_picture(path)
+        except PictureError as exc:
+            warnings.append(f"{path.name}: {exc.problem}; left out")
             continue
         if min(img.size) < MIN_SIDE:
             warnings.append(f"{path.name}: {img.size[0]}x{img.size[1]} is smaller than {MIN_SIDE}px; left out")

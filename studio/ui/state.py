@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio.engine.concepts import ConceptError
-from studio.engine.generate import Cancelled, GenerateRequest, GenerateResult, generate, save_png
+from studio.engine.generate import RANDOM_SEED, Cancelled, GenerateRequest, GenerateResult, generate, save_png
 from studio.engine.memory import preset
 from studio.engine.models import LoadedModel, ModelError, ModelManager
 from studio.engine.names import file_stem, inside, session_key
@@ -186,8 +186,9 @@ class Studio:
 
 
 def seed_or_random(value) -> int | None:
-    """UI seed field: -1 (or empty) means a random seed."""
-    return None if value is None or int(value) < 0 else int(value)
+    """UI seed field: -1 (RANDOM_SEED, or empty) means a random seed; any other number goes to the engine as it is,
+    which says what range a seed must be in (check_seed)."""
+    return None if value is None or int(value) == RANDOM_SEED else int(value)
 
 
 def size_or_native(value) -> int | None:

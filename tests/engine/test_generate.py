@@ -119,3 +119,44 @@ def test_png_parameters_round_trip(sd1, tmp_path):
     back = read_infotext(path)
     assert back == {"prompt": "a red cat\non two lines", "negative_prompt": "blurry", "steps": 2, "guidance": 5.0,
                     "seed": 42, "scheduler": "ddim", "width": 32, "height": 32}
+
+
+def test_width_beyond_the_model_bound_is_refused_naming_value_bound_and_model(sd1):
+    """Guards against a 100000x100000 request allocating memory: refused by validate, before any work."""
+    with pytest.raises(ValueError, match=r"width 100000 is outside 8\.\.128, the sizes sd1 \(native 32x32\) draws at"):
+        generate(sd1, GenerateRequest("a cat", width=100_000, height=32, steps=1))
+    with pytest.raises(ValueError, match=r"height 136 is outside 8\.\.128"):
+        generate(sd1, GenerateRequest("a cat", width=32, height=136, steps=1))
+    assert generate(sd1, GenerateRequest("a cat", width=128, height=8, steps=1, seed=1)).images[0].size == (128, 8)
+
+
+def test_seeds_beyond_64_bits_are_refused_clearly_and_minus_1_is_random(sd1):
+    """Guards against torch's "Overflow when unpacking long long" for seed 2**70."""
+    with pytest.raises(ValueError, match=r"seed 1180591620717411303424 is out of range: use 0 to 9223372036854775807"):
+        generate(sd1, GenerateRequest("a cat", seed=2**70, steps=1, width=32, height=32))
+    with pytest.raises(ValueError, match=r"seed -2 is out of range: .* or -1 for a random one"):
+        generate(sd1, GenerateRequest("a cat", seed=-2, steps=1, width=32, height=32))
+    with pytest.raises(ValueError, match=r"for a batch of 2 \(it uses seed \.\.\. seed \+ 1\): use 0 to "):
+        generate(sd1, GenerateRequest("a cat", seed=2**63 - 1, batch=2, steps=1, width=32, height=32))
+    last = generate(sd1, GenerateRequest("a cat", seed=2**63 - 1, steps=1, width=32, height=32))
+    assert last.seeds == [2**63 - 1]
+    assert 0 <= generate(sd1, GenerateRequest("a cat", seed=-1, steps=1, width=32, height=32)).seeds[0] < 2**32
+
+
+def test_a_big_init_image_and_its_mask_are_drawn_at_the_working_size(sd1):
+    """A camera-sized picture runs at 2x the model's side (64 here), not at its own size; its mask goes with it."""
+    picture = Image.new("RGB", (1600, 1200), (200, 30, 30))
+    out = generate(sd1, GenerateRequest("a cat", init_image=picture, strength=0.5, steps=2, seed=1))
+    assert out.images[0].size == (64, 48) and "Size: 64x48" in out.infotexts[0]
+    mask = Image.new("L", (1600, 1200), 0)
+    mask.paste(255, (400, 300, 1200, 900))
+    out = generate(sd1, GenerateRequest("a cat", init_image=picture, mask=mask, steps=2, seed=1))
+    assert out.images[0].size == (64, 48)
+
+
+def test_a_1x1_or_odd_sized_init_image_is_scaled_not_refused(sd1):
+    """Guards against diffusers' "multiples of 8" reaching the user for a 1x1 icon or a 500x375 photo."""
+    dot = generate(sd1, GenerateRequest("a cat", init_image=Image.new("RGB", (1, 1), (9, 9, 9)), steps=2, seed=1))
+    assert dot.images[0].size == (8, 8)
+    odd = generate(sd1, GenerateRequest("a cat", init_image=Image.new("RGB", (45, 35)), steps=2, seed=1))
+    assert odd.images[0].size == (48, 32)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import gradio as gr
 
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import Studio, session_of
+from studio.ui.state import Studio
+from studio.ui.tabs.generate import generation_canceller
 
 
 def fill_template(template: str, a: str, b: str) -> str:
@@ -18,7 +19,7 @@ def build_compose_tab(studio: Studio, pickers: ConceptPickers) -> None:
     # 1. Pure functions.
     def run(a, b, template, seeds, request: gr.Request, progress=gr.Progress()):
         return studio.run_generate(dict(prompt=fill_template(template, a, b), batch=int(seeds), seed=0),
-                                   session_of(request), progress)
+                                   studio.session_of(request), progress, request)
 
     # 2. Layout.
     gr.Markdown("Put two concepts in one picture: `{A}` and `{B}` are replaced by the words you pick or type.")
@@ -27,8 +28,12 @@ def build_compose_tab(studio: Studio, pickers: ConceptPickers) -> None:
         b = pickers.dropdown("Concept B", custom=True, value="mosaic")
     template = gr.Textbox(label="Template", value="a {A} in {B} style")
     seeds = gr.Slider(1, 8, value=4, step=1, label="Seeds")
-    go = gr.Button("Compose", variant="primary")
+    with gr.Row():
+        go = gr.Button("Compose", variant="primary")
+        stop = gr.Button("Cancel")
     grid = gr.Gallery(label="Grid over seeds", columns=4, height=320)
 
     # 3. Wiring.
-    go.click(run, [a, b, template, seeds], grid, api_name="compose", concurrency_id="gpu")
+    composed = go.click(run, [a, b, template, seeds], grid, api_name="compose", concurrency_id="gpu")
+    stop.click(generation_canceller(studio), None, None, api_name="cancel_compose", concurrency_limit=None,
+               cancels=[composed])

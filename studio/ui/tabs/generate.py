@@ -9,7 +9,7 @@ the browser, also takes a job still waiting in the GPU queue off it (API clients
 from __future__ import annotations
 
 from contextlib import closing
-from typing import Iterator
+from typing import Callable, Iterator
 
 import gradio as gr
 
@@ -17,7 +17,7 @@ from studio.engine.generate import SCHEDULERS, Cancelled, GenerateRequest, read_
 from studio.ui.generation_run import GenerationUpdate, generation_updates
 from studio.ui.gpu import gpu_task
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import USER_ERRORS, Studio, seed_or_random, session_of, size_or_native, user_error
+from studio.ui.state import USER_ERRORS, Studio, seed_or_random, size_or_native, user_error
 
 VARIATION_SEEDS = 4  # pictures "a photo of <concept>" over this many seeds (seed, seed + 1, ...)
 VARIATION_PROMPT = "a photo of {}"  # the paper's simplest object template
@@ -36,6 +36,15 @@ def concept_inserter(pickers: ConceptPickers, prompt: gr.Textbox, label: str = "
     return picker
 
 
+def generation_canceller(studio: Studio) -> Callable[[gr.Request], None]:
+    """The handler of a tab's Cancel button: it sets the flag that stops this session's running generation within
+    one step (`Studio.run_generate` and the streamed runs hand that flag to the engine)."""
+    def cancel(request: gr.Request) -> None:
+        studio.cancel_flag(studio.session_of(request)).set()
+
+    return cancel
+
+
 def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Prompt, settings and a gallery; `/generate`, `/variations`, `/cancel` and `/read_png` endpoints."""
     # 1. Pure functions.
@@ -44,7 +53,7 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
 
     on_device = gpu_task(render_streamed)  # ZeroGPU: this part runs in the GPU worker
 
-    def stream(req_fields: dict, session: str, progress: gr.Progress) -> Iterator[list]:
+    def stream(req_fields: dict, session: str, progress: gr.Progress, request: gr.Request) -> Iterator[list]:
         """Gallery values: the latest preview (captioned with its step) while it runs, then the saved PNGs."""
         try:
             # Concepts are looked up here, in the server process, where the session's concepts live. Closing this
@@ -58,9 +67,9 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
                     if update.preview is not None:
                         yield [(update.preview, f"step {update.step}/{update.total}")]
         except Cancelled as exc:
-            raise user_error(f"Cancelled: {exc}") from exc
+            raise user_error(f"Cancelled: {exc}", request) from exc
         except USER_ERRORS as exc:
-            raise user_error(exc) from exc
+            raise user_error(exc, request) from exc
 
     def settings(seed, steps, guidance, scheduler, width, height) -> dict:
         return dict(seed=seed_or_random(seed), steps=int(steps), guidance=float(guidance), scheduler=scheduler,
@@ -70,24 +79,23 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
             progress=gr.Progress()):
         fields = dict(prompt=prompt, negative_prompt=negative, batch=int(count),
                       **settings(seed, steps, guidance, scheduler, width, height))
-        yield from stream(fields, session_of(request), progress)
+        yield from stream(fields, studio.session_of(request), progress, request)
 
     def variations(token, seed, steps, guidance, scheduler, width, height, request: gr.Request,
                    progress=gr.Progress()):
-        session = session_of(request)
+        session = studio.session_of(request)
         if not token:
             raise gr.Error("Pick a concept in “Insert a concept” first: Variations show it over "
                            f"{VARIATION_SEEDS} seeds.")
         try:
             studio.library.get(token, session)  # an unknown word fails here, not as a plain-text prompt
         except USER_ERRORS as exc:
-            raise user_error(exc) from exc
+            raise user_error(exc, request) from exc
         fields = dict(prompt=VARIATION_PROMPT.format(token), batch=VARIATION_SEEDS,
                       **settings(seed, steps, guidance, scheduler, width, height))
-        yield from stream(fields, session, progress)
+        yield from stream(fields, session, progress, request)
 
-    def cancel(request: gr.Request) -> None:
-        studio.cancel_flag(session_of(request)).set()
+    cancel = generation_canceller(studio)
 
     def read_png(path):
         try:

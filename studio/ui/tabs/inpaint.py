@@ -5,16 +5,21 @@ from __future__ import annotations
 import gradio as gr
 from PIL import Image
 
+from studio.engine.generate import native_size
+from studio.engine.pictures import PictureError, fit_to_model, open_picture, scaled
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import Studio, session_of
-from studio.ui.tabs.generate import concept_inserter
+from studio.ui.state import Studio, user_error
+from studio.ui.tabs.generate import concept_inserter, generation_canceller
 
 
 def picture_and_mask(value: dict | None) -> tuple[Image.Image, Image.Image]:
     """The picture and a black/white mask (white: redraw) from an ImageMask value; gr.Error when either is missing."""
     if not value or value.get("background") is None:
         raise gr.Error("Upload a picture and brush a mask over the part to change.")
-    picture = value["background"].convert("RGB")
+    try:  # decoded by Gradio already: this checks its size and puts transparent parts on white
+        picture = open_picture(value["background"])
+    except PictureError as exc:
+        raise user_error(exc) from exc
     layers = [layer for layer in value.get("layers") or [] if layer is not None]
     if not layers:
         raise gr.Error("Brush over the part of the picture to redraw (the mask is empty).")
@@ -29,9 +34,11 @@ def build_inpaint_tab(studio: Studio, pickers: ConceptPickers) -> None:
     # 1. Pure functions.
     def run(value, prompt, strength, request: gr.Request, progress=gr.Progress()):
         picture, mask = picture_and_mask(value)
-        session = session_of(request)
+        picture = fit_to_model(picture, native_size(studio.model))  # the size the model draws it, as the result
+        mask = scaled(mask, picture.size)
+        session = studio.session_of(request)
         paths = studio.run_generate(dict(prompt=prompt, init_image=picture, mask=mask, strength=float(strength),
-                                         seed=0), session, progress)
+                                         seed=0), session, progress, request)
         original = studio.session_dir(session) / "original.png"
         picture.save(original)
         return [str(original)] + paths
@@ -44,7 +51,11 @@ def build_inpaint_tab(studio: Studio, pickers: ConceptPickers) -> None:
     prompt = gr.Textbox(label="Prompt", value="a blue star")
     concept_inserter(pickers, prompt)
     strength = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Strength")
-    go = gr.Button("Inpaint", variant="primary")
+    with gr.Row():
+        go = gr.Button("Inpaint", variant="primary")
+        stop = gr.Button("Cancel")
 
     # 3. Wiring.
-    go.click(run, [editor, prompt, strength], result, api_name="inpaint", concurrency_id="gpu")
+    inpainted = go.click(run, [editor, prompt, strength], result, api_name="inpaint", concurrency_id="gpu")
+    stop.click(generation_canceller(studio), None, None, api_name="cancel_inpaint", concurrency_limit=None,
+               cancels=[inpainted])

@@ -189,7 +189,7 @@ def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
         entry = find(token, session, request)
         if not entry.fits:
             raise user_error(f"{entry.token} does not fit the loaded model: {entry.reason}", request)
-        paths = studio.run_generate(dict(prompt=f"a photo of {entry.token}", seed=0), session)
+        paths = studio.run_generate(dict(prompt=f"a photo of {entry.token}", seed=0), session, None, request)
         studio.thumbnails[(session, entry.token)] = Path(paths[0])
         return gallery(session)
 
