@@ -143,3 +143,27 @@ def test_session_concepts_outlive_a_page_reload_and_no_other_browser_sees_them(p
     other.get_by_role("button", name="Refresh").click()
     expect(other.locator("#library-table")).to_contain_text("token", timeout=20000)
     expect(other.locator("#library-table")).not_to_contain_text("<kept>")
+
+
+def test_cancel_in_the_browser_ends_with_a_final_line_and_the_vectors_so_far(page, concept_pictures):
+    """Guards 'Train -> Cancel leaves the status at step 37/300 · about 35s left with no final line and no
+    download': the cancelled run's last line and its file arrive once it has stopped."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-pictures input[type=file]").set_input_files(concept_pictures)
+    expect(page.locator("#train-pictures").get_by_role("button", name="Remove this file")).to_have_count(3,
+                                                                                                        timeout=20000)
+    page.get_by_text("Advanced").click()
+    steps = page.locator("#train-steps input[type=number]")
+    steps.fill("3000")
+    steps.press("Enter")
+    expect(page.locator("#train-steps input[type=range]")).to_have_value("3000")
+    page.get_by_role("button", name="Train", exact=True).click()
+    status = page.locator("#train-status textarea")
+    expect(status).to_have_value(re.compile(r"step \d+/3000"), timeout=60000)  # running
+    page.get_by_role("button", name="Cancel").click()
+    expect(status).to_have_value(re.compile(r"cancelled.*\n<my-concept> is ready", re.S), timeout=60000)
+    expect(page.locator("#train-result")).to_contain_text(re.compile(r"my-concept\s*\.safetensors"), timeout=10000)
+    expect(page.locator("#train-loss")).not_to_contain_text("No data", timeout=10000)  # the curve up to the cancel
+    page.screenshot(path=str(ARTIFACTS / "train-cancelled.png"))

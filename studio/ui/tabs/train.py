@@ -185,7 +185,7 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
                                label=f"Training loss (light blue: each step; orange: mean of the last {SMOOTHING})")
             previews = gr.Gallery(label="Latest preview", columns=2, height=200, elem_id="train-previews",
                                   object_fit="contain", elem_classes=["pixel-art"])
-            result = gr.File(label="Learned concept (download)")
+            result = gr.File(label="Learned concept (download)", elem_id="train-result")
     timer = gr.Timer(POLL_EVERY_S, active=False)
 
     # 3. Wiring.
@@ -201,4 +201,7 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
                show_progress="hidden")
     # The flag stops a running training within one step; `cancels` also takes this browser's job off the GPU queue
     # while it still waits there.
-    stop.click(cancel, None, [status, result], api_name="cancel_training", concurrency_limit=None, cancels=[trained])
+    stopped = stop.click(cancel, None, [status, result], api_name="cancel_training", concurrency_limit=None,
+                         cancels=[trained])
+    stopped.then(poll_and_stop, None, [plot, previews, timer], api_visibility="private", show_progress="hidden")
+    pickers.after(stopped)
