@@ -45,10 +45,16 @@ def test_generate_by_clicking_shows_a_picture_in_the_gallery(page):
     page.get_by_role("button", name="Generate").click()
     page.locator("img[src*='file=']").or_(page.locator(".gallery img, [data-testid='gallery'] img")).first.wait_for(timeout=60000)
     page.screenshot(path=str(ARTIFACTS / "generate.png"))
-    for tab in ("Train", "Style transfer", "Compose", "Inpaint", "Library", "Evaluate", "Model"):
+    from playwright.sync_api import expect
+
+    # What each tab must show once it is open: its main control (a button only that tab has).
+    shows = {"Train": "Train", "Style transfer": "Transfer style", "Compose": "Compose", "Inpaint": "Inpaint",
+             "Library": "Save to the shared library", "Evaluate": "Evaluate", "Model": "Load"}
+    for tab, button in shows.items():
         page.get_by_role("tab", name=tab).click()
-        page.wait_for_timeout(300)
-        page.screenshot(path=str(ARTIFACTS / f"{tab.lower()}.png"))
+        expect(page.get_by_role("button", name=button, exact=True).first).to_be_visible(timeout=10000)
+        page.screenshot(path=str(ARTIFACTS / f"{tab.lower().replace(' ', '-')}.png"))
+    expect(page.get_by_text("The built-in demo model is loaded").or_(page.get_by_text("Loaded:")).first).to_be_visible()
 
 
 def test_train_by_clicking_draws_the_loss_and_fills_the_concept_pickers(page, concept_pictures):
@@ -74,11 +80,11 @@ def test_train_by_clicking_draws_the_loss_and_fills_the_concept_pickers(page, co
     page.get_by_role("button", name="Train", exact=True).click()
     expect(page.locator("#train-status textarea")).to_have_value(re.compile("is ready"), timeout=60000)
     page.locator("#train-previews img").first.wait_for(timeout=10000)  # drawn by the timer's poll
+    expect(page.locator("#train-loss canvas, #train-loss svg").first).to_be_visible(timeout=10000)
     # Guards the 64 px preview cropped to a grey strip: whole picture, scaled up with nearest-neighbour.
     style = page.locator("#train-previews img").first.evaluate(
         "img => [getComputedStyle(img).imageRendering, getComputedStyle(img).objectFit]")
     assert style == ["pixelated", "contain"], style
-    page.wait_for_timeout(500)
     page.screenshot(path=str(ARTIFACTS / "train-done.png"))
 
     page.get_by_role("tab", name="Generate").click()

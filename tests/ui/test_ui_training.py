@@ -13,6 +13,7 @@ from studio.engine.concepts import Concept
 from studio.engine.models import ModelManager
 from studio.library import ConceptLibrary
 from studio.ui.app import build_app
+from ui_server import UNetCalls
 
 
 def png_parameters(path) -> str:
@@ -43,20 +44,29 @@ def test_training_streams_loss_then_the_word_is_in_the_library_and_generates(stu
     assert "Concepts: <live-box>" in png_parameters(gallery[0]["image"])
 
 
-def test_cancel_training_returns_promptly_with_the_vectors_so_far(studio_server, concept_pictures):
-    url, _, _ = studio_server
+def test_cancel_training_stops_within_a_step_with_the_vectors_so_far(studio_server, concept_pictures):
+    url, manager, _ = studio_server
     client = Client(url, verbose=False)
-    job = client.submit([handle_file(p) for p in concept_pictures], "<stopped>", "toy", "object", 1, 3000, 0.005, 1, 0,
-                        api_name="/train")
-    deadline = time.monotonic() + 60
-    while not any("loss" in (out[0] or "") for out in job.outputs()):
-        assert time.monotonic() < deadline, "no training step was reported within 60 s"
-        time.sleep(0.1)
-    client.predict(api_name="/cancel_training")
-    cancelled_at = time.monotonic()
-    status, concept_file = job.result(timeout=30)
-    assert time.monotonic() - cancelled_at < 10
+    with UNetCalls(manager.current.pipe) as unet:
+        job = client.submit([handle_file(p) for p in concept_pictures], "<stopped>", "toy", "object", 1, 3000, 0.005,
+                            1, 0, api_name="/train")
+        deadline = time.monotonic() + 60  # a failure bound only: the wait is for the first reported loss
+        while not any("loss" in (out[0] or "") for out in job.outputs()):
+            assert time.monotonic() < deadline, "no training step was reported within 60 s"
+            time.sleep(0.1)
+        cancel = client.submit(api_name="/cancel_training")
+        while cancel.status().code.name not in ("PROCESSING", "FINISHED"):  # the request is in the server's hands
+            time.sleep(0.01)
+        steps_at_cancel = unet.count
+        final_status, final_file = cancel.result(timeout=60)  # returns once the run has stopped
+        status, concept_file = job.result(timeout=30)
+        stopped_step = int(re.search(r"vectors of step (\d+) saved", status).group(1))
     assert "cancelled" in status and concept_file.endswith("stopped.safetensors")
+    assert (final_status, final_file) == (status, concept_file)  # the Cancel button shows the same last line
+    assert stopped_step == unet.count  # every step the UNet ran is in the saved vectors
+    # The step running when the flag was set, and the one or two that can start between the server reporting the
+    # cancel request as started and its handler setting the flag.
+    assert unet.count - steps_at_cancel <= 3
 
 
 def test_every_concept_picker_is_refreshed_after_training_import_and_delete(tiny_model_dirs, tmp_path):

@@ -17,6 +17,26 @@ def launch(app: gr.Blocks) -> str:
     return f"http://127.0.0.1:{port}/"
 
 
+class UNetCalls:
+    """Counts the forward calls of a pipeline's UNet (one per denoising step, batched CFG, or per training step).
+
+    The test servers run in the test's own process, so this is the server's own count: a test of "stops within one
+    step" compares steps, not seconds. A real forward hook on the real module; removed on exit."""
+
+    def __init__(self, pipe) -> None:
+        self.count = 0
+        self._handle = pipe.unet.register_forward_hook(self._seen)
+
+    def _seen(self, *_args) -> None:
+        self.count += 1
+
+    def __enter__(self) -> "UNetCalls":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._handle.remove()
+
+
 def wait_until_running(job, limit_s: float = 60) -> float:
     """Wait for a gradio_client job's first progress report (its first denoising step); returns the time then."""
     started = time.monotonic()
