@@ -11,6 +11,8 @@ REPO = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
+    from studio.engine.memory import MEMORY_MODES
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the built-in demo)")
     parser.add_argument("--model-config", help="for a single-file --model offline: a local diffusers folder (or hub "
@@ -22,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="make a public gradio.live link")
     parser.add_argument("--device", help="cuda, mps or cpu (default: best available)")
-    parser.add_argument("--memory", default="auto", choices=["auto", "fast", "balanced", "low-vram"],
+    parser.add_argument("--memory", default="auto", choices=MEMORY_MODES,
                         help="memory mode (see studio/engine/memory.py); auto chooses by free GPU memory")
     parser.add_argument("--low-vram", action="store_true", help="same as --memory low-vram")
     args = parser.parse_args(argv)
@@ -45,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Concept Studio: {'built-in demo model' if model.is_demo else model.source} ({model.family}, {model.device})")
     Path(args.concepts).mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
-    library = ConceptLibrary(args.concepts, sessions_dir=data / "sessions")
-    app = build_app(manager, library, memory_mode=memory, work_dir=data / "work")
-    app.launch(server_name=args.host, server_port=args.port, share=args.share)
+    with ConceptLibrary(args.concepts, sessions_dir=data / "sessions") as library:
+        if not library.watching:
+            print(f"Concept library: no file-system events ({library.watch_error}); rescanning every "
+                  f"{library.refresh_interval:g} s instead")
+        app = build_app(manager, library, memory_mode=memory, work_dir=data / "work")
+        app.launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
 
 

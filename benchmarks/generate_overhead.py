@@ -2,7 +2,7 @@
 
 `python benchmarks/generate_overhead.py [--size tiny|full] [--device cpu|cuda] [--steps 20] [--reps 7]`
 
-One SD 1.x pipeline with random weights (`studio.architectures.build_random_pipeline`) and an identical deep copy.
+One SD 1.x pipeline with random weights (`architectures.build_random_pipeline`) and an identical deep copy.
 One concept (2 vectors) is written to a diffusers-format file; the same file is
 - read by the studio (`load_concept`) and passed per request to `studio.engine.generate.generate`;
 - loaded into the copy with diffusers' `load_textual_inversion`, which is then called as a plain pipeline.
@@ -29,7 +29,7 @@ from diffusers import EulerDiscreteScheduler
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from studio.architectures import build_random_pipeline
+from architectures import build_random_pipeline
 from studio.engine.concepts import Concept, load_concept, save_concept
 from studio.engine.generate import GenerateRequest, generate
 from studio.engine.models import LoadedModel

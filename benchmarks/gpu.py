@@ -2,7 +2,7 @@
 
 `python benchmarks/gpu.py [--size full|tiny] [--device cuda|cpu] [--families sd1,sdxl] [--json PATH]`
 
-Issue 6's benchmark. Random-weight pipelines built from configs (`studio.architectures.build_random_pipeline`:
+Issue 6's benchmark. Random-weight pipelines built from configs (`architectures.build_random_pipeline`:
 `full` has SD 1.5's and SDXL's real shapes; `tiny` is the test model, for the CPU path), saved once. Then, for each
 family and each memory mode (fast, balanced, low-vram):
 - (a) Textual Inversion steps through the studio `Trainer` (as `studio train --memory MODE` runs them: fp16
@@ -215,7 +215,7 @@ def run_all(jobs: list[dict]) -> list[dict]:
     here = Path(__file__).resolve().parent
     os.environ["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", "memory_modes", "train_speed", "studio.architectures",
+    context.set_forkserver_preload(["__main__", "memory_modes", "train_speed", "architectures",
                                     "studio.engine.models", "studio.engine.generate", "studio.training"])
     results = []
     for job in jobs:
@@ -319,7 +319,7 @@ def main() -> None:
     args.repeats = args.repeats or (3 if args.size == "full" else 1)
 
     # 1. Models and pictures (train_speed's: seeded squares on noise, at SD 1.x's side), saved once.
-    from studio.architectures import build_random_pipeline
+    from architectures import build_random_pipeline
 
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="gpu-bench-"))

@@ -2,7 +2,7 @@
 
 `python benchmarks/memory_modes.py [--size tiny|full] [--steps N] [--device cpu|cuda]`
 
-A random-weight pipeline (`studio.architectures.build_random_pipeline("sd1", size)`: `full` has SD 1.5's shapes and
+A random-weight pipeline (`architectures.build_random_pipeline("sd1", size)`: `full` has SD 1.5's shapes and
 makes 512x512 pictures, `tiny` is the test model at 64x64) is saved once; then each mode runs in its own process
 (so that memory freed by one cannot be reused by the next): `ModelManager(apply_preset(mode)).load(folder)`, one
 1-step warm-up, then `--repeats` timed `generate` calls of one picture at `--steps` steps with previews off (the
@@ -85,7 +85,7 @@ def main() -> None:
         print(json.dumps(run_mode(args.only, args.model_dir, args.size, args.steps, args.device, args.repeats)))
         return
 
-    from studio.architectures import build_random_pipeline
+    from architectures import build_random_pipeline
     from studio.engine.memory import pick_auto
 
     root = Path(tempfile.mkdtemp(prefix="memory-modes-"))

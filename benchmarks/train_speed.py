@@ -7,8 +7,9 @@ without accelerate: the new token is added to the tokenizer and the whole input-
 (AdamW over every row, weight decay 1e-2), the other rows are copied back from a saved copy after every step, each
 batch is loaded from disk, resized, flipped and tokenized by a Dataset, and every step encodes its pictures with
 the VAE (no latent cache). The studio side is `studio.training.Trainer` with memory mode `fast` and no mixed
-precision. Both train the same model (random weights, `--size tiny` or SD-1.5-sized `full`; or `--size demo`: the
-embedded demo model in assets/demo-model with the bundled concept set assets/concepts/zigzag-ring) on the same pictures
+precision. Both train the same model (random weights, `--size tiny` or SD-1.5-sized `full`, whose tokenizer has SD 1.5's
+49,408 entries so that the reference trains a table of that size; or `--size demo`: the embedded demo model in
+assets/demo-model with the bundled concept set assets/concepts/zigzag-ring) on the same pictures
 with the same steps, batch size, learning rate and seed; each runs in its own process so that one's memory
 cannot be reused by the other; the sides alternate `--repeats` times and the best run of each is shown.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -40,7 +42,7 @@ import torch
 from PIL import Image
 
 TOKEN, LEARNING_RATE = "<bench>", 5e-3
-INIT_WORD = "ring"  # one token in both the CLIP vocabulary of the random models and the demo model's own
+INIT_WORD = "ring"  # one token in the demo model's vocabulary and in the 49,408-entry one of `--size full`
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -223,11 +225,55 @@ def run_floor(model_dir: Path, images: Path, args) -> dict:
     return {"steps_per_s": args.steps / elapsed, "seconds": elapsed, **memory}
 
 
+# ---- the SD 1.5-sized vocabulary ------------------------------------------------------------------------------
+def clip_sized_tokenizer(words: list[str], out_dir: Path, size: int):
+    """A CLIP tokenizer of `size` entries built here, without the hub: `words` become one token each (as in
+    `studio.demo.tokenizer`), then made-up words fill the vocabulary up to `size` (SD 1.5's has 49,408: 512 byte
+    symbols, 48,894 merged tokens, <|startoftext|> and <|endoftext|>). Only the size matters to the benchmark: the
+    reference adds its token to this vocabulary and then trains (AdamW) a table of that many rows."""
+    import itertools
+    import string
+
+    from transformers import CLIPTokenizer
+
+    from studio.demo.tokenizer import BOS, EOS, clip_vocab_and_merges
+
+    # The made-up words ("zzaaaa", "zzaaab", ...) sort after the real ones, whose tokens therefore come first and are
+    # kept when the vocabulary is cut at `size`; each adds one or two entries, so `size` of them are more than enough.
+    filler = ("zz" + "".join(letters) for letters in itertools.product(string.ascii_lowercase, repeat=4))
+    vocab, merges = clip_vocab_and_merges([*words, *itertools.islice(filler, size)])
+    kept = [token for token in vocab if token not in (BOS, EOS)][: size - 2] + [BOS, EOS]
+    if len(kept) != size:
+        raise ValueError(f"the made-up words gave {len(kept)} tokens, not {size}")
+    vocab = {token: i for i, token in enumerate(kept)}
+    pairs = [(a, b) for a, b in (m.split(" ") for m in merges) if a in vocab and b in vocab and a + b in vocab]
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=77)
+    tokenizer.save_pretrained(out_dir)
+    return CLIPTokenizer.from_pretrained(out_dir)
+
+
+def use_clip_sized_tokenizer(pipe, out_dir: Path) -> None:
+    """Give a `full` random pipeline a tokenizer as large as its table. `build_random_pipeline` keeps SD 1.5's
+    49,408-row table but a tokenizer of a few hundred words, so the reference's `resize_token_embeddings(len(tokenizer))`
+    would cut the table to that and its 49,408-row AdamW cost would never show."""
+    from studio.training.templates import TEMPLATES
+
+    # The words the pipeline's tokenizer holds whole (a token of 2+ characters ending a word), those of the prompt
+    # templates both sides train with, and the init word.
+    known = [token.removesuffix("</w>") for token in pipe.tokenizer.get_vocab() if token.endswith("</w>") and len(token) > 5]
+    template_words = re.findall(r"[a-z]+", " ".join(t for lists in TEMPLATES.values() for t in lists).lower())
+    tokenizer = clip_sized_tokenizer([*known, *template_words, INIT_WORD], out_dir, pipe.text_encoder.config.vocab_size)
+    config = pipe.text_encoder.config  # the special ids move to the end of the vocabulary, as in CLIP's
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = (tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                                                     tokenizer.pad_token_id)
+    pipe.register_modules(tokenizer=tokenizer)
+
+
 # ---- driver ---------------------------------------------------------------------------------------------------
 def prepare(root: Path, size: str, n_images: int) -> tuple[Path, Path]:
     """A saved random pipeline of `size` and `n_images` seeded pictures of a square on noise; for `demo`, the
     embedded demo model and a bundled concept set (copied, so both sides read the same PNG files)."""
-    from studio.architectures import build_random_pipeline
+    from architectures import build_random_pipeline
 
     if size == "demo":
         folder = root / "pics"
@@ -237,6 +283,8 @@ def prepare(root: Path, size: str, n_images: int) -> tuple[Path, Path]:
         return REPO / "assets" / "demo-model", folder
 
     pipe = build_random_pipeline("sd1", size, tokenizer_dir=root / "tok")
+    if size == "full":
+        use_clip_sized_tokenizer(pipe, root / "tok-clip")
     pipe.save_pretrained(root / "model")
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     rng = np.random.default_rng(0)

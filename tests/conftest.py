@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,14 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 REPO = Path(__file__).resolve().parents[1]
 COMPAT_DIR = REPO.parent / "shared" / "compat" / "embeddings"
 DEMO_MODEL_DIR = REPO / "assets" / "demo-model"
+if str(REPO) not in sys.path:  # benchmarks/architectures.py (random-weight pipelines) imports as benchmarks.*
+    sys.path.append(str(REPO))
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     """`{"sd1"|"sd2"|"sdxl": folder}`: tiny random pipelines saved as diffusers folders."""
-    from studio.architectures import build_random_pipeline
+    from benchmarks.architectures import build_random_pipeline
 
     root = tmp_path_factory.mktemp("tiny-models")
     dirs = {}

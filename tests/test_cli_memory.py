@@ -31,3 +31,19 @@ def test_unknown_memory_mode_is_refused_with_the_choices(tiny_model_dirs, capsys
     with pytest.raises(SystemExit):
         main(["generate", "--prompt", "a cat", "--memory", "tiny"])
     assert "choose from 'auto', 'fast', 'balanced', 'low-vram'" in capsys.readouterr().err
+
+
+def test_every_memory_mode_list_is_the_presets_and_auto():
+    """Guards a preset added to studio.engine.memory that the CLI or TrainConfig would still refuse."""
+    import argparse
+
+    from studio.cli import build_parser
+    from studio.engine.memory import MEMORY_MODES, PRESETS
+    from studio.training import TrainConfig
+
+    assert MEMORY_MODES == ("auto", *PRESETS)
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command in ("generate", "train"):
+        memory = next(a for a in commands[command]._actions if a.dest == "memory")
+        assert tuple(memory.choices) == MEMORY_MODES
+    assert [TrainConfig("<t>", memory=mode).memory for mode in MEMORY_MODES] == list(MEMORY_MODES)

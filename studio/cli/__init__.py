@@ -1,8 +1,8 @@
 """`studio` / `python -m studio`: one command with a sub-command per engine task.
 
 Each sub-command lives in its own module exposing `register(subparsers)`, which adds its parser and sets
-`func=run`; `run(args) -> int` returns the exit code. User errors raise `UserError` (or an engine error such as
-`ConceptError`/`ModelError`) and are printed as one line without a traceback.
+`func=run`; `run(args) -> int` returns the exit code. User errors (`studio.errors.UserError`: every engine error
+whose message says what to do, such as `ConceptError`/`ModelError`) are printed as one line without a traceback.
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ import importlib
 import os
 import sys
 
+from studio.errors import UserError
+
 # Sub-command modules, in the order `--help` lists them. A module that is missing is skipped, so a partial install
 # (or a part still being built) does not break the others.
-SUBCOMMANDS = ("concepts", "generate", "train", "eval", "serve")
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for: printed as one line, exit code 2."""
+SUBCOMMANDS = ("concepts", "generate", "train", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +49,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(exc: BaseException) -> bool:
-    if isinstance(exc, (UserError, FileNotFoundError, ValueError)):  # ValueError: the engine's validation errors
-        return True
-    # Engine errors carry user-facing messages; match by class name to avoid importing heavy modules here.
-    return any(cls.__name__ in {"ConceptError", "ConceptMismatchError", "ModelError", "TrainError", "ImageError"}
-               for cls in type(exc).__mro__)
+    """Printed as one line, exit code 2: a UserError, a path that is not there, or a plain ValueError (the checks of
+    the request dataclasses, such as TrainConfig's, that raise no UserError of their own)."""
+    return isinstance(exc, (UserError, FileNotFoundError, ValueError))

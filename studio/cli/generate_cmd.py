@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from studio.engine.memory import MEMORY_MODES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate pictures from a prompt, with concept files")
@@ -25,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--init-image", type=Path, help="picture to start from (img2img)")
     p.add_argument("--strength", type=float, default=0.75)
     p.add_argument("--mask", type=Path, help="white = redraw (inpainting; needs --init-image)")
-    p.add_argument("--memory", default="fast", choices=["auto", "fast", "balanced", "low-vram"],
+    p.add_argument("--memory", default="fast", choices=MEMORY_MODES,
                    help="memory mode (studio.engine.memory): fast (default), balanced, low-vram, or auto (by free "
                         "GPU memory)")
     p.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (several: -1, -2 ... appended)")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from studio.engine.memory import MEMORY_MODES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="learn a new word from 3-20 pictures (Textual Inversion)")
@@ -27,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="PATH",
                    help="continue a run from a <token>-stepN.safetensors it wrote (or a folder: its newest one); "
                         "give the same options and a larger --steps")
-    p.add_argument("--memory", choices=["auto", "fast", "balanced", "low-vram"], default="auto",
+    p.add_argument("--memory", choices=MEMORY_MODES, default="auto",
                    help="balanced: gradient checkpointing; low-vram: also attention slicing and the VAE off the GPU "
                         "once the pictures are encoded; auto: by free GPU memory (fast on CPU)")
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from studio.demo import world
+from studio.engine.files import atomic_write
 
 JUDGE_DIR = Path(__file__).resolve().parents[2] / "assets" / "judge"
 RESOLUTION = 64
@@ -394,22 +393,10 @@ def train(out_dir: Path = JUDGE_DIR, *, n_train: int = 30000, steps: int = 3000,
     info["accuracy_measured_on"] = (f"{eval_n} fresh clean renders (seed 12345), every shape/colour pair, "
                                     "20% zigzag; `python -m studio.demo.judge --measure`")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic(out_dir / "judge.safetensors", lambda p: save_file(state, p))
-    _atomic(out_dir / "judge.json", lambda p: Path(p).write_text(json.dumps(info, indent=1) + "\n"))
+    atomic_write(out_dir / "judge.safetensors", lambda p: save_file(state, p))
+    atomic_write(out_dir / "judge.json", (json.dumps(info, indent=1) + "\n").encode())
     print(json.dumps(info["accuracy"]), flush=True)
     return info
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; assets are meant to be readable
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def main(argv: Iterable[str] | None = None) -> None:

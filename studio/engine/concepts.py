@@ -24,7 +24,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,7 +33,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
-from studio.engine.names import FILE_MODE, WordError, check_word, file_stem
+from studio.engine.files import atomic_write
+from studio.engine.names import WordError, check_word, file_stem
+from studio.errors import UserError
 
 ENCODER_KEYS = ("text_encoder", "text_encoder_2")  # diffusers pipeline attribute names
 
@@ -67,7 +68,7 @@ MAX_DIM = 8192
 A1111_STAR_TOKEN_ID = 265  # what A1111 writes in string_to_token["*"]; nobody reads it back
 
 
-class ConceptError(ValueError):
+class ConceptError(UserError):
     """An unreadable, unsafe or malformed concept file; the message says what is wrong and what to do."""
 
 
@@ -477,14 +478,14 @@ def save_concept(concept: Concept, path: str | os.PathLike, format: str = "studi
         }
         buffer = io.BytesIO()
         torch.save(data, buffer)
-        _atomic_write(path, buffer.getvalue())
+        atomic_write(path, buffer.getvalue())
         return path
 
     if format == "diffusers":
-        _atomic_write(path, safetensors_save({concept.token: tensors["text_encoder"]}, {"format": "pt"}))
+        atomic_write(path, safetensors_save({concept.token: tensors["text_encoder"]}, {"format": "pt"}))
         if sdxl:
             second = path.with_name(path.stem + "_2" + path.suffix)
-            _atomic_write(second, safetensors_save({concept.token: tensors["text_encoder_2"]}, {"format": "pt"}))
+            atomic_write(second, safetensors_save({concept.token: tensors["text_encoder_2"]}, {"format": "pt"}))
         return path
 
     if sdxl:
@@ -492,7 +493,7 @@ def save_concept(concept: Concept, path: str | os.PathLike, format: str = "studi
     else:
         body = {"emb_params": tensors["text_encoder"]}
     metadata = _studio_metadata(concept) if format == "studio" else None
-    _atomic_write(path, safetensors_save(body, metadata))
+    atomic_write(path, safetensors_save(body, metadata))
     return path
 
 
@@ -530,19 +531,3 @@ def _int_or_zero(value: str | None) -> int:
         return int(value) if value else 0
     except ValueError:
         return 0
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Write to a temp file in the same folder, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -11,9 +11,8 @@ import functools
 import os
 import random
 import re
-import tempfile
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +20,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from studio.engine.concepts import Concept, check_fits
+from studio.engine.files import atomic_write
 from studio.engine.memory import mode_in_effect, oom_guard
 from studio.engine.pictures import MAX_SIDE, SIDE_STEP, scaled, side_limits, working_size
 
@@ -294,15 +294,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, text: str | None = Non
     path = Path(path)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", text if text is not None else image.info.get("parameters", ""))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 _SAMPLER_TO_NAME = {v[2]: k for k, v in SCHEDULERS.items()}
@@ -342,5 +334,3 @@ def read_infotext(image_or_path) -> dict:
         out["concepts"] = pairs["Concepts"].split()
     return out
 
-
-REQUEST_FIELDS = {f.name for f in fields(GenerateRequest)}

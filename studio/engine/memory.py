@@ -34,6 +34,8 @@ PRESETS: dict[str, MemoryPreset] = {
                              vae_tiling=True, offload="model", gradient_checkpointing=True,
                              offload_frozen_after_caching=True),
 }
+# Every memory mode a user can ask for: the presets and `auto`, which picks one of them (pick_auto).
+MEMORY_MODES = ("auto", *PRESETS)
 NEXT_SMALLER = {"fast": "balanced", "balanced": "low-vram", "low-vram": None}
 AUTO_THRESHOLDS_GIB = ((12.0, "fast"), (7.0, "balanced"))  # free GPU memory -> preset; below both: low-vram
 
@@ -54,7 +56,7 @@ def preset(name: str) -> MemoryPreset:
     if name == "auto":
         return pick_auto()
     if name not in PRESETS:
-        raise ValueError(f"memory mode must be one of auto, {', '.join(PRESETS)}; not {name!r}")
+        raise ValueError(f"memory mode must be one of {', '.join(MEMORY_MODES)}; not {name!r}")
     return PRESETS[name]
 
 

@@ -15,13 +15,16 @@ from pathlib import Path
 
 import torch
 
+from studio.engine.model_facts import detect_family, encoder_dims, encoders_of
 from studio.engine.prompts import PromptEncoder
+from studio.errors import UserError
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo-model"
 
 
-class ModelError(RuntimeError):
-    """A model could not be loaded or run; the message says what to do."""
+class ModelError(UserError, RuntimeError):
+    """A model could not be loaded or run; the message says what to do. Also a RuntimeError, as torch's own errors
+    are: an out-of-memory `OutOfMemory` is one, and the trainer catches RuntimeErrors to find those."""
 
 
 @dataclass(frozen=True)
@@ -59,13 +62,6 @@ def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.float16
 
 
-def detect_family(pipe) -> str:
-    """SDXL if the pipeline has a second text encoder, SD 2.x for a 1024-d encoder, else SD 1.x."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return "sdxl"
-    return "sd2" if pipe.text_encoder.config.hidden_size == 1024 else "sd1"
-
-
 @dataclass
 class LoadedModel:
     """A loaded base model. `pipe` is txt2img; `img2img()` and `inpaint()` share its modules."""
@@ -93,10 +89,8 @@ class LoadedModel:
 
     @property
     def encoder_dims(self) -> dict[str, int]:
-        dims = {"text_encoder": self.pipe.text_encoder.config.hidden_size}
-        if self.family == "sdxl":
-            dims["text_encoder_2"] = self.pipe.text_encoder_2.config.hidden_size
-        return dims
+        """Encoder key -> width (`studio.engine.model_facts.encoder_dims`): what a concept's vectors must match."""
+        return encoder_dims(self.pipe)
 
     def _view(self, kind: str):
         if kind not in self._views:
@@ -169,7 +163,7 @@ class ModelManager:
         except Exception as exc:  # noqa: BLE001 - library errors become one readable message
             hint = " (HF_HUB_OFFLINE is set: pass a local folder or file instead)" if os.environ.get("HF_HUB_OFFLINE") else ""
             raise ModelError(f"could not load {src!r}: {exc.__class__.__name__}: {str(exc)[:300]}{hint}") from exc
-        if not hasattr(pipe, "text_encoder") or not hasattr(pipe, "unet"):
+        if not encoders_of(pipe) or not hasattr(pipe, "unet"):
             raise ModelError(f"{src!r} is not a Stable Diffusion model (no text encoder / UNet)")
         if hasattr(pipe, "safety_checker"):
             pipe.safety_checker = None

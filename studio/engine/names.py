@@ -11,6 +11,8 @@ import re
 import unicodedata
 from pathlib import Path
 
+from studio.errors import UserError
+
 # A word is one prompt word; longer than this is no trigger word anyone types (CLIP's whole window is 77 tokens).
 MAX_WORD_CHARS = 100
 # File names: 255 bytes on ext4/NTFS/APFS; the stem leaves room for "-step12345", "_2", ".safetensors.trainstate".
@@ -25,7 +27,7 @@ FILE_MODE = 0o644
 _NOT_FILE_SAFE = re.compile(r"[^\w\-]+")
 
 
-class WordError(ValueError):
+class WordError(UserError):
     """A word or name that cannot be used; the message says what to type instead."""
 
 

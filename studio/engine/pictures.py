@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from studio.errors import UserError
+
 # A file over this many bytes is refused before it is read: several times a 48-megapixel camera JPEG (about 10-25 MB).
 MAX_PICTURE_BYTES = 64 * 1024 * 1024
 # A picture of more pixels is refused from its header, before it is decoded. Pillow's own default MAX_IMAGE_PIXELS
@@ -47,7 +49,7 @@ PICTURE_SIDE_FACTOR = 2
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
 
-class PictureError(ValueError):
+class PictureError(UserError):
     """A picture that cannot be used; the message says which, what is wrong and what to do.
 
     `problem` is the middle part alone (e.g. "not a readable picture (image file is truncated)"), for callers that

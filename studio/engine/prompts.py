@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 
 from studio.engine.concepts import ENCODER_KEYS, Concept, check_fits
+from studio.engine.model_facts import detect_family, encoder_width, encoders_of
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +129,9 @@ class PromptEncoder:
     @classmethod
     def from_pipeline(cls, pipe) -> "PromptEncoder":
         """The encoder for a diffusers StableDiffusion(XL) pipeline, sharing its modules."""
-        te2 = getattr(pipe, "text_encoder_2", None)
-        if te2 is not None:
-            force = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", True))
-            return cls([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, te2], "sdxl", force)
-        family = "sd2" if pipe.text_encoder.config.hidden_size == 1024 else "sd1"
-        return cls([pipe.tokenizer], [pipe.text_encoder], family)
+        encoders = encoders_of(pipe)
+        force = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", True))  # SDXL's config; SD has none
+        return cls([tok for _, tok, _ in encoders], [enc for _, _, enc in encoders], detect_family(pipe), force)
 
     # ---- tokenization -------------------------------------------------------------------------------------------
     @staticmethod
@@ -192,8 +190,7 @@ class PromptEncoder:
     @property
     def encoder_dims(self) -> dict[str, int]:
         """Encoder key -> input embedding width, e.g. `{"text_encoder": 768}`: what a concept's vectors must match."""
-        return {ENCODER_KEYS[i]: int(getattr(te, "text_model", te).embeddings.token_embedding.embedding_dim)
-                for i, te in enumerate(self.text_encoders)}
+        return {key: encoder_width(te) for key, te in zip(ENCODER_KEYS, self.text_encoders)}
 
     def check_concepts(self, concepts: Sequence[Concept]) -> None:
         """Raise `ConceptMismatchError` (naming the file, its sizes, the model's and what to do) for a concept that

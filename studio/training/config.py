@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from studio.engine.memory import MEMORY_MODES
 from studio.engine.names import check_word
 
 
@@ -28,7 +29,7 @@ class TrainConfig:
     regularization: float = 0.0  # paper's variant: weight of ||v - v_init||^2
     max_grad_norm: float = 1.0
     resume: str | None = None  # a `<token>-stepN.safetensors` this trainer wrote (or its folder: the newest one)
-    memory: str = "auto"  # "auto" | "fast" | "balanced" | "low-vram": studio.engine.memory presets, as in generation
+    memory: str = "auto"  # one of studio.engine.memory.MEMORY_MODES, as in generation
     mixed_precision: str = "auto"  # "no" | "fp16" | "bf16" | "auto" (CPU: "no"; GPU: the loaded dtype, else bf16)
 
     def __post_init__(self) -> None:
@@ -39,8 +40,8 @@ class TrainConfig:
             raise ValueError("steps and batch size must be at least 1")
         if self.template not in ("object", "style", "captions"):
             raise ValueError(f"template must be 'object', 'style' or 'captions', not {self.template!r}")
-        if self.memory not in ("auto", "fast", "balanced", "low-vram"):
-            raise ValueError(f"memory must be 'auto', 'fast', 'balanced' or 'low-vram', not {self.memory!r}")
+        if self.memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORY_MODES))}, not {self.memory!r}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16', 'bf16' or 'auto', not {self.mixed_precision!r}")
 

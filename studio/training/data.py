@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 
 from studio.engine.pictures import PictureError, open_picture
+from studio.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 MIN_SIDE = 32  # smaller pictures carry too little to learn from
 
 
-class TrainError(ValueError):
+class TrainError(UserError):
     """Training cannot start or go on; the message says what to do."""
 
 
@@ -33,6 +34,25 @@ def find_images(images: list[Path] | Path | str) -> list[Path]:
             raise TrainError(f"{folder} is not a folder of pictures")
         return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     return [Path(p) for p in images]
+
+
+def caption_path(picture: Path) -> Path:
+    """Where a picture's caption is read from: `name.txt` beside `name.png` (kohya's and A1111's layout)."""
+    return picture.with_suffix(".txt")
+
+
+def check_captions(images: list[TrainingImage]) -> None:
+    """For template "captions": every picture needs a caption; else a TrainError naming the ones without (a run
+    would otherwise prompt them with something the user did not write)."""
+    missing = [item.path for item in images if not item.caption]
+    if not missing:
+        return
+    shown = ", ".join(f"{p.name} ({caption_path(p).name} {'is empty' if caption_path(p).is_file() else 'missing'})"
+                      for p in missing[:10])
+    more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    raise TrainError(f"template 'captions' needs a caption for every picture, but {len(missing)} of {len(images)} "
+                     f"have none: {shown}{more}. Write each one's caption in a .txt file of the picture's name beside "
+                     "it (with {} or [name] where the new word goes), or train with template 'object' or 'style'")
 
 
 def load_images(paths: list[Path], resolution: int) -> tuple[list[TrainingImage], list[str]]:
@@ -53,7 +73,7 @@ def load_images(paths: list[Path], resolution: int) -> tuple[list[TrainingImage]
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2
         img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-        caption_file = path.with_suffix(".txt")
+        caption_file = caption_path(path)
         caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
         good.append(TrainingImage(path, img, caption))
     if not good:

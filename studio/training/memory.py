@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from studio.engine.memory import MemoryPreset, preset as memory_preset
+from studio.engine.model_facts import encoders_of
 
 
 @dataclass
@@ -37,7 +38,7 @@ class TrainingMemory:
         return 1 if self.preset.vae_slicing else 8
 
     def _text_encoders(self) -> list:
-        return [e for e in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if e is not None]
+        return [encoder for _, _, encoder in encoders_of(self.pipe)]
 
     def _checkpoint_text_encoders(self) -> None:
         for encoder in self._text_encoders():
@@ -113,7 +114,7 @@ class TrainingMemory:
 
 @contextmanager
 def training_memory(pipe, mode: str) -> Iterator[TrainingMemory]:
-    """Apply memory mode `mode` ("auto" | "fast" | "balanced" | "low-vram") to `pipe` for a training run."""
+    """Apply memory mode `mode` (one of studio.engine.memory.MEMORY_MODES) to `pipe` for a training run."""
     savings = TrainingMemory(memory_preset(mode), pipe)
     try:
         savings.apply()

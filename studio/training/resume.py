@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from studio.engine.files import atomic_write
 from studio.training.data import TrainError
 
 STATE_SUFFIX = ".trainstate"
@@ -57,11 +58,7 @@ def save_state(checkpoint: Path, state: TrainState) -> Path:
             "family": state.family, "dims": json.dumps(state.dims),
             "data_rng": json.dumps([version, list(internal), gauss]),
             "scaler": json.dumps(state.scaler)}
-    path = state_path(checkpoint)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return atomic_write(state_path(checkpoint), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_state(checkpoint: Path) -> TrainState:

@@ -19,11 +19,12 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from studio.engine.concepts import ENCODER_KEYS, Concept, load_concept, save_concept
+from studio.engine.concepts import Concept, load_concept, save_concept
 from studio.engine.memory import is_out_of_memory, oom_advice, release_memory
+from studio.engine.model_facts import encoders_of
 from studio.engine.names import file_stem, inside
 from studio.training.config import TrainConfig, parse_lr_schedule
-from studio.training.data import TrainError, encode_latents, find_images, load_images
+from studio.training.data import TrainError, check_captions, encode_latents, find_images, load_images
 from studio.training.memory import training_memory
 from studio.training.resume import (TrainState, check_matches, find_checkpoint, load_state, restore_rngs, save_state,
                                     state_path)
@@ -96,11 +97,9 @@ class Trainer:
 
     def _init_vectors(self) -> dict[str, torch.Tensor]:
         """Vectors start from the embeddings of `init_text`'s tokens, repeated or cut to `n_vectors`."""
-        pipe, cfg = self.model.pipe, self.config
-        tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.model.family == "sdxl" else [])
-        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.model.family == "sdxl" else [])
+        cfg = self.config
         vectors = {}
-        for key, tok, enc in zip(ENCODER_KEYS, tokenizers, encoders):
+        for key, tok, enc in encoders_of(self.model.pipe):
             ids = tok(cfg.init_text, add_special_tokens=False).input_ids or [tok.eos_token_id]
             ids = (ids * cfg.n_vectors)[: cfg.n_vectors]
             table = enc.get_input_embeddings().weight
@@ -190,7 +189,7 @@ class Trainer:
                           dims=dict(model.encoder_dims), n_vectors=cfg.n_vectors, total_steps=cfg.steps)
         autocast_dtype, precision = self._precision()
 
-        encoders = (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+        encoders = [encoder for _, _, encoder in encoders_of(pipe)]
         kept = LastGood()
         with model.lock, training_memory(pipe, cfg.memory) as savings, frozen(pipe.unet, pipe.vae, *encoders), \
                 self._out_of_memory_fails(savings.preset.name, kept, emit, token_file):
@@ -199,9 +198,13 @@ class Trainer:
             images, warnings = load_images(self.paths, resolution)
             for message in warnings:
                 emit(TrainEvent("warning", message=message))
+            if cfg.template == "captions":
+                check_captions(images)
             latents = encode_latents(pipe.vae, images, cfg.flip, model.device, model.dtype, savings.latent_batch)
             savings.after_latent_cache()
-            templates = TEMPLATES["style" if cfg.template == "style" else "object"]
+            # A picture's caption is its prompt; "object" / "style" draw one from the paper's lists for pictures
+            # without one ("captions" has none: every picture has a caption, checked above).
+            templates = TEMPLATES.get(cfg.template, ())
 
             # 3. Parameters (the new vectors only, in fp32 whatever the model's dtype), optimizer, random streams.
             generator = torch.Generator(model.device).manual_seed(cfg.seed)  # noise and timesteps
@@ -311,10 +314,8 @@ class Trainer:
 
     def _norm_limit(self) -> dict[str, float]:
         """Per encoder: NORM_LIMIT_FACTOR times the largest row norm of its embedding table."""
-        pipe = self.model.pipe
-        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.model.family == "sdxl" else [])
         return {key: NORM_LIMIT_FACTOR * float(enc.get_input_embeddings().weight.detach().float().norm(dim=1).max())
-                for key, enc in zip(ENCODER_KEYS, encoders)}
+                for key, _, enc in encoders_of(self.model.pipe)}
 
     @staticmethod
     def _exploded(vectors: dict[str, torch.Tensor], norm_limit: dict[str, float]) -> str:

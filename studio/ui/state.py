@@ -19,17 +19,17 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.engine.concepts import ConceptError
 from studio.engine.generate import RANDOM_SEED, Cancelled, GenerateRequest, GenerateResult, generate, save_png
 from studio.engine.memory import preset
-from studio.engine.models import LoadedModel, ModelError, ModelManager
+from studio.engine.models import LoadedModel, ModelManager
 from studio.engine.names import file_stem, inside, session_key
+from studio.errors import UserError
 from studio.library import ConceptLibrary, LibraryEntry
-from studio.training import TrainError
 from studio.ui.gpu import gpu_task
 
-# Errors that are the user's to fix: shown as a message in the UI (gr.Error), never as a traceback.
-USER_ERRORS = (ValueError, ModelError, ConceptError, TrainError, FileNotFoundError)
+# Errors that are the user's to fix: shown as a message in the UI (gr.Error), never as a traceback. UserError is every
+# engine error with advice (concept, model, training, picture, word); plain ValueError the request dataclasses' checks.
+USER_ERRORS = (UserError, ValueError, FileNotFoundError)
 
 
 # A word written the way concept words are (<my-cat>): one that is no concept gets a warning, not silence.

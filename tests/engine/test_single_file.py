@@ -103,7 +103,7 @@ def test_full_size_exports_have_the_layout_of_real_checkpoints(family, diffusers
     from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
                                                      infer_diffusers_model_type)
 
-    from studio.architectures import build_random_pipeline
+    from benchmarks.architectures import build_random_pipeline
 
     with init_empty_weights():
         pipe = build_random_pipeline(family, "full")

@@ -154,3 +154,29 @@ def test_a1111_learning_rate_schedule_and_bad_config():
         parse_lr_schedule("fast please", 0.005, 0, 10)
     with pytest.raises(ValueError, match="one word"):
         TrainConfig("my cat")
+
+
+def test_captions_template_refuses_pictures_without_a_caption_before_any_step(tiny_model_dirs, pictures, tmp_path):
+    """Guards 'captions' quietly prompting uncaptioned pictures with the object templates."""
+    (pictures / "p0.txt").write_text("a photo of {} on a table")
+    (pictures / "p1.txt").write_text("  \n")
+    events = []
+    cfg = TrainConfig("<t>", template="captions", steps=2)
+    with pytest.raises(TrainError, match=r"needs a caption for every picture, but 3 of 4 have none: p1.png \(p1.txt "
+                                         r"is empty\), p2.png \(p2.txt missing\), p3.png") as caught:
+        Trainer(ModelManager().load(tiny_model_dirs["sd1"]), cfg, pictures, tmp_path / "out").run(events.append)
+    assert "or train with template 'object' or 'style'" in str(caught.value)
+    assert not any(e.kind == "step" for e in events) and not (tmp_path / "out").exists()
+
+
+def test_captions_template_prompts_each_picture_with_its_caption(tiny_model_dirs, pictures, tmp_path):
+    for k in range(4):
+        (pictures / f"p{k}.txt").write_text(f"a drawing of [name], number {k}")
+    model = ModelManager().load(tiny_model_dirs["sd1"])
+    prompts, encode = [], model.encoder.encode
+    model.encoder.encode = lambda texts, concepts=(), **kw: prompts.extend(texts) or encode(texts, concepts, **kw)
+    try:
+        Trainer(model, TrainConfig("<t>", template="captions", steps=3, batch_size=2), pictures, tmp_path).run()
+    finally:
+        del model.encoder.encode
+    assert len(prompts) == 6 and set(prompts) <= {f"a drawing of <t>, number {k}" for k in range(4)}

@@ -24,7 +24,7 @@ WORKING_SIZE = (192, 144)  # 2x the model's native 96 px, aspect kept
 def server(tmp_path_factory):
     """A studio on a tiny SD1 pipeline of native side 96 (UNet sample size 48): a step at its working size takes
     about 0.1-0.3 s on one CPU core, so a transfer of 20 steps runs long enough to be cancelled halfway."""
-    from studio.architectures import build_random_pipeline
+    from benchmarks.architectures import build_random_pipeline
 
     root = tmp_path_factory.mktemp("native-96")
     pipe = build_random_pipeline("sd1", "tiny", tokenizer_dir=root / "tok")

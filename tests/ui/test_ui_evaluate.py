@@ -10,9 +10,9 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from studio.demo.concept_sets import load_concept_set
-from studio.demo.evaluate import initial_concept
 from studio.engine.concepts import save_concept
 from studio.engine.models import ModelManager
+from studio.evaluation.denoising import initial_concept
 from studio.library import ConceptLibrary
 from studio.ui.app import build_app
 from ui_server import UNetCalls, launch, wait_until_running

@@ -1,8 +1,8 @@
 """Evaluate tab: score a concept the way the Textual Inversion paper does and show the pictures the scores came from.
 
 On the built-in demo model the judge checks the pictures against a bundled concept set's ground truth; on any
-model a CLIP model (hub id or folder) gives image-image and image-text similarity. The engine call is
-`studio.engine.scoring.score_concept`; this file only adapts the form to it and the result to a table and a grid.
+model a CLIP model (hub id or folder) gives image-image and image-text similarity. The call is
+`studio.evaluation.scoring.score_concept`; this file only adapts the form to it and the result to a table and a grid.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
 from studio.demo.concept_sets import list_concept_sets, load_concept_set
+from studio.demo.evaluate import DemoJudge, concept_set_for
 from studio.engine.generate import Cancelled, save_png
-from studio.engine.scoring import ClipScorer, ConceptScores, ScoreConfig, concept_set_for, score_concept
+from studio.evaluation.clip import ClipScorer
+from studio.evaluation.config import ScoreConfig
+from studio.evaluation.scoring import ConceptScores, score_concept
 from studio.ui.gpu import gpu_task
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import USER_ERRORS, Studio, user_error
@@ -86,7 +89,8 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
             if progress is not None:
                 progress((done, total), desc=prompt, unit="steps")
 
-        return score_concept(studio.model, concept, cfg, concept_set=ground_truth_set(token, ground_truth),
+        return score_concept(studio.model, concept, cfg, judge=DemoJudge(),
+                             concept_set=ground_truth_set(token, ground_truth),
                              reference_images=reference_pictures(files), clip=clip_for(clip_source),
                              on_progress=on_progress, cancel=studio.cancel_flag(session, "evaluate"))
 

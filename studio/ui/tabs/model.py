@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.engine.memory import PRESETS, apply_preset
+from studio.engine.memory import MEMORY_MODES, PRESETS, apply_preset
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import USER_ERRORS, Studio, user_error
 
-MEMORY_MODES = ["auto", *PRESETS]
 HOW_TO_LOAD = """\
 **Load a real model** by typing one of these and pressing *Load*:
 - a Hugging Face hub id, e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5` or
@@ -72,7 +71,7 @@ def build_model_tab(studio: Studio, pickers: ConceptPickers) -> gr.Markdown:
         source = gr.Textbox(label="Model (hub id, folder or .safetensors file; empty: the demo)", scale=3)
         load = gr.Button("Load", variant="primary")
     with gr.Row():
-        mode = gr.Radio(MEMORY_MODES, value=studio.memory_mode, label="Memory mode", scale=3)
+        mode = gr.Radio(list(MEMORY_MODES), value=studio.memory_mode, label="Memory mode", scale=3)
         apply = gr.Button("Apply to the loaded model")
     gr.Markdown(MODES_HELP)
 

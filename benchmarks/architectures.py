@@ -6,6 +6,10 @@ Two sizes per family:
   The tests use these.
 - ``full``: the real SD 1.5 / SD 2.1 / SDXL architectures (49,408-token vocabulary, full UNet) with random
   weights, for the speed and memory benchmarks.
+
+Test and benchmark code, kept out of the product package: the benchmarks import it as their sibling
+(`from architectures import ...`), the tests as `benchmarks.architectures` (tests/conftest.py puts the repo root on
+sys.path).
 """
 
 from __future__ import annotations

@@ -13,14 +13,18 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
 
-from studio.architectures import TINY_WORDS
+from benchmarks.architectures import TINY_WORDS
+from studio.demo.concept_sets import load_concept_set
+from studio.demo.evaluate import DemoJudge
 from studio.demo.tokenizer import build_clip_tokenizer
 from studio.engine.concepts import Concept
 from studio.engine.generate import Cancelled
 from studio.engine.models import ModelManager
-from studio.demo.concept_sets import load_concept_set
-from studio.engine.scoring import (ClipScorer, ScoreConfig, ScoringError, ground_truth_from_pictures, score_concept,
-                                    without_subject)
+from studio.evaluation.clip import ClipScorer
+from studio.evaluation.config import ScoreConfig, ScoringError
+from studio.evaluation.judging import ground_truth_from_pictures
+from studio.evaluation.prompts import without_subject
+from studio.evaluation.scoring import score_concept
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +116,10 @@ def test_cancel_stops_the_evaluation(sd1, clip_dir):
 
 def test_nothing_to_score_with_says_what_to_configure(sd1):
     with pytest.raises(ScoringError, match="needs a CLIP model.*hub id.*folder"):
-        score_concept(sd1, concept_for(sd1), ScoreConfig(samples=1, steps=1))
+        score_concept(sd1, concept_for(sd1), ScoreConfig(samples=1, steps=1), judge=DemoJudge())  # not the demo
     demo_like = dataclasses.replace(sd1, is_demo=True)  # the demo model, but no concept set to judge against
     with pytest.raises(ScoringError, match="no ground truth.*purple-star"):
-        score_concept(demo_like, concept_for(sd1), ScoreConfig(samples=1, steps=1))
+        score_concept(demo_like, concept_for(sd1), ScoreConfig(samples=1, steps=1), judge=DemoJudge())
     with pytest.raises(ScoringError, match="could not load the CLIP model"):
         ClipScorer.load("/no/such/clip-folder")
     with pytest.raises(ScoringError, match="samples must be between 1 and 16"):
@@ -127,9 +131,11 @@ def test_the_judge_reads_the_ground_truth_that_every_training_picture_shares():
     def pictures(name):
         return [Image.open(p) for p in load_concept_set(name).images]
 
-    stars = ground_truth_from_pictures(pictures("purple-star"), "<mine>", "object")
+    judge = DemoJudge()
+    stars = ground_truth_from_pictures(judge, pictures("purple-star"), "<mine>", "object")
     assert stars.attributes == {"shape": "star", "color": "purple", "pattern": "solid"} and stars.token == "<mine>"
-    look = ground_truth_from_pictures(pictures("zigzag-soft"), "<look>", "style")
+    look = ground_truth_from_pictures(judge, pictures("zigzag-soft"), "<look>", "style")
     assert look.attributes == {"style": "soft", "background": "beige", "pattern": "zigzag"} and look.kind == "style"
-    mixed = ground_truth_from_pictures(pictures("purple-star")[:2] + pictures("dotted-cyan-heart")[:2], "<x>", "object")
+    mixed = ground_truth_from_pictures(judge, pictures("purple-star")[:2] + pictures("dotted-cyan-heart")[:2], "<x>",
+                                       "object")
     assert mixed is None  # star/heart, purple/cyan, solid/dotted: nothing is shared

@@ -1,0 +1,12 @@
+"""The one base class of the mistakes a user can fix.
+
+Every engine error whose message says what to do (a concept file, a model, a training run, a picture, a word)
+derives from `UserError`; the UI shows them as a message (gr.Error) and the CLI prints them as one line, both by
+catching this class. It is a ValueError, so code that has always caught ValueError for bad input still catches them.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A mistake the user can fix: the message names what is wrong and says what to do."""
