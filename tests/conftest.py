@@ -46,3 +46,15 @@ def demo_model_dir() -> Path:
     if not (DEMO_MODEL_DIR / "model_index.json").is_file():
         pytest.skip("the demo model has not been built yet (python -m studio.demo.build)")
     return DEMO_MODEL_DIR
+
+
+# End-to-end modules: a real browser, CLI runs that load and train, training + evaluation, the demo build. They run in
+# CI (the whole suite, ~2.5 min on 2 cores); `pytest -m "not slow"` leaves them out for a quick loop while editing.
+SLOW_MODULES = {"test_browser.py", "test_ui_load.py", "test_cli_generate_train.py", "test_runner.py",
+                "test_build_recipe.py", "test_ui_evaluate.py", "test_train_resume.py"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
