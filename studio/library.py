@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
-import re
 import shutil
 import stat
 import threading
@@ -50,16 +49,12 @@ from studio.engine.concepts import (
 )
 from studio.engine.files import atomic_write
 from studio.engine.names import check_word, file_stem, inside, session_key
+from studio.engine.prompts import split_concept_words
 
 # What a save does when the word (or its file) is already in the shared library.
 IF_TAKEN = ("refuse", "replace", "keep both")
 # Temp files of a write that a kill interrupted (`.<name>.<random>.tmp`) are removed once older than this.
 STALE_TEMP_S = 3600.0
-
-# Characters that end a word in a prompt: whitespace and A1111/compel prompt syntax. Tokens may hold < > - _ . etc.
-_PROMPT_SEPARATORS = re.compile(r"[\s,()\[\]{}:|]+")
-# Punctuation that may close a sentence right after a token ("a photo of <cat-toy>.").
-_TRAILING_PUNCTUATION = ".!?;'\""
 
 # Source formats whose files store the token inside: renaming rewrites the file; others are renamed as they are.
 _REWRITE_ON_RENAME = {"studio": "studio", "a1111": "a1111", "diffusers": "diffusers"}
@@ -394,26 +389,20 @@ class ConceptLibrary:
         return self._files[path].concept if path is not None else None
 
     def resolve(self, prompt: str, encoder_dims: dict[str, int] | None, session: str | None = None) -> list[Concept]:
-        """Concepts whose token occurs in `prompt` as a whole word, in order of first use.
+        """Concepts whose token occurs in `prompt` as a whole word (`studio.engine.prompts.split_concept_words`, the
+        rule the prompt encoder places them by), in order of first use.
 
-        Costs one dict look-up per prompt word, whatever the library size; while watching, no file-system call
-        unless an event came since the last read. A used concept that does not fit the model raises
-        ConceptMismatchError (never skipped silently).
+        Costs a few dict look-ups per prompt word (one per place the word could end), whatever the library size;
+        while watching, no file-system call unless an event came since the last read. `encoder_dims` is not read:
+        whether a concept fits the model is checked once per request, by the prompt encoder every request passes
+        (ConceptMismatchError naming the concept's file).
         """
         with self._lock:
             self._catch_up()
             found: dict[str, Concept] = {}
-            for word in _PROMPT_SEPARATORS.split(prompt):
-                for candidate in (word, word.strip(_TRAILING_PUNCTUATION)):
-                    if not candidate or candidate in found:
-                        continue
-                    concept = self._lookup(candidate, session)
-                    if concept is not None:
-                        if encoder_dims is not None:
-                            where = concept.meta.get("source_path") or f"session concept {candidate!r}"
-                            check_fits(concept, encoder_dims, where=where)
-                        found[candidate] = concept
-                        break
+            for part in split_concept_words(prompt, lambda word: self._lookup(word, session)):
+                if isinstance(part, Concept):
+                    found.setdefault(part.token, part)
             return list(found.values())
 
     # ------------------------------------------------------------------------------------------------ writing

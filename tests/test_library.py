@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from studio.engine.concepts import Concept, ConceptError, ConceptMismatchError, load_concept, save_concept
+from studio.engine.concepts import (Concept, ConceptError, ConceptMismatchError, check_fits, load_concept,
+                                    save_concept)
 import studio.library
 from studio.library import ConceptLibrary
 
@@ -129,12 +130,33 @@ def test_resolve_matches_whole_words_only_including_punctuated_tokens(tmp_path):
     assert used("<cat-toy> and <cat-toy> again") == ["<cat-toy>"]
 
 
-def test_resolve_refuses_a_used_concept_that_does_not_fit(tmp_path):
+def test_resolve_leaves_the_fit_check_to_the_encoder_and_keeps_the_file_for_its_message(tmp_path):
+    """The fit is checked once per request, by the prompt encoder every request passes; what resolve returns still
+    names its file, so that check's message says which file does not fit."""
     write_kohya(tmp_path / "old-sd1.safetensors")
     library = ConceptLibrary(tmp_path)
-    assert library.resolve("a cat", SD2) == []  # unused: no error
+    assert library.resolve("a cat", SD2) == []
+    found = library.resolve("a cat, old-sd1", SD2)
+    assert [c.token for c in found] == ["old-sd1"]
     with pytest.raises(ConceptMismatchError, match=r"old-sd1\.safetensors.*SD 1\.x \(768-d\) but the model is SD 2\.x"):
-        library.resolve("a cat, old-sd1", SD2)
+        check_fits(found[0], SD2)
+
+
+def test_resolve_and_the_encoder_find_concept_words_by_one_rule(tmp_path):
+    """Guards against the library and the encoder disagreeing on what a concept word is (they had two rules: the
+    library missed <cat-toy>'s and a/<cat-toy>, which the encoder would have placed)."""
+    from studio.engine.prompts import PromptEncoder
+
+    tokens_ = ("<cat-toy>", "bad-hands-5", "SD1.5-Hair", "style_x", "<a>", "<a>b")
+    for token in tokens_:
+        write_kohya(tmp_path / f"{token}.safetensors")
+    library = ConceptLibrary(tmp_path)
+    concepts = [library.get(t) for t in tokens_]
+    for prompt in ("a photo of <cat-toy>'s toy, a/<cat-toy>", "<a>b <a>, <a><a> (<a>:1.2)", "'SD1.5-Hair'.style_x",
+                   "bad-hands-55 <cat-toy>s xstyle_x cat-toy", "<cat-toy>.<cat-toy>!"):
+        placed = [p.token for p in PromptEncoder._split(prompt, concepts) if isinstance(p, Concept)]
+        assert [c.token for c in library.resolve(prompt, SD1)] == list(dict.fromkeys(placed)), prompt
+    assert [c.token for c in library.resolve("<a>b <a>, <a><a>", SD1)] == ["<a>b", "<a>"]  # the longest word wins
 
 
 def test_duplicate_tokens_resolve_deterministically_with_a_reason(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import stat
 import time
-from pathlib import Path
 
 import pytest
 import torch

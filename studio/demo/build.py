@@ -34,8 +34,10 @@ import platform
 import random
 import shutil
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -235,36 +237,44 @@ class _EMA:
                 e.lerp_(p, 1 - decay)
 
 
-def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 4000,
-          unet_steps: int | None = None, snapshot_minutes: float = 15.0, batch: int = 32, lr: float = 1e-3,
-          vae_dir: Path | None = None, ceiling_pictures: int = 500, schedule: str = "sd") -> Path:
-    if schedule not in NOISE_SCHEDULES:
-        raise ValueError(f"unknown noise schedule {schedule!r}; choose one of: {', '.join(NOISE_SCHEDULES)}")
-    t0 = time.time()
-    budget = minutes * 60
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    log = {"recipe": 3, "schedule": schedule, "seed": seed, "minutes": minutes, "vae_steps": vae_steps, "n_images": n_images,
-           "batch": batch, "lr": lr, "hardware": f"{platform.processor() or platform.machine()}, "
-           f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "vae_loss": [], "unet_loss": []}
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count is `n` inside the block and what it was after: the count is process-wide
+    state, and it sets how float reductions are split, so a build that left it changed changed every later
+    result of the process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
-    # 1-2. Data and tokenizer.
-    pixels, captions = render_data(n_images, seed)
-    tok_dir = out.with_name(out.name + ".tokenizer")
-    tokenizer = build_clip_tokenizer(demo_words(), tok_dir)
+
+@dataclass
+class _Captions:
+    """The tokenizer built over the demo vocabulary and every caption as 77 token ids."""
+
+    tokenizer: object
+    folder: Path  # where the tokenizer was written; removed once the model is saved
+    ids: torch.Tensor  # [pictures, CAPTIONS_PER_PICTURE, 77]
+    empty_ids: torch.Tensor  # the empty caption, for classifier-free guidance
+
+
+def _tokenize(out: Path, captions: list[list[str]]) -> _Captions:
+    """Step 2 of `build`: the tokenizer, and the captions as ids padded to all 77 positions."""
+    folder = out.with_name(out.name + ".tokenizer")
+    tokenizer = build_clip_tokenizer(demo_words(), folder)
     flat = [c for caps in captions for c in caps]
     ids = tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.view(n_images, CAPTIONS_PER_PICTURE, -1)
+                    return_tensors="pt").input_ids.view(len(captions), CAPTIONS_PER_PICTURE, -1)
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                           return_tensors="pt").input_ids[0]
-    # Train on all 77 positions, padding included: pipelines pad prompts to 77 and the UNet attends to every
-    # position, so a model that only ever saw the used prefix meets unfamiliar keys at generation time.
-    used = int((ids != tokenizer.pad_token_id).sum(-1).max()) + 1
-    print(f"data: {n_images} pictures, vocabulary {len(tokenizer)} tokens, longest caption {used} tokens, "
-          f"{time.time() - t0:.0f}s", flush=True)
+    return _Captions(tokenizer, folder, ids, empty_ids)
 
-    # 3-4. VAE, then the latent cache.
+
+def _vae_and_latents(out: Path, pixels: torch.Tensor, vae_dir: Path | None, vae_steps: int, ceiling_pictures: int,
+                     log: dict, gen: torch.Generator) -> tuple[AutoencoderKL, torch.Tensor]:
+    """Steps 3-4 of `build`: the VAE (trained, or an earlier build's), then every picture's latent, scaled."""
     if vae_dir is not None:  # a VAE an earlier build of the same recipe trained (its scaling is recomputed)
         vae = AutoencoderKL.from_pretrained(vae_dir)
         log["vae_from"] = str(vae_dir)
@@ -279,43 +289,41 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
         log["vae_reconstruction_l1"] = round(float((check - pixels[:256]).abs().mean()), 4)
     scaling = float(1.0 / moments.std())
     vae.register_to_config(scaling_factor=scaling)
-    latents = moments * scaling
     log["vae_scaling_factor"] = scaling
     log["vae_judge"] = vae_ceiling(vae, ceiling_pictures) if ceiling_pictures else None
-    del pixels
-    print(f"latents cached {tuple(latents.shape)}, scaling {scaling:.3f}, reconstruction L1 "
-          f"{log['vae_reconstruction_l1']}, {time.time() - t0:.0f}s", flush=True)
+    return vae, moments * scaling
 
-    # 5. Text encoder + UNet.
-    text_encoder, unet = make_text_encoder(tokenizer), make_unet()
-    ema = _EMA([text_encoder, unet])
-    noise_sched = DDPMScheduler(**NOISE_SCHEDULES[schedule])
+
+def min_snr_weights(noise_sched: DDPMScheduler) -> torch.Tensor:
+    """Per-timestep loss weights of Min-SNR-5 (Hang et al. 2023) for the scheduler's prediction type."""
     snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)  # zero-snr: 0 at the last step
+    if noise_sched.config.prediction_type == "v_prediction":  # floored at the x0 loss so the pure-noise step counts
+        return torch.clamp(snr, min=1.0, max=5.0) / (snr + 1)
+    return torch.clamp(snr, max=5.0) / snr
+
+
+def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Captions, log: dict,
+                gen: torch.Generator, snapshot: Callable[[int], None], *, lr: float, batch: int, schedule: str,
+                unet_steps: int | None, budget_left: Callable[[], float], snapshot_minutes: float, t0: float) -> int:
+    """Step 5 of `build`: train the text encoder and UNet together for `unet_steps` (None: until the time
+    `budget_left()` gives when the loop starts is spent); returns the number of steps done."""
+    noise_sched = DDPMScheduler(**NOISE_SCHEDULES[schedule])
     v_prediction = noise_sched.config.prediction_type == "v_prediction"
-    if v_prediction:  # Min-SNR-5 for v-prediction, floored at the x0 loss so the pure-noise step counts
-        weights = torch.clamp(snr, min=1.0, max=5.0) / (snr + 1)
-    else:
-        weights = torch.clamp(snr, max=5.0) / snr  # Min-SNR-5 for epsilon prediction
+    weights = min_snr_weights(noise_sched)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    remaining = budget - (time.time() - t0) - 30  # leave time to save
+    remaining = budget_left()
     start, step, last_snap = time.time(), 0, time.time()
-
-    def snapshot() -> None:
-        log["unet_steps"], log["seconds"] = step, round(time.time() - t0, 1)
-        save_pipeline(out, vae, ema.copies[0], tokenizer, ema.copies[1], log, schedule)
-
     while True:
-        elapsed = time.time() - start
-        frac = step / unet_steps if unet_steps else elapsed / remaining
+        frac = step / unet_steps if unet_steps else (time.time() - start) / remaining
         if frac >= 1.0:
-            break
+            return step
         for g in opt.param_groups:
             g["lr"] = lr * _cosine(frac, 0.02)
         idx = torch.randint(0, len(latents), (batch,), generator=gen)
         which = torch.randint(0, CAPTIONS_PER_PICTURE, (batch,), generator=gen)
-        tok = ids[idx, which].clone()
-        tok[torch.rand(batch, generator=gen) < 0.1] = empty_ids
+        tok = words.ids[idx, which].clone()
+        tok[torch.rand(batch, generator=gen) < 0.1] = words.empty_ids
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, 1000, (batch,), generator=gen)
@@ -335,13 +343,59 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
             print(f"unet step {step} loss {per_sample.mean().item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
                   f"{time.time() - t0:.0f}s", flush=True)
         if snapshot_minutes and time.time() - last_snap > snapshot_minutes * 60:
-            snapshot()
+            snapshot(step)
             last_snap = time.time()
             print(f"snapshot saved at step {step}", flush=True)
 
-    # 6. Save (the EMA weights).
-    snapshot()
-    shutil.rmtree(tok_dir, ignore_errors=True)
+
+def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 4000,
+          unet_steps: int | None = None, snapshot_minutes: float = 15.0, batch: int = 32, lr: float = 1e-3,
+          vae_dir: Path | None = None, ceiling_pictures: int = 500, schedule: str = "sd") -> Path:
+    """Run the recipe of this module's docstring and write the pipeline folder `out`; returns `out`.
+
+    All the CPU's cores train (inside the build only: see `_torch_threads`); with `unet_steps` and the same
+    machine, two builds of one seed are equal bit for bit."""
+    if schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"unknown noise schedule {schedule!r}; choose one of: {', '.join(NOISE_SCHEDULES)}")
+    t0 = time.time()
+    with _torch_threads(max(1, os.cpu_count() or 1)):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        log = {"recipe": 3, "schedule": schedule, "seed": seed, "minutes": minutes, "vae_steps": vae_steps,
+               "n_images": n_images, "batch": batch, "lr": lr,
+               "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+                           f"torch {torch.__version__}", "vae_loss": [], "unet_loss": []}
+
+        # 1-2. Data and tokenizer. Training uses all 77 positions, padding included: pipelines pad prompts to 77
+        # and the UNet attends to every position, so a model that only ever saw the used prefix meets unfamiliar
+        # keys at generation time.
+        pixels, captions = render_data(n_images, seed)
+        words = _tokenize(out, captions)
+        used = int((words.ids != words.tokenizer.pad_token_id).sum(-1).max()) + 1
+        print(f"data: {n_images} pictures, vocabulary {len(words.tokenizer)} tokens, longest caption {used} tokens, "
+              f"{time.time() - t0:.0f}s", flush=True)
+
+        # 3-4. VAE, then the latent cache.
+        vae, latents = _vae_and_latents(out, pixels, vae_dir, vae_steps, ceiling_pictures, log, gen)
+        del pixels
+        print(f"latents cached {tuple(latents.shape)}, scaling {log['vae_scaling_factor']:.3f}, reconstruction L1 "
+              f"{log['vae_reconstruction_l1']}, {time.time() - t0:.0f}s", flush=True)
+
+        # 5. Text encoder + UNet, with a snapshot of the EMA weights every `snapshot_minutes`.
+        text_encoder, unet = make_text_encoder(words.tokenizer), make_unet()
+        ema = _EMA([text_encoder, unet])
+
+        def snapshot(step: int) -> None:
+            log["unet_steps"], log["seconds"] = step, round(time.time() - t0, 1)
+            save_pipeline(out, vae, ema.copies[0], words.tokenizer, ema.copies[1], log, schedule)
+
+        step = _train_unet(text_encoder, unet, ema, latents, words, log, gen, snapshot, lr=lr, batch=batch,
+                           schedule=schedule, unet_steps=unet_steps, snapshot_minutes=snapshot_minutes, t0=t0,
+                           budget_left=lambda: minutes * 60 - (time.time() - t0) - 30)  # 30 s left to save
+
+        # 6. Save (the EMA weights).
+        snapshot(step)
+    shutil.rmtree(words.folder, ignore_errors=True)
     print(f"saved {out} after {time.time() - t0:.0f}s ({step} UNet steps)", flush=True)
     return out
 

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from PIL import Image, PngImagePlugin
 
-from studio.engine.concepts import Concept, check_fits
+from studio.engine.concepts import Concept
 from studio.engine.files import atomic_write
 from studio.engine.memory import mode_in_effect, oom_guard
 from studio.engine.pictures import MAX_SIDE, SIDE_STEP, scaled, side_limits, working_size
@@ -126,7 +126,8 @@ def check_seed(seed: int | None, batch: int = 1) -> None:
 def validate(model, req: GenerateRequest) -> tuple[int, int]:
     """Check the request against the model; return (width, height). Errors say what to change.
 
-    Nothing is allocated here, so a request for 100000x100000 is refused before any memory is taken."""
+    Nothing is allocated here, so a request for 100000x100000 is refused before any memory is taken. Whether the
+    concepts fit the model is checked once, by the prompt encoder every request passes (`pipeline_kwargs`)."""
     if not req.prompt.strip():
         raise ValueError("the prompt is empty: describe what to generate")
     if req.scheduler not in SCHEDULERS:
@@ -152,8 +153,6 @@ def validate(model, req: GenerateRequest) -> tuple[int, int]:
         if req.mask.size != req.init_image.size:
             raise ValueError(f"the mask is {req.mask.size[0]}x{req.mask.size[1]} but the picture is "
                              f"{req.init_image.size[0]}x{req.init_image.size[1]}: draw the mask on this picture")
-    for concept in req.concepts:
-        check_fits(concept, model.encoder_dims, where=f"concept {concept.token!r}")
     return width, height
 
 
@@ -225,13 +224,60 @@ def vae_preview(pipe, latents: torch.Tensor, size: tuple[int, int]) -> Image.Ima
     return pipe.image_processor.postprocess(decoded, output_type="pil")[0].resize(size, Image.BILINEAR)
 
 
+def _request_pipeline(model, req: GenerateRequest, keep_x0: bool):
+    """The mode's view of `model`'s pipeline with a scheduler of its own, sharing every module, and the dict in
+    which that scheduler keeps its latest x0 prediction when `keep_x0` (else `{"x0": None}`)."""
+    view = {"txt2img": lambda: model.pipe, "img2img": model.img2img, "inpaint": model.inpaint}[req.mode]()
+    scheduler = _scheduler_for(view, req.scheduler)
+    denoised = _keep_x0_prediction(scheduler) if keep_x0 else {"x0": None}
+    pipe = view.__class__(**{**view.components, "scheduler": scheduler})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, denoised
+
+
+def _step_end(model, req: GenerateRequest, size: tuple[int, int], denoised: dict,
+              on_step: Callable[[int, int, Image.Image | None], None] | None, cancel: threading.Event | None):
+    """The pipeline's `callback_on_step_end`: stops a cancelled request, and calls `on_step` with a preview every
+    `req.preview_every` steps (the VAE fallback every VAE_PREVIEW_SLOWDOWN times that)."""
+    method = preview_method(model)
+    every = req.preview_every * (VAE_PREVIEW_SLOWDOWN if method == "vae" else 1)
+
+    def step_end(step_pipe, step: int, _t, tensors: dict) -> dict:
+        # img2img and inpainting run only the last `strength` part of the schedule.
+        total = step_pipe.num_timesteps
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"cancelled at step {step + 1} of {total}")
+        if on_step is not None:
+            preview = None
+            if every and (step + 1) % every == 0:
+                # The x0 prediction shows the picture-to-be from the first steps; x_t is mostly noise then.
+                latents = denoised["x0"] if denoised["x0"] is not None else tensors["latents"]
+                preview = (latent_preview(latents, model.family, size) if method == "linear"
+                           else vae_preview(step_pipe, latents, size))
+            on_step(step + 1, total, preview)
+        return tensors
+
+    return step_end
+
+
+def _mode_arguments(req: GenerateRequest, width: int, height: int) -> dict:
+    """The pipeline arguments of the request's mode: the size, or the picture (and mask) and the strength."""
+    if req.mode == "txt2img":
+        return dict(width=width, height=height)
+    # The picture and its mask are scaled to the same (working) size; one that already has it is kept as is.
+    call = dict(image=scaled(req.init_image.convert("RGB"), (width, height)), strength=req.strength)
+    if req.mode == "inpaint":
+        call.update(mask_image=scaled(req.mask.convert("L"), (width, height)), width=width, height=height)
+    return call
+
+
 def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.Image | None], None] | None = None,
              cancel: threading.Event | None = None) -> GenerateResult:
     """Run one request on `model` (a LoadedModel). Cancel stops within one step and raises `Cancelled`.
 
     `on_step(step, total, preview)` is called after every denoising step; `preview` is a picture of the first image
-    of the batch (its current x0 prediction where the scheduler makes one), at the output size, every `req.preview_every` steps (the VAE fallback every
-    VAE_PREVIEW_SLOWDOWN times that), else None."""
+    of the batch (its current x0 prediction where the scheduler makes one), at the output size, every
+    `req.preview_every` steps (the VAE fallback every VAE_PREVIEW_SLOWDOWN times that), else None."""
     # 1. Check inputs.
     width, height = validate(model, req)
     random_seed = req.seed is None or req.seed == RANDOM_SEED
@@ -242,47 +288,20 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled before it started")
         # 2. Pipeline for this request: the mode's view with its own scheduler, sharing every module.
-        view = {"txt2img": lambda: model.pipe, "img2img": model.img2img, "inpaint": model.inpaint}[req.mode]()
-        scheduler = _scheduler_for(view, req.scheduler)
-        denoised = _keep_x0_prediction(scheduler) if req.preview_every and on_step is not None else {"x0": None}
-        pipe = view.__class__(**{**view.components, "scheduler": scheduler})
-        pipe.set_progress_bar_config(disable=True)
+        pipe, denoised = _request_pipeline(model, req, keep_x0=bool(req.preview_every and on_step is not None))
         # 3. Prompt embeddings with this request's concepts.
         kwargs = model.encoder.pipeline_kwargs(req.prompt, req.negative_prompt, req.concepts, req.batch, req.guidance)
         # 4. One generator per image, so image k equals a single run with seed + k.
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-
-        method = preview_method(model)
-        every = req.preview_every * (VAE_PREVIEW_SLOWDOWN if method == "vae" else 1)
-
-        def step_end(step_pipe, step: int, _t, tensors: dict) -> dict:
-            # img2img and inpainting run only the last `strength` part of the schedule.
-            total = step_pipe.num_timesteps
-            if cancel is not None and cancel.is_set():
-                raise Cancelled(f"cancelled at step {step + 1} of {total}")
-            if on_step is not None:
-                preview = None
-                if every and (step + 1) % every == 0:
-                    # The x0 prediction shows the picture-to-be from the first steps; x_t is mostly noise then.
-                    latents = denoised["x0"] if denoised["x0"] is not None else tensors["latents"]
-                    preview = (latent_preview(latents, model.family, (width, height)) if method == "linear"
-                               else vae_preview(step_pipe, latents, (width, height)))
-                on_step(step + 1, total, preview)
-            return tensors
-
         call = dict(kwargs, num_inference_steps=req.steps, guidance_scale=req.guidance, generator=generators,
-                    num_images_per_prompt=1, callback_on_step_end=step_end)
-        if req.mode == "txt2img":
-            call.update(width=width, height=height)
-        else:
-            # The picture and its mask are scaled to the same (working) size; one that already has it is kept as is.
-            call.update(image=scaled(req.init_image.convert("RGB"), (width, height)), strength=req.strength)
-            if req.mode == "inpaint":
-                call.update(mask_image=scaled(req.mask.convert("L"), (width, height)), width=width, height=height)
+                    num_images_per_prompt=1,
+                    callback_on_step_end=_step_end(model, req, (width, height), denoised, on_step, cancel),
+                    **_mode_arguments(req, width, height))
         # 5. Denoise. Out of memory: the memory is freed and the error names the mode to switch to; the model
         # stays loaded and usable.
         with oom_guard(mode_in_effect(model.pipe)), torch.inference_mode():
             images = pipe(**call).images
+    # 6. The parameters, A1111's way, in each picture.
     texts = [infotext(req, s, width, height, model.name) for s in seeds]
     for image, text in zip(images, texts):
         image.info["parameters"] = text

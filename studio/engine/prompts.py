@@ -25,14 +25,51 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from studio.engine.concepts import ENCODER_KEYS, Concept, check_fits
 from studio.engine.model_facts import detect_family, encoder_width, encoders_of
+from studio.engine.names import MAX_WORD_CHARS
 
 log = logging.getLogger(__name__)
+
+
+# ---- concept words -----------------------------------------------------------------------------------------------
+# A concept's word counts where it stands whole: the characters on either side of it are none of these (letters,
+# digits, _ and the < > - that words like <cat-toy> are made of). So "<cat-toy>.", "(<cat-toy>:1.2)" and
+# "[style_x|dog]" name their concepts, "<cat-toy>s" and "bad-hands-55" do not. A word holds no whitespace
+# (studio.engine.names.check_word).
+_WORD_CHAR = re.compile(r"[\w<>\-]")
+
+
+def split_concept_words(prompt: str, lookup: Callable[[str], Concept | None],
+                        longest: int = MAX_WORD_CHARS) -> list[str | Concept]:
+    """`prompt` as its plain text and the concepts its words name, in order (text first and last, possibly "").
+
+    The one rule that finds concept words: the library uses it to tell which concepts a prompt uses, the encoder
+    to place them. At each place a word can start, the longest candidate (at most `longest` characters) that ends
+    where a word can end and that `lookup` knows wins; the search goes on after it."""
+    parts: list[str | Concept] = []
+    text_from, i = 0, 0
+    while i < len(prompt):
+        if prompt[i].isspace() or (i > 0 and _WORD_CHAR.match(prompt[i - 1])):
+            i += 1
+            continue
+        chunk_end = i
+        while chunk_end < len(prompt) and chunk_end - i < longest and not prompt[chunk_end].isspace():
+            chunk_end += 1
+        for end in range(chunk_end, i, -1):
+            concept = None if end < len(prompt) and _WORD_CHAR.match(prompt[end]) else lookup(prompt[i:end])
+            if concept is not None:
+                parts += [prompt[text_from:i], concept]
+                text_from = i = end
+                break
+        else:
+            i += 1
+    parts.append(prompt[text_from:])
+    return parts
 
 
 # ---- prompt weighting (A1111 syntax) ------------------------------------------------------------------------------
@@ -136,20 +173,11 @@ class PromptEncoder:
     # ---- tokenization -------------------------------------------------------------------------------------------
     @staticmethod
     def _split(prompt: str, concepts: Sequence[Concept]) -> list[str | Concept]:
-        """Split `prompt` into plain text and concept occurrences (whole words, longest token first)."""
+        """Split `prompt` into plain text and concept occurrences (`split_concept_words`)."""
         if not concepts:
             return [prompt]
         by_token = {c.token: c for c in concepts}
-        alternatives = "|".join(re.escape(t) for t in sorted(by_token, key=len, reverse=True))
-        pattern = re.compile(rf"(?<![\w<>\-]){'(' + alternatives + ')'}(?![\w<>\-])")
-        parts: list[str | Concept] = []
-        pos = 0
-        for match in pattern.finditer(prompt):
-            parts.append(prompt[pos:match.start()])
-            parts.append(by_token[match.group(1)])
-            pos = match.end()
-        parts.append(prompt[pos:])
-        return parts
+        return split_concept_words(prompt, by_token.get, longest=max(map(len, by_token)))
 
     def _ids_and_slots(self, prompt: str, concepts: Sequence[Concept], tokenizer,
                        weighting: bool = True) -> tuple[list[int], list[tuple[int, Concept, int]], int, list[float]]:
@@ -274,6 +302,11 @@ class PromptEncoder:
         if isinstance(prompts, str):
             prompts = [prompts]
         self.check_concepts(concepts)
+        return self._encode_checked(prompts, concepts, clip_skip, weighting)
+
+    def _encode_checked(self, prompts: list[str], concepts: Sequence[Concept], clip_skip: int | None,
+                        weighting: bool = True) -> EncodedPrompt:
+        """`encode` for concepts already checked against this model (`check_concepts`)."""
         outputs = [self._run_encoder(i, prompts, concepts, clip_skip, weighting) for i in range(len(self.text_encoders))]
         embeds = torch.cat([o[0] for o in outputs], dim=-1) if len(outputs) > 1 else outputs[0][0]
         pooled = outputs[-1][1] if self.family == "sdxl" else None
@@ -281,13 +314,16 @@ class PromptEncoder:
 
     def pipeline_kwargs(self, prompt: str, negative_prompt: str, concepts: Sequence[Concept] = (),
                         num_images: int = 1, guidance: float = 7.5, clip_skip: int | None = None) -> dict:
-        """Keyword arguments for a StableDiffusion(XL) pipeline call: prompt (and negative) embeddings."""
+        """Keyword arguments for a StableDiffusion(XL) pipeline call: prompt (and negative) embeddings.
+
+        Raises `ConceptMismatchError` when a concept does not fit this model: the one fit check of a generation."""
+        self.check_concepts(concepts)
         with torch.no_grad():
-            pos = self.encode([prompt], concepts, clip_skip=clip_skip)
+            pos = self._encode_checked([prompt], concepts, clip_skip)
             if self.family == "sdxl" and not negative_prompt and self.force_zeros_for_empty_prompt:
                 neg = EncodedPrompt(torch.zeros_like(pos.embeds), torch.zeros_like(pos.pooled))
             else:
-                neg = self.encode([negative_prompt or ""], concepts, clip_skip=clip_skip)
+                neg = self._encode_checked([negative_prompt or ""], concepts, clip_skip)
         kwargs = {
             "prompt_embeds": pos.embeds.repeat(num_images, 1, 1),
             "negative_prompt_embeds": neg.embeds.repeat(num_images, 1, 1),

@@ -70,6 +70,29 @@ class LastGood:
     snapshot: Callable[[int], TrainState] | None = None
 
 
+@dataclass
+class _Run:
+    """What a run sets up before its loop (`Trainer._setup`) and the loop works on."""
+
+    images: list
+    latents: torch.Tensor
+    templates: tuple[str, ...]
+    resolution: int
+    init: dict[str, torch.Tensor]  # the starting vectors, which `regularization` pulls back towards
+    vectors: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # noise and timesteps
+    rng: random.Random  # pictures and templates
+    first: int  # the first step still to do
+    lr_at: Callable[[int], float]
+    concept: Concept  # the vectors as a per-request concept, for the prompt encoder
+    autocast_dtype: torch.dtype | None
+    precision: str
+    noise_scheduler: object
+    norm_limit: dict[str, float] = field(default_factory=dict)
+
+
 # Divergence beyond NaN: a vector this many times the norm of the embedding table's largest row has left the space
 # the text encoder was trained on. Shared SD 1.5 embeddings that work reach 44x the vocabulary's typical norm
 # (0.39): SingleInsert's 43.95, dgtlv2's 10.5 (../shared/compat); a learning rate of 1e6 reaches 5.7e6 in a few
@@ -122,12 +145,14 @@ class Trainer:
             state_path(path).unlink(missing_ok=True)  # a sidecar of an older run would no longer match the vectors
         return path
 
-    def _state(self, step: int, init, vectors, optimizer, generator, rng, scaler) -> TrainState:
-        adam = {k: {name: value.detach().clone() for name, value in optimizer.state[p].items()}
-                for k, p in vectors.items() if p in optimizer.state}
+    def _state(self, step: int, run: _Run) -> TrainState:
+        """The run at `step`: what `--resume` needs to go on bit for bit as if it had never stopped."""
+        adam = {k: {name: value.detach().clone() for name, value in run.optimizer.state[p].items()}
+                for k, p in run.vectors.items() if p in run.optimizer.state}
         return TrainState(step=step, token=self.config.token, base_model=self.model.name, family=self.model.family,
-                          dims=dict(self.model.encoder_dims), init=init, adam=adam, noise_rng=generator.get_state(),
-                          data_rng=rng.getstate(), scaler=scaler.state_dict() if scaler.is_enabled() else None)
+                          dims=dict(self.model.encoder_dims), init=run.init, adam=adam,
+                          noise_rng=run.generator.get_state(), data_rng=run.rng.getstate(),
+                          scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None)
 
     def _restore(self, state: TrainState, vectors, optimizer, generator, rng, scaler) -> int:
         """Load the optimizer, random streams and loss scale of `state`; return the first step still to do."""
@@ -152,8 +177,21 @@ class Trainer:
                 wanted = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[wanted], wanted
 
+    def _stop(self, kind: str, step: int, kept: LastGood, emit, message: Callable[[str], str],
+              error: Callable[[str], str] | None = None, resumable: bool = False) -> Concept:
+        """End the run early: save the last good vectors as the final file (with their resume sidecar when
+        `resumable`: the run can go on where it was), emit a `kind` event at `step`, then return the concept of those
+        vectors (`cancelled`) or raise TrainError (`failed`). `message(file name)` is the event's message, `error`
+        the TrainError's (None: the same)."""
+        snapshot = kept.snapshot(kept.step) if resumable else None
+        path = self._save(kept.vectors, kept.step, f"{self.file_stem}.safetensors", snapshot)
+        emit(TrainEvent(kind, step=step, total=self.config.steps, path=path, message=message(path.name)))
+        if kind == "cancelled":
+            return self._concept(kept.vectors, kept.step)
+        raise TrainError((error or message)(path.name)) from None
+
     @contextmanager
-    def _out_of_memory_fails(self, mode: str, kept: LastGood, emit, token_file: str) -> Iterator[None]:
+    def _out_of_memory_fails(self, mode: str, kept: LastGood, emit) -> Iterator[None]:
         """Out of memory anywhere in the block (latent cache, a step, a preview) ends the run as `failed`: the memory
         the failed step held is freed, the last good vectors are saved (resumable, so the run can go on in the
         smaller mode), and the event and the TrainError name the memory mode to switch to (studio.engine.memory)."""
@@ -165,12 +203,121 @@ class Trainer:
             release_memory(exc)
             where = f"at step {kept.step + 1}" if kept.vectors is not None else "while encoding the pictures"
             message = f"out of memory {where} in '{mode}' memory mode: {oom_advice(mode)} and train again"
-            path = None
-            if kept.vectors is not None:
-                path = self._save(kept.vectors, kept.step, f"{token_file}.safetensors", kept.snapshot(kept.step))
-                message += f"; the vectors of step {kept.step} were saved to {path.name} (--resume continues from it)"
-            emit(TrainEvent("failed", step=kept.step, total=self.config.steps, path=path, message=message))
-            raise TrainError(message) from None
+            if kept.vectors is None:
+                emit(TrainEvent("failed", step=kept.step, total=self.config.steps, message=message))
+                raise TrainError(message) from None
+            self._stop("failed", kept.step, kept, emit, resumable=True, message=lambda file: (
+                f"{message}; the vectors of step {kept.step} were saved to {file} (--resume continues from it)"))
+
+    def _resume_point(self) -> tuple[Path | None, TrainState | None]:
+        """The checkpoint `config.resume` names and its state, checked against this run (None, None: a new run)."""
+        cfg, model = self.config, self.model
+        if not cfg.resume:
+            return None, None
+        resume_from = find_checkpoint(cfg.resume, cfg.token)
+        state = load_state(resume_from)
+        check_matches(state, resume_from, token=cfg.token, base_model=model.name, family=model.family,
+                      dims=dict(model.encoder_dims), n_vectors=cfg.n_vectors, total_steps=cfg.steps)
+        return resume_from, state
+
+    def _setup(self, savings, emit, resume_from: Path | None, state: TrainState | None,
+               autocast: tuple[torch.dtype | None, str]) -> _Run:
+        """Steps 2 and 3 of `run`: the pictures and their latents, the parameters, optimizer and random streams."""
+        cfg, model = self.config, self.model
+        pipe = model.pipe
+        # 2. Pictures and the latent cache (each picture encoded once, not every step).
+        resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        images, warnings = load_images(self.paths, resolution)
+        for message in warnings:
+            emit(TrainEvent("warning", message=message))
+        if cfg.template == "captions":
+            check_captions(images)
+        latents = encode_latents(pipe.vae, images, cfg.flip, model.device, model.dtype, savings.latent_batch)
+        savings.after_latent_cache()
+
+        # 3. Parameters (the new vectors only, in fp32 whatever the model's dtype), optimizer, random streams.
+        generator = torch.Generator(model.device).manual_seed(cfg.seed)  # noise and timesteps
+        rng = random.Random(cfg.seed)  # pictures and templates
+        if state is None:
+            init = self._init_vectors()
+            start = {k: v.clone() for k, v in init.items()}
+        else:
+            init = {k: v.to(model.device) for k, v in state.init.items()}
+            saved = load_concept(resume_from, token=cfg.token)
+            start = {k: v.to(device=model.device, dtype=torch.float32) for k, v in saved.vectors.items()}
+        vectors = {k: torch.nn.Parameter(v) for k, v in start.items()}
+        optimizer = torch.optim.AdamW(vectors.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        autocast_dtype, precision = autocast  # from _precision()
+        scaler = torch.amp.GradScaler(model.device.type, enabled=precision == "fp16" and model.device.type == "cuda")
+        first = 1 if state is None else self._restore(state, vectors, optimizer, generator, rng, scaler)
+        from diffusers import DDPMScheduler
+        # A picture's caption is its prompt; "object" / "style" draw one from the paper's lists for pictures
+        # without one ("captions" has none: every picture has a caption, checked above).
+        return _Run(images=images, latents=latents, templates=TEMPLATES.get(cfg.template, ()), resolution=resolution,
+                    init=init, vectors=vectors, optimizer=optimizer, scaler=scaler, generator=generator, rng=rng,
+                    first=first,
+                    lr_at=parse_lr_schedule(cfg.lr_schedule, cfg.learning_rate, cfg.warmup_steps, cfg.steps),
+                    concept=Concept(cfg.token, dict(vectors), {}), autocast_dtype=autocast_dtype, precision=precision,
+                    noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
+
+    def _loss(self, run: _Run) -> torch.Tensor:
+        """The denoising loss of one batch: pictures and prompts drawn from `run.rng`, noise and timesteps from
+        `run.generator` (in that order: a resumed run draws the same ones)."""
+        cfg, model, pipe = self.config, self.model, self.model.pipe
+        idx = [run.rng.randrange(len(run.latents)) for _ in range(cfg.batch_size)]
+        x0 = run.latents[idx]
+        prompts = [(run.images[i // (2 if cfg.flip else 1)].caption or run.rng.choice(run.templates)).replace(
+            "{}", cfg.token).replace("[name]", cfg.token) for i in idx]
+        noise = torch.randn(x0.shape, generator=run.generator, device=model.device, dtype=x0.dtype)
+        t = torch.randint(0, run.noise_scheduler.config.num_train_timesteps, (len(idx),),
+                          generator=run.generator, device=model.device)
+        noisy = run.noise_scheduler.add_noise(x0, noise, t)
+        with torch.autocast(model.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
+            encoded = model.encoder.encode(prompts, [run.concept])
+            extra = {}
+            if model.family == "sdxl":
+                size = run.resolution
+                time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=x0.dtype, device=x0.device)
+                extra["added_cond_kwargs"] = {"text_embeds": encoded.pooled, "time_ids": time_ids.repeat(len(idx), 1)}
+            pred = pipe.unet(noisy, t, encoded.embeds, **extra).sample
+        prediction = run.noise_scheduler.config.prediction_type
+        target = run.noise_scheduler.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
+        loss = F.mse_loss(pred.float(), target.float())
+        if cfg.regularization:
+            loss = loss + cfg.regularization * sum((run.vectors[k] - run.init[k]).square().mean() for k in run.vectors)
+        return loss
+
+    def _step(self, run: _Run, step: int, kept: LastGood, emit) -> tuple[float, float]:
+        """One training step: the learning rate, the loss, the update; returns (loss, lr). A loss that is not finite,
+        or vectors that left the vocabulary's space (`_exploded`), end the run as `failed` with the vectors of the
+        step before saved, without a resume sidecar."""
+        cfg, vectors, optimizer, scaler = self.config, run.vectors, run.optimizer, run.scaler
+        lr = run.lr_at(step - 1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = self._loss(run)
+        value = loss.item()
+        if not math.isfinite(value):
+            self._stop("failed", step, kept, emit, message=lambda file: (
+                f"the loss became {value} at step {step}: lower the learning rate (now {lr:g}) or train in fp32 "
+                f"(mixed precision now {run.precision}); the last good vectors were saved to {file}"),
+                error=lambda file: (f"training diverged at step {step} (loss {value}): lower the learning rate "
+                                    f"(now {lr:g}); the vectors of step {step - 1} were saved to {file}"))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(list(vectors.values()), cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        exploded = self._exploded(vectors, run.norm_limit)
+        if exploded:
+            with torch.no_grad():
+                for k in vectors:
+                    vectors[k].copy_(kept.vectors[k])
+            self._stop("failed", step, kept, emit, message=lambda file: (
+                f"training diverged at step {step}: {exploded}; lower the learning rate (now {lr:g}); the vectors of "
+                f"step {step - 1} were saved to {file}"))
+        return value, lr
 
     def run(self, on_event: Callable[[TrainEvent], None] | None = None,
             cancel: threading.Event | None = None) -> Concept:
@@ -178,136 +325,48 @@ class Trainer:
         emit = on_event or (lambda _e: None)
         cfg, model = self.config, self.model
         pipe = model.pipe
-        token_file = self.file_stem
 
         # 1. What to continue from, checked before any work is done.
-        resume_from, state = None, None
-        if cfg.resume:
-            resume_from = find_checkpoint(cfg.resume, cfg.token)
-            state = load_state(resume_from)
-            check_matches(state, resume_from, token=cfg.token, base_model=model.name, family=model.family,
-                          dims=dict(model.encoder_dims), n_vectors=cfg.n_vectors, total_steps=cfg.steps)
-        autocast_dtype, precision = self._precision()
-
+        resume_from, state = self._resume_point()
+        autocast = self._precision()
         encoders = [encoder for _, _, encoder in encoders_of(pipe)]
         kept = LastGood()
         with model.lock, training_memory(pipe, cfg.memory) as savings, frozen(pipe.unet, pipe.vae, *encoders), \
-                self._out_of_memory_fails(savings.preset.name, kept, emit, token_file):
-            # 2. Pictures and the latent cache (each picture encoded once, not every step).
-            resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-            images, warnings = load_images(self.paths, resolution)
-            for message in warnings:
-                emit(TrainEvent("warning", message=message))
-            if cfg.template == "captions":
-                check_captions(images)
-            latents = encode_latents(pipe.vae, images, cfg.flip, model.device, model.dtype, savings.latent_batch)
-            savings.after_latent_cache()
-            # A picture's caption is its prompt; "object" / "style" draw one from the paper's lists for pictures
-            # without one ("captions" has none: every picture has a caption, checked above).
-            templates = TEMPLATES.get(cfg.template, ())
-
-            # 3. Parameters (the new vectors only, in fp32 whatever the model's dtype), optimizer, random streams.
-            generator = torch.Generator(model.device).manual_seed(cfg.seed)  # noise and timesteps
-            rng = random.Random(cfg.seed)  # pictures and templates
-            if state is None:
-                init = self._init_vectors()
-                start = {k: v.clone() for k, v in init.items()}
-            else:
-                init = {k: v.to(model.device) for k, v in state.init.items()}
-                saved = load_concept(resume_from, token=cfg.token)
-                start = {k: v.to(device=model.device, dtype=torch.float32) for k, v in saved.vectors.items()}
-            vectors = {k: torch.nn.Parameter(v) for k, v in start.items()}
-            optimizer = torch.optim.AdamW(vectors.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-            scaler = torch.amp.GradScaler(model.device.type, enabled=precision == "fp16" and model.device.type == "cuda")
-            first = 1 if state is None else self._restore(state, vectors, optimizer, generator, rng, scaler)
-            lr_at = parse_lr_schedule(cfg.lr_schedule, cfg.learning_rate, cfg.warmup_steps, cfg.steps)
-            concept = Concept(cfg.token, dict(vectors), {})
-            from diffusers import DDPMScheduler
-            noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-            prediction = noise_scheduler.config.prediction_type
-
+                self._out_of_memory_fails(savings.preset.name, kept, emit):
+            # 2. Pictures and their latents; 3. parameters, optimizer, random streams.
+            run = self._setup(savings, emit, resume_from, state, autocast)
+            first = run.first
             resumed = f"; resumed from {resume_from.name} at step {first - 1}" if resume_from else ""
             savings_text = ", ".join(savings.applied) or "none"
             emit(TrainEvent("started", step=first - 1, total=cfg.steps,
-                            message=f"{len(images)} pictures, {len(latents)} latents; memory mode "
-                                    f"{savings.preset.name} (savings: {savings_text}); precision {precision}{resumed}"))
-
-            def snapshot(step: int) -> TrainState:
-                return self._state(step, init, vectors, optimizer, generator, rng, scaler)
-
-            norm_limit = self._norm_limit()
+                            message=f"{len(run.images)} pictures, {len(run.latents)} latents; memory mode "
+                                    f"{savings.preset.name} (savings: {savings_text}); "
+                                    f"precision {run.precision}{resumed}"))
+            run.norm_limit = self._norm_limit()
 
             # 4. The loop.
-            kept.step, kept.snapshot = first - 1, snapshot
-            kept.vectors = {k: v.detach().clone() for k, v in vectors.items()}
+            kept.step, kept.snapshot = first - 1, lambda step: self._state(step, run)
+            kept.vectors = {k: v.detach().clone() for k, v in run.vectors.items()}
             started = time.time()
             for step in range(first, cfg.steps + 1):
                 if cancel is not None and cancel.is_set():
-                    path = self._save(kept.vectors, step - 1, f"{token_file}.safetensors", snapshot(step - 1))
-                    emit(TrainEvent("cancelled", step=step - 1, total=cfg.steps, path=path,
-                                    message=f"cancelled; vectors of step {step - 1} saved (resumable)"))
-                    return self._concept(kept.vectors, step - 1)
-                lr = lr_at(step - 1)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                idx = [rng.randrange(len(latents)) for _ in range(cfg.batch_size)]
-                x0 = latents[idx]
-                prompts = [(images[i // (2 if cfg.flip else 1)].caption or rng.choice(templates)).replace(
-                    "{}", cfg.token).replace("[name]", cfg.token) for i in idx]
-                noise = torch.randn(x0.shape, generator=generator, device=model.device, dtype=x0.dtype)
-                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),),
-                                  generator=generator, device=model.device)
-                noisy = noise_scheduler.add_noise(x0, noise, t)
-                with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    encoded = model.encoder.encode(prompts, [concept])
-                    extra = {}
-                    if model.family == "sdxl":
-                        size = resolution
-                        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=x0.dtype, device=x0.device)
-                        extra["added_cond_kwargs"] = {"text_embeds": encoded.pooled,
-                                                      "time_ids": time_ids.repeat(len(idx), 1)}
-                    pred = pipe.unet(noisy, t, encoded.embeds, **extra).sample
-                target = noise_scheduler.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
-                loss = F.mse_loss(pred.float(), target.float())
-                if cfg.regularization:
-                    loss = loss + cfg.regularization * sum((vectors[k] - init[k]).square().mean() for k in vectors)
-                if not math.isfinite(loss.item()):
-                    path = self._save(kept.vectors, step - 1, f"{token_file}.safetensors")
-                    emit(TrainEvent("failed", step=step, total=cfg.steps, path=path,
-                                    message=f"the loss became {loss.item()} at step {step}: lower the learning "
-                                            f"rate (now {lr:g}) or train in fp32 (mixed precision now "
-                                            f"{precision}); the last good vectors were saved to {path.name}"))
-                    raise TrainError(f"training diverged at step {step} (loss {loss.item()}): lower the learning "
-                                     f"rate (now {lr:g}); the vectors of step {step - 1} were saved to {path.name}")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(list(vectors.values()), cfg.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                exploded = self._exploded(vectors, norm_limit)
-                if exploded:
-                    with torch.no_grad():
-                        for k in vectors:
-                            vectors[k].copy_(kept.vectors[k])
-                    path = self._save(kept.vectors, step - 1, f"{token_file}.safetensors")
-                    message = (f"training diverged at step {step}: {exploded}; lower the learning rate (now {lr:g}); "
-                               f"the vectors of step {step - 1} were saved to {path.name}")
-                    emit(TrainEvent("failed", step=step, total=cfg.steps, path=path, message=message))
-                    raise TrainError(message)
-                kept.step, kept.vectors = step, {k: v.detach().clone() for k, v in vectors.items()}
+                    return self._stop("cancelled", step - 1, kept, emit, resumable=True, message=lambda _file: (
+                        f"cancelled; vectors of step {step - 1} saved (resumable)"))
+                loss, lr = self._step(run, step, kept, emit)
+                kept.step, kept.vectors = step, {k: v.detach().clone() for k, v in run.vectors.items()}
                 rate = (step - first + 1) / max(1e-9, time.time() - started)
-                emit(TrainEvent("step", step=step, total=cfg.steps, loss=loss.item(), lr=lr, steps_per_s=rate,
+                emit(TrainEvent("step", step=step, total=cfg.steps, loss=loss, lr=lr, steps_per_s=rate,
                                 eta_s=(cfg.steps - step) / rate))
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    path = self._save(kept.vectors, step, f"{token_file}-step{step}.safetensors", snapshot(step))
+                    name = f"{self.file_stem}-step{step}.safetensors"
+                    path = self._save(kept.vectors, step, name, kept.snapshot(step))
                     emit(TrainEvent("checkpoint", step=step, total=cfg.steps, path=path))
                 if cfg.preview_every and step % cfg.preview_every == 0:
                     with savings.vae_back():
                         emit(TrainEvent("preview", step=step, total=cfg.steps, images=self._preview(kept.vectors)))
 
             # 5. The final file (resumable too: a later run can ask for more steps).
-            path = self._save(kept.vectors, cfg.steps, f"{token_file}.safetensors", snapshot(cfg.steps))
+            path = self._save(kept.vectors, cfg.steps, f"{self.file_stem}.safetensors", kept.snapshot(cfg.steps))
         emit(TrainEvent("finished", step=cfg.steps, total=cfg.steps, path=path,
                         message=f"{cfg.steps - first + 1} steps in {time.time() - started:.1f}s"))
         return self._concept(kept.vectors, cfg.steps)

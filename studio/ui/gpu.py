@@ -4,10 +4,10 @@ On a ZeroGPU Space a GPU is attached only while a function decorated with `space
 (a local machine, a normal GPU Space, the tests) the `spaces` package is absent and the handlers run unchanged.
 
 ZeroGPU runs a decorated function in a forked worker process, sending its arguments and results through pickled
-queues. So only the model work is decorated (`Studio._render` for pictures, the training generator in
-`tabs/train.py`), with plain values in and out (requests, concepts, file paths, TrainingSnapshots), and everything
-that changes the server's state (session concepts, thumbnails, the loss plot's data) happens in the handler around
-it, in the server process. Known limits there: the Cancel buttons set a flag in the server process, which a running
+queues. So only the model work is decorated (`Studio.render_streamed` for every tab's pictures, the training and
+evaluation generators of `tabs/train.py` and `tabs/evaluate.py`), with plain values in and out (requests, session
+ids, concepts, file paths, TrainingSnapshots), and everything that changes the server's state (session concepts,
+thumbnails, the loss plot's data) happens in the handler around it, in the server process. Known limits there: the Cancel buttons set a flag in the server process, which a running
 ZeroGPU worker does not see (the call ends at its time limit instead); a worker that ZeroGPU reuses keeps the model
 that was loaded when it was forked.
 """

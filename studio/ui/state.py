@@ -1,28 +1,31 @@
-"""What every tab shares: the model manager, the concept library, and per-session scratch space.
+"""What every tab shares: the model manager, the concept library, and the way from a request to its session.
 
-Per-user state: each session has its own cancel flags, output folder, training run, thumbnails and session concepts;
-the shared library folder is visible to all. A browser's session is a random id kept in its localStorage
-(`gr.BrowserState`, see `Studio.attach`), so a page reload finds its concepts again; a gradio_client `Client` is
-its own session (Gradio's session hash). Session concepts are also kept on disk (`ConceptLibrary.sessions_dir`)
-until they have not been used for SESSION_DAYS.
+Per-user state lives in the engine's `studio.engine.session.Session` (cancel flags, output folder, training run,
+thumbnails) and the library's session concepts; the shared library folder is visible to all. Every generation of
+every tab goes through `Studio.stream` (the streamed run of `studio.engine.session.generation_updates`).
+
+A browser's session is a random id kept in its localStorage (`gr.BrowserState`, see `Studio.attach`), so a page
+reload finds its concepts again; a gradio_client `Client` is its own session (Gradio's session hash). Session
+concepts are also kept on disk (`ConceptLibrary.sessions_dir`) until they have not been used for SESSION_DAYS.
 """
 
 from __future__ import annotations
 
 import html
-import re
 import secrets
 import tempfile
-import threading
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import gradio as gr
 
-from studio.engine.generate import RANDOM_SEED, Cancelled, GenerateRequest, GenerateResult, generate, save_png
+from studio.engine.generate import RANDOM_SEED, Cancelled, GenerateRequest
 from studio.engine.memory import preset
 from studio.engine.models import LoadedModel, ModelManager
-from studio.engine.names import file_stem, inside, session_key
+from studio.engine.names import session_key
+from studio.engine.session import GenerationUpdate, Session, Sessions, generation_updates, request_for
 from studio.errors import UserError
 from studio.library import ConceptLibrary, LibraryEntry
 from studio.ui.gpu import gpu_task
@@ -31,9 +34,6 @@ from studio.ui.gpu import gpu_task
 # engine error with advice (concept, model, training, picture, word); plain ValueError the request dataclasses' checks.
 USER_ERRORS = (UserError, ValueError, FileNotFoundError)
 
-
-# A word written the way concept words are (<my-cat>): one that is no concept gets a warning, not silence.
-CONCEPT_LIKE = re.compile(r"<[^<>\s,()\[\]{}:|]+>")
 # A browser's session concepts are kept this long after its last visit.
 SESSION_DAYS = 7
 
@@ -60,26 +60,36 @@ def is_api_client(request: gr.Request | None) -> bool:
 
 @dataclass
 class Studio:
-    """The state the handlers share. `memory_mode` is the mode the current model was loaded in."""
+    """The state the handlers share. `memory_mode` is the mode the current model was loaded in; `sessions` are the
+    engine sessions (their folders under `work_dir`)."""
 
     manager: ModelManager
     library: ConceptLibrary
     memory_mode: str = "auto"
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="concept-studio-")))
-    runs: dict = field(default_factory=dict)  # session -> latest studio.ui.training_run.TrainingSnapshot
-    thumbnails: dict[tuple[str, str], Path] = field(default_factory=dict)  # (session, token) -> picture
-    _cancel: dict[tuple[str, str], threading.Event] = field(default_factory=dict)
+    sessions: Sessions = field(init=False)
     _browsers: dict[str, str] = field(default_factory=dict)  # Gradio session hash -> the browser's session id
-    training_ends: dict = field(default_factory=dict)  # session -> studio.ui.tabs.train.RunEnd of its latest run
+
+    def __post_init__(self) -> None:
+        self.sessions = Sessions(self.work_dir)
+        if self.library.sessions_dir is None:  # a library made without one keeps session concepts beside our work
+            self.library.sessions_dir = self.work_dir / ".sessions"  # no session folder is hidden
+        # The one step of a generation that needs the GPU, decorated for ZeroGPU (studio.ui.gpu). There it runs in a
+        # forked worker: it takes plain values and yields plain data, and every change to shared state stays out here.
+        self.on_device = gpu_task(self.render_streamed)
 
     @property
     def model(self) -> LoadedModel:
         return self.manager.current or self.manager.load(None)
 
     def session_of(self, request: gr.Request | None) -> str:
-        """The session a request belongs to: its browser's (after `attach`), else Gradio's session hash."""
+        """The session id a request belongs to: its browser's (after `attach`), else Gradio's session hash."""
         hash_ = getattr(request, "session_hash", None) or "anonymous"
         return self._browsers.get(hash_, hash_)
+
+    def session(self, request: gr.Request | None) -> Session:
+        """The engine session a request belongs to."""
+        return self.sessions.get(self.session_of(request))
 
     def attach(self, request: gr.Request | None, browser_id: object) -> str:
         """Tie a page (its session hash) to the session id its browser keeps; a new id when it has none (or one that
@@ -99,15 +109,10 @@ class Studio:
         if session not in self._browsers.values():
             self.forget_session(session)
 
-    def session_dir(self, session: str) -> Path:
-        """The session's own folder for pictures and training files (its name made safe: ids come from clients)."""
-        path = inside(self.work_dir, file_stem(session or "anonymous", fallback="anonymous"))
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def cancel_flag(self, session: str, job: str = "generate") -> threading.Event:
-        """The flag that stops this session's `job` ("generate" or "train") within one step."""
-        return self._cancel.setdefault((session or "anonymous", job), threading.Event())
+    def forget_session(self, session: str) -> None:
+        """Drop what a session keeps in memory: its concepts (their files stay), training run, thumbnails and flags."""
+        self.library.drop_session(session)
+        self.sessions.forget(session)
 
     def entries(self, session: str) -> list[LibraryEntry]:
         """Library files and this session's concepts, each with whether it fits the loaded model and why not."""
@@ -117,71 +122,47 @@ class Studio:
         """The words a concept picker offers: every concept this session can use with the loaded model."""
         return [entry.token for entry in self.entries(session) if entry.fits]
 
-    def forget_session(self, session: str) -> None:
-        """Drop what a session keeps in memory: its concepts (their files stay), training run, thumbnails and flags."""
-        self.library.drop_session(session)
-        self.runs.pop(session, None)
-        self.training_ends.pop(session, None)
-        for key in [k for k in self.thumbnails if k[0] == session]:
-            del self.thumbnails[key]
-        for key in [k for k in self._cancel if k[0] == session]:
-            del self._cancel[key]
-
     def describe_memory(self) -> str:
         chosen = preset(self.memory_mode)
         auto = f"auto → {chosen.name}" if self.memory_mode == "auto" else chosen.name
         return f"{auto}: {chosen.explanation}"
 
-    def __post_init__(self) -> None:
-        if self.library.sessions_dir is None:  # a library made without one keeps session concepts beside our work
-            self.library.sessions_dir = self.work_dir / ".sessions"  # no session_dir is hidden
-        # The one step that needs the GPU, decorated for ZeroGPU (studio.ui.gpu). There it runs in a forked worker:
-        # it takes plain values and returns file paths, and every change to shared state stays out here.
-        self.render = gpu_task(self._render)
+    def request_for(self, req_fields: dict, session: str) -> GenerateRequest:
+        """The engine request for a form's fields, with the concepts its prompts name; a warning for a word written
+        like a concept that names none (the model reads it as plain text)."""
+        req, unknown = request_for(req_fields, self.library, self.model.encoder_dims, session)
+        if unknown:
+            gr.Warning(html.escape(f"No concept called {', '.join(unknown)} in the library or this session: "
+                                   "it is read as plain words. Check the spelling or train/import it first."))
+        return req
 
-    def run_generate(self, req_fields: dict, session: str, progress: gr.Progress | None = None,
-                     request: gr.Request | None = None) -> list[str]:
-        """Resolve the concepts named in the prompts, generate, save PNGs with parameters; return their paths.
+    def render_streamed(self, req: GenerateRequest, session: str) -> Iterator[GenerationUpdate]:
+        """The GPU part of every generation: plain values in, plain updates out (see `on_device`)."""
+        yield from generation_updates(self.model, req, self.sessions.get(session))
+
+    def stream(self, req_fields: dict, session: str, request: gr.Request | None = None,
+               progress: gr.Progress | None = None) -> Iterator[GenerationUpdate]:
+        """Generate a form's fields for `session`: every step (reported to `progress`), then the saved pictures.
         Engine errors become one gr.Error line (`request`: who asked, which decides how it is written)."""
-        self.fresh_cancel_flag(session)  # what `render` passes to the engine and Cancel sets
         try:
-            return self.render(self.request_for(req_fields, session), session, progress)
+            # Concepts are looked up here, in the server process, where the session's concepts live. Closing this
+            # iterator early (Cancel in the browser) closes the run, which stops the engine.
+            with closing(self.on_device(self.request_for(req_fields, session), session)) as updates:
+                for update in updates:
+                    if progress is not None and update.paths is None:
+                        progress((update.step, update.total), unit="steps")
+                    yield update
         except Cancelled as exc:
             raise user_error(f"Cancelled: {exc}", request) from exc
         except USER_ERRORS as exc:
             raise user_error(exc, request) from exc
 
-    def _render(self, req: GenerateRequest, session: str, progress: gr.Progress | None) -> list[str]:
-        """Generate `req` on the current model and save the pictures (PNG with parameters) in the session folder."""
-        on_step = None if progress is None else (lambda step, total, _preview: progress((step, total), unit="steps"))
-        result = generate(self.model, req, on_step=on_step, cancel=self.cancel_flag(session))
-        return self.save_pictures(result, session)
-
-    def request_for(self, req_fields: dict, session: str) -> GenerateRequest:
-        """The engine request for a form's fields, with the concepts its prompt and negative prompt name."""
-        text = req_fields["prompt"] + " " + req_fields.get("negative_prompt", "")
-        concepts = self.library.resolve(text, self.model.encoder_dims, session)
-        known = {concept.token for concept in concepts}
-        unknown = sorted({word for word in CONCEPT_LIKE.findall(text) if word not in known})
-        if unknown:  # written like a concept but none of this name: the model reads it as plain text
-            gr.Warning(html.escape(f"No concept called {', '.join(unknown)} in the library or this session: "
-                                   "it is read as plain words. Check the spelling or train/import it first."))
-        return GenerateRequest(concepts=concepts, **req_fields)
-
-    def fresh_cancel_flag(self, session: str, job: str = "generate") -> threading.Event:
-        """A new, unset flag for a `job` that starts now (what Cancel sets from here on). A run that was closed
-        early keeps its own, set, flag: clearing a shared one could let it run on after its cancel."""
-        flag = self._cancel[(session or "anonymous", job)] = threading.Event()
-        return flag
-
-    def save_pictures(self, result: GenerateResult, session: str) -> list[str]:
-        """Save each picture of `result` (PNG with its parameters) in the session folder; return their paths."""
-        out = self.session_dir(session)
-        paths = []
-        for image, seed in zip(result.images, result.seeds):
-            path = out / f"{len(list(out.glob('*.png'))):05d}-{seed}.png"
-            save_png(image, path)
-            paths.append(str(path))
+    def run_generate(self, req_fields: dict, session: str, progress: gr.Progress | None = None,
+                     request: gr.Request | None = None) -> list[str]:
+        """`stream` to its end: the saved pictures' paths (for the tabs that show only the result)."""
+        paths: list[str] = []
+        for update in self.stream(req_fields, session, request, progress):
+            paths = update.paths if update.paths is not None else paths
         return paths
 
 

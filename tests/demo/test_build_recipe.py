@@ -70,3 +70,16 @@ def test_a_zero_snr_build_saves_a_v_prediction_sampler(tmp_path):
     assert sampler.rescale_betas_zero_snr and sampler.prediction_type == "v_prediction"
     assert sampler.timestep_spacing == "trailing"
     assert json.loads((out / "training_log.json").read_text())["schedule"] == "zero-snr"
+
+
+def test_a_build_leaves_the_thread_count_as_it_found_it(tmp_path):
+    """Guards the flake of the repeat test above: torch's thread count is process-wide and sets how float sums are
+    split, and build() set it to all cores and left it so, changing every later result of the process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build.build(tmp_path / "t", minutes=5, seed=3, n_images=8, vae_steps=1, unet_steps=1, snapshot_minutes=0,
+                    batch=2, ceiling_pictures=0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

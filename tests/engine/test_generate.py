@@ -160,3 +160,18 @@ def test_a_1x1_or_odd_sized_init_image_is_scaled_not_refused(sd1):
     assert dot.images[0].size == (8, 8)
     odd = generate(sd1, GenerateRequest("a cat", init_image=Image.new("RGB", (45, 35)), steps=2, seed=1))
     assert odd.images[0].size == (48, 32)
+
+
+def test_a_generation_checks_each_concept_fits_once(sd1, monkeypatch):
+    """Guards against the fit check repeated per request (it ran in the library, in validate and per encode): the
+    prompt encoder's check in pipeline_kwargs is the one every generation passes."""
+    import studio.engine.prompts as prompts
+
+    calls = []
+    real = prompts.check_fits
+    monkeypatch.setattr(prompts, "check_fits",
+                        lambda concept, dims, **kw: calls.append(concept.token) or real(concept, dims, **kw))
+    me = Concept("<me>", {"text_encoder": torch.randn(2, 768)}, {})
+    generate(sd1, GenerateRequest("a photo of <me>", negative_prompt="blurry <me>", concepts=[me], seed=3, steps=2,
+                                  width=32, height=32, preview_every=0))
+    assert calls == ["<me>"]

@@ -161,3 +161,20 @@ def test_attention_mask_is_used_when_the_encoder_config_asks_for_it(tiny_model_d
     assert torch.allclose(masked, ref, atol=1e-5, rtol=0)
     # The mask really changes something (the padding positions), so this test can fail.
     assert (masked - unmasked).abs().max() > 1e-3
+
+
+def test_split_concept_words_is_whole_words_longest_first():
+    """The one rule for concept words (the library and the encoder both use it): whole words, next to prompt syntax
+    or sentence punctuation, never inside a longer word; the longest known word at a place wins."""
+    from studio.engine.prompts import split_concept_words
+
+    known = {t: Concept(t, {"text_encoder": torch.zeros(1, 8)}) for t in ("<cat-toy>", "<a>", "<a>b", "SD1.5-Hair")}
+
+    def words(prompt):
+        return [p.token if isinstance(p, Concept) else p for p in split_concept_words(prompt, known.get)]
+
+    assert words("a <cat-toy>.") == ["a ", "<cat-toy>", "."]
+    assert words("(<cat-toy>:1.2), [SD1.5-Hair|x]") == ["(", "<cat-toy>", ":1.2), [", "SD1.5-Hair", "|x]"]
+    assert words("<a>b <a>'s") == ["", "<a>b", " ", "<a>", "'s"]
+    assert words("<cat-toy>s x<a> <a><a> bad") == ["<cat-toy>s x<a> <a><a> bad"]
+    assert words("") == [""]

@@ -35,7 +35,6 @@ def test_training_changes_only_the_new_vectors(tiny_model_dirs, pictures, tmp_pa
 
 def test_loss_falls_on_fixed_noise(tiny_model_dirs, pictures, tmp_path):
     """Training lowers the denoising loss of the training pictures under the same noise and timesteps."""
-    from studio.engine.concepts import Concept
     from studio.training.data import encode_latents, load_images, find_images
 
     model = ModelManager().load(tiny_model_dirs["sd1"])

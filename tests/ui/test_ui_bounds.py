@@ -4,7 +4,6 @@ and Cancel stops a running style transfer within a step."""
 
 import re
 import struct
-import time
 import zlib
 
 import pytest

@@ -3,7 +3,6 @@ judge (numbers in [0, 1], beside the plain-words baseline) with the pictures the
 score it against says what to configure instead of failing with a traceback."""
 
 import re
-import time
 
 import pytest
 from gradio_client import Client, handle_file

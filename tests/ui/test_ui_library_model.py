@@ -145,13 +145,13 @@ def test_a_closed_page_frees_memory_and_its_browser_finds_its_concepts_again(tin
     for page, session in (("page-a", browser_a), ("page-b", browser_b)):
         assert studio.session_of(pages[page]) == session
         studio.library.add_session_concept(session, Concept("<c>", {"text_encoder": torch.zeros(1, 768)}, {}))
-        studio.thumbnails[(session, "<c>")] = tmp_path / "c.png"
-        studio.runs[session] = object()
-        studio.cancel_flag(session, "train")
+        studio.session(pages[page]).thumbnails["<c>"] = tmp_path / "c.png"
+        studio.session(pages[page]).training = object()
+        studio.session(pages[page]).cancel_flag("train")
     studio.detach(pages["page-a"])
-    assert list(studio.thumbnails) == [(browser_b, "<c>")] and list(studio.runs) == [browser_b]
-    assert [key[0] for key in studio._cancel] == [browser_b]
+    assert list(studio.sessions) == [browser_b]  # its thumbnails, training view and flags went with it
+    assert studio.sessions.get(browser_b).thumbnails == {"<c>": tmp_path / "c.png"}
     assert browser_a not in studio.library._sessions  # memory freed
     assert studio.attach(pages["page-a2"], browser_a) == browser_a  # the reloaded page of browser A
     assert studio.concept_tokens(studio.session_of(pages["page-a2"])) == ["<c>"]
-    assert studio.session_dir("../../x").parent == (tmp_path / "work").resolve()
+    assert studio.sessions.get("../../x").folder.parent == (tmp_path / "work").resolve()

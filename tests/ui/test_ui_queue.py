@@ -2,7 +2,6 @@
 serving; two clients at once both get their own, correct pictures."""
 
 import re
-import time
 
 import numpy as np
 from gradio_client import Client

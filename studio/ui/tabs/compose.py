@@ -14,12 +14,18 @@ def fill_template(template: str, a: str, b: str) -> str:
     return template.replace("{A}", (a or "").strip()).replace("{B}", (b or "").strip())
 
 
+def compose(studio: Studio, session: str, a: str, b: str, template: str, seeds,
+            request: gr.Request | None = None, progress: gr.Progress | None = None) -> list[str]:
+    """A grid: the template with both words, over seeds 0, 1, ... `seeds` - 1."""
+    return studio.run_generate(dict(prompt=fill_template(template, a, b), batch=int(seeds), seed=0), session,
+                               progress, request)
+
+
 def build_compose_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Two concept pickers (any word may be typed too) and a template; the `/compose` endpoint."""
-    # 1. Pure functions.
+    # 1. Handlers.
     def run(a, b, template, seeds, request: gr.Request, progress=gr.Progress()):
-        return studio.run_generate(dict(prompt=fill_template(template, a, b), batch=int(seeds), seed=0),
-                                   studio.session_of(request), progress, request)
+        return compose(studio, studio.session_of(request), a, b, template, seeds, request, progress)
 
     # 2. Layout.
     gr.Markdown("Put two concepts in one picture: `{A}` and `{B}` are replaced by the words you pick or type.")

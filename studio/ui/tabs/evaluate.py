@@ -66,63 +66,91 @@ def reference_pictures(files) -> list[Image.Image]:
     return pictures
 
 
-def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
-    """Concept, samples, CLIP model and advanced settings; `/evaluate_concept` and `/cancel_evaluation` endpoints."""
-    clip_cache: dict[str, ClipScorer] = {}  # the last CLIP model used, so a second run does not load it again
+class ClipCache:
+    """The last CLIP model used, so that a second run does not load it again (one at a time: they are hundreds
+    of MB)."""
 
-    # 1. Pure functions.
-    def clip_for(source: str | None) -> ClipScorer | None:
+    def __init__(self) -> None:
+        self._loaded: dict[str, ClipScorer] = {}
+
+    def get(self, source: str | None, device) -> ClipScorer | None:
+        """The CLIP scorer of `source` (hub id or folder) on `device`; None when no source is named."""
         source = (source or "").strip()
         if not source:
             return None
-        if source not in clip_cache:
-            clip_cache.clear()  # one CLIP model at a time: they are hundreds of MB
-            clip_cache[source] = ClipScorer.load(source, studio.model.device)
-        return clip_cache[source]
+        if source not in self._loaded:
+            self._loaded.clear()
+            self._loaded[source] = ClipScorer.load(source, device)
+        return self._loaded[source]
 
-    def scored(session: str, token: str, cfg: ScoreConfig, ground_truth: str, files: list[str], clip_source: str,
-               progress) -> ConceptScores:
-        """The GPU part: plain values in, a picklable result out (ZeroGPU runs it in a worker process)."""
-        concept = studio.library.get(token, session)
 
-        def on_progress(done: int, total: int, prompt: str) -> None:
-            if progress is not None:
-                progress((done, total), desc=prompt, unit="steps")
+def scored(studio: Studio, clips: ClipCache, session: str, token: str, cfg: ScoreConfig, ground_truth: str,
+           files: list[str], clip_source: str, progress) -> ConceptScores:
+    """Score the session's concept `token` on the loaded model (the GPU part: plain values in, a picklable result
+    out; ZeroGPU runs it in a worker process). The session's "evaluate" flag stops it within one step."""
+    concept = studio.library.get(token, session)
 
-        return score_concept(studio.model, concept, cfg, judge=DemoJudge(),
-                             concept_set=ground_truth_set(token, ground_truth),
-                             reference_images=reference_pictures(files), clip=clip_for(clip_source),
-                             on_progress=on_progress, cancel=studio.cancel_flag(session, "evaluate"))
+    def on_progress(done: int, total: int, prompt: str) -> None:
+        if progress is not None:
+            progress((done, total), desc=prompt, unit="steps")
 
-    on_device = gpu_task(scored, EVALUATE_SECONDS)
+    return score_concept(studio.model, concept, cfg, judge=DemoJudge(),
+                         concept_set=ground_truth_set(token, ground_truth),
+                         reference_images=reference_pictures(files), clip=clips.get(clip_source, studio.model.device),
+                         on_progress=on_progress, cancel=studio.sessions.get(session).cancel_flag("evaluate"))
 
-    def evaluate(token, samples, clip_source, ground_truth, kind, plain_words, steps, seed, files,
-                 request: gr.Request, progress=gr.Progress()):
-        session = studio.session_of(request)
-        token = (token or "").strip()
-        if not token:
-            raise user_error("Pick a concept to score (train or import one first).", request)
-        studio.fresh_cancel_flag(session, "evaluate")
-        try:
-            cfg = ScoreConfig(samples=int(samples), steps=int(steps), seed=int(seed or 0), kind=kind or "object",
-                              plain_words=(plain_words or "").strip() or None)
-            scores = on_device(session, token, cfg, ground_truth, [str(f) for f in files or []], clip_source,
-                               progress)
-        except Cancelled as exc:
-            raise user_error(f"Cancelled: {exc}", request) from exc
-        except USER_ERRORS as exc:
-            raise user_error(exc, request) from exc
-        out = studio.session_dir(session) / "evaluate"
-        out.mkdir(exist_ok=True)
-        run = Path(tempfile.mkdtemp(dir=out, prefix=time.strftime("%Y%m%d-%H%M%S-")))  # one folder per run
-        grid = []
-        for k, sample in enumerate(scores.samples):
-            path = save_png(sample.image, run / f"{k:03d}-{sample.subject}.png")
-            grid.append((str(path), f"{sample.prompt} (seed {sample.seed})"))
-        return summary(scores, studio.model.name), table(scores), grid
+
+def sample_grid(scores: ConceptScores, folder: Path) -> list[tuple[str, str]]:
+    """Save the scored pictures in a new folder under `folder` (one per run); the gallery of them, captioned."""
+    folder.mkdir(exist_ok=True)
+    run = Path(tempfile.mkdtemp(dir=folder, prefix=time.strftime("%Y%m%d-%H%M%S-")))
+    grid = []
+    for k, sample in enumerate(scores.samples):
+        path = save_png(sample.image, run / f"{k:03d}-{sample.subject}.png")
+        grid.append((str(path), f"{sample.prompt} (seed {sample.seed})"))
+    return grid
+
+
+def evaluate(studio: Studio, on_device, session: str, token: str | None, cfg_fields: dict, ground_truth: str,
+             files: list[str], clip_source: str, request: gr.Request | None = None, progress=None) -> tuple:
+    """`/evaluate_concept`'s values: the summary, the score table and the pictures. `on_device` is `scored` (made a
+    ZeroGPU task) with the studio and CLIP cache bound; `cfg_fields` the form's ScoreConfig values, as sent."""
+    token = (token or "").strip()
+    if not token:
+        raise user_error("Pick a concept to score (train or import one first).", request)
+    studio.sessions.get(session).fresh_cancel_flag("evaluate")
+    try:
+        cfg = ScoreConfig(samples=int(cfg_fields["samples"]), steps=int(cfg_fields["steps"]),
+                          seed=int(cfg_fields["seed"] or 0), kind=cfg_fields["kind"] or "object",
+                          plain_words=(cfg_fields["plain_words"] or "").strip() or None)
+        scores = on_device(session, token, cfg, ground_truth, files, clip_source, progress)
+    except Cancelled as exc:
+        raise user_error(f"Cancelled: {exc}", request) from exc
+    except USER_ERRORS as exc:
+        raise user_error(exc, request) from exc
+    grid = sample_grid(scores, studio.sessions.get(session).folder / "evaluate")
+    return summary(scores, studio.model.name), table(scores), grid
+
+
+def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
+    """Concept, samples, CLIP model and advanced settings; `/evaluate_concept` and `/cancel_evaluation` endpoints."""
+    clips = ClipCache()
+
+    # 1. Handlers: adapters from the form to the functions above.
+    def score(session: str, token: str, cfg: ScoreConfig, ground_truth: str, files: list[str], clip_source: str,
+              progress) -> ConceptScores:
+        return scored(studio, clips, session, token, cfg, ground_truth, files, clip_source, progress)
+
+    on_device = gpu_task(score, EVALUATE_SECONDS)
+
+    def run(token, samples, clip_source, ground_truth, kind, plain_words, steps, seed, files,
+            request: gr.Request, progress=gr.Progress()):
+        cfg_fields = dict(samples=samples, steps=steps, seed=seed, kind=kind, plain_words=plain_words)
+        return evaluate(studio, on_device, studio.session_of(request), token, cfg_fields, ground_truth,
+                        [str(f) for f in files or []], clip_source, request, progress)
 
     def cancel(request: gr.Request) -> None:
-        studio.cancel_flag(studio.session_of(request), "evaluate").set()
+        studio.session(request).cancel("evaluate")
 
     # 2. Layout.
     gr.Markdown("Score a concept the way the Textual Inversion paper does: draw “a photo of S*” (does it look like "
@@ -158,6 +186,6 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
                               elem_id="evaluate-grid")
 
     # 3. Wiring.
-    run = start.click(evaluate, [token, samples, clip_source, ground_truth, kind, plain_words, steps, seed, files],
-                      [about, scores, grid], api_name="evaluate_concept", concurrency_id="gpu")
-    stop.click(cancel, None, None, api_name="cancel_evaluation", concurrency_limit=None, cancels=[run])
+    evaluated = start.click(run, [token, samples, clip_source, ground_truth, kind, plain_words, steps, seed, files],
+                            [about, scores, grid], api_name="evaluate_concept", concurrency_id="gpu")
+    stop.click(cancel, None, None, api_name="cancel_evaluation", concurrency_limit=None, cancels=[evaluated])

@@ -13,9 +13,7 @@ from typing import Callable, Iterator
 
 import gradio as gr
 
-from studio.engine.generate import SCHEDULERS, Cancelled, GenerateRequest, read_infotext
-from studio.ui.generation_run import GenerationUpdate, generation_updates
-from studio.ui.gpu import gpu_task
+from studio.engine.generate import SCHEDULERS, read_infotext
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import USER_ERRORS, Studio, seed_or_random, size_or_native, user_error
 
@@ -37,73 +35,70 @@ def concept_inserter(pickers: ConceptPickers, prompt: gr.Textbox, label: str = "
 
 
 def generation_canceller(studio: Studio) -> Callable[[gr.Request], None]:
-    """The handler of a tab's Cancel button: it sets the flag that stops this session's running generation within
-    one step (`Studio.run_generate` and the streamed runs hand that flag to the engine)."""
+    """The handler of a tab's Cancel button: it stops this session's running generation within one step (every
+    generation runs through `Studio.stream`, which hands the session's flag to the engine)."""
     def cancel(request: gr.Request) -> None:
-        studio.cancel_flag(studio.session_of(request)).set()
+        studio.session(request).cancel("generate")
 
     return cancel
 
 
+def gallery_stream(studio: Studio, req_fields: dict, session: str, request: gr.Request | None = None,
+                   progress: gr.Progress | None = None) -> Iterator[list]:
+    """Gallery values: the latest preview (captioned with its step) while it runs, then the saved PNGs."""
+    with closing(studio.stream(req_fields, session, request, progress)) as updates:
+        for update in updates:
+            if update.paths is not None:
+                yield update.paths
+                return
+            if update.preview is not None:
+                yield [(update.preview, f"step {update.step}/{update.total}")]
+
+
+def settings(seed, steps, guidance, scheduler, width, height) -> dict:
+    """The request fields of the sampler settings, as the form sends them."""
+    return dict(seed=seed_or_random(seed), steps=int(steps), guidance=float(guidance), scheduler=scheduler,
+                width=size_or_native(width), height=size_or_native(height))
+
+
+def variation_fields(studio: Studio, token: str | None, session: str, sampler: dict,
+                     request: gr.Request | None = None) -> dict:
+    """The request fields of `/variations`: the picked concept over VARIATION_SEEDS seeds; gr.Error without one."""
+    if not token:
+        raise gr.Error("Pick a concept in “Insert a concept” first: Variations show it over "
+                       f"{VARIATION_SEEDS} seeds.")
+    try:
+        studio.library.get(token, session)  # an unknown word fails here, not as a plain-text prompt
+    except USER_ERRORS as exc:
+        raise user_error(exc, request) from exc
+    return dict(prompt=VARIATION_PROMPT.format(token), batch=VARIATION_SEEDS, **sampler)
+
+
+def read_png(path) -> tuple:
+    """The form's values from the parameters a PNG of this studio (or A1111) carries."""
+    try:
+        info = read_infotext(path)
+    except (ValueError, OSError) as exc:
+        raise user_error(exc) from exc
+    return (info["prompt"], info.get("negative_prompt", ""), info.get("seed", -1), info.get("steps", 20),
+            info.get("guidance", 7.5), info.get("scheduler", "euler_a"), info.get("width", 0), info.get("height", 0))
+
+
 def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Prompt, settings and a gallery; `/generate`, `/variations`, `/cancel` and `/read_png` endpoints."""
-    # 1. Pure functions.
-    def render_streamed(req: GenerateRequest, session: str) -> Iterator[GenerationUpdate]:
-        yield from generation_updates(studio, req, session)
-
-    on_device = gpu_task(render_streamed)  # ZeroGPU: this part runs in the GPU worker
-
-    def stream(req_fields: dict, session: str, progress: gr.Progress, request: gr.Request) -> Iterator[list]:
-        """Gallery values: the latest preview (captioned with its step) while it runs, then the saved PNGs."""
-        try:
-            # Concepts are looked up here, in the server process, where the session's concepts live. Closing this
-            # handler early (Cancel in the browser) closes the run, which stops the engine.
-            with closing(on_device(studio.request_for(req_fields, session), session)) as updates:
-                for update in updates:
-                    if update.paths is not None:
-                        yield update.paths
-                        return
-                    progress((update.step, update.total), unit="steps")
-                    if update.preview is not None:
-                        yield [(update.preview, f"step {update.step}/{update.total}")]
-        except Cancelled as exc:
-            raise user_error(f"Cancelled: {exc}", request) from exc
-        except USER_ERRORS as exc:
-            raise user_error(exc, request) from exc
-
-    def settings(seed, steps, guidance, scheduler, width, height) -> dict:
-        return dict(seed=seed_or_random(seed), steps=int(steps), guidance=float(guidance), scheduler=scheduler,
-                    width=size_or_native(width), height=size_or_native(height))
-
+    # 1. Handlers: adapters from the form to the functions above.
     def run(prompt, negative, seed, steps, guidance, scheduler, width, height, count, request: gr.Request,
             progress=gr.Progress()):
         fields = dict(prompt=prompt, negative_prompt=negative, batch=int(count),
                       **settings(seed, steps, guidance, scheduler, width, height))
-        yield from stream(fields, studio.session_of(request), progress, request)
+        yield from gallery_stream(studio, fields, studio.session_of(request), request, progress)
 
     def variations(token, seed, steps, guidance, scheduler, width, height, request: gr.Request,
                    progress=gr.Progress()):
         session = studio.session_of(request)
-        if not token:
-            raise gr.Error("Pick a concept in “Insert a concept” first: Variations show it over "
-                           f"{VARIATION_SEEDS} seeds.")
-        try:
-            studio.library.get(token, session)  # an unknown word fails here, not as a plain-text prompt
-        except USER_ERRORS as exc:
-            raise user_error(exc, request) from exc
-        fields = dict(prompt=VARIATION_PROMPT.format(token), batch=VARIATION_SEEDS,
-                      **settings(seed, steps, guidance, scheduler, width, height))
-        yield from stream(fields, session, progress, request)
-
-    cancel = generation_canceller(studio)
-
-    def read_png(path):
-        try:
-            info = read_infotext(path)
-        except (ValueError, OSError) as exc:
-            raise user_error(exc) from exc
-        return (info["prompt"], info.get("negative_prompt", ""), info.get("seed", -1), info.get("steps", 20),
-                info.get("guidance", 7.5), info.get("scheduler", "euler_a"), info.get("width", 0), info.get("height", 0))
+        fields = variation_fields(studio, token, session, settings(seed, steps, guidance, scheduler, width, height),
+                                  request)
+        yield from gallery_stream(studio, fields, session, request, progress)
 
     # 2. Layout.
     gr.Markdown("Write a prompt; any concept word from the library (e.g. `<my-cat>`) is used automatically. "
@@ -138,5 +133,6 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
                         api_name="variations", concurrency_id="gpu")
     # The flag stops a running generation within one step; `cancels` also takes this browser's job off the queue
     # while it still waits there (and closes a running one, which sets the flag too).
-    stop.click(cancel, None, None, api_name="cancel", concurrency_limit=None, cancels=[generated, varied])
+    stop.click(generation_canceller(studio), None, None, api_name="cancel", concurrency_limit=None,
+               cancels=[generated, varied])
     png.upload(read_png, png, [prompt, negative, seed, steps, guidance, scheduler, width, height], api_name="read_png")

@@ -29,19 +29,24 @@ def picture_and_mask(value: dict | None) -> tuple[Image.Image, Image.Image]:
     return picture, mask
 
 
+def inpaint(studio: Studio, session: str, value: dict | None, prompt: str, strength,
+            request: gr.Request | None = None, progress: gr.Progress | None = None) -> list[str]:
+    """[original, result]: the picture at the size the model draws it, and it with the masked part redrawn."""
+    picture, mask = picture_and_mask(value)
+    picture = fit_to_model(picture, native_size(studio.model))  # the size the model draws it, as the result
+    mask = scaled(mask, picture.size)
+    paths = studio.run_generate(dict(prompt=prompt, init_image=picture, mask=mask, strength=float(strength),
+                                     seed=0), session, progress, request)
+    original = studio.sessions.get(session).folder / "original.png"
+    picture.save(original)
+    return [str(original)] + paths
+
+
 def build_inpaint_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Picture with a brushed mask and a prompt; the `/inpaint` endpoint returns [original, result]."""
-    # 1. Pure functions.
+    # 1. Handlers.
     def run(value, prompt, strength, request: gr.Request, progress=gr.Progress()):
-        picture, mask = picture_and_mask(value)
-        picture = fit_to_model(picture, native_size(studio.model))  # the size the model draws it, as the result
-        mask = scaled(mask, picture.size)
-        session = studio.session_of(request)
-        paths = studio.run_generate(dict(prompt=prompt, init_image=picture, mask=mask, strength=float(strength),
-                                         seed=0), session, progress, request)
-        original = studio.session_dir(session) / "original.png"
-        picture.save(original)
-        return [str(original)] + paths
+        return inpaint(studio, studio.session_of(request), value, prompt, strength, request, progress)
 
     # 2. Layout.
     gr.Markdown("Brush over the part to redraw, then describe what goes there.")

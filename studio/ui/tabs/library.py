@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -32,7 +33,7 @@ def row(entry: LibraryEntry) -> list:
 
 def thumbnail(studio: Studio, entry: LibraryEntry, session: str) -> Path | None:
     """A picture for the entry: one made in this session, A1111's `<name>.preview.png`, or a picture embedding."""
-    made = studio.thumbnails.get((session, entry.token))
+    made = studio.sessions.get(session).thumbnails.get(entry.token)
     if made is not None and made.is_file():
         return made
     if entry.path is None:
@@ -62,195 +63,263 @@ def details(entry: LibraryEntry | None) -> str:
     return "\n\n".join(lines)
 
 
-def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
-    """Table, thumbnails and actions; endpoints `/library`, `/import_concepts`, `/export_concept`,
-    `/rename_concept`, `/delete_concept`, `/save_concept`, `/preview_concept`."""
-    # 1. Pure functions.
-    def find(token: str, session: str, request: gr.Request | None = None) -> LibraryEntry:
-        for entry in studio.entries(session):
-            if entry.token == (token or "").strip():
-                return entry
-        raise user_error(f"No concept named {token!r}: pick one from the list (or refresh it).", request)
+def find(studio: Studio, token: str, session: str, request: gr.Request | None = None) -> LibraryEntry:
+    """The session's entry called `token`; gr.Error when there is none."""
+    for entry in studio.entries(session):
+        if entry.token == (token or "").strip():
+            return entry
+    raise user_error(f"No concept named {token!r}: pick one from the list (or refresh it).", request)
 
-    def rows(session: str) -> list[list]:
-        return [row(e) for e in studio.entries(session)]
 
-    def gallery(session: str) -> list[tuple[str, str]]:
-        shown = []
-        for entry in studio.entries(session):
-            picture = thumbnail(studio, entry, session)
-            if picture is not None:
-                shown.append((str(picture), entry.token + ("" if entry.fits else " (does not fit)")))
-        return shown
+def rows(studio: Studio, session: str) -> list[list]:
+    """The table: every concept the session sees."""
+    return [row(e) for e in studio.entries(session)]
 
-    def all_tokens(session: str):
-        return gr.update(choices=[e.token for e in studio.entries(session)])
+
+def gallery(studio: Studio, session: str) -> list[tuple[str, str]]:
+    """The thumbnails of the session's concepts, captioned with their words."""
+    shown = []
+    for entry in studio.entries(session):
+        picture = thumbnail(studio, entry, session)
+        if picture is not None:
+            shown.append((str(picture), entry.token + ("" if entry.fits else " (does not fit)")))
+    return shown
+
+
+def show(studio: Studio, session: str, token: str | None) -> str:
+    """The details of the picked concept (a prompt to pick one when it is none)."""
+    return details(next((e for e in studio.entries(session) if e.token == (token or "").strip()), None))
+
+
+def import_files(studio: Studio, session: str, files: list | None) -> tuple[str, list[list]]:
+    """Add concept files to the session: a report line per file (what it became, why it failed) and the table."""
+    lines = []
+    for f in files or []:
+        name = Path(f).name
+        try:
+            concept = load_concept(f)
+        except USER_ERRORS as exc:
+            lines.append(f"{name}: {exc}")
+            continue
+        added = studio.library.add_session_concept(session, concept, if_taken="keep both")
+        entry = find(studio, added.token, session)
+        note = "" if entry.fits else f" — it does not fit the loaded model: {entry.reason}"
+        renamed = "" if added.token == concept.token else f" (this session already had {concept.token})"
+        lines.append(f"{name}: added {added.token} to this session{renamed}{note}")
+    return "\n".join(lines), rows(studio, session)
+
+
+def export_concept(studio: Studio, session: str, token: str, fmt: str, request: gr.Request | None = None) -> str:
+    """Write the concept in format `fmt` to the session's export folder; the file's path."""
+    try:
+        concept = studio.library.get(token.strip(), session)
+        out = studio.sessions.get(session).folder / "export"
+        out.mkdir(exist_ok=True)
+        suffix = ".safetensors" if concept.family == "sdxl" else EXPORT_SUFFIX[fmt]
+        return str(save_concept(concept, inside(out, file_stem(concept.token) + suffix), format=fmt))
+    except USER_ERRORS as exc:
+        raise user_error(exc, request) from exc
+
+
+def rename_concept(studio: Studio, session: str, token: str, new_token: str,
+                   request: gr.Request | None = None) -> tuple[str, str]:
+    """Rename a concept (its thumbnail goes with it); the report and the new word."""
+    old, new = (token or "").strip(), (new_token or "").strip()
+    try:
+        studio.library.rename(old, new, session)
+    except USER_ERRORS as exc:
+        raise user_error(exc, request) from exc
+    studio.sessions.get(session).rename_thumbnail(old, new)
+    return f"renamed {old} to {new}", new
+
+
+def delete_question(studio: Studio, session: str, token: str, request: gr.Request | None = None) -> str:
+    """What the confirmation step asks before deleting `token`: where it is, and whom that touches."""
+    entry = find(studio, token, session, request)
+    where = ("It is only in this session." if entry.path is None else
+             f"This deletes `{entry.path.name}` from the shared library folder, for every user; "
+             "it cannot be undone.")
+    return f"Delete `{entry.token}`? {where}"
+
+
+def delete_concept(studio: Studio, session: str, token: str,
+                   request: gr.Request | None = None) -> tuple[str, list[list]]:
+    """Delete a concept (and its thumbnail); the report and the table."""
+    try:
+        studio.library.delete(token.strip(), session)
+    except USER_ERRORS as exc:
+        raise user_error(exc, request) from exc
+    studio.sessions.get(session).thumbnails.pop(token.strip(), None)
+    return f"deleted {token}", rows(studio, session)
+
+
+def save_to_library(studio: Studio, session: str, token: str, if_taken: str | None,
+                    request: gr.Request | None = None) -> str:
+    """Save a session concept to the shared library; the report. `if_taken`: what to do when the word or its file
+    is already there ("refuse", "replace", "keep both"); refusing names the file, and the page then asks."""
+    entry = find(studio, token, session, request)
+    if entry.path is not None:
+        raise user_error(f"{entry.token} is already in the shared library ({entry.path.name}).", request)
+    try:
+        path = studio.library.save(entry.concept, if_taken=if_taken or "refuse")
+    except USER_ERRORS as exc:
+        raise user_error(exc, request) from exc
+    saved = load_concept(path).token
+    studio.library.delete(entry.token, session)  # the file now serves this session too
+    if saved != entry.token:
+        studio.sessions.get(session).rename_thumbnail(entry.token, saved)
+    kept = f" as {saved} (the library already had {entry.token})" if saved != entry.token else ""
+    return f"saved {entry.token}{kept} to {path.name}; every user of this studio can use it now"
+
+
+def taken_question(studio: Studio, session: str, token: str, request: gr.Request | None = None) -> str:
+    """The replace / keep-both question when saving `token` would meet a file of the shared library; "" if not."""
+    entry = find(studio, token, session, request)
+    holder = next((e for e in studio.library.entries() if e.path is not None and e.token == entry.token), None)
+    if entry.path is not None or holder is None:
+        return ""
+    return (f"`{html.escape(entry.token)}` is already in the shared library (`{holder.path.name}`): replace that "
+            "file for every user, or keep both (yours gets the next free word)?")
+
+
+def preview_concept(studio: Studio, session: str, token: str,
+                    request: gr.Request | None = None) -> list[tuple[str, str]]:
+    """Draw "a photo of <token>" as the concept's thumbnail in this session; the thumbnails."""
+    entry = find(studio, token, session, request)
+    if not entry.fits:
+        raise user_error(f"{entry.token} does not fit the loaded model: {entry.reason}", request)
+    paths = studio.run_generate(dict(prompt=f"a photo of {entry.token}", seed=0), session, None, request)
+    studio.sessions.get(session).thumbnails[entry.token] = Path(paths[0])
+    return gallery(studio, session)
+
+
+def hidden():
+    """The update that folds a question away."""
+    return gr.update(visible=False)
+
+
+def library_layout() -> SimpleNamespace:
+    """The tab's components, by name."""
+    ui = SimpleNamespace()
+    gr.Markdown("Concepts in the shared folder and in this session. Files that don't fit the loaded model say why. "
+                "Imported files stay in this session until you save them to the shared library.")
+    ui.thumbs = gr.Gallery(label="Thumbnails", columns=6, height=180, allow_preview=False, object_fit="contain",
+                           elem_classes=["pixel-art"])
+    ui.table = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, elem_id="library-table",
+                            column_widths=["14%", "8%", "6%", "42%", "14%", "10%", "6%"])
+    with gr.Row():
+        ui.refresh = gr.Button("Refresh")
+        ui.upload = gr.File(label="Import concept files (this session)", file_count="multiple",
+                            elem_id="library-import")
+    with gr.Row():
+        ui.token = gr.Dropdown(label="Concept", choices=[], allow_custom_value=True)
+        ui.info = gr.Markdown(elem_id="library-info")
+    with gr.Row():
+        ui.preview = gr.Button("Make a thumbnail")
+        ui.keep = gr.Button("Save to the shared library")
+        ui.fmt = gr.Dropdown(["studio", "diffusers", "a1111", "kohya"], value="studio", label="Export format")
+        ui.export = gr.Button("Export")
+    with gr.Row():
+        ui.new_name = gr.Textbox(label="New word", placeholder="<new-name>")
+        ui.rename = gr.Button("Rename")
+        ui.delete = gr.Button("Delete…", variant="stop")
+    with gr.Group(visible=False, elem_id="library-taken") as ui.taken:
+        ui.taken_question = gr.Markdown()
+        with gr.Row():
+            ui.replace = gr.Button("Replace it", variant="stop")
+            ui.keep_both = gr.Button("Keep both")
+            ui.keep_theirs = gr.Button("Don't save")
+    ui.if_taken = gr.Radio(["refuse", "replace", "keep both"], value="refuse", visible=False,
+                           label="If the word is already in the shared library")
+    with gr.Group(visible=False, elem_id="library-confirm") as ui.confirm:
+        ui.question = gr.Markdown()
+        with gr.Row():
+            ui.yes = gr.Button("Yes, delete", variant="stop")
+            ui.no = gr.Button("Keep it")
+    ui.exported = gr.File(label="Exported file")
+    ui.report = gr.Textbox(label="Result")
+    return ui
+
+
+def wire_concept_list(studio: Studio, pickers: ConceptPickers, ui: SimpleNamespace) -> None:
+    """The table, thumbnails and details, import and export: `/library`, `/import_concepts`, `/export_concept`."""
+    pickers.view(ui.table, lambda session: rows(studio, session))
+    pickers.view(ui.thumbs, lambda session: gallery(studio, session))
+    pickers.view(ui.token, lambda session: gr.update(choices=[e.token for e in studio.entries(session)]))
 
     def list_library(request: gr.Request):
-        return rows(studio.session_of(request))
+        return rows(studio, studio.session_of(request))
 
-    def show(token, request: gr.Request) -> str:
-        session = studio.session_of(request)
-        return details(next((e for e in studio.entries(session) if e.token == (token or "").strip()), None))
+    def show_picked(token, request: gr.Request):
+        return show(studio, studio.session_of(request), token)
 
     def pick_row(event: gr.SelectData):
         return event.row_value[0]
 
-    def import_files(files, request: gr.Request):
-        session = studio.session_of(request)
-        lines = []
-        for f in files or []:
-            name = Path(f).name
-            try:
-                concept = load_concept(f)
-            except USER_ERRORS as exc:
-                lines.append(f"{name}: {exc}")
-                continue
-            added = studio.library.add_session_concept(session, concept, if_taken="keep both")
-            entry = find(added.token, session)
-            note = "" if entry.fits else f" — it does not fit the loaded model: {entry.reason}"
-            renamed = "" if added.token == concept.token else f" (this session already had {concept.token})"
-            lines.append(f"{name}: added {added.token} to this session{renamed}{note}")
-        return "\n".join(lines), rows(session)
+    def import_uploads(files, request: gr.Request):
+        return import_files(studio, studio.session_of(request), files)
 
-    def export_concept(token, fmt, request: gr.Request):
-        session = studio.session_of(request)
-        try:
-            concept = studio.library.get(token.strip(), session)
-            out = studio.session_dir(session) / "export"
-            out.mkdir(exist_ok=True)
-            suffix = ".safetensors" if concept.family == "sdxl" else EXPORT_SUFFIX[fmt]
-            return str(save_concept(concept, inside(out, file_stem(concept.token) + suffix), format=fmt))
-        except USER_ERRORS as exc:
-            raise user_error(exc, request) from exc
+    def export(token, fmt, request: gr.Request):
+        return export_concept(studio, studio.session_of(request), token, fmt, request)
 
-    def rename_concept(token, new_token, request: gr.Request):
-        session = studio.session_of(request)
-        old, new = (token or "").strip(), (new_token or "").strip()
-        try:
-            studio.library.rename(old, new, session)
-        except USER_ERRORS as exc:
-            raise user_error(exc, request) from exc
-        if (session, old) in studio.thumbnails:
-            studio.thumbnails[(session, new)] = studio.thumbnails.pop((session, old))
-        return f"renamed {old} to {new}", new
+    pickers.after(ui.refresh.click(list_library, None, ui.table, api_name="library"))
+    pickers.after(ui.upload.upload(import_uploads, ui.upload, [ui.report, ui.table], api_name="import_concepts"))
+    ui.export.click(export, [ui.token, ui.fmt], ui.exported, api_name="export_concept")
+    ui.token.change(show_picked, ui.token, ui.info, api_visibility="private")
+    ui.table.select(pick_row, None, ui.token, api_visibility="private")
+
+
+def wire_rename_and_delete(studio: Studio, pickers: ConceptPickers, ui: SimpleNamespace) -> None:
+    """Rename, and delete after a confirmation step: `/rename_concept`, `/delete_concept`."""
+    def rename(token, new_token, request: gr.Request):
+        return rename_concept(studio, studio.session_of(request), token, new_token, request)
 
     def ask_delete(token, request: gr.Request):
-        entry = find(token, studio.session_of(request), request)
-        where = ("It is only in this session." if entry.path is None else
-                 f"This deletes `{entry.path.name}` from the shared library folder, for every user; "
-                 "it cannot be undone.")
-        return gr.update(visible=True), f"Delete `{entry.token}`? {where}"
+        return gr.update(visible=True), delete_question(studio, studio.session_of(request), token, request)
 
-    def delete_concept(token, request: gr.Request):
-        session = studio.session_of(request)
-        try:
-            studio.library.delete(token.strip(), session)
-        except USER_ERRORS as exc:
-            raise user_error(exc, request) from exc
-        studio.thumbnails.pop((session, token.strip()), None)
-        return f"deleted {token}", rows(session)
+    def delete(token, request: gr.Request):
+        return delete_concept(studio, studio.session_of(request), token, request)
 
-    def save_to_library(token, if_taken, request: gr.Request):
-        """`if_taken`: what to do when the word or its file is already in the shared library ("refuse", "replace",
-        "keep both"); refusing names the file, and the page then asks."""
-        session = studio.session_of(request)
-        entry = find(token, session, request)
-        if entry.path is not None:
-            raise user_error(f"{entry.token} is already in the shared library ({entry.path.name}).", request)
-        try:
-            path = studio.library.save(entry.concept, if_taken=if_taken or "refuse")
-        except USER_ERRORS as exc:
-            raise user_error(exc, request) from exc
-        saved = load_concept(path).token
-        studio.library.delete(entry.token, session)  # the file now serves this session too
-        if saved != entry.token and (session, entry.token) in studio.thumbnails:
-            studio.thumbnails[(session, saved)] = studio.thumbnails.pop((session, entry.token))
-        kept = f" as {saved} (the library already had {entry.token})" if saved != entry.token else ""
-        return f"saved {entry.token}{kept} to {path.name}; every user of this studio can use it now"
+    pickers.after(ui.rename.click(rename, [ui.token, ui.new_name], [ui.report, ui.token], api_name="rename_concept"))
+    ui.delete.click(ask_delete, ui.token, [ui.confirm, ui.question], api_visibility="private")
+    deleted = ui.yes.click(delete, ui.token, [ui.report, ui.table], api_name="delete_concept")
+    deleted.then(hidden, None, ui.confirm, api_visibility="private")
+    pickers.after(deleted)
+    ui.no.click(hidden, None, ui.confirm, api_visibility="private")
+
+
+def wire_saving(studio: Studio, pickers: ConceptPickers, ui: SimpleNamespace) -> None:
+    """Save to the shared library (asking when the word is taken) and thumbnails: `/save_concept`,
+    `/preview_concept`."""
+    def save(token, if_taken, request: gr.Request):
+        return save_to_library(studio, studio.session_of(request), token, if_taken, request)
 
     def save_as(choice: str):
         def save_chosen(token, request: gr.Request):
-            return save_to_library(token, choice, request)
+            return save_to_library(studio, studio.session_of(request), token, choice, request)
         return save_chosen
 
     def ask_if_taken(token, request: gr.Request):
-        """Show the replace / keep-both question when saving `token` would meet a file of the shared library."""
-        entry = find(token, studio.session_of(request), request)
-        holder = next((e for e in studio.library.entries() if e.path is not None and e.token == entry.token), None)
-        if entry.path is not None or holder is None:
-            return gr.update(visible=False), ""
-        return gr.update(visible=True), (f"`{html.escape(entry.token)}` is already in the shared library "
-                                         f"(`{holder.path.name}`): replace that file for every user, or keep both "
-                                         "(yours gets the next free word)?")
+        question = taken_question(studio, studio.session_of(request), token, request)
+        return gr.update(visible=bool(question)), question
 
-    def preview_concept(token, request: gr.Request):
-        session = studio.session_of(request)
-        entry = find(token, session, request)
-        if not entry.fits:
-            raise user_error(f"{entry.token} does not fit the loaded model: {entry.reason}", request)
-        paths = studio.run_generate(dict(prompt=f"a photo of {entry.token}", seed=0), session, None, request)
-        studio.thumbnails[(session, entry.token)] = Path(paths[0])
-        return gallery(session)
+    def preview(token, request: gr.Request):
+        return preview_concept(studio, studio.session_of(request), token, request)
 
-    # 2. Layout.
-    gr.Markdown("Concepts in the shared folder and in this session. Files that don't fit the loaded model say why. "
-                "Imported files stay in this session until you save them to the shared library.")
-    thumbs = gr.Gallery(label="Thumbnails", columns=6, height=180, allow_preview=False, object_fit="contain",
-                        elem_classes=["pixel-art"])
-    table = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, elem_id="library-table",
-                         column_widths=["14%", "8%", "6%", "42%", "14%", "10%", "6%"])
-    with gr.Row():
-        refresh = gr.Button("Refresh")
-        upload = gr.File(label="Import concept files (this session)", file_count="multiple", elem_id="library-import")
-    with gr.Row():
-        token = gr.Dropdown(label="Concept", choices=[], allow_custom_value=True)
-        info = gr.Markdown(elem_id="library-info")
-    with gr.Row():
-        preview = gr.Button("Make a thumbnail")
-        keep = gr.Button("Save to the shared library")
-        fmt = gr.Dropdown(["studio", "diffusers", "a1111", "kohya"], value="studio", label="Export format")
-        export = gr.Button("Export")
-    with gr.Row():
-        new_name = gr.Textbox(label="New word", placeholder="<new-name>")
-        rename = gr.Button("Rename")
-        delete = gr.Button("Delete…", variant="stop")
-    with gr.Group(visible=False, elem_id="library-taken") as taken:
-        taken_question = gr.Markdown()
-        with gr.Row():
-            replace = gr.Button("Replace it", variant="stop")
-            keep_both = gr.Button("Keep both")
-            keep_theirs = gr.Button("Don't save")
-    if_taken = gr.Radio(["refuse", "replace", "keep both"], value="refuse", visible=False,
-                        label="If the word is already in the shared library")
-    with gr.Group(visible=False, elem_id="library-confirm") as confirm:
-        question = gr.Markdown()
-        with gr.Row():
-            yes = gr.Button("Yes, delete", variant="stop")
-            no = gr.Button("Keep it")
-    exported = gr.File(label="Exported file")
-    report = gr.Textbox(label="Result")
-
-    # 3. Wiring.
-    pickers.view(table, rows)
-    pickers.view(thumbs, gallery)
-    pickers.view(token, all_tokens)
-    pickers.after(refresh.click(list_library, None, table, api_name="library"))
-    pickers.after(upload.upload(import_files, upload, [report, table], api_name="import_concepts"))
-    export.click(export_concept, [token, fmt], exported, api_name="export_concept")
-    pickers.after(rename.click(rename_concept, [token, new_name], [report, token], api_name="rename_concept"))
-    delete.click(ask_delete, token, [confirm, question], api_visibility="private")
-    deleted = yes.click(delete_concept, token, [report, table], api_name="delete_concept")
-    deleted.then(lambda: gr.update(visible=False), None, confirm, api_visibility="private")
-    pickers.after(deleted)
-    no.click(lambda: gr.update(visible=False), None, confirm, api_visibility="private")
-    pickers.after(keep.click(save_to_library, [token, if_taken], report, api_name="save_concept"))
-    keep.click(ask_if_taken, token, [taken, taken_question], api_visibility="private")
-    for button, choice in ((replace, "replace"), (keep_both, "keep both")):
-        chosen = button.click(save_as(choice), token, report, api_visibility="private")
-        chosen.then(lambda: gr.update(visible=False), None, taken, api_visibility="private")
+    pickers.after(ui.keep.click(save, [ui.token, ui.if_taken], ui.report, api_name="save_concept"))
+    ui.keep.click(ask_if_taken, ui.token, [ui.taken, ui.taken_question], api_visibility="private")
+    for button, choice in ((ui.replace, "replace"), (ui.keep_both, "keep both")):
+        chosen = button.click(save_as(choice), ui.token, ui.report, api_visibility="private")
+        chosen.then(hidden, None, ui.taken, api_visibility="private")
         pickers.after(chosen)
-    keep_theirs.click(lambda: gr.update(visible=False), None, taken, api_visibility="private")
-    preview.click(preview_concept, token, thumbs, api_name="preview_concept", concurrency_id="gpu")
-    token.change(show, token, info, api_visibility="private")
-    table.select(pick_row, None, token, api_visibility="private")
+    ui.keep_theirs.click(hidden, None, ui.taken, api_visibility="private")
+    ui.preview.click(preview, ui.token, ui.thumbs, api_name="preview_concept", concurrency_id="gpu")
+
+
+def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:
+    """Table, thumbnails and actions; endpoints `/library`, `/import_concepts`, `/export_concept`,
+    `/rename_concept`, `/delete_concept`, `/save_concept`, `/preview_concept`."""
+    ui = library_layout()
+    wire_concept_list(studio, pickers, ui)
+    wire_rename_and_delete(studio, pickers, ui)
+    wire_saving(studio, pickers, ui)

@@ -37,32 +37,41 @@ def describe(studio: Studio) -> str:
             f"attention {m.attention}. Memory mode: {studio.describe_memory()}")
 
 
+def load_model(studio: Studio, source: str | None) -> str:
+    """Load `source` (empty: the demo) in the current memory mode; the new info text."""
+    options = apply_preset(studio.memory_mode, studio.manager.options)
+    try:
+        studio.manager.load((source or "").strip() or None, options)
+    except USER_ERRORS as exc:
+        raise user_error(exc) from exc
+    return describe(studio)
+
+
+def set_memory_mode(studio: Studio, mode: str) -> str:
+    """Reload the current model with the mode's options (cached weights are read again from disk); the info text."""
+    try:
+        options = apply_preset(mode, studio.manager.options)
+    except ValueError as exc:
+        raise user_error(exc) from exc
+    current = studio.model
+    try:
+        studio.manager.load(current.source, options)
+    except USER_ERRORS as exc:
+        raise user_error(exc) from exc
+    studio.manager.options = options
+    studio.memory_mode = mode
+    return describe(studio)
+
+
 def build_model_tab(studio: Studio, pickers: ConceptPickers) -> gr.Markdown:
     """Model source and memory mode; endpoints `/load_model` and `/set_memory_mode`. Returns the info text, which
     the app fills on page load with `describe`."""
-    # 1. Pure functions.
+    # 1. Handlers.
     def switch(source: str) -> str:
-        options = apply_preset(studio.memory_mode, studio.manager.options)
-        try:
-            studio.manager.load((source or "").strip() or None, options)
-        except USER_ERRORS as exc:
-            raise user_error(exc) from exc
-        return describe(studio)
+        return load_model(studio, source)
 
-    def set_memory_mode(mode: str) -> str:
-        """Reload the current model with the mode's options (cached weights are read again from disk)."""
-        try:
-            options = apply_preset(mode, studio.manager.options)
-        except ValueError as exc:
-            raise user_error(exc) from exc
-        current = studio.model
-        try:
-            studio.manager.load(current.source, options)
-        except USER_ERRORS as exc:
-            raise user_error(exc) from exc
-        studio.manager.options = options
-        studio.memory_mode = mode
-        return describe(studio)
+    def apply_mode(mode: str) -> str:
+        return set_memory_mode(studio, mode)
 
     # 2. Layout.
     info = gr.Markdown()
@@ -77,5 +86,5 @@ def build_model_tab(studio: Studio, pickers: ConceptPickers) -> gr.Markdown:
 
     # 3. Wiring.
     pickers.after(load.click(switch, source, info, api_name="load_model", concurrency_id="gpu"))
-    pickers.after(apply.click(set_memory_mode, mode, info, api_name="set_memory_mode", concurrency_id="gpu"))
+    pickers.after(apply.click(apply_mode, mode, info, api_name="set_memory_mode", concurrency_id="gpu"))
     return info

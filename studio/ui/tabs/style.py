@@ -13,28 +13,34 @@ from studio.ui.state import Studio, seed_or_random, user_error
 from studio.ui.tabs.generate import concept_inserter, generation_canceller
 
 
+def style_transfer(studio: Studio, session: str, content: dict | None, prompt: str, strength, seed,
+                   request: gr.Request | None = None, progress: gr.Progress | None = None) -> list[str]:
+    """[before, after]: the content picture at the size the model draws it, and it redrawn with `prompt`.
+
+    `content` is the upload as received, {"path": ..., "orig_name": ...}, unopened (the event skips Gradio's
+    preprocessing), so that open_picture decodes it and refuses a broken file or a decompression bomb with its own
+    message (Gradio's decoder would fail first, with a generic one). Gradio has checked that the path is an upload;
+    the other values arrive as sent and are converted here."""
+    path = (content or {}).get("path")
+    if not path:
+        raise gr.Error("Upload a content picture first.")
+    name = content.get("orig_name") or Path(path).name
+    try:  # at the size the model draws it, so that before and after match
+        picture = fit_to_model(open_picture(path, what=f"content picture {name}"), native_size(studio.model))
+    except PictureError as exc:
+        raise user_error(exc, request) from exc
+    before = studio.sessions.get(session).folder / "before.png"
+    picture.save(before)
+    paths = studio.run_generate(dict(prompt=prompt, init_image=picture, strength=float(strength),
+                                     seed=seed_or_random(seed)), session, progress, request)
+    return [str(before)] + paths
+
+
 def build_style_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Content picture, prompt and strength; the `/style_transfer` endpoint returns [before, after]."""
-    # 1. Pure functions.
+    # 1. Handlers.
     def run(content, prompt, strength, seed, request: gr.Request, progress=gr.Progress()):
-        # The event skips Gradio's preprocessing (`preprocess=False`): `content` is the upload as received,
-        # {"path": ..., "orig_name": ...}, unopened, so that open_picture decodes it and refuses a broken file or a
-        # decompression bomb with its own message (Gradio's decoder would fail first, with a generic one). Gradio
-        # has checked that the path is an upload; the other values arrive as sent and are converted here.
-        path = (content or {}).get("path")
-        if not path:
-            raise gr.Error("Upload a content picture first.")
-        session = studio.session_of(request)
-        name = content.get("orig_name") or Path(path).name
-        try:  # at the size the model draws it, so that before and after match
-            picture = fit_to_model(open_picture(path, what=f"content picture {name}"), native_size(studio.model))
-        except PictureError as exc:
-            raise user_error(exc, request) from exc
-        before = studio.session_dir(session) / "before.png"
-        picture.save(before)
-        paths = studio.run_generate(dict(prompt=prompt, init_image=picture, strength=float(strength),
-                                         seed=seed_or_random(seed)), session, progress, request)
-        return [str(before)] + paths
+        return style_transfer(studio, studio.session_of(request), content, prompt, strength, seed, request, progress)
 
     # 2. Layout.
     gr.Markdown("Redraw a picture with a prompt, e.g. `a picture in the style of <my-style>` (img2img).")

@@ -1,22 +1,31 @@
-"""One training job for the UI: the Trainer runs in a background thread and its events are kept for the live view.
+"""One training job of a session: the Trainer runs in a background thread and its events are kept for a live view.
 
-The UI iterates `events()` and hands on `snapshot()`s: plain data (so they can cross the process boundary of a
-ZeroGPU worker) from which the status text, the progress bar, the loss plot and the previews are drawn. No Gradio.
+`training_snapshots` iterates a `TrainingRun`'s `events()` and hands on `snapshot()`s: plain data (so they can cross
+the process boundary of a ZeroGPU worker) from which a UI draws the status text, the progress bar, the loss plot and
+the previews. `keep_concept` and `follow_to_end` put the finished concept in the session. No Gradio.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 from PIL import Image
 
 from studio.engine.concepts import Concept
-from studio.training import TrainEvent, Trainer
+from studio.engine.session import RunEnd, Session
+from studio.training.config import TrainConfig
+from studio.training.trainer import TrainEvent, Trainer
+
+if TYPE_CHECKING:
+    from studio.library import ConceptLibrary
 
 SMOOTHING = 10  # steps in the running mean drawn over the raw loss, which jumps with each step's random timestep
+STATUS_EVERY_S = 0.25  # at most four snapshots a second: a browser need not redraw on every step
 
 
 @dataclass
@@ -95,14 +104,16 @@ class TrainingRun:
                 return
             yield event
 
-    def snapshot(self) -> TrainingSnapshot:
-        """The run as it is now (a copy: the thread goes on appending)."""
+    def snapshot(self, final: bool = False) -> TrainingSnapshot:
+        """The run as it is now (a copy: the thread goes on appending). Only the `final` one, taken after `events()`
+        has ended, carries the concept: the thread sets it between the "finished" event and its end, so a snapshot of
+        that event could carry it or not."""
         last = self.last
         step = last.step if last is not None else 0
         total = last.total if last is not None else self.trainer.config.steps
         loss = last.loss if last is not None and last.kind == "step" else None
-        return TrainingSnapshot(self.status(), step, total, loss, list(self.losses), list(self.previews), self.concept,
-                                self.path)
+        return TrainingSnapshot(self.status(), step, total, loss, list(self.losses), list(self.previews),
+                                self.concept if final else None, self.path)
 
     def status(self) -> str:
         """A few lines for the UI: the messages so far and where the loop is."""
@@ -112,3 +123,52 @@ class TrainingRun:
             lines.append(f"step {last.step}/{last.total} · loss {last.loss:.4f} · {last.steps_per_s:.2f} steps/s · "
                          f"about {last.eta_s:.0f}s left")
         return "\n".join(lines)
+
+
+def training_snapshots(model, session: Session, files: list[str], cfg: TrainConfig) -> Iterator[TrainingSnapshot]:
+    """Train `cfg` on the pictures for `session`: a snapshot at most every STATUS_EVERY_S (and at the last step),
+    then the last one, with the concept. Errors of the trainer are raised after the snapshots that ran.
+
+    Takes and yields plain data only (besides the session, which stays where it runs), so that on ZeroGPU it can run
+    in the GPU worker process. `session.cancel("train")` stops it within one step.
+    """
+    # A fresh flag: a run closed early keeps its own, set, one (clearing a shared flag would let it run on).
+    flag = session.fresh_cancel_flag("train")
+    trainer = Trainer(model, cfg, [Path(f) for f in files], session.folder / "concepts")
+    run = TrainingRun(trainer, flag).start()
+    shown = 0.0
+    for event in run.events():
+        if event.kind != "step" or time.monotonic() - shown >= STATUS_EVERY_S or event.step == event.total:
+            shown = time.monotonic()
+            yield run.snapshot()
+    if run.error is not None:
+        raise run.error
+    yield run.snapshot(final=True)
+
+
+def keep_concept(library: ConceptLibrary, session: Session, snapshot: TrainingSnapshot) -> str:
+    """Put the concept of a run's last snapshot in the session (with its thumbnail); the status to show."""
+    concept = snapshot.concept
+    library.add_session_concept(session.id, concept)
+    if snapshot.previews and snapshot.path:
+        thumb = Path(snapshot.path).with_suffix(".preview.png")  # A1111's name for a concept's thumbnail
+        snapshot.previews[0].save(thumb)
+        session.thumbnails[concept.token] = thumb
+    return f"{snapshot.status}\n{concept.token} is ready: write it in any prompt in this session."
+
+
+def follow_to_end(library: ConceptLibrary, session: Session, snapshots: Iterator[TrainingSnapshot],
+                  end: RunEnd) -> None:
+    """Read a run nobody watches any more (its page's event was closed) to its end: keep what it learned, as after
+    a cancel, and say in `end` how it ended."""
+    snapshot = None
+    try:
+        for snapshot in snapshots:
+            session.training = snapshot
+    except BaseException as exc:  # noqa: BLE001 - nobody listens to this closed run but its RunEnd
+        end.finish(f"failed: {getattr(exc, 'message', exc)}", None)
+        return
+    if snapshot is not None and snapshot.concept is not None:
+        end.finish(keep_concept(library, session, snapshot), snapshot.path)
+    else:
+        end.finish(snapshot.status if snapshot else "cancelled before the first step", None)
