@@ -10,3 +10,9 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """A mistake the user can fix: the message names what is wrong and says what to do."""
+
+
+class ModelError(UserError, RuntimeError):
+    """A model could not be loaded or run; the message says what to do. Also a RuntimeError, as torch's own errors
+    are: an out-of-memory `OutOfMemory` is one, and the trainer catches RuntimeErrors to find those. Here rather than in
+    `studio.engine.models` so that `single_file` (which models loads lazily) needs nothing of models."""

@@ -17,14 +17,9 @@ import torch
 
 from studio.engine.model_facts import detect_family, encoder_dims, encoders_of
 from studio.engine.prompts import PromptEncoder
-from studio.errors import UserError
+from studio.errors import ModelError
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo-model"
-
-
-class ModelError(UserError, RuntimeError):
-    """A model could not be loaded or run; the message says what to do. Also a RuntimeError, as torch's own errors
-    are: an out-of-memory `OutOfMemory` is one, and the trainer catches RuntimeErrors to find those."""
 
 
 @dataclass(frozen=True)

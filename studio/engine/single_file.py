@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from studio.engine.models import ModelError
+from studio.errors import ModelError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

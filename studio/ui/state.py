@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 import secrets
 import tempfile
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +36,18 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError)
 
 # A browser's session concepts are kept this long after its last visit.
 SESSION_DAYS = 7
+
+
+@contextmanager
+def as_user_errors(request: gr.Request | None = None) -> Iterator[None]:
+    """The edge between a handler and the engine: a user's mistake (or a cancelled job) raised in the block leaves it
+    as one gr.Error line written for `request`'s client (see `user_error`); anything else keeps its traceback."""
+    try:
+        yield
+    except Cancelled as exc:
+        raise user_error(f"Cancelled: {exc}", request) from exc
+    except USER_ERRORS as exc:
+        raise user_error(exc, request) from exc
 
 
 def user_error(message: object, request: gr.Request | None = None) -> gr.Error:
@@ -144,7 +156,7 @@ class Studio:
                progress: gr.Progress | None = None) -> Iterator[GenerationUpdate]:
         """Generate a form's fields for `session`: every step (reported to `progress`), then the saved pictures.
         Engine errors become one gr.Error line (`request`: who asked, which decides how it is written)."""
-        try:
+        with as_user_errors(request):
             # Concepts are looked up here, in the server process, where the session's concepts live. Closing this
             # iterator early (Cancel in the browser) closes the run, which stops the engine.
             with closing(self.on_device(self.request_for(req_fields, session), session)) as updates:
@@ -152,10 +164,6 @@ class Studio:
                     if progress is not None and update.paths is None:
                         progress((update.step, update.total), unit="steps")
                     yield update
-        except Cancelled as exc:
-            raise user_error(f"Cancelled: {exc}", request) from exc
-        except USER_ERRORS as exc:
-            raise user_error(exc, request) from exc
 
     def run_generate(self, req_fields: dict, session: str, progress: gr.Progress | None = None,
                      request: gr.Request | None = None) -> list[str]:

@@ -17,13 +17,13 @@ from PIL import Image, UnidentifiedImageError
 
 from studio.demo.concept_sets import list_concept_sets, load_concept_set
 from studio.demo.evaluate import DemoJudge, concept_set_for
-from studio.engine.generate import Cancelled, save_png
+from studio.engine.generate import save_png
 from studio.evaluation.clip import ClipScorer
 from studio.evaluation.config import ScoreConfig
 from studio.evaluation.scoring import ConceptScores, score_concept
 from studio.ui.gpu import gpu_task
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import USER_ERRORS, Studio, user_error
+from studio.ui.state import as_user_errors, Studio, user_error
 
 HEADERS = ["measure", "with the word", "with plain words", "what it compares"]
 AUTO, NONE = "auto (the set whose word it is)", "none"
@@ -119,15 +119,11 @@ def evaluate(studio: Studio, on_device, session: str, token: str | None, cfg_fie
     if not token:
         raise user_error("Pick a concept to score (train or import one first).", request)
     studio.sessions.get(session).fresh_cancel_flag("evaluate")
-    try:
+    with as_user_errors(request):
         cfg = ScoreConfig(samples=int(cfg_fields["samples"]), steps=int(cfg_fields["steps"]),
                           seed=int(cfg_fields["seed"] or 0), kind=cfg_fields["kind"] or "object",
                           plain_words=(cfg_fields["plain_words"] or "").strip() or None)
         scores = on_device(session, token, cfg, ground_truth, files, clip_source, progress)
-    except Cancelled as exc:
-        raise user_error(f"Cancelled: {exc}", request) from exc
-    except USER_ERRORS as exc:
-        raise user_error(exc, request) from exc
     grid = sample_grid(scores, studio.sessions.get(session).folder / "evaluate")
     return summary(scores, studio.model.name), table(scores), grid
 

@@ -15,7 +15,7 @@ import gradio as gr
 
 from studio.engine.generate import SCHEDULERS, read_infotext
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import USER_ERRORS, Studio, seed_or_random, size_or_native, user_error
+from studio.ui.state import as_user_errors, seed_or_random, size_or_native, Studio, user_error
 
 VARIATION_SEEDS = 4  # pictures "a photo of <concept>" over this many seeds (seed, seed + 1, ...)
 VARIATION_PROMPT = "a photo of {}"  # the paper's simplest object template
@@ -67,10 +67,8 @@ def variation_fields(studio: Studio, token: str | None, session: str, sampler: d
     if not token:
         raise gr.Error("Pick a concept in “Insert a concept” first: Variations show it over "
                        f"{VARIATION_SEEDS} seeds.")
-    try:
+    with as_user_errors(request):
         studio.library.get(token, session)  # an unknown word fails here, not as a plain-text prompt
-    except USER_ERRORS as exc:
-        raise user_error(exc, request) from exc
     return dict(prompt=VARIATION_PROMPT.format(token), batch=VARIATION_SEEDS, **sampler)
 
 

@@ -17,7 +17,7 @@ from studio.engine.concepts import IMAGE_SUFFIXES, load_concept, save_concept
 from studio.engine.names import file_stem, inside
 from studio.library import LibraryEntry
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import USER_ERRORS, Studio, user_error
+from studio.ui.state import USER_ERRORS, as_user_errors, Studio, user_error
 
 HEADERS = ["token", "vectors", "fits", "reason", "source", "trained on", "steps"]
 EXPORT_SUFFIX = {"studio": ".safetensors", "diffusers": ".safetensors", "kohya": ".safetensors", "a1111": ".pt"}
@@ -111,24 +111,20 @@ def import_files(studio: Studio, session: str, files: list | None) -> tuple[str,
 
 def export_concept(studio: Studio, session: str, token: str, fmt: str, request: gr.Request | None = None) -> str:
     """Write the concept in format `fmt` to the session's export folder; the file's path."""
-    try:
+    with as_user_errors(request):
         concept = studio.library.get(token.strip(), session)
         out = studio.sessions.get(session).folder / "export"
         out.mkdir(exist_ok=True)
         suffix = ".safetensors" if concept.family == "sdxl" else EXPORT_SUFFIX[fmt]
         return str(save_concept(concept, inside(out, file_stem(concept.token) + suffix), format=fmt))
-    except USER_ERRORS as exc:
-        raise user_error(exc, request) from exc
 
 
 def rename_concept(studio: Studio, session: str, token: str, new_token: str,
                    request: gr.Request | None = None) -> tuple[str, str]:
     """Rename a concept (its thumbnail goes with it); the report and the new word."""
     old, new = (token or "").strip(), (new_token or "").strip()
-    try:
+    with as_user_errors(request):
         studio.library.rename(old, new, session)
-    except USER_ERRORS as exc:
-        raise user_error(exc, request) from exc
     studio.sessions.get(session).rename_thumbnail(old, new)
     return f"renamed {old} to {new}", new
 
@@ -145,10 +141,8 @@ def delete_question(studio: Studio, session: str, token: str, request: gr.Reques
 def delete_concept(studio: Studio, session: str, token: str,
                    request: gr.Request | None = None) -> tuple[str, list[list]]:
     """Delete a concept (and its thumbnail); the report and the table."""
-    try:
+    with as_user_errors(request):
         studio.library.delete(token.strip(), session)
-    except USER_ERRORS as exc:
-        raise user_error(exc, request) from exc
     studio.sessions.get(session).thumbnails.pop(token.strip(), None)
     return f"deleted {token}", rows(studio, session)
 
@@ -160,10 +154,8 @@ def save_to_library(studio: Studio, session: str, token: str, if_taken: str | No
     entry = find(studio, token, session, request)
     if entry.path is not None:
         raise user_error(f"{entry.token} is already in the shared library ({entry.path.name}).", request)
-    try:
+    with as_user_errors(request):
         path = studio.library.save(entry.concept, if_taken=if_taken or "refuse")
-    except USER_ERRORS as exc:
-        raise user_error(exc, request) from exc
     saved = load_concept(path).token
     studio.library.delete(entry.token, session)  # the file now serves this session too
     if saved != entry.token:

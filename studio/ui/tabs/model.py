@@ -7,7 +7,7 @@ import gradio as gr
 
 from studio.engine.memory import MEMORY_MODES, PRESETS, apply_preset
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import USER_ERRORS, Studio, user_error
+from studio.ui.state import as_user_errors, Studio, user_error
 
 HOW_TO_LOAD = """\
 **Load a real model** by typing one of these and pressing *Load*:
@@ -40,10 +40,8 @@ def describe(studio: Studio) -> str:
 def load_model(studio: Studio, source: str | None) -> str:
     """Load `source` (empty: the demo) in the current memory mode; the new info text."""
     options = apply_preset(studio.memory_mode, studio.manager.options)
-    try:
+    with as_user_errors():
         studio.manager.load((source or "").strip() or None, options)
-    except USER_ERRORS as exc:
-        raise user_error(exc) from exc
     return describe(studio)
 
 
@@ -54,10 +52,8 @@ def set_memory_mode(studio: Studio, mode: str) -> str:
     except ValueError as exc:
         raise user_error(exc) from exc
     current = studio.model
-    try:
+    with as_user_errors():
         studio.manager.load(current.source, options)
-    except USER_ERRORS as exc:
-        raise user_error(exc) from exc
     studio.manager.options = options
     studio.memory_mode = mode
     return describe(studio)

@@ -21,7 +21,7 @@ from studio.training.run import (SMOOTHING, TrainingSnapshot, follow_to_end, kee
                                 training_snapshots)
 from studio.ui.gpu import TRAIN_SECONDS, gpu_task
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import USER_ERRORS, Studio, for_client, user_error
+from studio.ui.state import as_user_errors, for_client, Studio
 
 POLL_EVERY_S = 1.0  # the loss plot and previews are re-read this often while training
 CANCEL_WAIT_S = 60.0  # a cancelled run stops within one step; a step longer than this is no step we run
@@ -34,21 +34,17 @@ def device_snapshots(studio: Studio, session: str, files: list[str], cfg: TrainC
 
     Takes and yields plain data only, so that on ZeroGPU it can run in the GPU worker process.
     """
-    try:
+    with as_user_errors():
         yield from training_snapshots(studio.model, studio.sessions.get(session), files, cfg)
-    except USER_ERRORS as exc:
-        raise user_error(exc) from exc
 
 
 def train_config(token: str, init: str, kind: str, vectors, steps, lr, batch, preview_every,
                  request: gr.Request | None = None) -> TrainConfig:
     """The TrainConfig of the form's values (as sent); its checks' errors as gr.Error."""
-    try:
+    with as_user_errors(request):
         return TrainConfig((token or "").strip(), init_text=init or "*", n_vectors=int(vectors), steps=int(steps),
                            learning_rate=float(lr), batch_size=int(batch), template=kind,
                            preview_every=int(preview_every or 0))
-    except USER_ERRORS as exc:
-        raise user_error(exc, request) from exc
 
 
 def train_stream(studio: Studio, on_device: OnDevice, session_id: str, files: list[str], cfg: TrainConfig,
