@@ -173,3 +173,34 @@ def test_cancel_in_the_browser_ends_with_a_final_line_and_the_vectors_so_far(pag
     expect(page.locator("#train-result")).to_contain_text(re.compile(r"my-concept\s*\.safetensors"), timeout=10000)
     expect(page.locator("#train-loss")).not_to_contain_text("No data", timeout=10000)  # the curve up to the cancel
     page.screenshot(path=str(ARTIFACTS / "train-cancelled.png"))
+
+
+def test_saving_a_word_another_browser_saved_asks_and_keep_both_keeps_both(page, tmp_path):
+    """Guards the silent overwrite in the browser: the page asks (replace / keep both) instead of replacing."""
+    import torch
+    from playwright.sync_api import expect
+
+    from studio.engine.concepts import Concept, save_concept
+
+    def import_and_save(p, seed: int) -> None:
+        torch.manual_seed(seed)
+        file = save_concept(Concept("<dup>", {"text_encoder": torch.randn(1, 768)}, {}), tmp_path / f"{seed}" / "dup")
+        p.get_by_role("tab", name="Library").click()
+        p.locator("#library-import input[type=file]").set_input_files([str(file)])
+        expect(p.locator("#library-table")).to_contain_text("<dup>", timeout=20000)
+        p.get_by_label("Concept", exact=True).fill("<dup>")
+        p.get_by_label("Concept", exact=True).press("Enter")
+        p.get_by_role("button", name="Save to the shared library").click()
+
+    import_and_save(page, 1)
+    expect(page.locator("#library-table")).to_contain_text("dup.safetensors", timeout=20000)
+    other = page.context.browser.new_context().new_page()
+    other.goto(page.url)
+    import_and_save(other, 2)
+    question = other.locator("#library-taken").first
+    expect(question).to_contain_text("<dup> is already in the shared library (dup.safetensors)", timeout=20000)
+    other.screenshot(path=str(ARTIFACTS / "library-taken.png"))
+    other.get_by_role("button", name="Keep both").click()
+    expect(other.locator("#library-table")).to_contain_text("dup-2.safetensors", timeout=20000)
+    expect(other.locator("#library-table")).to_contain_text("dup.safetensors")
+    expect(question).to_be_hidden()

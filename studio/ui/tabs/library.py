@@ -170,7 +170,7 @@ def taken_question(studio: Studio, session: str, token: str, request: gr.Request
     holder = next((e for e in studio.library.entries() if e.path is not None and e.token == entry.token), None)
     if entry.path is not None or holder is None:
         return ""
-    return (f"`{html.escape(entry.token)}` is already in the shared library (`{holder.path.name}`): replace that "
+    return (f"`{entry.token}` is already in the shared library (`{holder.path.name}`): replace that "
             "file for every user, or keep both (yours gets the next free word)?")
 
 
