@@ -49,3 +49,12 @@ def test_memory_settings_read_what_a_preset_really_turned_on(tiny_model_dirs):
     # Offload is CUDA-only: on the CPU the low-vram preset slices and tiles but keeps the model where it is.
     assert memory_settings(low.pipe) == {"attention_slicing": True, "vae_slicing": True, "vae_tiling": True,
                                          "cpu_offload": torch.cuda.is_available()}
+
+
+def test_a_capped_process_running_out_of_memory_gets_the_same_one_line_advice():
+    """Guards 'with capped memory the UI shows only Gradio's generic error': Python's MemoryError (an allocation
+    refused under a ulimit or cgroup cap) is out of memory too."""
+    with pytest.raises(ModelError, match="ran out of memory in 'balanced' memory mode: switch the memory mode to "
+                                         "'low-vram'"):
+        with oom_guard("balanced"):
+            raise MemoryError()
