@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
+MAX_UPLOAD = "512mb"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Concept library: no file-system events ({library.watch_error}); rescanning every "
                   f"{library.refresh_interval:g} s instead")
         app = build_app(manager, library, memory_mode=memory, work_dir=data / "work")
-        app.launch(server_name=args.host, server_port=args.port, share=args.share)
+        # Gradio refuses bigger uploads before writing them to disk: pictures are capped far lower by
+        # studio.engine.pictures, and the largest files people upload here, LoRAs and embeddings, stay below it.
+        app.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD)
     return 0
 
 
