@@ -16,3 +16,8 @@ class ModelError(UserError, RuntimeError):
     """A model could not be loaded or run; the message says what to do. Also a RuntimeError, as torch's own errors
     are: an out-of-memory `OutOfMemory` is one, and the trainer catches RuntimeErrors to find those. Here rather than in
     `studio.engine.models` so that `single_file` (which models loads lazily) needs nothing of models."""
+
+
+class LoraError(UserError):
+    """A LoRA file the studio cannot read or does not apply (a LyCORIS variant, a file with no LoRA weights); the
+    message names what the file is and what to do. Raised by `studio.engine.lora`."""

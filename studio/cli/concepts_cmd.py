@@ -1,4 +1,7 @@
-"""`studio concepts inspect FILE [--json]` and `studio concepts convert FILE --to FORMAT OUT`."""
+"""`studio concepts inspect FILE [--json]` and `studio concepts convert FILE --to FORMAT OUT`.
+
+`inspect` reads embeddings (kind "word") and LoRA files (kind "lora", or "word+lora" with bundled words) alike.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +11,16 @@ from pathlib import Path
 
 from studio.engine.concepts import FORMATS, load_concept, save_concept
 from studio.engine.concepts import family_of
+from studio.engine.lora import LoraFile, is_lora_file, load_lora
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `concepts` with its `inspect` and `convert` actions to the dispatcher."""
-    parser = subparsers.add_parser("concepts", help="inspect and convert textual-inversion files")
+    parser = subparsers.add_parser("concepts", help="inspect and convert textual-inversion files; inspect LoRA files")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    inspect = actions.add_parser("inspect", help="show a concept file's format, token, vectors, dims and metadata")
+    inspect = actions.add_parser("inspect", help="show a concept file's kind, format, token, vectors, dims and "
+                                                 "metadata (for a LoRA: rank, targets, families, size)")
     inspect.add_argument("file", type=Path)
     inspect.add_argument("--token", help="trigger word to use instead of the file name")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
@@ -30,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `inspect` or `convert`; errors (ConceptError) are printed as one line by the dispatcher."""
+    """Run `inspect` or `convert`; errors (ConceptError, LoraError) are printed as one line by the dispatcher."""
+    if args.action == "inspect" and is_lora_file(args.file):
+        return inspect_lora(load_lora(args.file), as_json=args.json)
     concept = load_concept(args.file, token=args.token)
     if args.action == "convert":
         written = save_concept(concept, args.out, format=args.format)
@@ -41,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     info = {
         "file": str(args.file),
+        "kind": "word",
         "format": concept.meta.get("source_format", ""),
         "token": concept.token,
         "vectors": concept.n_vectors,
@@ -55,10 +63,41 @@ def run(args: argparse.Namespace) -> int:
         return 0
     dims = " + ".join(f"{key} {dim}" for key, dim in concept.dims.items())
     print(f"file:    {info['file']}")
+    print("kind:    word")
     print(f"format:  {info['format']}")
     print(f"token:   {concept.token}")
     print(f"vectors: {concept.n_vectors} x ({dims}), {info['dtype']}")
     print(f"family:  {info['likely_model']}")
     for key, value in sorted(info["metadata"].items()):
         print(f"  {key}: {value}")
+    return 0
+
+
+def inspect_lora(lora: LoraFile, as_json: bool) -> int:
+    """Print what a LoRA file holds: kind, format, rank, targets, families, size and any bundled words."""
+    info = {
+        "file": str(lora.path),
+        "kind": lora.kind,
+        "format": lora.source_format,
+        "rank": lora.rank,
+        "ranks": list(lora.ranks),
+        "targets": lora.targets,
+        "families": list(lora.families),
+        "size_bytes": lora.size_bytes,
+        "words": [{"token": w.token, "vectors": w.n_vectors, "dims": w.dims} for w in lora.words],
+    }
+    if as_json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return 0
+    print(f"file:     {info['file']}")
+    print(f"kind:     {lora.kind}")
+    print(f"format:   {lora.source_format}")
+    print(f"rank:     {' / '.join(map(str, lora.ranks))}")
+    for part, counts in lora.targets.items():
+        print(f"targets:  {part}: {counts['attention']} attention, {counts['other']} other layer(s)")
+    print(f"families: {', '.join(lora.families) or 'unknown'}")
+    print(f"size:     {lora.size_bytes} bytes")
+    for word in info["words"]:
+        dims = " + ".join(f"{key} {dim}" for key, dim in word["dims"].items())
+        print(f"word:     {word['token']}: {word['vectors']} vector(s) x ({dims})")
     return 0

@@ -1,0 +1,272 @@
+"""Reading LoRA files: diffusers/peft and kohya/A1111 forms, with A1111's bundled embeddings.
+
+`load_lora(path)` returns a `LoraFile`: the weights as a state dict in the form diffusers' `load_lora_weights` takes,
+what they touch (UNet, text encoders; attention or other layers), their rank, the model families they fit, and any
+words bundled in the file as `Concept`s. Key names are converted by diffusers' own code
+(`StableDiffusionLoraLoaderMixin.lora_state_dict`, which calls `_maybe_map_sgm_blocks_to_diffusers` and
+`_convert_non_diffusers_lora_to_diffusers`), so the studio reads exactly what diffusers loads. LyCORIS variants that
+are not plain low-rank pairs (LoHa, LoKr, IA3, DoRA, full diffs) are refused with a `LoraError` naming the variant.
+Applying the weights at generation time is not this module's job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from studio.engine.concepts import _FAMILY_BY_DIMS, _SDXL_KEYS, Concept, _read_safetensors, _read_torch, family_of
+from studio.errors import LoraError
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".bin")
+PARTS = ("unet", "text_encoder", "text_encoder_2")  # diffusers pipeline attribute names, as in the state dict keys
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+BUNDLE_PREFIX = "bundle_emb."  # A1111 (PR #13568): bundle_emb.<word>.string_to_param.* or .clip_l / .clip_g
+
+# The UNet's cross-attention key/value input width is the width of the prompt embeddings it was trained on: the text
+# encoder's width (SD 1.x 768, SD 2.x 1024) or both encoders' joined (SDXL 768 + 1280 = 2048). Derived from the one
+# table of encoder widths, so a LoRA and an embedding can never be given a family by two rules.
+_FAMILY_BY_CROSS_WIDTH = {sum(dims): family for dims, (family, _) in _FAMILY_BY_DIMS.items()}
+
+# LyCORIS and other variants whose weights are not a down/up pair; diffusers' SD loader does not apply them.
+_REFUSED_VARIANTS = (
+    (re.compile(r"\.hada_w[12]_[ab]$|\.hada_t[12]$"), "LoHa (LyCORIS)"),
+    (re.compile(r"\.lokr_w[12](_[ab])?$|\.lokr_t2$"), "LoKr (LyCORIS)"),
+    (re.compile(r"\.dora_scale$|\.lora_magnitude_vector(\.weight)?$"), "DoRA"),
+    (re.compile(r"\.lora_mid\.weight$"), "LoCon with a Tucker (lora_mid) core (LyCORIS)"),
+    (re.compile(r"\.on_input$|\.ia3_l(\.\w+)?(\.weight)?$"), "IA3"),
+    (re.compile(r"\.diff(_b)?$"), "a full weight difference (.diff, LyCORIS 'full')"),
+)
+_WHAT_TO_DO = ("the studio applies plain LoRA (down/up pairs) only; re-export it as a standard LoRA "
+               "(kohya's or diffusers' LoRA format)")
+
+# The down matrix of one LoRA pair, in each key form that `load_lora_weights` reads after conversion: peft
+# (`lora_A`), diffusers' attention-processor forms (`to_q_lora.down`, `.lora.down`, `lora_linear_layer.down`).
+_DOWN_KEY = re.compile(r"^(?P<module>.+?)(?:\.lora_A|\.lora\.down|_lora\.down|\.lora_linear_layer\.down)"
+                       r"(?:\.[A-Za-z0-9_]+)?\.weight$")
+_CROSS_KEY_VALUE = re.compile(r"attn2(\.processor)?\.to_[kv]$")
+_ENCODER_QUERY = re.compile(r"self_attn\.(q_proj|to_q)$")
+
+
+@dataclass
+class LoraFile:
+    """A LoRA file as read: weights in diffusers' form plus what they fit, and any words bundled with them."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]  # diffusers/peft keys ("unet.…", "text_encoder.…"); kohya alphas folded in
+    source_format: str  # "diffusers" or "kohya"
+    ranks: tuple[int, ...]  # the distinct ranks of its pairs, smallest first
+    modules: dict[str, list[str]]  # part ("unet", "text_encoder", "text_encoder_2") -> module names, sorted
+    families: tuple[str, ...]  # "sd1", "sd2", "sdxl", ... it fits; empty when its shapes name none
+    size_bytes: int
+    words: list[Concept] = field(default_factory=list)  # bundled embeddings
+    # diffusers' `lora_adapter_metadata` (the peft LoraConfig per part: "unet.r", "unet.lora_alpha", ...), for
+    # `load_lora_into_unet(..., metadata=)`: `load_lora_weights` reads it from a file, never from a state dict.
+    adapter_metadata: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """"lora" for weights alone, "word+lora" when the file also carries words (pivotal tuning)."""
+        return "word+lora" if self.words else "lora"
+
+    @property
+    def rank(self) -> int:
+        """The largest rank of its pairs (most files have one rank)."""
+        return max(self.ranks)
+
+    @property
+    def targets(self) -> dict[str, dict[str, int]]:
+        """Per part, how many attention and other layers the LoRA changes, e.g. `{"unet": {"attention": 32, ...}}`."""
+        return {part: {"attention": sum(_is_attention(m) for m in names),
+                       "other": sum(not _is_attention(m) for m in names)}
+                for part, names in self.modules.items()}
+
+
+def _is_attention(module: str) -> bool:
+    return re.search(r"(^|\.)(attn\d*|self_attn)(\.|$)", module) is not None
+
+
+# --------------------------------------------------------------------------------------------------------- reading
+
+
+def is_lora_file(path: str | os.PathLike) -> bool:
+    """Whether a file holds LoRA-like weights (also the LyCORIS variants `load_lora` refuses) rather than a word.
+
+    Reads only the key names of a .safetensors file; a .pt/.bin is read through the weights-only unpickler.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in LORA_SUFFIXES or not path.is_file():
+        return False
+    if path.suffix.lower() == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                keys = list(handle.keys())
+        except (SafetensorError, OSError, ValueError):
+            return False  # the embedding reader gives the one-line reason
+    else:
+        data = _read_torch(path)
+        keys = list(data) if isinstance(data, dict) else []
+    return any(_looks_like_lora_key(str(k)) for k in keys)
+
+
+def _looks_like_lora_key(key: str) -> bool:
+    return (key.startswith(KOHYA_PREFIXES) or key.startswith(BUNDLE_PREFIX) or _DOWN_KEY.match(key) is not None
+            or any(pattern.search(key) for pattern, _ in _REFUSED_VARIANTS))
+
+
+def load_lora(path: str | os.PathLike, unet_config: object | None = None) -> LoraFile:
+    """Read a LoRA file (.safetensors; .pt/.bin as weights-only tensors) in diffusers/peft or kohya/A1111 form.
+
+    `unet_config` (a UNet's `.config`) places the blocks of an SDXL kohya file written with sgm names
+    (`input_blocks_4_1_…`); without it, SDXL base's layout is assumed. Raises `LoraError` for a LyCORIS variant the
+    studio does not apply and for a file that holds no LoRA weights; `ConceptError` for a bad bundled word.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LoraError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in LORA_SUFFIXES:
+        raise LoraError(f"{path.name}: unsupported file type {suffix!r}; LoRA files are {', '.join(LORA_SUFFIXES)}")
+
+    # 1. Raw tensors from the container (the embedding reader's rules: safetensors, or weights-only pickles).
+    metadata: dict[str, str] = {}
+    if suffix == ".safetensors":
+        data, metadata = _read_safetensors(path)
+    else:
+        data = _read_torch(path)
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise LoraError(f"{path.name}: not a LoRA file (expected a flat dict of tensors)")
+
+    # 2. Refuse what is not a plain down/up pair, by name, before any conversion drops or mangles it.
+    for key in data:
+        for pattern, variant in _REFUSED_VARIANTS:
+            if pattern.search(key):
+                raise LoraError(f"{path.name}: a {variant} file (key {key!r}); {_WHAT_TO_DO}")
+
+    # 3. Bundled words apart from the weights.
+    bundle = {k: v for k, v in data.items() if k.startswith(BUNDLE_PREFIX)}
+    weights = {k: v for k, v in data.items() if not k.startswith(BUNDLE_PREFIX)}
+    words = _bundled_words(bundle, path)
+
+    # 4. Kohya/A1111 names -> diffusers names, by diffusers' converter.
+    source_format = "diffusers"
+    if weights and all(k.startswith(KOHYA_PREFIXES) for k in weights):
+        source_format = "kohya"
+        weights = _from_kohya(weights, path, unet_config)
+    modules, ranks, shapes = _pairs(weights)
+    if not modules:
+        listed = ", ".join(sorted(data)[:6])
+        raise LoraError(f"{path.name}: neither a LoRA nor an embedding file (no LoRA down/up pairs; keys: {listed}); "
+                        "LoRA files hold unet.…lora_A/lora_B (diffusers) or lora_unet_….lora_down/lora_up (kohya)")
+
+    return LoraFile(path=path, state_dict=weights, source_format=source_format, ranks=tuple(sorted(ranks)),
+                    modules=modules, families=_families(shapes), size_bytes=path.stat().st_size, words=words,
+                    adapter_metadata=_adapter_metadata(metadata, path))
+
+
+def _from_kohya(weights: dict[str, torch.Tensor], path: Path, unet_config: object | None) -> dict[str, torch.Tensor]:
+    """Kohya's keys converted by diffusers, with each `.alpha` folded into its up matrix.
+
+    Kohya scales a pair by alpha / rank; peft (what `load_lora_weights` builds) by lora_alpha / r, which is 1 when a
+    state dict carries no alphas. Folding alpha / rank into `lora_up` keeps the state dict complete on its own.
+    """
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+
+    folded = {}
+    for key, tensor in weights.items():
+        if key.endswith(".alpha"):
+            continue
+        if key.endswith(".lora_up.weight"):
+            name = key.removesuffix(".lora_up.weight")
+            down, alpha = weights.get(f"{name}.lora_down.weight"), weights.get(f"{name}.alpha")
+            if down is None:
+                raise LoraError(f"{path.name}: {key!r} has no matching lora_down; the file is incomplete, re-export it")
+            if alpha is not None:
+                tensor = tensor * (float(alpha) / down.shape[0])
+        folded[key] = tensor
+    if unet_config is None and any("input_blocks" in k or "output_blocks" in k for k in folded):
+        unet_config = SimpleNamespace(layers_per_block=2)  # SDXL base: the one UNet kohya names in sgm blocks
+    try:
+        state_dict, _alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(folded), unet_config=unet_config)
+    except ValueError as exc:
+        first = (str(exc).strip().splitlines() or [""])[-1][:200]
+        raise LoraError(f"{path.name}: kohya LoRA keys diffusers cannot place ({first}); {_WHAT_TO_DO}") from None
+    return state_dict
+
+
+def _adapter_metadata(metadata: dict[str, str], path: Path) -> dict[str, object]:
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    stored = metadata.get(LORA_ADAPTER_METADATA_KEY)
+    if stored is None:
+        return {}
+    try:
+        found = json.loads(stored)
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        raise LoraError(f"{path.name}: its {LORA_ADAPTER_METADATA_KEY!r} is not a JSON object; re-save the LoRA")
+    return found
+
+
+def _pairs(weights: dict[str, torch.Tensor]) -> tuple[dict[str, list[str]], set[int], dict[str, tuple[int, ...]]]:
+    """(part -> module names, the ranks, module -> down-matrix shape) of the down/up pairs in diffusers keys."""
+    modules: dict[str, list[str]] = {}
+    ranks: set[int] = set()
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, tensor in weights.items():
+        found = _DOWN_KEY.match(key)
+        if found is None:
+            continue
+        module = found["module"]
+        part, _, _ = module.partition(".")
+        if part not in PARTS:  # an unprefixed UNet file (diffusers' older attention-processor form)
+            part, module = "unet", f"unet.{module}"
+        modules.setdefault(part, []).append(module.removeprefix(f"{part}."))
+        ranks.add(int(tensor.shape[0]))
+        shapes[module] = tuple(tensor.shape)
+    return {part: sorted(modules[part]) for part in PARTS if part in modules}, ranks, shapes
+
+
+def _families(shapes: dict[str, tuple[int, ...]]) -> tuple[str, ...]:
+    """Families from the UNet's cross-attention key/value input width, else from the text encoders' widths."""
+    cross = {shape[-1] for module, shape in shapes.items()
+             if module.startswith("unet.") and _CROSS_KEY_VALUE.search(module)}
+    if cross:
+        return tuple(sorted(_FAMILY_BY_CROSS_WIDTH[w] for w in cross if w in _FAMILY_BY_CROSS_WIDTH))
+    dims = {}
+    for part in ("text_encoder", "text_encoder_2"):
+        widths = {shape[-1] for module, shape in shapes.items()
+                  if module.startswith(f"{part}.") and _ENCODER_QUERY.search(module)}
+        if len(widths) == 1:
+            dims[part] = widths.pop()
+    if "text_encoder" not in dims:
+        return ()
+    family = family_of(dims)[0]
+    return () if family == "unknown" else (family,)
+
+
+def _bundled_words(bundle: dict[str, torch.Tensor], path: Path) -> list[Concept]:
+    """A1111's `bundle_emb.<word>.string_to_param.*` (one encoder) or `.clip_l` + `.clip_g` (SDXL) as concepts."""
+    by_word: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in bundle.items():
+        word, _, rest = key.removeprefix(BUNDLE_PREFIX).partition(".")
+        if rest.startswith("string_to_param"):
+            by_word.setdefault(word, {})["text_encoder"] = tensor
+        elif rest in _SDXL_KEYS:
+            by_word.setdefault(word, {})[_SDXL_KEYS[rest]] = tensor
+        elif rest != "string_to_token":  # A1111 stores the token id too; nobody reads it back
+            raise LoraError(f"{path.name}: bundled embedding key {key!r} is none of string_to_param.*, clip_l, "
+                            "clip_g; re-export the bundle")
+    words = []
+    for word, vectors in sorted(by_word.items()):
+        concept = Concept(token=word, vectors=vectors, meta={"source_format": "a1111-bundle", "source_path": str(path)})
+        concept.meta["family"] = concept.family  # as `load_concept` records it
+        words.append(concept)
+    return words
