@@ -143,20 +143,10 @@ def load_concept(path: str | os.PathLike, token: str | None = None) -> Concept:
     `<stem>.safetensors` + `<stem>_2.safetensors`, either file loads both. Raises `ConceptError` with the reason.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConceptError(f"{path}: no such file")
     suffix = path.suffix.lower()
-    if suffix not in READ_SUFFIXES:
-        raise ConceptError(f"{path.name}: unsupported file type {suffix!r}; concept files are {', '.join(READ_SUFFIXES)}")
 
     # 1. Raw dict (+ safetensors metadata) from the container.
-    metadata: dict[str, str] = {}
-    if suffix == ".safetensors":
-        data, metadata = _read_safetensors(path)
-    elif suffix in (".pt", ".bin"):
-        data = _read_torch(path)
-    else:
-        data = _read_image(path)
+    data, metadata = read_container(path, READ_SUFFIXES, ConceptError, "concept files")
 
     # 2. Which layout, which vectors.
     vectors, stored_name, source_format, extra = _interpret(data, path)
@@ -214,6 +204,22 @@ def _named_after(stem: str, stored_name: str, source_format: str) -> bool:
     if source_format == "diffusers" and stem == DIFFUSERS_DEFAULT_STEM:
         return True
     return stored_name != stem and file_stem(stored_name) == stem
+
+
+def read_container(path: Path, suffixes: tuple[str, ...], error: type[Exception], what: str) -> tuple[object, dict]:
+    """The raw content of a weights file and its safetensors metadata ({} for others), by the one set of safe rules:
+    safetensors as they are, `.pt`/`.bin` only through the weights-only unpickler, PNG/WebP through their text chunk.
+    `error` (with `what`, e.g. "concept files") for a missing file or a suffix outside `suffixes`."""
+    if not path.is_file():
+        raise error(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        raise error(f"{path.name}: unsupported file type {suffix!r}; {what} are {', '.join(suffixes)}")
+    if suffix == ".safetensors":
+        return _read_safetensors(path)
+    if suffix in (".pt", ".bin"):
+        return _read_torch(path), {}
+    return _read_image(path), {}
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

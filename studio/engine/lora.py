@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 from safetensors import SafetensorError, safe_open
 
-from studio.engine.concepts import _FAMILY_BY_DIMS, _SDXL_KEYS, Concept, _read_safetensors, _read_torch, family_of
+from studio.engine.concepts import _FAMILY_BY_DIMS, _SDXL_KEYS, Concept, family_of, read_container
 from studio.errors import LoraError
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".bin")
@@ -110,7 +110,7 @@ def is_lora_file(path: str | os.PathLike) -> bool:
         except (SafetensorError, OSError, ValueError):
             return False  # the embedding reader gives the one-line reason
     else:
-        data = _read_torch(path)
+        data, _ = read_container(path, LORA_SUFFIXES, LoraError, "LoRA files")
         keys = list(data) if isinstance(data, dict) else []
     return any(_looks_like_lora_key(str(k)) for k in keys)
 
@@ -128,18 +128,9 @@ def load_lora(path: str | os.PathLike, unet_config: object | None = None) -> Lor
     studio does not apply and for a file that holds no LoRA weights; `ConceptError` for a bad bundled word.
     """
     path = Path(path)
-    if not path.is_file():
-        raise LoraError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix not in LORA_SUFFIXES:
-        raise LoraError(f"{path.name}: unsupported file type {suffix!r}; LoRA files are {', '.join(LORA_SUFFIXES)}")
 
     # 1. Raw tensors from the container (the embedding reader's rules: safetensors, or weights-only pickles).
-    metadata: dict[str, str] = {}
-    if suffix == ".safetensors":
-        data, metadata = _read_safetensors(path)
-    else:
-        data = _read_torch(path)
+    data, metadata = read_container(path, LORA_SUFFIXES, LoraError, "LoRA files")
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise LoraError(f"{path.name}: not a LoRA file (expected a flat dict of tensors)")
 
