@@ -1,4 +1,8 @@
-"""`studio generate --prompt P [--model M] [--concept FILE]... [--memory MODE] [--out PNG]`: text (or image) to picture."""
+"""`studio generate --prompt P [--model M] [--concept FILE]... [--lora FILE[:WEIGHT]]... [--memory MODE] [--out PNG]`:
+text (or image) to picture.
+
+A `--lora` file is applied with its weight (default 1.0); a `<lora:stem:w>` tag in the prompt names a `--lora` file by
+its stem and sets its weight, as in A1111."""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="the prompt; write a concept's word to use it")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--concept", action="append", default=[], type=Path, help="concept file (repeatable)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="LoRA file, weight default 1.0 (repeatable); <lora:stem:w> in --prompt sets its weight")
     p.add_argument("--seed", type=int, help="seed, 0 to 2**63 - 1 (default or -1: random, printed)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -47,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     init_image = open_picture(args.init_image, what=f"--init-image {args.init_image}") if args.init_image else None
     mask = open_picture(args.mask, what=f"--mask {args.mask}") if args.mask else None
     concepts = [load_concept(path) for path in args.concept]
+    loras = lora_uses(args.prompt, args.lora)
     # 2. The model.
     mode = preset(args.memory)  # `auto` resolves to one of the named modes here, once
     print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explanation}")
@@ -57,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     # 3. Generate: the request is checked against this model (its sizes) before any memory is taken.
     req = GenerateRequest(args.prompt, args.negative, concepts, seed=args.seed, steps=args.steps,
                           guidance=args.guidance, scheduler=args.scheduler, width=args.width, height=args.height,
-                          batch=args.batch, init_image=init_image, strength=args.strength, mask=mask, preview_every=0)
+                          batch=args.batch, init_image=init_image, strength=args.strength, mask=mask, preview_every=0,
+                          loras=loras)
     with tqdm(total=args.steps, desc="generating") as bar:  # generate() itself turns an OOM into advice
         def on_step(step: int, total: int, _preview) -> None:
             bar.total = total  # img2img/inpaint run only `strength` of the steps
@@ -69,3 +77,32 @@ def run(args: argparse.Namespace) -> int:
         save_png(image, out)
         print(f"{out} (seed {seed})")
     return 0
+
+
+def lora_uses(prompt: str, specs: list[str]) -> list:
+    """(LoraFile, weight) for each `--lora FILE[:WEIGHT]`; a `<lora:stem:w>` tag in `prompt` must name one of them
+    (the engine, `studio.engine.generate.lora_weights`, gives the tag's weight to that file).
+
+    A tag naming no `--lora` file, a weight that is not a number, or a file that is not a LoRA is a `UserError`."""
+    from studio.engine.lora import load_lora
+    from studio.engine.prompts import split_lora_tags
+    from studio.errors import LoraError
+
+    files: dict[str, tuple] = {}
+    for spec in specs:
+        path, weight = Path(spec), 1.0
+        head, colon, tail = spec.rpartition(":")
+        if colon and head and not path.exists():  # FILE:WEIGHT; a path that exists as written wins
+            try:
+                path, weight = Path(head), float(tail)
+            except ValueError:
+                raise LoraError(f"--lora {spec}: {tail!r} is not a weight; write --lora FILE or --lora FILE:0.8") \
+                    from None
+        lora = load_lora(path)
+        if lora.name in files:
+            raise LoraError(f"--lora {spec}: a second file named {lora.name!r}; <lora:{lora.name}> would be ambiguous")
+        files[lora.name] = (lora, weight)
+    for name, _weight in split_lora_tags(prompt)[1]:
+        if name not in files:
+            raise LoraError(f"<lora:{name}> in --prompt names no --lora file; add --lora {name}.safetensors")
+    return list(files.values())

@@ -2,12 +2,14 @@
 
 The mode follows from the request: an `init_image` makes it img2img, an `init_image` and a `mask` inpainting,
 neither text-to-image. Concepts are per-request data passed to the prompt encoder; the shared pipeline, its
-scheduler and its embedding table are never changed.
+scheduler and its embedding table are never changed. LoRAs are applied to the shared UNet only for the length of
+the request, under the model's lock, and turned off again in `finally` (`studio.engine.lora.loras_applied`).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import random
 import re
@@ -21,8 +23,10 @@ from PIL import Image, PngImagePlugin
 
 from studio.engine.concepts import Concept
 from studio.engine.files import atomic_write
+from studio.engine.lora import LoraFile, check_loras_fit, loras_applied
 from studio.engine.memory import mode_in_effect, oom_guard
 from studio.engine.pictures import MAX_SIDE, SIDE_STEP, scaled, side_limits, working_size
+from studio.engine.prompts import split_lora_tags
 
 # Seeds go to torch.Generator.manual_seed as a 64-bit integer (2**70 gave torch's "Overflow when unpacking long
 # long"); below 2**63 every seed + k of a batch fits a signed 64-bit integer.
@@ -77,6 +81,9 @@ class GenerateRequest:
     strength: float = 0.75
     mask: Image.Image | None = None
     preview_every: int = 5  # on_step gets a preview every N steps (0: never); cheap, see LATENT_RGB_FACTORS
+    # (file, weight), applied to the UNet for this request only; 1.0 is A1111's default weight. A `<lora:name:w>` tag
+    # in the prompt names one of these by its stem and sets its weight; tags are taken out before encoding.
+    loras: list[tuple[LoraFile, float]] = field(default_factory=list)
 
     @property
     def mode(self) -> str:
@@ -141,6 +148,8 @@ def validate(model, req: GenerateRequest) -> tuple[int, int]:
         raise ValueError(f"preview_every must be 0 (no previews) or a number of steps, not {req.preview_every}")
     if not 0.0 <= req.strength <= 1.0:
         raise ValueError(f"strength must be between 0 and 1, not {req.strength}")
+    check_loras_fit(req.loras, model.family, model.name)
+    lora_weights(req)
     native = native_size(model)
     check_size(req.width or None, req.height or None, native, model.name)  # 0 or None: the native size
     width, height = req.width or native, req.height or native
@@ -154,6 +163,20 @@ def validate(model, req: GenerateRequest) -> tuple[int, int]:
             raise ValueError(f"the mask is {req.mask.size[0]}x{req.mask.size[1]} but the picture is "
                              f"{req.init_image.size[0]}x{req.init_image.size[1]}: draw the mask on this picture")
     return width, height
+
+
+def lora_weights(req: GenerateRequest) -> list[tuple[LoraFile, float]]:
+    """The request's LoRAs with their weights in effect: a `<lora:name:w>` tag in the prompt sets the weight of the
+    LoRA named `name` (its file's stem); a tag naming none of `req.loras` is refused."""
+    given = {lora.name for lora, _ in req.loras}
+    tagged = {}
+    for name, weight in split_lora_tags(req.prompt)[1]:
+        if name not in given:
+            listed = f" ({', '.join(sorted(given))})" if given else ""
+            raise ValueError(f"<lora:{name}> in the prompt names no LoRA of this request{listed}; add "
+                             f"{name}.safetensors to its LoRAs or take the tag out")
+        tagged[name] = weight
+    return [(lora, tagged.get(lora.name, weight)) for lora, weight in req.loras]
 
 
 def _scheduler_for(pipe, name: str):
@@ -171,10 +194,31 @@ def infotext(req: GenerateRequest, seed: int, width: int, height: int, model_nam
         items.append(("Denoising strength", req.strength))
     if req.concepts:
         items.append(("Concepts", " ".join(c.token for c in req.concepts)))
+    if req.loras:
+        items.append(("Lora hashes", '"' + ", ".join(f"{lora.name}: {_short_hash(lora)}" for lora, _ in req.loras)
+                      + '"'))
     text = req.prompt
+    tagged = {name for name, _ in split_lora_tags(text)[1]}
+    missing = [f"<lora:{lora.name}:{weight:g}>" for lora, weight in req.loras if lora.name not in tagged]
+    if missing:  # A1111 keeps the tags in the prompt: a LoRA given apart from the prompt is written as one
+        text = " ".join([text, *missing])
     if req.negative_prompt:
         text += f"\nNegative prompt: {req.negative_prompt}"
     return text + "\n" + ", ".join(f"{k}: {v}" for k, v in items)
+
+
+def _short_hash(lora: LoraFile) -> str:
+    """A1111's short LoRA hash (`Lora hashes:`): the first 12 hex digits of the SHA-256 of the file, of a
+    .safetensors file after its header (A1111's `addnet_hash_safetensors`)."""
+    return _file_short_hash(str(lora.path), lora.mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)  # a batch writes one infotext per picture; read each file once
+def _file_short_hash(path: str, _mtime_ns: int) -> str:
+    data = Path(path).read_bytes()
+    if path.lower().endswith(".safetensors") and len(data) >= 8:
+        data = data[8 + int.from_bytes(data[:8], "little"):]
+    return hashlib.sha256(data).hexdigest()[:12]
 
 
 def preview_method(model) -> str:
@@ -290,7 +334,8 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
         # 2. Pipeline for this request: the mode's view with its own scheduler, sharing every module.
         pipe, denoised = _request_pipeline(model, req, keep_x0=bool(req.preview_every and on_step is not None))
         # 3. Prompt embeddings with this request's concepts.
-        kwargs = model.encoder.pipeline_kwargs(req.prompt, req.negative_prompt, req.concepts, req.batch, req.guidance)
+        prompt = split_lora_tags(req.prompt)[0]  # `<lora:…>` tags name weights, not words
+        kwargs = model.encoder.pipeline_kwargs(prompt, req.negative_prompt, req.concepts, req.batch, req.guidance)
         # 4. One generator per image, so image k equals a single run with seed + k.
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         call = dict(kwargs, num_inference_steps=req.steps, guidance_scale=req.guidance, generator=generators,
@@ -299,7 +344,8 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
                     **_mode_arguments(req, width, height))
         # 5. Denoise. Out of memory: the memory is freed and the error names the mode to switch to; the model
         # stays loaded and usable.
-        with oom_guard(mode_in_effect(model.pipe)), torch.inference_mode():
+        # The request's LoRAs are on the shared UNet only inside this block (turned off in its `finally`).
+        with loras_applied(model, lora_weights(req)), oom_guard(mode_in_effect(model.pipe)), torch.inference_mode():
             images = pipe(**call).images
     # 6. The parameters, A1111's way, in each picture.
     texts = [infotext(req, s, width, height, model.name) for s in seeds]

@@ -6,14 +6,19 @@ words bundled in the file as `Concept`s. Key names are converted by diffusers' o
 (`StableDiffusionLoraLoaderMixin.lora_state_dict`, which calls `_maybe_map_sgm_blocks_to_diffusers` and
 `_convert_non_diffusers_lora_to_diffusers`), so the studio reads exactly what diffusers loads. LyCORIS variants that
 are not plain low-rank pairs (LoHa, LoKr, IA3, DoRA, full diffs) are refused with a `LoraError` naming the variant.
-Applying the weights at generation time is not this module's job.
+
+`loras_applied(model, loras)` applies LoRA files to a loaded model's shared UNet for the length of a `with` block (one
+request, under the model's lock) and turns them off again in `finally`; see docs/architecture.md, "LoRA per request".
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -69,6 +74,12 @@ class LoraFile:
     # diffusers' `lora_adapter_metadata` (the peft LoraConfig per part: "unet.r", "unet.lora_alpha", ...), for
     # `load_lora_into_unet(..., metadata=)`: `load_lora_weights` reads it from a file, never from a state dict.
     adapter_metadata: dict[str, object] = field(default_factory=dict)
+    mtime_ns: int = 0  # the file's modification time when read: with the path, the key of its loaded adapter
+
+    @property
+    def name(self) -> str:
+        """The name a prompt uses for it, `<lora:name:0.8>`: the file's stem, as in A1111."""
+        return self.path.stem
 
     @property
     def kind(self) -> str:
@@ -158,7 +169,7 @@ def load_lora(path: str | os.PathLike, unet_config: object | None = None) -> Lor
 
     return LoraFile(path=path, state_dict=weights, source_format=source_format, ranks=tuple(sorted(ranks)),
                     modules=modules, families=_families(shapes), size_bytes=path.stat().st_size, words=words,
-                    adapter_metadata=_adapter_metadata(metadata, path))
+                    adapter_metadata=_adapter_metadata(metadata, path), mtime_ns=path.stat().st_mtime_ns)
 
 
 def _from_kohya(weights: dict[str, torch.Tensor], path: Path, unet_config: object | None) -> dict[str, torch.Tensor]:
@@ -261,3 +272,89 @@ def _bundled_words(bundle: dict[str, torch.Tensor], path: Path) -> list[Concept]
         concept.meta["family"] = concept.family  # as `load_concept` records it
         words.append(concept)
     return words
+
+
+# -------------------------------------------------------------------------------------------------------- applying
+
+
+def check_loras_fit(loras: list[tuple[LoraFile, float]], family: str, model_name: str) -> None:
+    """Refuse, before any work, a LoRA made for another model family than `family` (the loaded model's), and one
+    with no UNet part (text-encoder parts are not applied yet: see `_load_adapter`)."""
+    for lora, _weight in loras:
+        if "unet" not in lora.modules:
+            raise LoraError(f"{lora.path.name}: a text-encoder-only LoRA; the studio applies the UNet part of a LoRA "
+                            "only, so it would change nothing")
+        if family not in lora.families:
+            made_for = "/".join(lora.families) or "an unknown family"
+            raise LoraError(f"{lora.path.name}: a LoRA for {made_for}, but the model {model_name} is {family}; "
+                            f"load a {made_for} model or pick a {family} LoRA")
+
+
+def adapter_name(lora: LoraFile) -> str:
+    """The peft adapter name of a LoRA file in a UNet: its resolved path's digest and its mtime, so a file changed on
+    disk loads as a new adapter (peft names may not hold dots, hence the digest)."""
+    return f"{_path_digest(lora.path)}_{lora.mtime_ns}"
+
+
+def _path_digest(path: Path) -> str:
+    return "studio_lora_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+
+
+def _unet_part(lora: LoraFile) -> dict[str, torch.Tensor]:
+    """The UNet keys of its state dict, all prefixed `unet.` (an older unprefixed file is UNet-only)."""
+    return {(key if key.startswith("unet.") else f"unet.{key}"): tensor for key, tensor in lora.state_dict.items()
+            if not key.startswith(("text_encoder.", "text_encoder_2."))}
+
+
+def _load_adapter(pipe, lora: LoraFile) -> str:
+    """Load `lora`'s UNet part into `pipe.unet` as a peft adapter once; later requests find it by name. A stale
+    adapter of the same path (the file changed on disk since) is deleted first."""
+    unet, name = pipe.unet, adapter_name(lora)
+    loaded = set(getattr(unet, "peft_config", None) or {})
+    if name in loaded:
+        return name
+    stale = [other for other in loaded if other.startswith(_path_digest(lora.path) + "_")]
+    if stale:
+        with warnings.catch_warnings():  # peft: "was active which is now deleted"; all are disabled between requests
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            unet.delete_adapters(stale)
+    skipped = sorted({part for part in lora.modules if part != "unet"})
+    if skipped:
+        # diffusers loads text-encoder LoRAs through transformers' `load_adapter`, which needs a newer peft than the
+        # one installed; the UNet part is most of a LoRA's effect, so the file is used rather than refused.
+        warnings.warn(f"{lora.path.name}: its {' and '.join(skipped)} part is skipped; the studio applies the UNet "
+                      "part of a LoRA only", stacklevel=3)
+    with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the cache's design
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        unet.load_lora_adapter(_unet_part(lora), prefix="unet", adapter_name=name,
+                               metadata=lora.adapter_metadata or None, _pipeline=pipe)  # the pipeline: offload hooks
+    return name
+
+
+@contextlib.contextmanager
+def loras_applied(model, loras: list[tuple[LoraFile, float]]):
+    """Apply `loras` (file, weight) to `model`'s shared UNet for the `with` block; turn every adapter off in `finally`.
+
+    Call it under `model.lock`: the UNet is shared by every request. An adapter once loaded stays in the UNet (a
+    cache keyed by path and mtime) but is disabled outside the block, where the UNet computes exactly what it
+    computed before any LoRA was loaded (tests/engine/test_lora_runtime.py checks the pictures bit for bit). With no
+    LoRA nothing is touched.
+    """
+    if not loras:
+        yield
+        return
+    check_loras_fit(loras, model.family, model.name)
+    unet = model.pipe.unet
+    # ---- shared state changed from here: the UNet's active adapters, undone in `finally` ----
+    try:
+        weights: dict[str, float] = {}  # the same file named twice adds its weights, one adapter
+        for lora, weight in loras:
+            name = _load_adapter(model.pipe, lora)
+            weights[name] = weights.get(name, 0.0) + float(weight)
+        unet.set_adapters(list(weights), weights=list(weights.values()))
+        unet.enable_lora()
+        yield
+    finally:
+        if getattr(unet, "peft_config", None):
+            unet.disable_lora()
+    # ---- end of shared state change ----

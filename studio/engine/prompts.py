@@ -32,6 +32,7 @@ import torch
 from studio.engine.concepts import ENCODER_KEYS, Concept, check_fits
 from studio.engine.model_facts import detect_family, encoder_width, encoders_of
 from studio.engine.names import MAX_WORD_CHARS
+from studio.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,37 @@ def split_concept_words(prompt: str, lookup: Callable[[str], Concept | None],
             i += 1
     parts.append(prompt[text_from:])
     return parts
+
+
+
+# ---- LoRA tags ---------------------------------------------------------------------------------------------------
+# A1111's extra-networks syntax (modules/extra_networks.py): `<lora:name>` or `<lora:name:weight>`, the weight 1.0
+# when left out. The tag is taken out of the text the encoder sees; the name is a LoRA file's stem.
+_LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^<>]*))?>")
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """`prompt` without its `<lora:name:weight>` tags, and the (name, weight) of each tag in order.
+
+    >>> split_lora_tags("a photo of <lora:pixel_art:0.8> a cat")
+    ('a photo of a cat', [('pixel_art', 0.8)])
+
+    A weight that is not a number raises `UserError` naming the tag."""
+    tags = []
+    for found in _LORA_TAG.finditer(prompt):
+        name, weight = found[1].strip(), found[2]
+        if weight is None:
+            tags.append((name, 1.0))
+            continue
+        try:
+            tags.append((name, float(weight)))
+        except ValueError:
+            raise UserError(f"{found[0]}: the LoRA weight {weight!r} is not a number; write <lora:{name}:0.8>, "
+                              f"or <lora:{name}> for weight 1") from None
+    if not tags:
+        return prompt, []  # a prompt without tags reaches the encoder exactly as written
+    text = _LORA_TAG.sub(" ", prompt)
+    return re.sub(r"[ \t]{2,}", " ", text).strip(), tags
 
 
 # ---- prompt weighting (A1111 syntax) ------------------------------------------------------------------------------

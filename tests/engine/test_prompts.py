@@ -178,3 +178,30 @@ def test_split_concept_words_is_whole_words_longest_first():
     assert words("<a>b <a>'s") == ["", "<a>b", " ", "<a>", "'s"]
     assert words("<cat-toy>s x<a> <a><a> bad") == ["<cat-toy>s x<a> <a><a> bad"]
     assert words("") == [""]
+
+
+# ---- LoRA tags (A1111's `<lora:name:weight>`) ------------------------------------------------------------------
+
+
+def test_split_lora_tags_takes_tags_out_with_their_weights_default_1():
+    from studio.engine.prompts import split_lora_tags
+
+    assert split_lora_tags("a photo of <lora:pixel_art:0.8> a cat, <lora:ink>") == (
+        "a photo of a cat,", [("pixel_art", 0.8), ("ink", 1.0)])
+    assert split_lora_tags("<lora:x:-0.5>dog") == ("dog", [("x", -0.5)])
+
+
+def test_a_prompt_without_lora_tags_is_returned_exactly_as_written():
+    """Guards generation without LoRA: its prompt (double spaces and all) must reach the encoder unchanged."""
+    from studio.engine.prompts import split_lora_tags
+
+    prompt = "  a  cat <cat-toy> (red:1.2)  "
+    assert split_lora_tags(prompt) == (prompt, [])
+
+
+def test_a_malformed_lora_weight_is_one_clear_error():
+    from studio.engine.prompts import split_lora_tags
+    from studio.errors import UserError
+
+    with pytest.raises(UserError, match=r"<lora:ink:abc>: the LoRA weight 'abc' is not a number; write <lora:ink:0.8>"):
+        split_lora_tags("a cat <lora:ink:abc>")
