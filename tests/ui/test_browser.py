@@ -39,6 +39,24 @@ def page(tiny_model_dirs, tmp_path):
         app.close()
 
 
+def set_slider(page, slider: str, value: str) -> None:
+    """Type `value` into a slider's number box until the slider shows it: a value typed while the page is still
+    settling can be reset by it, so it is typed again (the wait is on the slider's value, not a clock)."""
+    from playwright.sync_api import expect
+
+    box, track = page.locator(f"{slider} input[type=number]"), page.locator(f"{slider} input[type=range]")
+    for _ in range(3):
+        box.fill(value)
+        box.press("Enter")
+        box.blur()
+        try:
+            expect(track).to_have_value(value, timeout=3000)
+            break
+        except AssertionError:
+            continue
+    expect(track).to_have_value(value)  # the slider took it
+
+
 def test_generate_by_clicking_shows_a_picture_in_the_gallery(page):
     page.get_by_label("Prompt", exact=True).first.fill("a red circle")
     page.get_by_label("Steps").first.fill("2")
@@ -66,17 +84,7 @@ def test_train_by_clicking_draws_the_loss_and_fills_the_concept_pickers(page, co
     expect(uploaded).to_have_count(3, timeout=20000)
     page.get_by_text("Advanced").click()
     for slider, value in (("#train-steps", "8"), ("#train-preview-every", "4")):
-        box, track = page.locator(f"{slider} input[type=number]"), page.locator(f"{slider} input[type=range]")
-        for _ in range(3):  # a value typed while the page is still settling can be reset by it: type it again
-            box.fill(value)
-            box.press("Enter")
-            box.blur()
-            try:
-                expect(track).to_have_value(value, timeout=3000)
-                break
-            except AssertionError:
-                continue
-        expect(track).to_have_value(value)  # the slider took it
+        set_slider(page, slider, value)
     page.get_by_role("button", name="Train", exact=True).click()
     expect(page.locator("#train-status textarea")).to_have_value(re.compile("is ready"), timeout=60000)
     page.locator("#train-previews img").first.wait_for(timeout=10000)  # drawn by the timer's poll
@@ -161,10 +169,7 @@ def test_cancel_in_the_browser_ends_with_a_final_line_and_the_vectors_so_far(pag
     expect(page.locator("#train-pictures").get_by_role("button", name="Remove this file")).to_have_count(3,
                                                                                                         timeout=20000)
     page.get_by_text("Advanced").click()
-    steps = page.locator("#train-steps input[type=number]")
-    steps.fill("3000")
-    steps.press("Enter")
-    expect(page.locator("#train-steps input[type=range]")).to_have_value("3000")
+    set_slider(page, "#train-steps", "3000")
     page.get_by_role("button", name="Train", exact=True).click()
     status = page.locator("#train-status textarea")
     expect(status).to_have_value(re.compile(r"step \d+/3000"), timeout=60000)  # running
