@@ -58,7 +58,7 @@ def resolve_ms(library: ConceptLibrary, reps: int, pause_s: float) -> float:
     for _ in range(reps + 1):
         time.sleep(pause_s)
         t = time.perf_counter()
-        library.resolve(PROMPT.format("b"), SD1)
+        library.resolve(PROMPT.format("b"))
         times.append((time.perf_counter() - t) * 1000)
     return statistics.median(times[1:])
 
@@ -101,7 +101,7 @@ def after_one_change_ms(library: ConceptLibrary, folder: Path, reps: int) -> flo
         (folder / "c0.safetensors").write_bytes(safetensors_bytes({"emb_params": torch.randn(1, 768)}))
         library.wait_for_change(seen, timeout=10.0)
         t = time.perf_counter()
-        library.resolve(PROMPT.format("b"), SD1)
+        library.resolve(PROMPT.format("b"))
         times.append((time.perf_counter() - t) * 1000)
     return statistics.median(times)
 
@@ -132,7 +132,7 @@ def main() -> None:
             for mode, watch in (("default", True), ("poll", False)):
                 library = ConceptLibrary(folder, watch=watch)
                 library.entries()  # the first scan, outside the timing (the studio does it at start-up)
-                assert [c.token for c in library.resolve(PROMPT.format("b"), SD1)] == ["b"]
+                assert [c.token for c in library.resolve(PROMPT.format("b"))] == ["b"]
                 pause = library.refresh_interval + 0.05 if args.spaced else 0.0
                 row[mode] = resolve_ms(library, args.reps, pause)
                 if watch:

@@ -388,13 +388,13 @@ class ConceptLibrary:
         path = self._by_token.get(token)
         return self._files[path].concept if path is not None else None
 
-    def resolve(self, prompt: str, encoder_dims: dict[str, int] | None, session: str | None = None) -> list[Concept]:
+    def resolve(self, prompt: str, session: str | None = None) -> list[Concept]:
         """Concepts whose token occurs in `prompt` as a whole word (`studio.engine.prompts.split_concept_words`, the
         rule the prompt encoder places them by), in order of first use.
 
         Costs a few dict look-ups per prompt word (one per place the word could end), whatever the library size;
-        while watching, no file-system call unless an event came since the last read. `encoder_dims` is not read:
-        whether a concept fits the model is checked once per request, by the prompt encoder every request passes
+        while watching, no file-system call unless an event came since the last read. Whether a concept fits the
+        model is not checked here but once per request, by the prompt encoder every request passes
         (ConceptMismatchError naming the concept's file).
         """
         with self._lock:

@@ -95,9 +95,9 @@ def test_session_concepts_are_private_to_their_session(tmp_path):
     mine = Concept("<mine>", {"text_encoder": vectors()})
     library.add_session_concept("session-a", mine)
     assert library.get("<mine>", session="session-a") is mine
-    assert [c.token for c in library.resolve("a <mine> photo", SD1, session="session-a")] == ["<mine>"]
-    assert library.resolve("a <mine> photo", SD1, session="session-b") == []
-    assert library.resolve("a <mine> photo", SD1) == []
+    assert [c.token for c in library.resolve("a <mine> photo", session="session-a")] == ["<mine>"]
+    assert library.resolve("a <mine> photo", session="session-b") == []
+    assert library.resolve("a <mine> photo") == []
     assert [e.token for e in library.entries(SD1, session="session-b")] == []
     assert [(e.token, e.session) for e in library.entries(SD1, session="session-a")] == [("<mine>", "session-a")]
     with pytest.raises(ConceptError):
@@ -122,7 +122,7 @@ def test_resolve_matches_whole_words_only_including_punctuated_tokens(tmp_path):
     library = ConceptLibrary(tmp_path)
 
     def used(prompt: str) -> list[str]:
-        return [c.token for c in library.resolve(prompt, SD1)]
+        return [c.token for c in library.resolve(prompt)]
 
     assert used("a photo of <cat-toy>, (bad-hands-5:1.2)") == ["<cat-toy>", "bad-hands-5"]
     assert used("a <cat-toy>. SD1.5-Hair! [style_x|dog]") == ["<cat-toy>", "SD1.5-Hair", "style_x"]
@@ -135,8 +135,8 @@ def test_resolve_leaves_the_fit_check_to_the_encoder_and_keeps_the_file_for_its_
     names its file, so that check's message says which file does not fit."""
     write_kohya(tmp_path / "old-sd1.safetensors")
     library = ConceptLibrary(tmp_path)
-    assert library.resolve("a cat", SD2) == []
-    found = library.resolve("a cat, old-sd1", SD2)
+    assert library.resolve("a cat") == []
+    found = library.resolve("a cat, old-sd1")
     assert [c.token for c in found] == ["old-sd1"]
     with pytest.raises(ConceptMismatchError, match=r"old-sd1\.safetensors.*SD 1\.x \(768-d\) but the model is SD 2\.x"):
         check_fits(found[0], SD2)
@@ -155,8 +155,8 @@ def test_resolve_and_the_encoder_find_concept_words_by_one_rule(tmp_path):
     for prompt in ("a photo of <cat-toy>'s toy, a/<cat-toy>", "<a>b <a>, <a><a> (<a>:1.2)", "'SD1.5-Hair'.style_x",
                    "bad-hands-55 <cat-toy>s xstyle_x cat-toy", "<cat-toy>.<cat-toy>!"):
         placed = [p.token for p in PromptEncoder._split(prompt, concepts) if isinstance(p, Concept)]
-        assert [c.token for c in library.resolve(prompt, SD1)] == list(dict.fromkeys(placed)), prompt
-    assert [c.token for c in library.resolve("<a>b <a>, <a><a>", SD1)] == ["<a>b", "<a>"]  # the longest word wins
+        assert [c.token for c in library.resolve(prompt)] == list(dict.fromkeys(placed)), prompt
+    assert [c.token for c in library.resolve("<a>b <a>, <a><a>")] == ["<a>b", "<a>"]  # the longest word wins
 
 
 def test_duplicate_tokens_resolve_deterministically_with_a_reason(tmp_path):
@@ -222,7 +222,7 @@ def test_concurrent_refresh_and_resolve_from_threads(tmp_path):
     def writer(i: int) -> None:
         try:
             library.save(Concept(f"<c{i}>", {"text_encoder": vectors(seed=i)}))
-            library.resolve(f"a <c{i}> photo", SD1)
+            library.resolve(f"a <c{i}> photo")
         except BaseException as exc:  # collected and re-raised in the test thread
             errors.append(exc)
 
@@ -287,8 +287,8 @@ def assert_cache_matches_a_full_scan(library: ConceptLibrary) -> None:
     assert {path: cached.stamp for path, cached in library._files.items()} == library._scan()
 
 
-def tokens(library: ConceptLibrary, prompt: str, dims: dict[str, int] | None = SD1) -> list[str]:
-    return [c.token for c in library.resolve(prompt, dims)]
+def tokens(library: ConceptLibrary, prompt: str) -> list[str]:
+    return [c.token for c in library.resolve(prompt)]
 
 
 # watchdog notes that it watched a folder of a `mkdir -p` twice (once by its walk, once by the folder's own event).
@@ -304,7 +304,7 @@ def test_events_pick_up_add_change_remove_without_refresh_or_poll(tmp_path):
     folder_stat = root.stat()
 
     def alpha_is(expected: torch.Tensor) -> bool:
-        found = library.resolve("a photo of alpha", SD1)
+        found = library.resolve("a photo of alpha")
         return bool(found) and torch.equal(found[0].vectors["text_encoder"], expected)
 
     first = write_kohya(root / "alpha.safetensors", seed=1)
@@ -326,7 +326,7 @@ def test_events_pick_up_add_change_remove_without_refresh_or_poll(tmp_path):
     assert after_events(library, lambda: tokens(library, "alpha beta") == ["alpha", "beta"])
 
     def beta_path() -> str | None:
-        found = library.resolve("beta", SD1)
+        found = library.resolve("beta")
         return found[0].meta["source_path"] if found else None
 
     os.replace(root / "styles", root / "looks")  # a folder moved: its files move with it
@@ -344,24 +344,23 @@ def test_events_pick_up_add_change_remove_without_refresh_or_poll(tmp_path):
 
 def test_events_list_a_diffusers_sdxl_pair_once(tmp_path):
     """The two halves arrive as two events; x's entry carries x_2's stamp and x_2 is never listed on its own."""
-    xl = {"text_encoder": 768, "text_encoder_2": 1280}
     with ConceptLibrary(tmp_path, refresh_interval=float("inf")) as library:
-        assert library.resolve("<xl>", xl) == []
+        assert library.resolve("<xl>") == []
         concept = Concept("<xl>", {"text_encoder": vectors(768, 2), "text_encoder_2": vectors(1280, 2)})
         save_concept(concept, tmp_path / "<xl>.safetensors", format="diffusers")
         paths = {tmp_path / "<xl>.safetensors", tmp_path / "<xl>_2.safetensors"}
 
         def listed_as_a_pair() -> bool:
-            found = library.resolve("<xl>", None)  # no fit check: the first half alone is seen before the second
+            found = library.resolve("<xl>")  # no fit check: the first half alone is seen before the second
             return bool(found) and "text_encoder_2" in found[0].vectors
 
         assert after_events(library, listed_as_a_pair)
         assert set(library._files) == {tmp_path / "<xl>.safetensors"}
-        assert [c.token for c in library.resolve("<xl>", xl)] == ["<xl>"]
+        assert [c.token for c in library.resolve("<xl>")] == ["<xl>"]
         assert_cache_matches_a_full_scan(library)
         for path in paths:
             path.unlink()
-        assert after_events(library, lambda: library.resolve("<xl>", xl) == [])
+        assert after_events(library, lambda: library.resolve("<xl>") == [])
         assert_cache_matches_a_full_scan(library)
 
 
@@ -410,7 +409,7 @@ def test_a_change_re_reads_only_that_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ConceptLibrary, "_scan", no_rescan)
     changed = write_kohya(tmp_path / "c5.safetensors", seed=99)
-    assert after_events(library, lambda: torch.equal(library.resolve("c5", SD1)[0].vectors["text_encoder"], changed))
+    assert after_events(library, lambda: torch.equal(library.resolve("c5")[0].vectors["text_encoder"], changed))
     assert set(loads) == {tmp_path / "c5.safetensors"}
     library.close()
 

@@ -120,12 +120,11 @@ class Sessions:
         return iter(list(self._open))
 
 
-def request_for(fields: dict, library: ConceptLibrary, encoder_dims: dict, session_id: str
-                ) -> tuple[GenerateRequest, list[str]]:
+def request_for(fields: dict, library: ConceptLibrary, session_id: str) -> tuple[GenerateRequest, list[str]]:
     """The engine request for a form's fields, with the concepts its prompt and negative prompt name, and the words
     written like concepts (`<...>`) that name none: the model reads those as plain text, which the user should hear."""
     text = fields["prompt"] + " " + fields.get("negative_prompt", "")
-    concepts = library.resolve(text, encoder_dims, session_id)
+    concepts = library.resolve(text, session_id)
     known = {concept.token for concept in concepts}
     unknown = sorted({word for word in CONCEPT_LIKE.findall(text) if word not in known})
     return GenerateRequest(concepts=concepts, **fields), unknown

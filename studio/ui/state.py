@@ -25,7 +25,7 @@ from studio.engine.generate import RANDOM_SEED, Cancelled, GenerateRequest
 from studio.engine.memory import preset
 from studio.engine.models import LoadedModel, ModelManager
 from studio.engine.names import session_key
-from studio.engine.session import GenerationUpdate, Session, Sessions, generation_updates, request_for
+from studio.engine.session import ANONYMOUS, GenerationUpdate, Session, Sessions, generation_updates, request_for
 from studio.errors import UserError
 from studio.library import ConceptLibrary, LibraryEntry
 from studio.ui.gpu import gpu_task
@@ -96,7 +96,7 @@ class Studio:
 
     def session_of(self, request: gr.Request | None) -> str:
         """The session id a request belongs to: its browser's (after `attach`), else Gradio's session hash."""
-        hash_ = getattr(request, "session_hash", None) or "anonymous"
+        hash_ = getattr(request, "session_hash", None) or ANONYMOUS
         return self._browsers.get(hash_, hash_)
 
     def session(self, request: gr.Request | None) -> Session:
@@ -116,7 +116,7 @@ class Studio:
     def detach(self, request: gr.Request | None) -> None:
         """A page closed (or reloaded): free what its session holds in memory once no other page uses it. Its
         concepts stay on disk, so the next page of the same browser finds them."""
-        hash_ = getattr(request, "session_hash", None) or "anonymous"
+        hash_ = getattr(request, "session_hash", None) or ANONYMOUS
         session = self._browsers.pop(hash_, hash_)
         if session not in self._browsers.values():
             self.forget_session(session)
@@ -142,7 +142,7 @@ class Studio:
     def request_for(self, req_fields: dict, session: str) -> GenerateRequest:
         """The engine request for a form's fields, with the concepts its prompts name; a warning for a word written
         like a concept that names none (the model reads it as plain text)."""
-        req, unknown = request_for(req_fields, self.library, self.model.encoder_dims, session)
+        req, unknown = request_for(req_fields, self.library, session)
         if unknown:
             gr.Warning(html.escape(f"No concept called {', '.join(unknown)} in the library or this session: "
                                    "it is read as plain words. Check the spelling or train/import it first."))
