@@ -43,16 +43,21 @@ from studio.engine.concepts import (
     ConceptMismatchError,
     check_fits,
     companion_of,
+    family_of,
     is_second_half,
     load_concept,
     save_concept,
 )
 from studio.engine.files import atomic_write
+from studio.engine.lora import LORA_SUFFIXES, LoraFile, check_loras_fit, is_lora_file, load_lora
 from studio.engine.names import check_word, file_stem, inside, session_key
-from studio.engine.prompts import split_concept_words
+from studio.engine.prompts import split_concept_words, split_lora_tags
+from studio.errors import LoraError, UserError
 
 # What a save does when the word (or its file) is already in the shared library.
 IF_TAKEN = ("refuse", "replace", "keep both")
+# The sub-folder of a session's folder that keeps its LoRA files under their own names (the name a prompt uses).
+SESSION_LORAS = "loras"
 # Temp files of a write that a kill interrupted (`.<name>.<random>.tmp`) are removed once older than this.
 STALE_TEMP_S = 3600.0
 
@@ -71,7 +76,10 @@ _EVENT_OBSERVERS = ("InotifyObserver", "FSEventsObserver", "WindowsApiObserver")
 
 @dataclass
 class LibraryEntry:
-    """One row of the library listing: a file (or a session concept), whether it fits the model and why not."""
+    """One row of the library listing: a file (or a session concept), whether it fits the model and why not.
+
+    A LoRA file (`lora` set) is listed by its name, the file's stem that `<lora:name:w>` uses (A1111's rule); the
+    words it carries, if any, are `lora.words`, so a word+LoRA file is one entry."""
 
     path: Path | None
     token: str
@@ -79,6 +87,20 @@ class LibraryEntry:
     fits: bool
     reason: str
     session: str | None
+    lora: LoraFile | None = None
+
+    @property
+    def kind(self) -> str:
+        """"word", "lora" or "word+lora" (`LoraFile.kind`); "" for a file that could not be read."""
+        if self.lora is not None:
+            return self.lora.kind
+        return "word" if self.concept is not None else ""
+
+    @property
+    def prompt_text(self) -> str:
+        """What a concept picker writes into a prompt: the word itself, or `<lora:name:1>` for a LoRA (A1111 inserts
+        a LoRA's tag at weight 1 too)."""
+        return f"<lora:{self.lora.name}:1>" if self.lora is not None else self.token
 
 
 @dataclass
@@ -86,6 +108,7 @@ class _CachedFile:
     stamp: tuple
     concept: Concept | None
     error: str
+    lora: LoraFile | None = None
 
 
 class _FolderEvents(FileSystemEventHandler):
@@ -162,6 +185,9 @@ class ConceptLibrary:
         self._files: dict[Path, _CachedFile] = {}
         self._sessions: dict[str, dict[str, Concept]] = {}
         self._by_token: dict[str, Path] = {}     # token -> the file that wins it
+        self._loras_by_name: dict[str, Path] = {}  # LoRA name (file stem) -> the file that wins it
+        self._parts: set[Path] = set()           # words files of pivotal pairs, listed with their LoRA file
+        self._session_loras: dict[str, dict[str, LoraFile]] = {}
         self._shadowed: dict[Path, Path] = {}    # losing duplicate -> winner
         self._last_scan = float("-inf")
         self._events = _FolderEvents(self.root)
@@ -198,10 +224,7 @@ class ConceptLibrary:
             cached = self._files.get(path)
             if cached is not None and cached.stamp == stamp and path not in written:
                 continue
-            try:
-                fresh = _CachedFile(stamp, load_concept(path), "")
-            except ConceptError as exc:
-                fresh = _CachedFile(stamp, None, str(exc))
+            fresh = _read_file(path, stamp)
             self._files[path] = fresh
             reindex = reindex or cached is None or _token_of(cached) != _token_of(fresh)
         return reindex
@@ -250,16 +273,22 @@ class ConceptLibrary:
             self._index_tokens()
 
     def _index_tokens(self) -> None:
-        """Duplicates: the file nearest the root wins, then the first in path order; the others are listed as shadowed."""
-        self._by_token, self._shadowed = {}, {}
+        """Duplicates: the file nearest the root wins, then the first in path order; the others are listed as shadowed.
+
+        Words and LoRA names are apart (a prompt writes `cat` and `<lora:cat>`). The words file of a diffusers
+        pivotal pair belongs to its LoRA file's entry (`_pivotal_parts`), not to an entry of its own."""
+        self._by_token, self._loras_by_name, self._shadowed = {}, {}, {}
+        self._parts = _pivotal_parts(self._files)
         order = sorted(self._files, key=lambda p: (len(p.relative_to(self.root).parts), p.relative_to(self.root).as_posix()))
         for path in order:
-            concept = self._files[path].concept
-            if concept is None:
+            cached = self._files[path]
+            if path in self._parts or (cached.concept is None and cached.lora is None):
                 continue
-            winner = self._by_token.get(concept.token)
+            index, key = ((self._loras_by_name, cached.lora.name) if cached.lora is not None
+                          else (self._by_token, cached.concept.token))
+            winner = index.get(key)
             if winner is None:
-                self._by_token[concept.token] = path
+                index[key] = path
             else:
                 self._shadowed[path] = winner
 
@@ -331,31 +360,49 @@ class ConceptLibrary:
 
     # ------------------------------------------------------------------------------------------------ reading
 
-    def entries(self, encoder_dims: dict[str, int] | None = None, session: str | None = None) -> list[LibraryEntry]:
-        """Every file (unreadable ones with their error) and this session's concepts, with fits/reason for the model."""
+    def entries(self, encoder_dims: dict[str, int] | None = None, session: str | None = None, *,
+                family: str | None = None, model_name: str = "") -> list[LibraryEntry]:
+        """Every file (unreadable ones with their error) and this session's concepts, with fits/reason for the model.
+
+        `encoder_dims` judges words (their widths); `family` (the loaded model's, `LoadedModel.family`) judges LoRA
+        files by `studio.engine.lora.check_loras_fit`, the check a request makes, and `model_name` names the model in
+        its reason. Without them everything is listed as fitting."""
         with self._lock:
             self.refresh()
             session_concepts = self._session(session) if session is not None else {}
+            session_loras = self._session_loras.get(session, {}) if session is not None else {}
             rows = []
             for token, concept in sorted(session_concepts.items()):
                 fits, reason = self._fit(concept, encoder_dims, where=f"session concept {token!r}")
                 rows.append(LibraryEntry(None, token, concept, fits, reason, session))
+            for name, lora in sorted(session_loras.items()):
+                fits, reason = _lora_fit(lora, encoder_dims, family, model_name)
+                rows.append(LibraryEntry(None, name, None, fits, reason, session, lora))
             for path in sorted(self._files, key=lambda p: p.relative_to(self.root).as_posix()):
                 cached = self._files[path]
-                concept = cached.concept
-                if concept is None:
+                concept, lora = cached.concept, cached.lora
+                if path in self._parts:
+                    continue  # listed with its LoRA file
+                if concept is None and lora is None:
                     rows.append(LibraryEntry(path, path.stem, None, False, cached.error, None))
                     continue
+                token = lora.name if lora is not None else concept.token
                 if path in self._shadowed:
                     winner = self._shadowed[path].relative_to(self.root).as_posix()
-                    reason = (f"token {concept.token!r} is also used by {winner}, which wins (nearest the library "
+                    what = "LoRA name" if lora is not None else "token"
+                    reason = (f"{what} {token!r} is also used by {winner}, which wins (nearest the library "
                               "folder, then first by path); rename one of them to use both")
-                    rows.append(LibraryEntry(path, concept.token, concept, False, reason, None))
+                    rows.append(LibraryEntry(path, token, concept, False, reason, None, lora))
                     continue
-                fits, reason = self._fit(concept, encoder_dims, where=str(path))
-                if fits and concept.token in session_concepts:
-                    reason = "this session has its own concept with this token, which is used instead"
-                rows.append(LibraryEntry(path, concept.token, concept, fits, reason, None))
+                if lora is not None:
+                    fits, reason = _lora_fit(lora, encoder_dims, family, model_name)
+                    if fits and token in session_loras:
+                        reason = "this session has its own LoRA with this name, which is used instead"
+                else:
+                    fits, reason = self._fit(concept, encoder_dims, where=str(path))
+                    if fits and token in session_concepts:
+                        reason = "this session has its own concept with this token, which is used instead"
+                rows.append(LibraryEntry(path, token, concept, fits, reason, None, lora))
             return rows
 
     @staticmethod
@@ -388,22 +435,55 @@ class ConceptLibrary:
         path = self._by_token.get(token)
         return self._files[path].concept if path is not None else None
 
-    def resolve(self, prompt: str, session: str | None = None) -> list[Concept]:
-        """Concepts whose token occurs in `prompt` as a whole word (`studio.engine.prompts.split_concept_words`, the
-        rule the prompt encoder places them by), in order of first use.
+    def lora(self, name: str, session: str | None = None) -> LoraFile:
+        """The LoRA file a prompt names as `<lora:name>`: this session's own first, then the library's (by file stem,
+        as in A1111); LoraError naming what is there when none is called so."""
+        with self._lock:
+            if self.watching:
+                self._catch_up()
+            found = self._lookup_lora(name, session)
+            if found is None:  # a miss only: a full scan finds what no event told of
+                self.refresh()
+                found = self._lookup_lora(name, session)
+            if found is not None:
+                return found
+            unreadable = next((c.error for p, c in self._files.items() if p.stem == name and c.error), None)
+            if unreadable is not None:
+                raise LoraError(f"<lora:{name}>: {unreadable}")
+            known = sorted(set(self._loras_by_name) | set(self._session_loras.get(session, {})))
+            listed = f" (LoRAs here: {', '.join(known[:8])}{', ...' if len(known) > 8 else ''})" if known else ""
+            raise LoraError(f"<lora:{name}> names no LoRA file in the library or this session{listed}: check the "
+                            f"spelling (the name is the file's stem, {name}.safetensors) or import the file first")
+
+    def _lookup_lora(self, name: str, session: str | None) -> LoraFile | None:
+        if session is not None:
+            self._session(session)  # read back from its folder after a restart
+            if name in self._session_loras.get(session, {}):
+                return self._session_loras[session][name]
+        path = self._loras_by_name.get(name)
+        return self._files[path].lora if path is not None else None
+
+    def resolve(self, prompt: str, session: str | None = None) -> list[Concept | tuple[LoraFile, float]]:
+        """What `prompt` names: the concepts whose token occurs in it as a whole word
+        (`studio.engine.prompts.split_concept_words`, the rule the prompt encoder places them by), in order of first
+        use, then a `(LoraFile, weight)` for each `<lora:name:weight>` tag (`split_lora_tags`, the rule `generate`
+        reads tags by), in the order written: the items `GenerateRequest(concepts=...)` takes. A tag that names no
+        LoRA of the library or `session` raises LoraError (a UserError).
 
         Costs a few dict look-ups per prompt word (one per place the word could end), whatever the library size;
         while watching, no file-system call unless an event came since the last read. Whether a concept fits the
         model is not checked here but once per request, by the prompt encoder every request passes
-        (ConceptMismatchError naming the concept's file).
+        (ConceptMismatchError naming the concept's file) and by `check_loras_fit` for LoRAs.
         """
+        text, tags = split_lora_tags(prompt)  # words inside a tag (<lora:cat:1>) are no concept words
         with self._lock:
             self._catch_up()
             found: dict[str, Concept] = {}
-            for part in split_concept_words(prompt, lambda word: self._lookup(word, session)):
+            for part in split_concept_words(text, lambda word: self._lookup(word, session)):
                 if isinstance(part, Concept):
                     found.setdefault(part.token, part)
-            return list(found.values())
+            loras = [(self.lora(name, session), weight) for name, weight in tags]
+            return [*found.values(), *loras]
 
     # ------------------------------------------------------------------------------------------------ writing
 
@@ -425,10 +505,28 @@ class ConceptLibrary:
             mine[concept.token] = concept
             return concept
 
+    def add_session_lora(self, session: str, path: Path | str) -> LoraFile:
+        """Make the LoRA file at `path` usable by `session` only, as `<lora:{its stem}>` (an upload keeps its file's
+        name); a LoRA of the same name in the session is replaced. The file is checked first (LoraError), then
+        copied into the session's folder, so that it outlives the upload and a restart. Returns what was added."""
+        source = Path(path)
+        lora = load_lora(source)  # validate first: a bad file never enters the session
+        with self._lock:
+            self._session(session)
+            folder = self._session_folder(session)
+            if folder is not None:
+                kept = inside(folder / SESSION_LORAS, file_stem(source.stem) + source.suffix.lower())
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_copy(source, kept)
+                lora = load_lora(kept)
+            self._session_loras.setdefault(session, {})[lora.name] = lora
+            return lora
+
     def drop_session(self, session: str, *, files: bool = False) -> None:
         """Forget a session's concepts in memory (its files stay for a later visit); `files=True` deletes those too."""
         with self._lock:
             self._sessions.pop(session, None)
+            self._session_loras.pop(session, None)
             folder = self._session_folder(session)
             if files and folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -459,6 +557,14 @@ class ConceptLibrary:
                     except ConceptError:
                         continue  # a file a kill left half-written is never final (atomic writes): not ours
                     mine[concept.token] = concept
+                loras = self._session_loras.setdefault(session, {})
+                for file in sorted((folder / SESSION_LORAS).glob("*")):
+                    if file.suffix.lower() not in LORA_SUFFIXES:
+                        continue
+                    try:
+                        loras[file.stem] = load_lora(file)
+                    except UserError:
+                        continue  # as above
         return mine
 
     def _session_folder(self, session: str) -> Path | None:
@@ -518,13 +624,17 @@ class ConceptLibrary:
             return path
 
     def import_file(self, path: Path | str) -> LibraryEntry:
-        """Copy a concept file into the library after checking that it reads; refuses to overwrite a file."""
+        """Copy a concept file (a word, or a LoRA file with its pivotal words file) into the library after checking that
+        it reads; refuses to overwrite a file."""
         source = Path(path)
         if is_second_half(source):  # asked for x_2 of a diffusers SDXL pair: import the pair through x
             source = companion_of(source)
-        concept = load_concept(source)  # validate first: a bad file never enters the library
+        # Validate first: a bad file never enters the library.
+        if is_lora_file(source):
+            sources = [source] + _pivotal_words_file(load_lora(source))
+        else:
+            sources = [source] + _second_half(source, load_concept(source))
         with self._lock:
-            sources = [source] + _second_half(source, concept)
             targets = [inside(self.root, file_stem(src.stem) + src.suffix.lower()) for src in sources]
             for target in targets:
                 if target.exists():
@@ -535,7 +645,8 @@ class ConceptLibrary:
             return self._entry_for(targets[0])
 
     def rename(self, token: str, new_token: str, session: str | None = None) -> LibraryEntry:
-        """Give a concept a new trigger word: rewrites the token stored inside and the file name.
+        """Give a concept a new trigger word: rewrites the token stored inside and the file name. A LoRA file of the
+        library (`token`: its name) gets the new name as its file's stem, which is all its name is.
 
         All or nothing: the new word is checked (one word, free, its file free) before anything changes.
         """
@@ -554,6 +665,10 @@ class ConceptLibrary:
                 if old_file is not None:
                     old_file.unlink(missing_ok=True)
                 return LibraryEntry(None, new_token, renamed, True, "", session)
+            if session is not None and token in self._session_loras.get(session, {}):
+                raise LoraError(f"{token!r} is a LoRA of this session: import it again under the new name")
+            if token not in self._by_token and token in self._loras_by_name:
+                return self._rename_lora(token, new_token)
             old_path = self._by_token.get(token)
             if old_path is None:
                 raise ConceptError(f"no concept file named {token!r} in the library")
@@ -578,8 +693,27 @@ class ConceptLibrary:
             self.refresh()
             return self._entry_for(new_path)
 
+    def _rename_lora(self, name: str, new_name: str) -> LibraryEntry:
+        """Rename a LoRA file of the library (and the words file of a pivotal pair with it): its name is its stem."""
+        old_path = self._loras_by_name[name]
+        new_stem = file_stem(new_name)
+        if new_stem in self._loras_by_name:
+            raise LoraError(f"a LoRA called {new_stem!r} is already in the library "
+                            f"({self._loras_by_name[new_stem].name}); pick another name")
+        moves = [(old_path, inside(old_path.parent, new_stem + old_path.suffix))]
+        moves += [(words, inside(words.parent, f"{new_stem}_emb{words.suffix}"))
+                  for words in _pivotal_words_file(self._files[old_path].lora)]
+        for _, target in moves:
+            if target.exists():
+                raise LoraError(f"{target.name} already exists in the library; pick another name")
+        for source, target in moves:
+            os.replace(source, target)
+        self.refresh()
+        return self._entry_for(moves[0][1])
+
     def delete(self, token: str, session: str | None = None) -> None:
-        """Remove a session concept, or delete the library file (both halves of a diffusers SDXL pair)."""
+        """Remove a session concept or LoRA, or delete the library file (both halves of a diffusers SDXL pair, both
+        files of a pivotal pair). `token` is a word, else a LoRA's name."""
         with self._lock:
             if session is not None and token in self._session(session):
                 del self._sessions[session][token]
@@ -587,11 +721,22 @@ class ConceptLibrary:
                 if old_file is not None:
                     old_file.unlink(missing_ok=True)
                 return
+            if session is not None and token in self._session_loras.get(session, {}):
+                kept = self._session_loras[session].pop(token).path
+                folder = self._session_folder(session)
+                if folder is not None and kept.is_relative_to(folder):  # a memory-only session's is the user's own
+                    kept.unlink(missing_ok=True)
+                return
             self.refresh()
             path = self._by_token.get(token)
-            if path is None:
+            if path is not None:
+                files = [path] + _second_half(path, self._files[path].concept)
+            elif token in self._loras_by_name:
+                path = self._loras_by_name[token]
+                files = [path] + _pivotal_words_file(self._files[path].lora)
+            else:
                 raise ConceptError(f"no concept named {token!r} in the library")
-            for file in [path] + _second_half(path, self._files[path].concept):
+            for file in files:
                 file.unlink()
             _training_state(path).unlink(missing_ok=True)
             self.refresh()
@@ -640,13 +785,66 @@ def _is_concept_file_name(name: str) -> bool:
 
 
 def _token_of(cached: _CachedFile) -> str | None:
+    if cached.lora is not None:
+        return f"<lora:{cached.lora.name}>"  # a name apart from every word: a file turned LoRA is re-indexed
     return cached.concept.token if cached.concept is not None else None
+
+
+def _read_file(path: Path, stamp: tuple) -> _CachedFile:
+    """A library file read as a LoRA (`load_lora`) or as a word (`load_concept`), or the one-line reason it reads as
+    neither. A .safetensors file is told apart by its key names alone (`is_lora_file`), so no file is read twice;
+    other containers are tried as a word first, the common case in an A1111 embeddings folder."""
+    try:
+        if path.suffix.lower() == ".safetensors" and is_lora_file(path):
+            return _CachedFile(stamp, None, "", load_lora(path))
+        try:
+            return _CachedFile(stamp, load_concept(path), "")
+        except ConceptError:
+            if path.suffix.lower() in LORA_SUFFIXES and path.suffix.lower() != ".safetensors" and is_lora_file(path):
+                return _CachedFile(stamp, None, "", load_lora(path))
+            raise
+    except UserError as exc:  # ConceptError, LoraError: the file's own reason
+        return _CachedFile(stamp, None, str(exc))
+
+
+def _lora_fit(lora: LoraFile, encoder_dims: dict[str, int] | None, family: str | None,
+              model_name: str) -> tuple[bool, str]:
+    """Whether a LoRA file fits the loaded model, and why not: its weights by the check every request makes
+    (`check_loras_fit`), the words it carries by their widths (`check_fits`)."""
+    try:
+        if family is not None:
+            check_loras_fit([(lora, 1.0)], family, model_name or family_of(encoder_dims or {})[1])
+        for word in lora.words if encoder_dims is not None else ():
+            check_fits(word, encoder_dims, where=f"{lora.path.name}, bundled word {word.token!r}")
+    except (LoraError, ConceptMismatchError) as exc:
+        return False, str(exc)
+    return True, ""
+
+
+def _pivotal_words_file(lora: LoraFile | None) -> list[Path]:
+    """`[x_emb.safetensors]` when `lora` (x.safetensors) took its words from diffusers' pivotal-tuning file beside it,
+    else `[]`: that file goes with its LoRA (one entry; imported, renamed and deleted together)."""
+    if lora is None:
+        return []
+    return [Path(w.meta["source_path"]) for w in lora.words if w.meta.get("source_format") == "diffusers-pivotal"
+            and Path(w.meta["source_path"]).name == _emb_name(lora.path.name)]
+
+
+def _pivotal_parts(files: dict[Path, _CachedFile]) -> set[Path]:
+    """The words files that belong to a LoRA file's entry (`_pivotal_words_file`)."""
+    return {part for cached in files.values() for part in _pivotal_words_file(cached.lora) if part in files}
 
 
 def _half_name(name: str) -> str:
     """`x_2.safetensors` for `x.safetensors`: where the second half of a diffusers SDXL pair would be."""
     stem, suffix = os.path.splitext(name)
     return stem + "_2" + suffix
+
+
+def _emb_name(name: str) -> str:
+    """`x_emb.safetensors` for `x.safetensors`: where diffusers' pivotal tuning puts the words of LoRA x."""
+    stem, suffix = os.path.splitext(name)
+    return stem + "_emb" + suffix
 
 
 def _listed(folder: Path | str, stamps: dict[str, tuple], names: Iterable[str]) -> dict[Path, tuple]:
@@ -662,30 +860,34 @@ def _listed(folder: Path | str, stamps: dict[str, tuple], names: Iterable[str]) 
         path = Path(folder, name)
         if stem.endswith("_2") and stem[:-2] + suffix in stamps and is_second_half(path):
             continue
-        found[path] = stamps[name] + stamps.get(_half_name(name), ())
+        # A file's stamp covers its partners: a changed `_2` half or pivotal words file re-reads it.
+        found[path] = stamps[name] + stamps.get(_half_name(name), ()) + stamps.get(_emb_name(name), ())
     return found
 
 
 def _entries_touched_by(path: Path) -> list[Path]:
     """The files whose library entry a change of `path` can alter: itself, its `_2` half (x's entry carries x_2's
-    stamp) and, for an x_2, x (x_2 is listed on its own only while x does not pair with it)."""
+    stamp), for an x_2, x (x_2 is listed on its own only while x does not pair with it) and, for an x_emb, x (a LoRA
+    file's entry carries the stamp of its pivotal words file)."""
     touched = [path, path.with_name(_half_name(path.name))]
     stem, suffix = os.path.splitext(path.name)
     if stem.endswith("_2"):
         touched.append(path.with_name(stem[:-2] + suffix))
+    if stem.endswith("_emb"):  # the words file of a pivotal pair: its LoRA file's entry carries its stamp
+        touched.append(path.with_name(stem[:-4] + suffix))
     return touched
 
 
 def _stamp_files(paths: Iterable[Path]) -> dict[Path, tuple]:
     """What `_scan` would find of just these files: those that exist, with their stamps, by one stat of each (and
-    of its `_2` half)."""
+    of its `_2` half and `_emb` words file)."""
     names_by_folder: dict[Path, set[str]] = {}
     for path in paths:
         names_by_folder.setdefault(path.parent, set()).add(path.name)
     found: dict[Path, tuple] = {}
     for folder, names in names_by_folder.items():
         stamps = {}
-        for name in names | {_half_name(name) for name in names}:
+        for name in names | {_half_name(name) for name in names} | {_emb_name(name) for name in names}:
             try:
                 info = os.stat(folder / name)
             except (FileNotFoundError, NotADirectoryError):

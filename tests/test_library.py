@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 from studio.engine.concepts import (Concept, ConceptError, ConceptMismatchError, check_fits, load_concept,
                                     save_concept)
 import studio.library
+from studio.engine.session import request_for
+from studio.errors import LoraError, UserError
 from studio.library import ConceptLibrary
 
 SD1 = {"text_encoder": 768}
@@ -475,3 +477,141 @@ def test_falls_back_to_the_periodic_scan_where_events_cannot_be_had(tmp_path, mo
     write_kohya(tmp_path / "new.safetensors")
     assert tokens(library, "new") == ["new"]
     library.close()  # nothing to stop
+
+
+# ----------------------------------------------------------------------------------------------------- LoRA files
+
+SD1_MODEL = dict(encoder_dims=SD1, family="sd1", model_name="tiny-sd1")
+
+
+def write_lora(path: Path, cross_width: int, *, rank: int = 4, seed: int = 0,
+               words: dict[str, torch.Tensor] | None = None) -> Path:
+    """A LoRA file in diffusers' form (the keys `save_lora_weights` writes: `unet.<module>.lora_A/B.weight`) on one
+    cross-attention block, whose to_k and to_v read the prompt embeddings: their input width, `cross_width`, names
+    the family (SD1 768, SDXL 2048). Written beside the folder and moved in at once, as a finished download lands.
+    `words`: A1111 bundled words (`bundle_emb.<word>.string_to_param.*`) in the same file. Written with safetensors
+    alone, so these tests need no diffusers import; tests/engine/test_lora_files.py reads diffusers' own files."""
+    generator = torch.Generator().manual_seed(seed)
+    block = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    tensors = {}
+    for proj in ("to_k", "to_v"):
+        tensors[f"{block}.{proj}.lora_A.weight"] = torch.randn(rank, cross_width, generator=generator)
+        tensors[f"{block}.{proj}.lora_B.weight"] = torch.randn(640, rank, generator=generator)
+    tensors.update({f"bundle_emb.{word}.string_to_param.*": v for word, v in (words or {}).items()})
+    staging = path.parent.parent / f".staging-{path.name}"
+    save_file(tensors, staging, metadata={"format": "pt"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, path)
+    return path
+
+
+def test_lora_files_dropped_into_the_folder_are_listed_with_kind_rank_and_why_they_do_not_fit(tmp_path):
+    """Guards the listing of LoRA files beside embeddings: picked up by the folder's events (no restart, no poll),
+    one entry per file (a bundled word+LoRA file too), and an SDXL LoRA against an SD1 model says why it does not
+    fit with the reason a request would give."""
+    root = tmp_path / "lib"
+    library = ConceptLibrary(root, refresh_interval=float("inf"))
+    assert library.watching, library.watch_error
+    write_kohya(root / "cat.safetensors")
+    assert [e.token for e in library.entries(**SD1_MODEL)] == ["cat"]  # the first scan
+
+    write_lora(root / "ink.safetensors", 768, rank=8)
+    write_lora(root / "xl-style.safetensors", 2048)
+    write_lora(root / "toy.safetensors", 768, words={"<toy>": vectors(768, n=2)})
+
+    def listed() -> dict:
+        return {e.token: e for e in library.entries(**SD1_MODEL)}
+
+    assert after_events(library, lambda: set(listed()) == {"cat", "ink", "xl-style", "toy"}), list(listed())
+    entries = listed()
+    assert (entries["cat"].kind, entries["ink"].kind, entries["toy"].kind) == ("word", "lora", "word+lora")
+    assert entries["ink"].lora.rank == 8 and entries["toy"].lora.rank == 4 and entries["ink"].lora.size_bytes > 0
+    assert entries["ink"].fits and entries["toy"].fits and entries["ink"].reason == ""
+    assert [w.token for w in entries["toy"].lora.words] == ["<toy>"]  # its word is in its entry, not one of its own
+    assert not entries["xl-style"].fits
+    # The reason a request would give (`check_loras_fit`), naming the file, its family and the model's.
+    assert entries["xl-style"].reason.startswith("xl-style.safetensors: a LoRA for sdxl, but the model tiny-sd1 is sd1")
+    assert entries["ink"].prompt_text == "<lora:ink:1>" and entries["cat"].prompt_text == "cat"
+    assert_cache_matches_a_full_scan(library)
+
+    (root / "ink.safetensors").unlink()
+    assert after_events(library, lambda: "ink" not in listed())
+    library.close()
+
+
+def test_a_bundled_word_of_the_wrong_width_makes_its_lora_not_fit(tmp_path):
+    write_lora(tmp_path / "lib" / "toy.safetensors", 768, words={"<toy>": vectors(1024)})
+    entry, = ConceptLibrary(tmp_path / "lib", watch=False).entries(**SD1_MODEL)
+    assert not entry.fits and "bundled word '<toy>'" in entry.reason and "1024" in entry.reason
+
+
+def test_a_diffusers_pivotal_pair_is_one_entry(tmp_path):
+    root = tmp_path / "lib"
+    write_lora(root / "pet.safetensors", 2048)
+    save_file({"clip_l": vectors(768, n=2), "clip_g": vectors(1280, n=2)}, root / "pet_emb.safetensors")
+    library = ConceptLibrary(root, watch=False)
+    entry, = library.entries({"text_encoder": 768, "text_encoder_2": 1280}, family="sdxl")
+    assert (entry.token, entry.kind, entry.fits) == ("pet", "word+lora", True), entry.reason
+    assert [w.token for w in entry.lora.words] == ["<s0><s1>"]
+    library.delete("pet")
+    assert list(root.iterdir()) == []  # both files of the pair
+
+
+def test_resolve_finds_lora_tags_with_weights_after_the_words(tmp_path):
+    """Guards `<lora:name:w>` in a prompt: the name is the file's stem (A1111), the weight optional (1.0), a word
+    inside a tag is no concept word, and a tag naming no LoRA is one clear line rather than a prompt word."""
+    root = tmp_path / "lib"
+    ink = write_lora(root / "ink.safetensors", 768)
+    write_kohya(root / "cat.safetensors")
+    library = ConceptLibrary(root, watch=False)
+    with pytest.raises(LoraError) as error:
+        library.resolve("a cat <lora:cat>")  # `cat` is a word here, not a LoRA
+    message = str(error.value)
+    assert "<lora:cat> names no LoRA file in the library or this session (LoRAs here: ink)" in message
+    assert "\n" not in message and isinstance(error.value, UserError)
+
+    words_and_loras = library.resolve("a photo of <lora:ink:0.6> a cat <lora:ink>")
+    assert words_and_loras[0].token == "cat"
+    assert [(lora.path, w) for lora, w in words_and_loras[1:]] == [(ink, 0.6), (ink, 1.0)]
+
+    (root / "words").mkdir()
+    write_kohya(root / "words" / "ink.safetensors")  # a word called as the LoRA is: the two are apart
+    library.refresh()  # not watching: the periodic scan would see it only after refresh_interval
+    (lora, weight), = library.resolve("<lora:ink> a dog")  # the name inside the tag is no concept word
+    assert lora.path == ink and weight == 1.0
+    word, (lora, _) = library.resolve("an ink drawing <lora:ink>")
+    assert word.token == "ink" and lora.path == ink
+
+
+def test_a_session_lora_is_that_sessions_only(tmp_path):
+    write_lora(tmp_path / "upload" / "mine.safetensors", 768)
+    library = ConceptLibrary(tmp_path / "lib", watch=False, sessions_dir=tmp_path / "sessions")
+    added = library.add_session_lora("browser-aaaaaaaa", tmp_path / "upload" / "mine.safetensors")
+    assert added.path.is_relative_to(tmp_path / "sessions")  # kept beyond the upload
+    (lora, weight), = library.resolve("<lora:mine:0.5> a cat", session="browser-aaaaaaaa")
+    assert lora is added and weight == 0.5
+    with pytest.raises(LoraError, match="names no LoRA"):
+        library.resolve("<lora:mine:0.5> a cat", session="browser-bbbbbbbb")
+    again = ConceptLibrary(tmp_path / "lib", watch=False, sessions_dir=tmp_path / "sessions")  # a restart
+    assert [e.kind for e in again.entries(session="browser-aaaaaaaa")] == ["lora"]
+    again.delete("mine", session="browser-aaaaaaaa")
+    assert not added.path.exists() and again.entries(session="browser-aaaaaaaa") == []
+
+
+def test_request_for_carries_the_loras_of_the_prompt_with_their_weights(tmp_path):
+    """Guards the way from a UI form to the engine: the request names the prompt's LoRAs with the tags' weights (and
+    a bundled word with its LoRA), while a tag in the negative prompt, where `generate` reads none, is refused."""
+    root = tmp_path / "lib"
+    write_lora(root / "ink.safetensors", 768)
+    write_kohya(root / "cat.safetensors")
+    write_lora(root / "toy.safetensors", 768, words={"<toy>": vectors(768)})
+    library = ConceptLibrary(root, watch=False)
+    fields = dict(prompt="a <toy> cat <lora:ink:0.6> <lora:toy:0.3>", negative_prompt="blurry <nothing>", seed=1)
+    req, unknown = request_for(fields, library, "s")
+    assert [(lora.name, weight) for lora, weight in req.loras] == [("ink", 0.6), ("toy", 0.3)]
+    assert [c.token for c in req.concepts] == ["cat", "<toy>"]
+    assert unknown == ["<nothing>"]  # the bundled word is known through its LoRA
+    req, _ = request_for(dict(prompt="a cat", negative_prompt=""), library, "s")
+    assert req.loras == [] and [c.token for c in req.concepts] == ["cat"]
+    with pytest.raises(LoraError, match="negative prompt"):
+        request_for(dict(prompt="a cat", negative_prompt="<lora:ink:1>"), library, "s")

@@ -1,6 +1,8 @@
-"""`studio concepts inspect FILE [--json]` and `studio concepts convert FILE --to FORMAT OUT`.
+"""`studio concepts inspect FILE [--json]`, `studio concepts convert FILE --to FORMAT OUT` and
+`studio concepts export FILE --format diffusers|kohya --out OUT [--overwrite]`.
 
-`inspect` reads embeddings (kind "word") and LoRA files (kind "lora", or "word+lora" with bundled words) alike.
+`inspect` reads embeddings (kind "word") and LoRA files (kind "lora", or "word+lora" with bundled words) alike;
+`convert` writes embeddings, `export` LoRA files (with their bundled words).
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from pathlib import Path
 from studio.engine.concepts import FORMATS, load_concept, save_concept
 from studio.engine.concepts import family_of
 from studio.engine.lora import LoraFile, is_lora_file, load_lora
+from studio.engine.lora_export import EXPORT_FORMATS, export_lora
+from studio.errors import LoraError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `concepts` with its `inspect` and `convert` actions to the dispatcher."""
-    parser = subparsers.add_parser("concepts", help="inspect and convert textual-inversion files; inspect LoRA files")
+    """Add `concepts` with its `inspect`, `convert` and `export` actions to the dispatcher."""
+    parser = subparsers.add_parser("concepts", help="inspect and convert textual-inversion files; inspect and "
+                                                    "export LoRA files")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     inspect = actions.add_parser("inspect", help="show a concept file's kind, format, token, vectors, dims and "
@@ -33,9 +38,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--token", help="trigger word to use instead of the file name")
     convert.set_defaults(func=run)
 
+    export = actions.add_parser("export", help="write a LoRA file (and its bundled words) in diffusers' or kohya's "
+                                               "form")
+    export.add_argument("file", type=Path)
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                        help="diffusers: save_lora_weights' file (+ <stem>_emb.safetensors for words); kohya: "
+                             "lora_unet_/lora_te_ names, words bundled as A1111's bundle_emb")
+    export.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT (and its words file) if it exists")
+    export.set_defaults(func=run)
+
 
 def run(args: argparse.Namespace) -> int:
-    """Run `inspect` or `convert`; errors (ConceptError, LoraError) are printed as one line by the dispatcher."""
+    """Run `inspect`, `convert` or `export`; errors (ConceptError, LoraError) are printed as one line by the
+    dispatcher."""
+    if args.action == "export":
+        return run_export(args)
     if args.action == "inspect" and is_lora_file(args.file):
         return inspect_lora(load_lora(args.file), as_json=args.json)
     concept = load_concept(args.file, token=args.token)
@@ -100,4 +118,17 @@ def inspect_lora(lora: LoraFile, as_json: bool) -> int:
     for word in info["words"]:
         dims = " + ".join(f"{key} {dim}" for key, dim in word["dims"].items())
         print(f"word:     {word['token']}: {word['vectors']} vector(s) x ({dims})")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Write a LoRA file in another form, inside the folder of `--out`."""
+    if args.file.is_file() and not is_lora_file(args.file):
+        raise LoraError(f"{args.file.name}: not a LoRA file (no LoRA weights); `export` writes LoRA files, "
+                        "`studio concepts convert FILE --to FORMAT OUT` writes embeddings")
+    lora = load_lora(args.file)
+    written = export_lora(lora, args.out.parent, args.out.name, args.format, overwrite=args.overwrite)
+    extra = f" (+ words {written.words_path.name})" if written.words_path else ""
+    words = ", ".join(w.token for w in lora.words) or "none"
+    print(f"wrote {written.path}{extra}: {args.format} form of {lora.path.name}, rank {lora.rank}, words: {words}")
     return 0

@@ -1,5 +1,11 @@
-"""`studio eval [--model M] [--out results.json]`: the paper's scores on the demo world (studio/evaluation/runner.py,
-given the demo's judge and world from studio/demo/evaluate.py)."""
+"""`studio eval [--model M] [--out results.json]`: the paper's and DreamBench's scores on the demo world
+(studio/evaluation/runner.py, given the demo's judge, world and identity encoder from studio/demo/evaluate.py).
+
+    studio eval --held-out                     # the full run: 12 unseen individuals x 9 prompts x 3 pictures, ~21 min
+    studio eval --concepts purple-star,/my/set # bundled sets by name, concept-set folders from anywhere
+    studio eval --skip-concepts --prompts 200 --seed 3 --out base.json
+    studio eval --held-out 2 --quick           # the same in miniature (tests)
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from pathlib import Path
 
 from studio.evaluation.config import EvalConfig  # dataclasses only: `studio --help` stays cheap
 
+FULL_RUN_HELD_OUT = 12  # S of the full run: see EvalConfig's docstring for its time and interval
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="score the base model and Textual Inversion on the demo world's "
@@ -18,7 +25,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=int, default=EvalConfig.images, help="pictures per concept prompt")
     p.add_argument("--steps", type=int, default=EvalConfig.steps, help="sampling steps")
     p.add_argument("--train-steps", type=int, help="Textual Inversion steps (default: TrainConfig's)")
-    p.add_argument("--concepts", help="comma-separated concept sets (default: all in assets/concepts)")
+    p.add_argument("--train-vectors", type=int, help="Textual Inversion vectors per word (default: TrainConfig's, 1)")
+    p.add_argument("--concepts", help="comma-separated concept sets: bundled names or folders holding pictures and a "
+                                      "concept.json (default: all in assets/concepts, or none with --held-out)")
+    p.add_argument("--held-out", type=int, nargs="?", const=FULL_RUN_HELD_OUT, default=0, metavar="N",
+                   help=f"also evaluate N individuals no model has seen (default N: {FULL_RUN_HELD_OUT}, the full "
+                        "run); their sets are written under --work-dir")
+    p.add_argument("--quick", action="store_true", help="a miniature run for tests: 4 captions, 1 picture per "
+                                                        "prompt at 4 steps, 2 prompts of each kind, 20 training "
+                                                        "steps, at most 2 held-out subjects")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-compliance", action="store_true", help="only the concept scores")
     p.add_argument("--skip-concepts", action="store_true", help="only base prompt compliance")
@@ -27,13 +42,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    """EvalConfig from the parsed command line; bad counts are a clear error."""
-    if args.prompts < 1 or args.images < 1:
-        raise ValueError("--prompts and --images must be at least 1")
+    """EvalConfig from the parsed command line (`--quick` shrinks it); bad counts are a clear error."""
+    if args.prompts < 1 or args.images < 1 or args.held_out < 0:
+        raise ValueError("--prompts and --images must be at least 1, --held-out at least 0")
     names = [n.strip() for n in args.concepts.split(",") if n.strip()] if args.concepts else None
-    return EvalConfig(prompts=args.prompts, images=args.images, steps=args.steps, train_steps=args.train_steps,
-                      concepts=names, seed=args.seed, skip_compliance=args.skip_compliance,
-                      skip_concepts=args.skip_concepts)
+    cfg = EvalConfig(prompts=args.prompts, images=args.images, steps=args.steps, train_steps=args.train_steps,
+                     train_vectors=args.train_vectors,
+                     concepts=names, held_out=args.held_out, seed=args.seed, skip_compliance=args.skip_compliance,
+                     skip_concepts=args.skip_concepts)
+    return cfg.quick() if args.quick else cfg
 
 
 def run(args: argparse.Namespace) -> int:

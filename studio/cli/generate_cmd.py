@@ -1,8 +1,9 @@
-"""`studio generate --prompt P [--model M] [--concept FILE]... [--lora FILE[:WEIGHT]]... [--memory MODE] [--out PNG]`:
+"""`studio generate --prompt P [--model M] [--concept FILE[:WEIGHT]]... [--memory MODE] [--out PNG]`:
 text (or image) to picture.
 
-A `--lora` file is applied with its weight (default 1.0); a `<lora:stem:w>` tag in the prompt names a `--lora` file by
-its stem and sets its weight, as in A1111."""
+A `--concept` file is a word (an embedding) or a LoRA (with any words it bundles); a LoRA is applied with its weight
+(default 1.0; 0 gives the picture without it), and a `<lora:stem:w>` tag in the prompt names it by its stem and sets
+its weight, as in A1111. `--lora FILE[:WEIGHT]` is the same as `--concept` for a LoRA file."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from studio.engine.memory import MEMORY_MODES
+from studio.errors import LoraError, UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the built-in demo)")
     p.add_argument("--prompt", required=True, help="the prompt; write a concept's word to use it")
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--concept", action="append", default=[], type=Path, help="concept file (repeatable)")
+    p.add_argument("--concept", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="concept file: a word, or a LoRA with its weight (default 1.0) (repeatable)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="LoRA file, weight default 1.0 (repeatable); <lora:stem:w> in --prompt sets its weight")
     p.add_argument("--seed", type=int, help="seed, 0 to 2**63 - 1 (default or -1: random, printed)")
@@ -41,7 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from studio.engine.concepts import load_concept
     from studio.engine.generate import GenerateRequest, check_seed, check_size, generate, save_png
     from studio.engine.memory import apply_preset, memory_settings, preset
     from studio.engine.models import ModelManager
@@ -52,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
     check_seed(args.seed, args.batch)
     init_image = open_picture(args.init_image, what=f"--init-image {args.init_image}") if args.init_image else None
     mask = open_picture(args.mask, what=f"--mask {args.mask}") if args.mask else None
-    concepts = [load_concept(path) for path in args.concept]
-    loras = lora_uses(args.prompt, args.lora)
+    concepts, loras = concept_uses(args.prompt, args.concept, args.lora)
     # 2. The model.
     mode = preset(args.memory)  # `auto` resolves to one of the named modes here, once
     print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explanation}")
@@ -79,30 +80,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def lora_uses(prompt: str, specs: list[str]) -> list:
-    """(LoraFile, weight) for each `--lora FILE[:WEIGHT]`; a `<lora:stem:w>` tag in `prompt` must name one of them
-    (the engine, `studio.engine.generate.lora_weights`, gives the tag's weight to that file).
+def _file_and_weight(spec: str, flag: str) -> tuple[Path, float | None]:
+    """`FILE` or `FILE:WEIGHT` (None: no weight written); a path that exists as written wins over the split."""
+    path = Path(spec)
+    head, colon, tail = spec.rpartition(":")
+    if not colon or not head or path.exists():
+        return path, None
+    try:
+        return Path(head), float(tail)
+    except ValueError:
+        raise UserError(f"{flag} {spec}: {tail!r} is not a weight; write {flag} FILE or {flag} FILE:0.8") from None
 
-    A tag naming no `--lora` file, a weight that is not a number, or a file that is not a LoRA is a `UserError`."""
-    from studio.engine.lora import load_lora
+
+def concept_uses(prompt: str, concept_specs: list[str], lora_specs: list[str]) -> tuple[list, list]:
+    """The words and the (LoraFile, weight) pairs that `--concept` and `--lora` name; a `<lora:stem:w>` tag in
+    `prompt` must name one of the LoRAs (the engine, `studio.engine.generate.lora_weights`, gives the tag's weight to
+    that file).
+
+    A tag naming no LoRA, a weight that is not a number or is given to a word, or a `--lora` file that is not a LoRA
+    is a `UserError`."""
+    from studio.engine.concepts import load_concept
+    from studio.engine.lora import is_lora_file, load_lora
     from studio.engine.prompts import split_lora_tags
-    from studio.errors import LoraError
 
-    files: dict[str, tuple] = {}
-    for spec in specs:
-        path, weight = Path(spec), 1.0
-        head, colon, tail = spec.rpartition(":")
-        if colon and head and not path.exists():  # FILE:WEIGHT; a path that exists as written wins
-            try:
-                path, weight = Path(head), float(tail)
-            except ValueError:
-                raise LoraError(f"--lora {spec}: {tail!r} is not a weight; write --lora FILE or --lora FILE:0.8") \
-                    from None
-        lora = load_lora(path)
-        if lora.name in files:
-            raise LoraError(f"--lora {spec}: a second file named {lora.name!r}; <lora:{lora.name}> would be ambiguous")
-        files[lora.name] = (lora, weight)
+    words, loras = [], {}
+    for flag, specs in (("--concept", concept_specs), ("--lora", lora_specs)):
+        for spec in specs:
+            path, weight = _file_and_weight(spec, flag)
+            if flag == "--concept" and not is_lora_file(path):
+                if weight not in (None, 1.0):
+                    raise UserError(f"--concept {spec}: {path.name} is a word, and a weight applies to a LoRA only; "
+                                    "leave the weight out")
+                words.append(load_concept(path))
+                continue
+            lora = load_lora(path)
+            if lora.name in loras:
+                raise LoraError(f"{flag} {spec}: a second file named {lora.name!r}; <lora:{lora.name}> would be "
+                                "ambiguous")
+            loras[lora.name] = (lora, 1.0 if weight is None else weight)
     for name, _weight in split_lora_tags(prompt)[1]:
-        if name not in files:
-            raise LoraError(f"<lora:{name}> in --prompt names no --lora file; add --lora {name}.safetensors")
-    return list(files.values())
+        if name not in loras:
+            raise LoraError(f"<lora:{name}> in --prompt names no LoRA file; add --concept {name}.safetensors")
+    return words, list(loras.values())

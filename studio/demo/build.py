@@ -1,12 +1,13 @@
 """Train the embedded demo model on the procedural world and save it as a Stable Diffusion 1.x folder.
 
-`python -m studio.demo.build [--out assets/demo-model] [--minutes 88] [--vae-steps 4000] [--seed 0]`
+`python -m studio.demo.build [--out assets/demo-model] [--minutes 88] [--vae-steps 4000] [--seed 0]
+[--noise-offset 0.1] [--init-from DIR] [--vae DIR]`
 
 Recipe (seeded; a wall-clock budget sets the number of steps, so a faster machine trains longer; `--unet-steps`
 fixes the count instead for an exactly repeatable run):
 1. Render the world: pictures with three captions each (`studio.demo.world`); a training step picks one, so the
    model sees the same picture described in different words. 10% of objects wear the unnamed "zigzag" pattern,
-   which their captions never mention.
+   which their captions never mention; 35% are individuals (world v2's toys), each drawn once.
 2. Build the tokenizer over the demo vocabulary (`studio.demo.vocab`).
 3. Train a small AutoencoderKL (64x64 RGB -> 4x16x16 latents, no mid-block attention: it is 2x cheaper and the
    world has no long-range structure) with L1 + MSE reconstruction weighted towards object pixels, mostly on
@@ -18,7 +19,9 @@ fixes the count instead for an exactly repeatable run):
    with v-prediction and samples from the last timestep ("trailing"; Lin et al. 2024): SD's schedule leaves 7% of
    the picture in its noisiest training step, so the model reads background and layout off the noise and sampling
    from pure noise draws them at random; zero-snr fixes that but learnt colour and shape far slower here. AdamW
-   with warm-up and cosine decay, an EMA of the weights that is what gets saved. Cross-attention sits at the 8x8 and 4x4 levels only: 16x16 self-attention would double the cost.
+   with warm-up and cosine decay, an EMA of the weights that is what gets saved. `--noise-offset` adds a
+   per-channel constant to the noise (offset noise), which fixed build 3's tinted backgrounds at no cost in
+   colour or shape (docs/demo-model.md, build 5); `--init-from` continues an earlier build's text encoder and UNet. Cross-attention sits at the 8x8 and 4x4 levels only: 16x16 self-attention would double the cost.
 6. Save a standard diffusers StableDiffusionPipeline folder atomically (temp folder, then rename), with a
    snapshot every `--snapshot-minutes` so a cut-off build still leaves a usable model.
 """
@@ -56,6 +59,9 @@ CAPTIONS_PER_PICTURE = 3
 # Share of objects drawn with the pattern no caption names ("zigzag"): the model must be able to draw it for a
 # learned word to reach it, as SD can draw many things no word reaches (the paper's premise).
 UNNAMED_RATE = 0.1
+# Share of objects that are individuals (world v2's toys, each seen once): enough that the model learns to draw
+# *a* toy in any scene, so that a learned word has an individual to point at.
+TOY_RATE = 0.35
 OBJECT_WEIGHT = 9.0  # VAE loss weight of object pixels against background pixels
 EDGE_WEIGHT = 2.0  # VAE loss weight of the neighbouring-pixel differences
 # The UNet's noise schedule (training, and the sampler config saved with the model). "sd": SD 1.x's own, what the
@@ -105,7 +111,7 @@ def render_data(n: int, seed: int) -> tuple[torch.Tensor, list[list[str]]]:
     rng = random.Random(seed)
     images, captions = [], []
     for _ in range(n):
-        scene = sample_scene(rng, training=True, unnamed_rate=UNNAMED_RATE)
+        scene = sample_scene(rng, training=True, unnamed_rate=UNNAMED_RATE, toy_rate=TOY_RATE)
         images.append(render(scene, RESOLUTION))
         captions.append([caption(scene, rng) for _ in range(CAPTIONS_PER_PICTURE)])
     return _to_tensor(images), captions
@@ -273,7 +279,7 @@ def _tokenize(out: Path, captions: list[list[str]]) -> _Captions:
 
 
 def _vae_and_latents(out: Path, pixels: torch.Tensor, vae_dir: Path | None, vae_steps: int, ceiling_pictures: int,
-                     log: dict, gen: torch.Generator) -> tuple[AutoencoderKL, torch.Tensor]:
+                     log: dict, gen: torch.Generator, keep_scaling: bool = False) -> tuple[AutoencoderKL, torch.Tensor]:
     """Steps 3-4 of `build`: the VAE (trained, or an earlier build's), then every picture's latent, scaled."""
     if vae_dir is not None:  # a VAE an earlier build of the same recipe trained (its scaling is recomputed)
         vae = AutoencoderKL.from_pretrained(vae_dir)
@@ -287,11 +293,41 @@ def _vae_and_latents(out: Path, pixels: torch.Tensor, vae_dir: Path | None, vae_
         moments = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
         check = vae.decode(moments[:256]).sample
         log["vae_reconstruction_l1"] = round(float((check - pixels[:256]).abs().mean()), 4)
-    scaling = float(1.0 / moments.std())
+    # Scaled to unit variance as SD does; a VAE reused to continue an earlier build keeps the scale its UNet learnt.
+    scaling = vae.config.scaling_factor if keep_scaling else float(1.0 / moments.std())
     vae.register_to_config(scaling_factor=scaling)
     log["vae_scaling_factor"] = scaling
     log["vae_judge"] = vae_ceiling(vae, ceiling_pictures) if ceiling_pictures else None
     return vae, moments * scaling
+
+
+def warm_start(folder: Path, tokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel]:
+    """The text encoder and UNet of an earlier build (`folder`), for training to continue from them.
+
+    The earlier build's tokenizer may differ (build 3's split "heart" in two): every token of `tokenizer` takes
+    the earlier embedding row of the same token string, or the mean of the rows the earlier tokenizer splits that
+    string into; everything else is copied as is."""
+    from transformers import CLIPTokenizer
+
+    old_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    old_tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    text_encoder = make_text_encoder(tokenizer)
+    state = {k: v for k, v in old_encoder.state_dict().items() if "token_embedding" not in k}
+    missing, unexpected = text_encoder.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "token_embedding" not in k]:
+        raise ValueError(f"{folder} is not a build of this recipe's text encoder (differs in {missing + unexpected})")
+    old_rows = old_encoder.get_input_embeddings().weight.detach()
+    old_vocab = old_tokenizer.get_vocab()
+    with torch.no_grad():
+        new_rows = text_encoder.get_input_embeddings().weight
+        for token, index in tokenizer.get_vocab().items():
+            if token in old_vocab:
+                new_rows[index] = old_rows[old_vocab[token]]
+            else:
+                pieces = old_tokenizer(tokenizer.convert_tokens_to_string([token]), add_special_tokens=False).input_ids
+                if pieces:
+                    new_rows[index] = old_rows[pieces].mean(0)
+    return text_encoder, UNet2DConditionModel.from_pretrained(folder / "unet")
 
 
 def min_snr_weights(noise_sched: DDPMScheduler) -> torch.Tensor:
@@ -304,9 +340,14 @@ def min_snr_weights(noise_sched: DDPMScheduler) -> torch.Tensor:
 
 def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Captions, log: dict,
                 gen: torch.Generator, snapshot: Callable[[int], None], *, lr: float, batch: int, schedule: str,
-                unet_steps: int | None, budget_left: Callable[[], float], snapshot_minutes: float, t0: float) -> int:
+                unet_steps: int | None, budget_left: Callable[[], float], snapshot_minutes: float, t0: float,
+                noise_offset: float = 0.0) -> int:
     """Step 5 of `build`: train the text encoder and UNet together for `unet_steps` (None: until the time
-    `budget_left()` gives when the loop starts is spent); returns the number of steps done."""
+    `budget_left()` gives when the loop starts is spent); returns the number of steps done.
+
+    `noise_offset` adds a per-picture, per-channel constant to the noise (Guttenberg 2023, diffusers'
+    `--noise_offset`): SD's schedule leaves the picture's mean in its noisiest step, so without it the model reads
+    the background off the noise; with it the mean is noise too and the caption must say it."""
     noise_sched = DDPMScheduler(**NOISE_SCHEDULES[schedule])
     v_prediction = noise_sched.config.prediction_type == "v_prediction"
     weights = min_snr_weights(noise_sched)
@@ -326,6 +367,8 @@ def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Ca
         tok[torch.rand(batch, generator=gen) < 0.1] = words.empty_ids
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
+        if noise_offset:
+            noise = noise + noise_offset * torch.randn((batch, x0.shape[1], 1, 1), generator=gen)
         t = torch.randint(0, 1000, (batch,), generator=gen)
         xt = noise_sched.add_noise(x0, noise, t)
         cond = text_encoder(tok).last_hidden_state
@@ -350,7 +393,8 @@ def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Ca
 
 def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 4000,
           unet_steps: int | None = None, snapshot_minutes: float = 15.0, batch: int = 32, lr: float = 1e-3,
-          vae_dir: Path | None = None, ceiling_pictures: int = 500, schedule: str = "sd") -> Path:
+          vae_dir: Path | None = None, ceiling_pictures: int = 500, schedule: str = "sd",
+          noise_offset: float = 0.0, init_from: Path | None = None, threads: int | None = None) -> Path:
     """Run the recipe of this module's docstring and write the pipeline folder `out`; returns `out`.
 
     All the CPU's cores train (inside the build only: see `_torch_threads`); with `unet_steps` and the same
@@ -358,10 +402,11 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
     if schedule not in NOISE_SCHEDULES:
         raise ValueError(f"unknown noise schedule {schedule!r}; choose one of: {', '.join(NOISE_SCHEDULES)}")
     t0 = time.time()
-    with _torch_threads(max(1, os.cpu_count() or 1)):
+    with _torch_threads(threads or max(1, os.cpu_count() or 1)):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        log = {"recipe": 3, "schedule": schedule, "seed": seed, "minutes": minutes, "vae_steps": vae_steps,
+        log = {"recipe": 5, "world": 2, "toy_rate": TOY_RATE, "schedule": schedule, "noise_offset": noise_offset,
+               "init_from": str(init_from) if init_from else None, "seed": seed, "minutes": minutes, "vae_steps": vae_steps,
                "n_images": n_images, "batch": batch, "lr": lr,
                "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
                            f"torch {torch.__version__}", "vae_loss": [], "unet_loss": []}
@@ -376,13 +421,17 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
               f"{time.time() - t0:.0f}s", flush=True)
 
         # 3-4. VAE, then the latent cache.
-        vae, latents = _vae_and_latents(out, pixels, vae_dir, vae_steps, ceiling_pictures, log, gen)
+        vae, latents = _vae_and_latents(out, pixels, vae_dir, vae_steps, ceiling_pictures, log, gen,
+                                        keep_scaling=init_from is not None and vae_dir is not None)
         del pixels
         print(f"latents cached {tuple(latents.shape)}, scaling {log['vae_scaling_factor']:.3f}, reconstruction L1 "
               f"{log['vae_reconstruction_l1']}, {time.time() - t0:.0f}s", flush=True)
 
         # 5. Text encoder + UNet, with a snapshot of the EMA weights every `snapshot_minutes`.
-        text_encoder, unet = make_text_encoder(words.tokenizer), make_unet()
+        if init_from is not None:
+            text_encoder, unet = warm_start(init_from, words.tokenizer)
+        else:
+            text_encoder, unet = make_text_encoder(words.tokenizer), make_unet()
         ema = _EMA([text_encoder, unet])
 
         def snapshot(step: int) -> None:
@@ -391,6 +440,7 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
 
         step = _train_unet(text_encoder, unet, ema, latents, words, log, gen, snapshot, lr=lr, batch=batch,
                            schedule=schedule, unet_steps=unet_steps, snapshot_minutes=snapshot_minutes, t0=t0,
+                           noise_offset=noise_offset,
                            budget_left=lambda: minutes * 60 - (time.time() - t0) - 30)  # 30 s left to save
 
         # 6. Save (the EMA weights).
@@ -418,9 +468,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schedule", choices=sorted(NOISE_SCHEDULES), default="sd",
                         help="UNet noise schedule: sd (SD 1.x's; the shipped build) or zero-snr (v-prediction, "
                         "zero terminal SNR, trailing timesteps; see docs/demo-model.md)")
+    parser.add_argument("--noise-offset", type=float, default=0.0,
+                        help="per-channel constant added to the noise (diffusers' --noise_offset; 0.1 is common)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="continue from an earlier build's text encoder and UNet (its tokenizer may differ)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     args = parser.parse_args(argv)
     build(args.out, args.minutes, args.seed, args.images, args.vae_steps, args.unet_steps,
-          args.snapshot_minutes, args.batch, args.lr, args.vae, schedule=args.schedule)
+          args.snapshot_minutes, args.batch, args.lr, args.vae, schedule=args.schedule,
+          noise_offset=args.noise_offset, init_from=args.init_from, threads=args.threads)
 
 
 if __name__ == "__main__":

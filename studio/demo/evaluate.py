@@ -1,6 +1,6 @@
-"""The demo world as `studio.evaluation` takes it: its judge (`DemoJudge`), its captions, renders and bundled
-concept sets (`DemoWorld`). `studio eval` and the Evaluate tab build these and pass them in; the evaluation itself
-imports nothing of the demo.
+"""The demo world as `studio.evaluation` takes it: its judge (`DemoJudge`), its captions, renders, bundled and
+held-out concept sets and identity encoder (`DemoWorld`). `studio eval` and the Evaluate tab build these and pass
+them in; the evaluation itself imports nothing of the demo.
 
     run_evaluation(None, DemoJudge(), DemoWorld(), EvalConfig(prompts=20))
     score_concept(model, concept, judge=DemoJudge(), concept_set=concept_set_for(concept.token))
@@ -15,7 +15,8 @@ from typing import Any, Sequence
 from PIL import Image
 
 from studio.demo import world
-from studio.demo.concept_sets import ConceptSet, list_concept_sets, load_concept_set
+from studio.demo.concept_sets import ConceptSet, list_concept_sets, load_concept_set, write_held_out_sets
+from studio.demo.identity import IDENTITY_DIR, IdentityEncoder
 from studio.demo.judge import JUDGE_DIR, VOCAB, Judge, check
 
 
@@ -54,7 +55,24 @@ class DemoJudge:
 
 
 class DemoWorld:
-    """The procedural world (studio/demo/world.py) and its bundled concept sets (assets/concepts/)."""
+    """The procedural world (studio/demo/world.py), its bundled concept sets (assets/concepts/), its held-out
+    individuals and its identity encoder (studio/demo/identity.py, loaded on first use)."""
+
+    def __init__(self, identity_folder: Path | str = IDENTITY_DIR):
+        self.identity_folder = identity_folder
+        self._identity: IdentityEncoder | None = None
+
+    def identity(self) -> IdentityEncoder:
+        """The identity encoder; a missing one raises IdentityError (a ValueError), which says how to train it."""
+        if self._identity is None:
+            self._identity = IdentityEncoder.load(self.identity_folder)
+        return self._identity
+
+    def held_out_sets(self, n: int, seed: int, folder: Path) -> dict[str, ConceptSet]:
+        """`n` individuals from `world.HELD_OUT_INDIVIDUALS` (no model or bundled set has seen them), rendered as
+        concept sets under `folder` (concept_sets.write_held_out_sets) and keyed by name."""
+        sets = [load_concept_set(f) for f in write_held_out_sets(Path(folder), n, seed)]
+        return {cs.name: cs for cs in sets}
 
     def captions(self, n: int, seed: int) -> list[tuple[str, dict[str, Any]]]:
         """`n` captions of training scenes (held-out pairs excluded), each with what it names (`caption_attributes`)."""

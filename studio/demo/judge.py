@@ -1,9 +1,16 @@
 """The judge: a small CNN that reads every attribute of a demo-world picture, so generations can be scored.
 
 `python -m studio.demo.judge --train` renders seeded world pictures (every shape/colour pair, the unnamed
-"zigzag" pattern included: the judge must see what the demo model was never told about), trains the classifier on
-one CPU thread, measures its accuracy on fresh clean renders and writes `assets/judge/judge.safetensors` (weights,
-fp16) and `assets/judge/judge.json` (vocabularies, architecture, training settings, measured accuracy).
+"zigzag" pattern and a quarter of individuals, "toy", included: the judge must see what the demo model was never
+told about), passes a share of them through the demo model's VAE (`assets/demo-model/vae`), trains the classifier
+on one CPU thread with the degradations generated pictures have (VAE reconstructions, mild blur, colour shifts,
+tinted backgrounds, noise), measures it on fresh renders, clean and VAE-reconstructed, with individuals it never
+saw, and writes `assets/judge/judge.safetensors` (weights, fp16) and `assets/judge/judge.json` (vocabularies,
+architecture, training settings, measured accuracy, and on reconstructions which style it reads for each style).
+
+The judge reads a toy's class ("toy") and main colour, never its surface: an individual's pattern is
+`world.OWN_PATTERN`, which `predict` reports for anything read as a toy and `check` treats as not applicable
+(telling one individual from another is the identity encoder's work).
 
 One network, one head per attribute. Scenes hold one object anywhere or two small objects at left and right, so the
 object heads come in two slots: slot 0 is the single object (or the left one), slot 1 the right one.
@@ -22,6 +29,7 @@ import itertools
 import json
 import random
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -37,16 +45,14 @@ from studio.engine.files import atomic_write
 JUDGE_DIR = Path(__file__).resolve().parents[2] / "assets" / "judge"
 RESOLUTION = 64
 
-# Every attribute value the judge can name. Patterns include the unnamed one: the judge reads pictures, not captions.
+VAE_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo-model" / "vae"  # the VAE generations decode through
+TOY_RATE = 0.25  # share of objects that are individuals in the judge's training and measuring scenes
+
+# Every attribute value the judge can name: the world's (unnamed pattern and "toy" included; the judge reads
+# pictures, not captions). `world.OWN_PATTERN` is no class: an individual's surface is its own.
 VOCAB: dict[str, tuple[str, ...]] = {
     "count": ("1", "2"),
-    "background": tuple(world.BACKGROUNDS),
-    "style": world.STYLES,
-    "shape": world.SHAPES,
-    "color": tuple(world.COLORS),
-    "pattern": world.PATTERNS + world.UNNAMED["pattern"],
-    "size": world.SIZES,
-    "position": world.POSITIONS,
+    **{k: world.ATTRIBUTES[k] for k in ("background", "style", "shape", "color", "pattern", "size", "position")},
 }
 SCENE_KEYS = ("count", "background", "style")
 OBJECT_KEYS = ("shape", "color", "pattern", "size", "position")
@@ -93,29 +99,35 @@ def _ordered(scene: world.Scene) -> list[world.Obj]:
 
 
 def scene_attributes(scene: world.Scene) -> dict[str, Any]:
-    """A scene's ground truth in the judge's output form (see `Judge.predict`)."""
+    """A scene's ground truth in the judge's output form (see `Judge.predict`; a toy's pattern is OWN_PATTERN)."""
     objects = [{"shape": o.shape, "color": o.color, "pattern": o.pattern, "size": o.size, "position": o.position}
                for o in _ordered(scene)]
     return {"count": len(objects), "background": scene.background, "style": scene.style, "objects": objects}
 
 
 def _scene_targets(scene: world.Scene) -> dict[str, int]:
-    """Class index per head; -1 where the head does not apply (slot 1 of a single object, size of a pair)."""
+    """Class index per head; -1 where the head does not apply (slot 1 of a single object, size of a pair, the
+    pattern of a toy)."""
     objs = _ordered(scene)
     t = {"count": len(objs) - 1, "background": VOCAB["background"].index(scene.background),
          "style": VOCAB["style"].index(scene.style)}
     for slot in (0, 1):
         for key in SLOT_KEYS:
-            t[f"obj{slot}_{key}"] = VOCAB[key].index(getattr(objs[slot], key)) if slot < len(objs) else -1
+            value = getattr(objs[slot], key) if slot < len(objs) else None
+            t[f"obj{slot}_{key}"] = VOCAB[key].index(value) if value in VOCAB[key] else -1
     single = len(objs) == 1
     t["size"] = VOCAB["size"].index(objs[0].size) if single else -1
     t["position"] = VOCAB["position"].index(objs[0].position) if single else -1
     return t
 
 
-def judge_scenes(rng: random.Random, n: int, unnamed_rate: float = 0.2) -> list[world.Scene]:
-    """Scenes for training or measuring the judge: every (shape, colour) pair, zigzag at `unnamed_rate`."""
-    return [world.sample_scene(rng, training=False, unnamed_rate=unnamed_rate) for _ in range(n)]
+def judge_scenes(rng: random.Random, n: int, unnamed_rate: float = 0.2, toy_rate: float = TOY_RATE,
+                 individuals: range = world.TRAINING_INDIVIDUALS) -> list[world.Scene]:
+    """Scenes for training or measuring the judge: every (shape, colour) pair, zigzag at `unnamed_rate`, a share
+    `toy_rate` of individuals drawn from `individuals` (training's seeds to train; `world.HELD_OUT_INDIVIDUALS` to
+    measure, so "toy" is read as a class, not as the toys it was trained on)."""
+    return [world.sample_scene(rng, training=False, unnamed_rate=unnamed_rate, toy_rate=toy_rate,
+                               individuals=individuals) for _ in range(n)]
 
 
 def to_batch(images: Sequence[Image.Image]) -> torch.Tensor:
@@ -189,6 +201,8 @@ class Judge:
             objects = []
             for slot in range(count):
                 obj = {k: VOCAB[k][preds[f"obj{slot}_{k}"][i]] for k in SLOT_KEYS}
+                if obj["shape"] == world.TOY:  # a toy's surface is its own: the pattern head was not trained on it
+                    obj["pattern"] = world.OWN_PATTERN
                 if count == 1:
                     obj.update(size=VOCAB["size"][preds["size"][i]], position=VOCAB["position"][preds["position"][i]])
                 else:
@@ -226,6 +240,7 @@ class Judge:
             raise JudgeError("soft_agreement takes flat attributes (one object), not an `objects` list")
         if not images:
             raise JudgeError("no pictures to judge")
+        attributes = _applicable(attributes)
         probs = self.probabilities(images)
         per_attribute = []
         for key, wanted in attributes.items():
@@ -236,7 +251,7 @@ class Judge:
             else:
                 p = probs[key][:, idx].sum(-1)
             per_attribute.append(p)
-        return float(torch.stack(per_attribute).mean())
+        return float(torch.stack(per_attribute).mean()) if per_attribute else 1.0
 
 
 def _validate(attributes: dict[str, Any]) -> None:
@@ -248,8 +263,22 @@ def _validate(attributes: dict[str, Any]) -> None:
         if key not in VOCAB:
             raise JudgeError(f"the judge knows no attribute {key!r}; it reads: {', '.join(VOCAB)} and 'objects'")
         for one in (value if isinstance(value, (list, tuple)) else [value]):
-            if str(one) not in VOCAB[key]:
+            if str(one) not in VOCAB[key] and not (key == "pattern" and one == world.OWN_PATTERN):
                 raise JudgeError(f"{one!r} is not a {key} the judge knows; known: {', '.join(VOCAB[key])}")
+
+
+def _is_own(pattern: Any) -> bool:
+    """A wanted pattern of OWN_PATTERN (or a list holding it) asks for an individual's own surface."""
+    return world.OWN_PATTERN in (pattern if isinstance(pattern, (list, tuple)) else [pattern])
+
+
+def _applicable(attributes: dict[str, Any]) -> dict[str, Any]:
+    """`attributes` without what the judge cannot check: a wanted pattern of OWN_PATTERN (an individual's surface
+    is not a pattern class; the identity encoder judges whose toy it is)."""
+    out = {k: v for k, v in attributes.items() if not (k == "pattern" and _is_own(v))}
+    if "objects" in attributes:
+        out["objects"] = [_applicable(spec) for spec in attributes["objects"]]
+    return out
 
 
 def _matches(predicted: Any, wanted: Any) -> bool:
@@ -267,9 +296,10 @@ def check(prediction: dict[str, Any], attributes: dict[str, Any]) -> dict[str, b
     (e.g. "a red circle and a blue square"), scored under the best one-to-one pairing with the predicted objects;
     a value may be a list, meaning any of those values;
     a named object with no predicted partner fails all its checks. Keys of `objects` entries come back as
-    `objects[i].shape` and so on.
+    `objects[i].shape` and so on. A wanted pattern of `world.OWN_PATTERN` is not checked (not applicable).
     """
     _validate(attributes)
+    attributes = _applicable(attributes)
     result: dict[str, bool] = {}
     for key in SCENE_KEYS:
         if key in attributes:
@@ -294,28 +324,32 @@ def check(prediction: dict[str, Any], attributes: dict[str, Any]) -> dict[str, b
 
 # ---------------------------------------------------------------------------------------------- measuring
 
-def measure_accuracy(judge: Judge, n: int = 2000, seed: int = 12345,
-                     transform: Callable[[list[Image.Image]], list[Image.Image]] | None = None) -> dict[str, float]:
-    """Per-attribute accuracy on `n` fresh clean renders (a seed training never used), or on what `transform`
-    makes of them (e.g. a VAE's reconstructions: the most a model decoding through that VAE can reach).
-
-    shape/color/pattern count every object; size/position only single objects (pairs fix them); `scene` is the
-    fraction of pictures with every attribute right.
+def measure(judge: Judge, n: int = 2000, seed: int = 12345,
+            transform: Callable[[list[Image.Image]], list[Image.Image]] | None = None,
+            toy_rate: float = TOY_RATE) -> dict[str, Any]:
+    """The judge on `n` fresh renders (a seed training never used, individuals from `world.HELD_OUT_INDIVIDUALS`),
+    or on what `transform` makes of them (e.g. a VAE's reconstructions: the most a model decoding through that VAE
+    can reach). Returns `accuracy` (see `measure_accuracy`) and `style_confusion`: for each true style, how many
+    pictures the judge read as each style (a style that takes the others' pictures is a default, not a reading).
     """
     rng = random.Random(seed)
-    scenes = judge_scenes(rng, n)
+    scenes = judge_scenes(rng, n, toy_rate=toy_rate, individuals=world.HELD_OUT_INDIVIDUALS)
     pictures = [world.render(s, RESOLUTION) for s in scenes]
     preds = judge.predict(transform(pictures) if transform else pictures)
     hits: dict[str, list[bool]] = {k: [] for k in VOCAB}
+    confusion = {true: {read: 0 for read in VOCAB["style"]} for true in VOCAB["style"]}
     whole = []
     for scene, pred in zip(scenes, preds):
         truth = scene_attributes(scene)
         hits["count"].append(pred["count"] == truth["count"])
         hits["background"].append(pred["background"] == truth["background"])
         hits["style"].append(pred["style"] == truth["style"])
+        confusion[truth["style"]][pred["style"]] += 1
         for slot, obj in enumerate(truth["objects"]):
             got = pred["objects"][slot] if slot < len(pred["objects"]) else {}
             for key in SLOT_KEYS:
+                if key == "pattern" and obj[key] == world.OWN_PATTERN:
+                    continue  # a toy's surface is not a pattern class; reading it as a toy is the shape's hit
                 hits[key].append(got.get(key) == obj[key])
             if truth["count"] == 1:
                 hits["size"].append(got.get("size") == obj["size"])
@@ -323,40 +357,123 @@ def measure_accuracy(judge: Judge, n: int = 2000, seed: int = 12345,
         whole.append(pred == truth)
     acc = {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
     acc["scene"] = round(float(np.mean(whole)), 4)
-    return acc
+    return {"accuracy": acc, "style_confusion": confusion}
+
+
+def measure_accuracy(judge: Judge, n: int = 2000, seed: int = 12345,
+                     transform: Callable[[list[Image.Image]], list[Image.Image]] | None = None,
+                     toy_rate: float = TOY_RATE) -> dict[str, float]:
+    """Per-attribute accuracy on `n` fresh renders, clean or through `transform` (see `measure`).
+
+    shape/color/pattern count every object (pattern: every object but toys); size/position only single objects
+    (pairs fix them); `scene` is the fraction of pictures with every attribute right.
+    """
+    return measure(judge, n, seed, transform, toy_rate)["accuracy"]
+
+
+def load_vae_roundtrip(vae_dir: Path | str = VAE_DIR) -> Callable[[list[Image.Image]], list[Image.Image]]:
+    """Pictures -> their reconstructions through the VAE at `vae_dir` (the demo model's: what generations decode
+    through), as `studio.demo.build.vae_roundtrip` makes them."""
+    from diffusers import AutoencoderKL
+
+    from studio.demo.build import vae_roundtrip
+
+    vae_dir = Path(vae_dir)
+    if not (vae_dir / "config.json").is_file():
+        raise JudgeError(f"no VAE in {vae_dir} (a diffusers AutoencoderKL folder): the judge trains and is measured "
+                         "on its reconstructions; build the demo model (`python -m studio.demo.build`) or pass "
+                         "--vae FOLDER")
+    return vae_roundtrip(AutoencoderKL.from_pretrained(vae_dir).eval())
 
 
 # ---------------------------------------------------------------------------------------------- training
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Mild noise, brightness jitter and 0-2 px shifts, so generated pictures (never pixel-clean) still read well.
+@dataclass
+class Degradations:
+    """What generated pictures have and clean renders do not, applied to training pictures (labels unchanged)."""
 
-    No blur: blur is what the "soft" style is, and the judge must keep telling it apart.
+    vae_share: float = 0.4  # of the training pool, precomputed through the VAE (12,000 of 30,000: ~3 CPU-minutes)
+    vae_rate: float = 0.75  # chance a pooled picture that has a reconstruction is shown as it (~30% of batches)
+    blur_rate: float = 0.25  # of the other pictures, blurred a little
+    blur_sigma: tuple[float, float] = (0.3, 0.7)  # px at 64 px; the "soft" style is a blur of 1.6 px: clearly milder
+    tint_rate: float = 0.35  # background pixels shifted by one random tint (generated backgrounds are tinted)
+    tint: float = 0.2  # per channel, in [-1, 1] units (25/255): white stays nearer white than beige (97/255 apart)
+    color_shift: float = 0.04  # per-channel gain and offset, in [-1, 1] units: the VAE's slight colour shifts
+    noise: float = 0.06  # the largest noise sd
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each picture of `x` [N, 3, H, W] with its own Gaussian `sigma` [N] (px; 5x5 kernel, enough for <= 1)."""
+    n, c, h, w = x.shape
+    r = torch.arange(-2, 3, dtype=x.dtype)
+    k1 = torch.exp(-r[None, :] ** 2 / (2 * sigma[:, None] ** 2))
+    k1 = k1 / k1.sum(-1, keepdim=True)
+    k2 = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(c, 0)[:, None]  # [N*C, 1, 5, 5]
+    y = F.conv2d(F.pad(x.reshape(1, n * c, h, w), (2, 2, 2, 2), mode="reflect"), k2, groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+def _augment(x: torch.Tensor, background: torch.Tensor, reconstructed: torch.Tensor, gen: torch.Generator,
+             d: Degradations) -> torch.Tensor:
+    """Degrade a batch as generations are degraded: tinted backgrounds, mild blur (pictures not already through
+    the VAE), colour shifts, brightness jitter, noise and 0-2 px shifts.
+
+    `background` [N, 1, H, W] is 1 where the clean render shows its background colour. Blur stays well below the
+    "soft" style's, so the judge keeps telling soft apart; a VAE reconstruction keeps its true style's label.
     """
     n = len(x)
-    x = x * (1 + 0.06 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)) \
-        + 0.06 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
-    x = x + torch.randn(x.shape, generator=gen) * torch.rand(n, 1, 1, 1, generator=gen) * 0.06
+    rand = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    tinted = (rand(n, 1, 1, 1) < d.tint_rate).float()
+    x = x + background * tinted * d.tint * (2 * rand(n, 3, 1, 1) - 1)
+    blurred = (~reconstructed & (rand(n) < d.blur_rate)).view(n, 1, 1, 1)
+    sigma = d.blur_sigma[0] + (d.blur_sigma[1] - d.blur_sigma[0]) * rand(n)
+    x = torch.where(blurred, _gaussian_blur(x, sigma), x)
+    x = x * (1 + d.color_shift * (2 * rand(n, 3, 1, 1) - 1)) + d.color_shift * (2 * rand(n, 3, 1, 1) - 1)
+    x = x * (1 + 0.06 * (rand(n, 1, 1, 1) - 0.5)) + 0.06 * (rand(n, 1, 1, 1) - 0.5)
+    x = x + torch.randn(x.shape, generator=gen) * rand(n, 1, 1, 1) * d.noise
     dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
     x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
     return x.clamp(-1, 1)
 
 
-def train(out_dir: Path = JUDGE_DIR, *, n_train: int = 30000, steps: int = 3000, batch: int = 64, seed: int = 0,
-          threads: int = 1, eval_n: int = 2000, log_every: int = 100) -> dict:
+def _shown_path(path: Path | str) -> str:
+    """`path` relative to the repository when it is inside it (judge.json must not name one machine's folders)."""
+    root = JUDGE_DIR.parents[1]
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(path)
+
+
+def _to_pixels(pictures: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL pictures -> uint8 tensor [N, H, W, 3]."""
+    return torch.from_numpy(np.stack([np.asarray(p.convert("RGB")) for p in pictures]))
+
+
+def train(out_dir: Path = JUDGE_DIR, *, n_train: int = 30000, steps: int = 4000, batch: int = 64, seed: int = 0,
+          threads: int = 1, eval_n: int = 2000, log_every: int = 100, vae_dir: Path | str = VAE_DIR,
+          degradations: Degradations | None = None) -> dict:
     """Train the judge, measure it, and write judge.safetensors + judge.json atomically. Returns judge.json's dict."""
     from safetensors.torch import save_file
 
+    d = degradations or Degradations()
     t0 = time.time()
     torch.set_num_threads(threads)  # the CPU is shared; one thread keeps the machine usable for others
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    roundtrip = load_vae_roundtrip(vae_dir)  # first: a missing VAE fails before minutes of rendering
 
-    # 1. Render the training pictures once.
+    # 1. Render the training pictures once; pass a share of them through the VAE.
     scenes = judge_scenes(random.Random(seed), n_train)
-    pixels = torch.from_numpy(np.stack([np.asarray(world.render(s, RESOLUTION)) for s in scenes]))  # uint8 NHWC
+    pixels = _to_pixels([world.render(s, RESOLUTION) for s in scenes])  # uint8 NHWC
     targets = {name: torch.tensor([t[name] for t in map(_scene_targets, scenes)]) for name in HEADS}
+    bg_colors = torch.tensor([world.BACKGROUNDS[s.background] for s in scenes], dtype=torch.float32)
     print(f"rendered {n_train} pictures in {time.time() - t0:.0f}s", flush=True)
+    n_vae = int(round(d.vae_share * n_train))
+    chunks = []
+    for i in range(0, n_vae, 1000):
+        clean = [Image.fromarray(a) for a in pixels[i:min(i + 1000, n_vae)].numpy()]
+        chunks.append(_to_pixels(roundtrip(clean)))
+    vae_pixels = torch.cat(chunks) if chunks else pixels[:0]
+    print(f"reconstructed {n_vae} of them through {vae_dir} by {time.time() - t0:.0f}s", flush=True)
 
     # 2. Train: summed cross-entropy over heads, ignoring heads that do not apply (-1); AdamW, cosine LR.
     net = JudgeNet()
@@ -365,7 +482,16 @@ def train(out_dir: Path = JUDGE_DIR, *, n_train: int = 30000, steps: int = 3000,
     net.train()
     for step in range(1, steps + 1):
         idx = torch.randint(0, n_train, (batch,), generator=gen)
-        x = _augment(pixels[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0, gen)
+        clean = pixels[idx].float()
+        reconstructed = (idx < n_vae) & (torch.rand(batch, generator=gen) < d.vae_rate)
+        if n_vae:
+            shown = torch.where(reconstructed.view(-1, 1, 1, 1), vae_pixels[idx.clamp(max=n_vae - 1)].float(), clean)
+        else:
+            shown = clean
+        # Background: pixels within 6/255 of the scene's background colour in the clean render, edges softened.
+        near = ((clean - bg_colors[idx].view(-1, 1, 1, 3)).abs().amax(-1) < 6).float()[:, None]
+        background = F.avg_pool2d(near, 3, stride=1, padding=1, count_include_pad=False)
+        x = _augment(shown.permute(0, 3, 1, 2) / 127.5 - 1.0, background, reconstructed, gen, d)
         logits = net(x)
         loss = sum(F.cross_entropy(logits[name], targets[name][idx], ignore_index=-1)
                    for name in HEADS if (targets[name][idx] >= 0).any())
@@ -377,11 +503,12 @@ def train(out_dir: Path = JUDGE_DIR, *, n_train: int = 30000, steps: int = 3000,
             print(f"step {step}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
     train_seconds = time.time() - t0
 
-    # 3. Measure on fresh clean renders and save.
+    # 3. Measure on fresh renders, clean and through the VAE, and save.
     info = {
         "architecture": {"width": 32, "hidden": 256}, "heads": {k: list(v) for k, v in HEADS.items()},
         "resolution": RESOLUTION,
         "training": {"seed": seed, "pictures": n_train, "steps": steps, "batch": batch, "threads": threads,
+                     "toy_rate": TOY_RATE, "vae": _shown_path(vae_dir), "degradations": asdict(d),
                      "seconds": round(train_seconds, 1), "torch": torch.__version__},
     }
     # fp16 halves the file; accuracy is measured after the fp16 round trip, so it is the shipped judge's.
@@ -389,30 +516,45 @@ def train(out_dir: Path = JUDGE_DIR, *, n_train: int = 30000, steps: int = 3000,
              for k, v in net.state_dict().items()}
     net.load_state_dict({k: v.float() if v.dtype.is_floating_point else v for k, v in state.items()})
     judge = Judge(net, info)
-    info["accuracy"] = measure_accuracy(judge, eval_n)
-    info["accuracy_measured_on"] = (f"{eval_n} fresh clean renders (seed 12345), every shape/colour pair, "
-                                    "20% zigzag; `python -m studio.demo.judge --measure`")
+    info.update(measured(judge, eval_n, roundtrip))
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "judge.safetensors", lambda p: save_file(state, p))
     atomic_write(out_dir / "judge.json", (json.dumps(info, indent=1) + "\n").encode())
-    print(json.dumps(info["accuracy"]), flush=True)
+    print(json.dumps({k: info[k] for k in ("accuracy", "accuracy_vae", "style_confusion_vae")}), flush=True)
     return info
+
+
+def measured(judge: Judge, n: int, roundtrip: Callable[[list[Image.Image]], list[Image.Image]]) -> dict[str, Any]:
+    """judge.json's measurements: accuracy on fresh clean renders and on their VAE reconstructions, and which
+    style the judge reads for each true style on the reconstructions (the blurry-default check)."""
+    clean, vae = measure(judge, n), measure(judge, n, transform=roundtrip)
+    return {"accuracy": clean["accuracy"], "accuracy_vae": vae["accuracy"],
+            "style_confusion_vae": vae["style_confusion"],
+            "accuracy_measured_on": (f"{n} fresh renders (seed 12345), every shape/colour pair, 20% zigzag, "
+                                     f"{TOY_RATE:.0%} held-out individuals; accuracy_vae and style_confusion_vae "
+                                     "(true style -> read style -> pictures) on their reconstructions through "
+                                     "the training VAE; `python -m studio.demo.judge --measure`")}
 
 
 def main(argv: Iterable[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train or measure the demo world's attribute judge.")
     parser.add_argument("--train", action="store_true", help="train and write assets/judge/")
-    parser.add_argument("--measure", action="store_true", help="measure the saved judge on fresh clean renders")
+    parser.add_argument("--measure", action="store_true",
+                        help="measure the saved judge on fresh renders, clean and through the VAE")
     parser.add_argument("--out", type=Path, default=JUDGE_DIR)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--vae", type=Path, default=VAE_DIR, help="the VAE whose reconstructions it trains on")
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--pictures", type=int, default=30000)
+    parser.add_argument("--eval", type=int, default=2000, help="fresh pictures per measurement")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.train:
-        train(args.out, n_train=args.pictures, steps=args.steps, threads=args.threads, seed=args.seed)
+        train(args.out, n_train=args.pictures, steps=args.steps, threads=args.threads, seed=args.seed,
+              eval_n=args.eval, vae_dir=args.vae)
     elif args.measure:
-        print(json.dumps(measure_accuracy(Judge.load(args.out)), indent=1))
+        torch.set_num_threads(args.threads)
+        print(json.dumps(measured(Judge.load(args.out), args.eval, load_vae_roundtrip(args.vae)), indent=1))
     else:
         parser.error("give --train or --measure")
 

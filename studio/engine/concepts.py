@@ -334,6 +334,9 @@ def _interpret(data: object, path: Path) -> tuple[dict[str, torch.Tensor], str |
                 extra[dst] = str(data[src])
         return {"text_encoder": next(iter(params.values()))}, (str(name) if name is not None else None), "a1111", extra
 
+    if set(data) == {"clip_l"}:  # diffusers' SD 1.x pivotal-tuning words (`<name>_emb.safetensors`): one encoder
+        return {"text_encoder": data["clip_l"]}, None, "diffusers-pivotal", extra
+
     if "clip_l" in data or "clip_g" in data:  # SDXL, kohya and A1111
         missing = [k for k in _SDXL_KEYS if k not in data]
         if missing:

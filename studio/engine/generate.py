@@ -23,7 +23,7 @@ from PIL import Image, PngImagePlugin
 
 from studio.engine.concepts import Concept
 from studio.engine.files import atomic_write
-from studio.engine.lora import LoraFile, check_loras_fit, loras_applied
+from studio.engine.lora import LoraFile, check_loras_fit, lora_family, loras_applied
 from studio.engine.memory import mode_in_effect, oom_guard
 from studio.engine.pictures import MAX_SIDE, SIDE_STEP, scaled, side_limits, working_size
 from studio.engine.prompts import split_lora_tags
@@ -84,6 +84,23 @@ class GenerateRequest:
     # (file, weight), applied to the UNet for this request only; 1.0 is A1111's default weight. A `<lora:name:w>` tag
     # in the prompt names one of these by its stem and sets its weight; tags are taken out before encoding.
     loras: list[tuple[LoraFile, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """A request may name every concept in `concepts`: a word (`Concept`), a LoRA file (`LoraFile`, weight 1.0)
+        or `(LoraFile, weight)`. LoRAs move to `loras`, and the words a LoRA file carries (A1111's bundled words,
+        a diffusers pivotal pair's) join `concepts`, so a word+LoRA concept is one item."""
+        words: list[Concept] = []
+        loras = list(self.loras)
+        for item in self.concepts:
+            lora, weight = item if isinstance(item, tuple) else (item, 1.0)
+            if isinstance(lora, LoraFile):
+                if not any(lora is known for known, _ in loras):
+                    loras.append((lora, float(weight)))
+            else:
+                words.append(item)
+        for lora, _weight in loras:
+            words.extend(w for w in lora.words if not any(w is known for known in words))
+        self.concepts, self.loras = words, loras
 
     @property
     def mode(self) -> str:
@@ -148,7 +165,7 @@ def validate(model, req: GenerateRequest) -> tuple[int, int]:
         raise ValueError(f"preview_every must be 0 (no previews) or a number of steps, not {req.preview_every}")
     if not 0.0 <= req.strength <= 1.0:
         raise ValueError(f"strength must be between 0 and 1, not {req.strength}")
-    check_loras_fit(req.loras, model.family, model.name)
+    check_loras_fit(req.loras, lora_family(model), model.name)
     lora_weights(req)
     native = native_size(model)
     check_size(req.width or None, req.height or None, native, model.name)  # 0 or None: the native size

@@ -8,7 +8,8 @@ words bundled in the file as `Concept`s. Key names are converted by diffusers' o
 are not plain low-rank pairs (LoHa, LoKr, IA3, DoRA, full diffs) are refused with a `LoraError` naming the variant.
 
 `loras_applied(model, loras)` applies LoRA files to a loaded model's shared UNet for the length of a `with` block (one
-request, under the model's lock) and turns them off again in `finally`; see docs/architecture.md, "LoRA per request".
+request, under the model's lock) and turns them off again in `finally`; the adapters stay loaded in the model's
+`LoraCache` (least recently used out first, bounded by memory). See docs/architecture.md, "LoRA per request".
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import re
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -154,7 +156,7 @@ def load_lora(path: str | os.PathLike, unet_config: object | None = None) -> Lor
     # 3. Bundled words apart from the weights.
     bundle = {k: v for k, v in data.items() if k.startswith(BUNDLE_PREFIX)}
     weights = {k: v for k, v in data.items() if not k.startswith(BUNDLE_PREFIX)}
-    words = _bundled_words(bundle, path)
+    words = _bundled_words(bundle, path) or _pivotal_words(path)
 
     # 4. Kohya/A1111 names -> diffusers names, by diffusers' converter.
     source_format = "diffusers"
@@ -274,12 +276,48 @@ def _bundled_words(bundle: dict[str, torch.Tensor], path: Path) -> list[Concept]
     return words
 
 
+def pivotal_embeddings(path: Path) -> Path | None:
+    """The words file diffusers' advanced (pivotal tuning) script writes beside its LoRA file, if there is one:
+    `<stem>_emb.safetensors`, or `<folder>_emb.safetensors` beside `pytorch_lora_weights.safetensors`."""
+    for name in (f"{path.stem}_emb.safetensors", f"{path.parent.name}_emb.safetensors"):
+        candidate = path.with_name(name)
+        if candidate.is_file() and candidate != path:
+            return candidate
+    return None
+
+
+def _pivotal_words(path: Path) -> list[Concept]:
+    """A diffusers pivotal pair's words as one concept. The script learns one token per vector ("<s0>", "<s1>", ...)
+    and its model card prompts them together, so the word is "<s0><s1>": written so, a prompt means the same in
+    diffusers and here."""
+    from studio.engine.concepts import load_concept
+
+    embeddings = pivotal_embeddings(path)
+    if embeddings is None:
+        return []
+    read = load_concept(embeddings)
+    token = "".join(f"<s{k}>" for k in range(read.n_vectors))
+    concept = Concept(token=token, vectors=read.vectors,
+                      meta={"source_format": "diffusers-pivotal", "source_path": str(embeddings)})
+    concept.meta["family"] = concept.family
+    return [concept]
+
+
 # -------------------------------------------------------------------------------------------------------- applying
 
 
+def lora_family(model) -> str:
+    """The family a LoRA must be made for to fit `model` (a LoadedModel): named by its text encoders' widths, the
+    rule `LoraFile.families` follows. Not `model.family`, which names the architecture: the demo model is SD 1.x's
+    architecture with a 128-wide encoder, and an SD 1.5 LoRA does not fit it."""
+    from studio.engine.model_facts import encoder_dims
+
+    return family_of(encoder_dims(model.pipe))[0]
+
+
 def check_loras_fit(loras: list[tuple[LoraFile, float]], family: str, model_name: str) -> None:
-    """Refuse, before any work, a LoRA made for another model family than `family` (the loaded model's), and one
-    with no UNet part (text-encoder parts are not applied yet: see `_load_adapter`)."""
+    """Refuse, before any work, a LoRA made for another model family than `family` (the loaded model's, by
+    `lora_family`), and one with no UNet part (text-encoder parts are not applied yet: see `LoraCache._load`)."""
     for lora, _weight in loras:
         if "unet" not in lora.modules:
             raise LoraError(f"{lora.path.name}: a text-encoder-only LoRA; the studio applies the UNet part of a LoRA "
@@ -306,55 +344,142 @@ def _unet_part(lora: LoraFile) -> dict[str, torch.Tensor]:
             if not key.startswith(("text_encoder.", "text_encoder_2."))}
 
 
-def _load_adapter(pipe, lora: LoraFile) -> str:
-    """Load `lora`'s UNet part into `pipe.unet` as a peft adapter once; later requests find it by name. A stale
-    adapter of the same path (the file changed on disk since) is deleted first."""
-    unet, name = pipe.unet, adapter_name(lora)
-    loaded = set(getattr(unet, "peft_config", None) or {})
-    if name in loaded:
+# What a LoRA cache may hold by default: 512 MiB of adapter tensors, a tenth of SDXL's fp16 UNet (5.1 GB) and a
+# third of SD 1.5's (1.7 GB), so the cache never rivals the model it serves. An SD 1.5 LoRA on the attention
+# projections has rank x 199,296 parameters (3.0 MiB at rank 4 in fp32; benchmarks/lora_swap.py prints the size measured), so the
+# budget holds about 170 of rank 4, or 5 of rank 128 in fp32 (10 in fp16).
+DEFAULT_LORA_CACHE_BYTES = 512 * 2**20
+
+
+@dataclass
+class LoraCache:
+    """The LoRA adapters loaded in one model's UNet, least recently used first, bounded by their tensors' bytes.
+
+    One per loaded model (`LoadedModel.lora_cache`), used under the model's lock only. An adapter is loaded once and
+    kept (a swap then costs a few flag changes, not a load); when the adapters pass `budget_bytes`, the least recently
+    used ones that the request at hand does not need are deleted from the UNet (`unet.delete_adapters`) before it
+    runs. An adapter the request needs is never evicted, so one request whose LoRAs alone pass the budget still runs;
+    the next request evicts them first.
+    """
+
+    budget_bytes: int = DEFAULT_LORA_CACHE_BYTES
+    sizes: OrderedDict[str, int] = field(default_factory=OrderedDict)  # adapter name -> bytes, least recent first
+    # The UNet's peft layers, found once after each load or delete: a whole-UNet walk costs more than a swap may.
+    _layers: list | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes.values())
+
+    def use(self, pipe, loras: list[LoraFile]) -> list[str]:
+        """The adapter names of `loras` in `pipe.unet`, each loaded if it is not cached, marked most recently used,
+        then the least recently used others evicted until the cache fits its budget."""
+        names = []
+        for lora in loras:
+            name = self._load(pipe, lora)
+            self.sizes.move_to_end(name)
+            names.append(name)
+        self.evict(pipe.unet, keep=set(names))
+        return names
+
+    def evict(self, unet, keep: set[str] = frozenset()) -> list[str]:
+        """Delete least recently used adapters, never one in `keep`, until the cache fits `budget_bytes`; the names
+        deleted. Call it between requests (under the model's lock), when no adapter is in use."""
+        evicted = []
+        for name in list(self.sizes):
+            if self.total_bytes <= self.budget_bytes:
+                break
+            if name not in keep:
+                self._delete(unet, [name])
+                evicted.append(name)
+        return evicted
+
+    def layers(self, unet) -> list:
+        """The UNet's peft layers (`BaseTunerLayer`), the ones a swap switches."""
+        if self._layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
+        return self._layers
+
+    def _load(self, pipe, lora: LoraFile) -> str:
+        """Load `lora`'s UNet part into `pipe.unet` as a peft adapter, unless it is there; a stale adapter of the
+        same path (the file changed on disk since) is deleted first."""
+        unet, name = pipe.unet, adapter_name(lora)
+        loaded = set(getattr(unet, "peft_config", None) or {})
+        if name in loaded:
+            if name not in self.sizes:  # loaded by other code than the cache's: counted from now on
+                self.sizes[name] = _adapter_bytes(self.layers(unet), name)
+            return name
+        stale = [other for other in loaded if other.startswith(_path_digest(lora.path) + "_") and other != name]
+        if stale:
+            self._delete(unet, stale)
+        skipped = sorted({part for part in lora.modules if part != "unet"})
+        if skipped:
+            # diffusers loads text-encoder LoRAs through transformers' `load_adapter`, which needs a newer peft than
+            # the one installed; the UNet part is most of a LoRA's effect, so the file is used rather than refused.
+            warnings.warn(f"{lora.path.name}: its {' and '.join(skipped)} part is skipped; the studio applies the "
+                          "UNet part of a LoRA only", stacklevel=5)
+        self._layers = None
+        with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the cache's design
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            unet.load_lora_adapter(_unet_part(lora), prefix="unet", adapter_name=name,
+                                   metadata=lora.adapter_metadata or None, _pipeline=pipe)  # the pipeline: offload hooks
+        self.sizes[name] = _adapter_bytes(self.layers(unet), name)
         return name
-    stale = [other for other in loaded if other.startswith(_path_digest(lora.path) + "_")]
-    if stale:
+
+    def _delete(self, unet, names: list[str]) -> None:
+        self._layers = None
         with warnings.catch_warnings():  # peft: "was active which is now deleted"; all are disabled between requests
             warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-            unet.delete_adapters(stale)
-    skipped = sorted({part for part in lora.modules if part != "unet"})
-    if skipped:
-        # diffusers loads text-encoder LoRAs through transformers' `load_adapter`, which needs a newer peft than the
-        # one installed; the UNet part is most of a LoRA's effect, so the file is used rather than refused.
-        warnings.warn(f"{lora.path.name}: its {' and '.join(skipped)} part is skipped; the studio applies the UNet "
-                      "part of a LoRA only", stacklevel=3)
-    with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the cache's design
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        unet.load_lora_adapter(_unet_part(lora), prefix="unet", adapter_name=name,
-                               metadata=lora.adapter_metadata or None, _pipeline=pipe)  # the pipeline: offload hooks
-    return name
+            unet.delete_adapters(names)
+        for name in names:
+            self.sizes.pop(name, None)
+
+
+def _adapter_bytes(layers: list, name: str) -> int:
+    """The bytes of adapter `name`'s tensors in the UNet (lora_A, lora_B, ... of every peft layer), in the dtype
+    and on the device the UNet holds them: what evicting it frees."""
+    total = 0
+    for layer in layers:
+        for attribute in layer.adapter_layer_names:
+            per_adapter = getattr(layer, attribute)
+            if name in per_adapter:
+                held = per_adapter[name]
+                tensors = [held] if isinstance(held, torch.Tensor) else list(held.parameters())
+                total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
 
 
 @contextlib.contextmanager
 def loras_applied(model, loras: list[tuple[LoraFile, float]]):
     """Apply `loras` (file, weight) to `model`'s shared UNet for the `with` block; turn every adapter off in `finally`.
 
-    Call it under `model.lock`: the UNet is shared by every request. An adapter once loaded stays in the UNet (a
-    cache keyed by path and mtime) but is disabled outside the block, where the UNet computes exactly what it
-    computed before any LoRA was loaded (tests/engine/test_lora_runtime.py checks the pictures bit for bit). With no
-    LoRA nothing is touched.
+    Call it under `model.lock`: the UNet is shared by every request. An adapter once loaded stays in the UNet
+    (`model.lora_cache`, keyed by path and mtime, bounded by memory) but is disabled outside the block, where the UNet
+    computes exactly what it computed before any LoRA was loaded (tests/engine/test_lora_runtime.py checks the
+    pictures bit for bit). With no LoRA nothing is touched.
     """
     if not loras:
         yield
         return
-    check_loras_fit(loras, model.family, model.name)
-    unet = model.pipe.unet
-    # ---- shared state changed from here: the UNet's active adapters, undone in `finally` ----
+    check_loras_fit(loras, lora_family(model), model.name)
+    unet, cache = model.pipe.unet, model.lora_cache
+    # ---- shared state changed from here: the UNet's adapters (loaded, evicted) and which are active ----
     try:
+        names = cache.use(model.pipe, [lora for lora, _weight in loras])
         weights: dict[str, float] = {}  # the same file named twice adds its weights, one adapter
-        for lora, weight in loras:
-            name = _load_adapter(model.pipe, lora)
+        for name, (_lora, weight) in zip(names, loras):
             weights[name] = weights.get(name, 0.0) + float(weight)
-        unet.set_adapters(list(weights), weights=list(weights.values()))
-        unet.enable_lora()
+        # What `unet.set_adapters(names, weights)` + `unet.enable_lora()` do, on the cached list of peft layers:
+        # each of those calls walks all of the UNet's modules to find them (benchmarks/lora_swap.py times both).
+        for layer in cache.layers(unet):
+            layer.set_adapter(list(weights))
+            for name, weight in weights.items():
+                layer.set_scale(name, weight)
+            layer.enable_adapters(True)
         yield
     finally:
-        if getattr(unet, "peft_config", None):
-            unet.disable_lora()
+        for layer in cache.layers(unet):  # `unet.disable_lora()`, on the same list
+            layer.enable_adapters(False)
     # ---- end of shared state change ----

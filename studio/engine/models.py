@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from studio.engine.lora import LoraCache
 from studio.engine.model_facts import detect_family, encoder_dims, encoders_of
 from studio.engine.prompts import PromptEncoder
 from studio.errors import ModelError
@@ -69,6 +70,7 @@ class LoadedModel:
     attention: str
     is_demo: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
+    lora_cache: LoraCache = field(default_factory=LoraCache)  # the LoRA adapters in `pipe.unet` (studio.engine.lora)
     _views: dict = field(default_factory=dict)
     _encoder: PromptEncoder | None = None
 

@@ -21,8 +21,11 @@ from typing import TYPE_CHECKING, Iterator
 
 from PIL import Image
 
+from studio.engine.concepts import Concept
 from studio.engine.generate import GenerateRequest, GenerateResult, generate, save_png
 from studio.engine.names import file_stem, inside
+from studio.engine.prompts import split_lora_tags
+from studio.errors import LoraError
 
 if TYPE_CHECKING:
     from studio.library import ConceptLibrary
@@ -121,11 +124,24 @@ class Sessions:
 
 
 def request_for(fields: dict, library: ConceptLibrary, session_id: str) -> tuple[GenerateRequest, list[str]]:
-    """The engine request for a form's fields, with the concepts its prompt and negative prompt name, and the words
-    written like concepts (`<...>`) that name none: the model reads those as plain text, which the user should hear."""
-    text = fields["prompt"] + " " + fields.get("negative_prompt", "")
-    concepts = library.resolve(text, session_id)
-    known = {concept.token for concept in concepts}
+    """The engine request for a form's fields, with the concepts its prompt and negative prompt name and the LoRAs
+    its prompt's `<lora:name:w>` tags name (`ConceptLibrary.resolve`), and the words written like concepts (`<...>`)
+    that name none: the model reads those as plain text, which the user should hear.
+
+    A tag naming no LoRA raises LoraError; so does one in the negative prompt, where `generate` reads no tags (a
+    LoRA changes the model for the whole picture, not one prompt), rather than leaving it there as plain text."""
+    prompt, negative = fields["prompt"], fields.get("negative_prompt", "")
+    negative_tags = split_lora_tags(negative)[1]
+    if negative_tags:
+        name = negative_tags[0][0]
+        raise LoraError(f"<lora:{name}> is in the negative prompt: a LoRA changes the whole picture, so write its "
+                        f"tag in the prompt (<lora:{name}:-0.5> to push away from it)")
+    concepts = library.resolve(prompt, session_id)
+    concepts += [c for c in library.resolve(negative, session_id) if not any(c is known for known in concepts)]
+    words = [c for c in concepts if isinstance(c, Concept)]
+    words += [word for item in concepts if isinstance(item, tuple) for word in item[0].words]  # bundled words
+    known = {word.token for word in words}
+    text = split_lora_tags(prompt)[0] + " " + negative
     unknown = sorted({word for word in CONCEPT_LIKE.findall(text) if word not in known})
     return GenerateRequest(concepts=concepts, **fields), unknown
 

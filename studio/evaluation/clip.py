@@ -63,14 +63,22 @@ class ClipScorer:
         return self._unit(self.model.get_text_features(input_ids=inputs["input_ids"],
                                                        attention_mask=inputs["attention_mask"]))
 
-    def image_similarity(self, images: Sequence[Image.Image], references: Sequence[Image.Image]) -> float:
-        """Mean cosine similarity over every (picture, reference) pair: the paper's reconstruction score."""
+    def image_similarities(self, images: Sequence[Image.Image], references: Sequence[Image.Image]) -> list[float]:
+        """Per picture: its mean cosine similarity to the references (the paper's reconstruction, per picture)."""
         if not images or not references:
             raise ScoringError("image similarity needs pictures on both sides")
-        return float((self.image_embeddings(images) @ self.image_embeddings(references).T).mean())
+        return (self.image_embeddings(images) @ self.image_embeddings(references).T).mean(dim=1).tolist()
+
+    def image_similarity(self, images: Sequence[Image.Image], references: Sequence[Image.Image]) -> float:
+        """Mean cosine similarity over every (picture, reference) pair: the paper's reconstruction score."""
+        return float(sum(self.image_similarities(images, references)) / len(images))
+
+    def text_similarities(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[float]:
+        """Per picture: its cosine similarity with its own text (the paper's editability, per picture)."""
+        if len(images) != len(texts) or not images:
+            raise ScoringError(f"text similarity needs one text per picture, got {len(images)} and {len(texts)}")
+        return (self.image_embeddings(images) * self.text_embeddings(texts)).sum(-1).tolist()
 
     def text_similarity(self, images: Sequence[Image.Image], texts: Sequence[str]) -> float:
         """Mean cosine similarity of each picture with its own text: the paper's editability score."""
-        if len(images) != len(texts) or not images:
-            raise ScoringError(f"text similarity needs one text per picture, got {len(images)} and {len(texts)}")
-        return float((self.image_embeddings(images) * self.text_embeddings(texts)).sum(-1).mean())
+        return float(sum(self.text_similarities(images, texts)) / len(images))

@@ -32,25 +32,37 @@ def subject_phrases(cs: GroundTruth, token: str | None) -> str:
     return token or cs.plain_subject
 
 
-def reconstruction_prompts(cs: GroundTruth, subject: str) -> list[str]:
-    """Judge prompts that ask for the concept and nothing else (the paper's "a photo of S*")."""
+def reconstruction_prompts(cs: GroundTruth, subject: str, limit: int | None = None) -> list[str]:
+    """Judge prompts that ask for the concept and nothing else (the paper's "a photo of S*"; the first `limit`)."""
     if cs.kind == "style":
-        return [f"a painting {subject}", f"a picture {subject}"]
-    return [f"a photo of a {subject}", f"a picture of a {subject}", f"a rendering of a {subject}"]
+        return [f"a painting {subject}", f"a picture {subject}"][:limit]
+    return [f"a photo of a {subject}", f"a picture of a {subject}", f"a rendering of a {subject}"][:limit]
 
 
-def editing_prompts(cs: GroundTruth, subject: str) -> list[tuple[str, dict[str, Any]]]:
-    """Judge prompts that change something else, with what the judge must see of that change."""
-    if cs.kind == "style":
-        return [(f"a red circle {subject}", {"shape": "circle", "color": "red"}),
-                (f"a blue square {subject}", {"shape": "square", "color": "blue"}),
-                (f"a yellow triangle {subject}", {"shape": "triangle", "color": "yellow"}),
-                (f"a pink diamond on the left {subject}", {"shape": "diamond", "color": "pink", "position": "left"})]
-    return [(f"a photo of a {subject} on a gray background", {"background": "gray"}),
-            (f"a photo of a {subject} on a black background", {"background": "black"}),
-            (f"a {subject} in outline style", {"style": "outline"}),
-            (f"a mosaic picture of a {subject}", {"style": "mosaic"}),
-            (f"two shapes, a {subject} and a {subject}", {"count": 2})]
+# Editing prompts for objects (DreamBench's "recontextualization" and "property" prompts, in the demo vocabulary),
+# each with the scene attributes it names: prompt fidelity checks those only, never the concept's own look. The four
+# the issue names come first ("S* on a black background", "a small S* at the top", "S* in mosaic style", "two S*";
+# captions say "on the top" and "a X and a Y", so the prompts do too).
+OBJECT_EDITS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("a photo of a {} on a black background", {"background": "black"}),
+    ("a small {} on the top", {"size": "small", "position": "top"}),
+    ("a {} in mosaic style", {"style": "mosaic"}),
+    ("a {0} and a {0}", {"count": 2}),
+    ("a photo of a {} on a gray background", {"background": "gray"}),
+    ("a {} in outline style", {"style": "outline"}),
+)
+STYLE_EDITS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("a red circle {}", {"shape": "circle", "color": "red"}),
+    ("a blue square {}", {"shape": "square", "color": "blue"}),
+    ("a yellow triangle {}", {"shape": "triangle", "color": "yellow"}),
+    ("a pink diamond on the left {}", {"shape": "diamond", "color": "pink", "position": "left"}),
+)
+
+
+def editing_prompts(cs: GroundTruth, subject: str, limit: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Judge prompts that change something else, with what the judge must see of that change (the first `limit`)."""
+    edits = STYLE_EDITS if cs.kind == "style" else OBJECT_EDITS
+    return [(template.format(subject), dict(wanted)) for template, wanted in edits[:limit]]
 
 
 def without_subject(prompt: str, subject: str) -> str:

@@ -1,4 +1,7 @@
-"""A run's results (the dict `studio.evaluation.runner.run_evaluation` returns) as plain-text tables and as JSON."""
+"""A run's results (the dict `studio.evaluation.runner.run_evaluation` returns) as plain-text tables and as JSON.
+
+Every score prints as `0.62 ± 0.04 (n=96)`: the mean, half the width of its 95% interval, and the pictures (or
+captions) it rests on; a margin's interval that excludes 0 is marked `> 0` or `< 0`."""
 
 from __future__ import annotations
 
@@ -8,9 +11,43 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from studio.evaluation.stats import Estimate
+
+
+def _est(d: dict[str, Any] | None) -> str:
+    """A score as `0.62 ± 0.04 (n=96)`; a margin signed (`+0.21 ± 0.06 (n=72)`); "-" when not measured."""
+    if not d:
+        return "-"
+    return str(Estimate.from_dict(d))
+
+
+def _margin(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "-"
+    e = Estimate.from_dict(d)
+    above = " > 0" if e.low > 0 else (" < 0" if e.high < 0 else "")
+    return f"{e.mean:+.2f} ± {e.half_width:.2f} (n={e.n}){above}"
+
+
+# Rows of a concept's table: JSON key, label. Identity rows appear where an identity scorer was given.
+MEASURES = (("reconstruction", "reconstruction (judge: its attributes)"),
+            ("identity", "identity (encoder: like its pictures)"),
+            ("prompt_fidelity", "prompt fidelity (judge: the edit)"),
+            ("identity_under_edits", "identity under edits"),
+            ("attributes_under_edits", "its attributes under edits"))
+
+
+def _score_rows(ti: dict[str, Any], plain: dict[str, Any], margins: dict[str, Any], indent: str) -> list[str]:
+    lines = [f"{indent}{'':<40}{'with the word':<24}{'with plain words':<24}margin (word - plain)"]
+    for key, label in MEASURES:
+        if key in ti:
+            lines.append(f"{indent}{label:<40}{_est(ti[key]):<24}{_est(plain.get(key)):<24}"
+                         f"{_margin(margins.get(key))}")
+    return lines
+
 
 def format_table(results: dict[str, Any]) -> str:
-    """The results as plain-text tables."""
+    """The results as plain-text tables: every score as `mean ± half-width of its 95% interval (n=pictures)`."""
     lines = [f"model: {results['source']}  ({results['machine']})"]
     gap = results.get("conditioning_gap")
     if gap:
@@ -18,26 +55,42 @@ def format_table(results: dict[str, Any]) -> str:
                      f"{gap['loss_with_empty_prompt']:.4f} with empty prompts (relative gap {gap['relative_gap']:+.3f})")
     comp = results.get("compliance")
     if comp:
-        lines.append(f"\nBase prompt compliance over {comp['prompts']} captions (share of named attributes shown):")
-        lines.append("  " + "  ".join(f"{k} {v:.2f}" for k, v in comp["per_attribute"].items()))
-        lines.append(f"  mean {comp['mean']:.2f}, every named attribute right {comp['all_named_right']:.2f}")
+        lines.append(f"\nBase prompt compliance over {comp['prompts']} captions (share of named attributes shown; "
+                     "95% interval over captions):")
+        for key, est in comp.get("per_attribute_ci", {}).items():
+            lines.append(f"  {key:<12}{_est(est)}")
+        lines.append(f"  {'mean':<12}{_est(comp.get('mean_ci')) if comp.get('mean_ci') else round(comp['mean'], 2)}"
+                     f"   every named attribute right {comp['all_named_right']:.2f}")
         if comp.get("chance_per_attribute"):
             lines.append("  chance (picture judged against another prompt): "
                          + "  ".join(f"{k} {v:.2f}" for k, v in comp["chance_per_attribute"].items())
                          + f"  mean {comp['chance_mean']:.2f}")
+    if "identity" in results and "error" in results["identity"]:
+        lines.append(f"\nidentity not measured: {results['identity']['error']}")
+    for group, label in (("held_out", "held-out subjects (objects no model has seen)"),
+                         ("given", "given object sets")):
+        pooled = results.get("pooled", {}).get(group)
+        if not pooled:
+            continue
+        lines.append(f"\nPooled over {len(pooled['subjects'])} {label}: subjects x prompts x pictures, 95% "
+                     "hierarchical bootstrap:")
+        lines += _score_rows(pooled["textual_inversion"], pooled["plain_prompt"], pooled["margins"], "  ")
+        if "ceiling" in pooled:
+            lines.append(f"  {'real pictures (the ceiling)':<40}{_est(pooled['ceiling'])}")
+            lines.append(f"  {'identity as a share of the ceiling':<40}{_est(pooled['identity_of_ceiling'])}")
     concepts = results.get("concepts")
     if concepts:
-        lines.append("\nTextual Inversion (default settings) vs the best plain prompt:")
-        head = f"  {'concept':<18}{'kind':<8}{'recon TI':>9}{'plain':>7}{'gain':>7}{'edit TI':>9}{'plain':>7}{'train s':>9}"
-        lines.append(head)
+        lines.append("\nTextual Inversion (default settings) vs the best plain prompt, per concept:")
         for name, r in concepts.items():
             if "error" in r:
-                lines.append(f"  {name:<18}{r['kind']:<8}not evaluated: {r['error']}")
+                lines.append(f"  {name} ({r['kind']}): not evaluated: {r['error']}")
                 continue
             ti, pl = r["textual_inversion"], r["plain_prompt"]
-            lines.append(f"  {name:<18}{r['kind']:<8}{ti['reconstruction']:>9.2f}{pl['reconstruction']:>7.2f}"
-                         f"{r['reconstruction_gain']:>+7.2f}{ti['editability']:>9.2f}{pl['editability']:>7.2f}"
-                         f"{r['train_seconds']:>9.0f}")
+            lines.append(f"  {name} ({r['kind']}{', held out' if r.get('held_out') else ''}; plain words "
+                         f"'{r['best_prompt']}'; trained {r['train_steps']} steps in {r['train_seconds']:.0f}s)")
+            lines += _score_rows(ti, pl, r.get("margins", {}), "    ")
+            if "ceiling" in r:
+                lines.append(f"    {'real pictures (the ceiling)':<40}{_est(r['ceiling']['identity'])}")
             if "color_spread" in ti:
                 lines.append(f"    colour spread: TI {ti['color_spread']['distinct']} colours "
                              f"(entropy {ti['color_spread']['entropy']:.2f}) vs plain "

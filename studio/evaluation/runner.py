@@ -1,16 +1,24 @@
-"""The paper's evaluation on a world whose ground truth is known, scored by a judge instead of CLIP (`studio eval`
-runs it on the demo world with `studio.demo.evaluate`'s `DemoJudge` and `DemoWorld`). It measures:
+"""The paper's evaluation on a world whose ground truth is known, scored by a judge instead of CLIP and, beside it,
+an identity encoder instead of DINO (`studio eval` runs it on the demo world with `studio.demo.evaluate`'s
+`DemoJudge` and `DemoWorld`). It measures:
 
 1. Prompt compliance of the base model: for random world captions, the share of each attribute the caption names
    that the judge finds in the generated picture (Gal et al. measure editability with CLIP text similarity; the
    judge's per-attribute agreement is the exact analogue on a world whose ground truth is known).
-2. For every bundled concept set, after Textual Inversion with default settings (`TrainConfig` defaults, the
-   set's initial word and template):
+2. For every concept set (bundled, given as folders, or held-out individuals no model has seen), after Textual
+   Inversion with default settings (`TrainConfig` defaults, the set's initial word and template), in a
+   DreamBench-shaped protocol (subjects x prompts x pictures; EvalConfig says how many and what it costs):
    - reconstruction: judge agreement of "a photo of a S*"-style generations with the set's attributes;
-   - editability: agreement with the rest of prompts like "S* on a {colour} background", "S* in {style} style",
-     "two shapes, a S* and a S*";
-   - the same two scores for the best plain-language prompt (the baseline Textual Inversion has to beat);
-   - for the diverse set, the colour spread of "a photo of a S*" against the plain word (bias reduction).
+   - identity (DreamBench's DINO / CLIP-I): the identity encoder's cosine of those pictures and the set's own,
+     with the set's pictures against each other as the ceiling (DreamBench's "real images" row);
+   - prompt fidelity (DreamBench's CLIP-T, the paper's editability): agreement with the scene attributes that
+     prompts like "S* on a black background", "a small S* on the top", "S* in mosaic style", "a S* and a S*" name,
+     never with the concept's own look; and identity under those edits;
+   - the same scores for the best plain-language prompt (the baseline Textual Inversion has to beat), and the
+     margins, paired by prompt and seed;
+   - for the diverse set, the colour spread of "a photo of a S*" against the plain word (bias reduction);
+   - pooled over subjects (held-out ones apart from the others): every score and margin again.
+   Every score carries n and a 95% hierarchical-bootstrap interval (studio/evaluation/stats.py).
 3. Style transfer: img2img from plain renders with "... in the style of S*": the style's look appears and the
    content stays.
 4. Composition: two concepts in one prompt, both present.
@@ -31,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from PIL import Image
 
 from studio.engine.concepts import Concept
 from studio.engine.models import ModelManager
@@ -39,7 +48,8 @@ from studio.evaluation.denoising import conditioning_gap, denoising_loss, initia
 from studio.evaluation.drawing import generate_pictures
 from studio.evaluation.judging import agreement, mean, per_attribute, score_subject
 from studio.evaluation.prompts import STYLE_TRANSFER_CONTENT, subject_phrases
-from studio.evaluation.world import BundledSet, Judge, World
+from studio.evaluation.stats import Estimate, bootstrap_mean, hierarchical_bootstrap, paired_margin, ratio
+from studio.evaluation.world import BundledSet, IdentityScorer, Judge, World
 from studio.training import TrainConfig, Trainer, TrainError
 
 Progress = Callable[[str], None]
@@ -66,11 +76,26 @@ def prompt_compliance(model, judge: Judge, world: World, cfg: EvalConfig, progre
     # scores the same on both; the difference is what the prompt bought.
     chance = ([judge.check(preds[(i + 1) % len(preds)], named_list[i]) for i in range(len(preds))]
               if len(preds) > 1 else [])
+    # Intervals: captions are the unit (one picture each), resampled with replacement; an attribute a caption
+    # names twice ("a red X and a blue Y": colour) is that caption's mean of the two checks.
+    per_caption: dict[str, list[list[list[float]]]] = {}
+    for checks in all_checks:
+        mine: dict[str, list[float]] = {}
+        for key, ok in checks.items():
+            mine.setdefault(key.split(".")[-1], []).append(float(ok))
+        for key, values in mine.items():
+            per_caption.setdefault(key, []).append([values])
+    per_attribute_ci = {k: hierarchical_bootstrap(v, cfg.resamples, cfg.seed) for k, v in sorted(per_caption.items())}
+    mean_ci = bootstrap_mean([sum(c.values()) / len(c) for c in all_checks], cfg.resamples, cfg.seed)
+    all_right = bootstrap_mean([float(all(c.values())) for c in all_checks], cfg.resamples, cfg.seed)
     return {
         "prompts": cfg.prompts,
-        "per_attribute": per_attribute(all_checks),
-        "mean": mean([sum(c.values()) / len(c) for c in all_checks]),
-        "all_named_right": mean([all(c.values()) for c in all_checks]),
+        "per_attribute": {k: round(e.mean, 4) for k, e in per_attribute_ci.items()},
+        "mean": round(mean_ci.mean, 4),
+        "all_named_right": round(all_right.mean, 4),
+        "per_attribute_ci": {k: e.as_dict() for k, e in per_attribute_ci.items()},
+        "mean_ci": mean_ci.as_dict(),
+        "all_named_right_ci": all_right.as_dict(),
         "chance_per_attribute": per_attribute(chance),
         "chance_mean": mean([sum(c.values()) / len(c) for c in chance]),
         "seconds": round(time.time() - t0, 1),
@@ -82,9 +107,12 @@ def prompt_compliance(model, judge: Judge, world: World, cfg: EvalConfig, progre
 # ---------------------------------------------------------------------------------------------- 2. concepts
 
 def train_concept(model, cs: BundledSet, out_dir: Path, steps: int | None = None, seed: int = 0,
+                  vectors: int | None = None,
                   progress: Progress = print) -> tuple[Concept, float]:
     """Textual Inversion on a concept set with default settings; returns (Concept, seconds)."""
     kwargs = {"steps": steps} if steps else {}
+    if vectors:
+        kwargs["n_vectors"] = vectors
     config = TrainConfig(cs.token, init_text=cs.init_word, template=cs.template, seed=seed, **kwargs)
     t0 = time.time()
     last = {"t": t0}
@@ -101,22 +129,69 @@ def train_concept(model, cs: BundledSet, out_dir: Path, steps: int | None = None
 
 
 def evaluate_concept(model, judge: Judge, cs: BundledSet, cfg: EvalConfig, work_dir: Path,
+                     identity: IdentityScorer | None = None,
                      progress: Progress = print) -> tuple[dict[str, Any], Concept]:
-    """Train one concept with default settings and score it against its best plain prompt."""
+    """Train one concept with default settings and score it against its best plain prompt: every score with its
+    interval, the margins (word minus plain words, paired by prompt and seed) with theirs, and, with an `identity`
+    scorer, the training pictures' own cross-similarity (the ceiling)."""
     progress(f"training {cs.name} ({cs.kind}, init '{cs.init_word}') ...")
     loss_before = denoising_loss(model, cs, initial_concept(model, cs))
-    concept, seconds = train_concept(model, cs, work_dir, cfg.train_steps, cfg.seed, progress)
+    concept, seconds = train_concept(model, cs, work_dir, cfg.train_steps, cfg.seed, cfg.train_vectors,
+                                     progress)
     loss_after = denoising_loss(model, cs, concept)
-    ti = score_subject(model, judge, cs, [concept], subject_phrases(cs, cs.token), cfg)
-    plain = score_subject(model, judge, cs, [], subject_phrases(cs, None), cfg)
+    references = [Image.open(p).convert("RGB") for p in cs.images] if identity is not None else []
+    ti = score_subject(model, judge, cs, [concept], subject_phrases(cs, cs.token), cfg, identity=identity,
+                       references=references)
+    plain = score_subject(model, judge, cs, [], subject_phrases(cs, None), cfg, identity=identity,
+                          references=references)
+    margins = {name: paired_margin([values], [plain["per_picture"][name]], cfg.resamples, cfg.seed).as_dict()
+               for name, values in ti["per_picture"].items()}
     result = {"kind": cs.kind, "token": cs.token, "init_word": cs.init_word, "best_prompt": cs.best_prompt,
               "train_seconds": round(seconds, 1), "train_steps": int(concept.meta.get("steps", 0)),
               "denoising_loss": {"initial_word": round(loss_before, 5), "trained": round(loss_after, 5)},
-              "textual_inversion": ti, "plain_prompt": plain,
-              "reconstruction_gain": round(ti["reconstruction"] - plain["reconstruction"], 4)}
-    progress(f"  {cs.name}: reconstruction {ti['reconstruction']:.2f} (plain {plain['reconstruction']:.2f}), "
-             f"editability {ti['editability']:.2f} (plain {plain['editability']:.2f}), trained in {seconds:.0f}s")
+              "textual_inversion": ti, "plain_prompt": plain, "margins": margins,
+              "reconstruction_gain": margins["reconstruction"]["mean"]}
+    if references:
+        ceiling = [round(v, 4) for v in identity.cross_similarity(references)]
+        result["ceiling"] = {"identity": hierarchical_bootstrap([[ceiling]], cfg.resamples, cfg.seed).as_dict(),
+                             "per_picture": ceiling}
+        result["identity_of_ceiling"] = round(ti["identity"]["mean"] / result["ceiling"]["identity"]["mean"], 4)
+    progress(f"  {cs.name}: reconstruction {Estimate.from_dict(ti['reconstruction'])} (plain "
+             f"{Estimate.from_dict(plain['reconstruction'])})"
+             + (f", identity {Estimate.from_dict(ti['identity'])} (plain {Estimate.from_dict(plain['identity'])}, "
+                f"real pictures {Estimate.from_dict(result['ceiling']['identity'])})" if references else "")
+             + f", trained in {seconds:.0f}s")
     return result, concept
+
+
+POOLED = ("reconstruction", "identity", "prompt_fidelity", "identity_under_edits", "attributes_under_edits")
+
+
+def pooled_scores(concepts: dict[str, dict[str, Any]], cfg: EvalConfig) -> dict[str, Any] | None:
+    """Subjects pooled (DreamBench's table): every score over subjects x prompts x pictures with the hierarchical
+    bootstrap, the margins paired, identity's ceiling and TI's share of it (subjects resampled jointly).
+
+    Objects only (individuals and named objects): a style's prompts ask other things. None without any.
+    """
+    done = {name: r for name, r in concepts.items() if "error" not in r and r["kind"] == "object"}
+    if not done:
+        return None
+    out: dict[str, Any] = {"subjects": sorted(done), "textual_inversion": {}, "plain_prompt": {}, "margins": {}}
+    for measure in POOLED:
+        have = [r for r in done.values() if measure in r["textual_inversion"]["per_picture"]]
+        if len(have) != len(done):  # identity missing for some: pool none rather than a different set of subjects
+            continue
+        ti = [r["textual_inversion"]["per_picture"][measure] for r in have]
+        plain = [r["plain_prompt"]["per_picture"][measure] for r in have]
+        out["textual_inversion"][measure] = hierarchical_bootstrap(ti, cfg.resamples, cfg.seed).as_dict()
+        out["plain_prompt"][measure] = hierarchical_bootstrap(plain, cfg.resamples, cfg.seed).as_dict()
+        out["margins"][measure] = paired_margin(ti, plain, cfg.resamples, cfg.seed).as_dict()
+    if "identity" in out["textual_inversion"]:
+        ceilings = [[r["ceiling"]["per_picture"]] for r in done.values()]
+        ti = [r["textual_inversion"]["per_picture"]["identity"] for r in done.values()]
+        out["ceiling"] = hierarchical_bootstrap(ceilings, cfg.resamples, cfg.seed).as_dict()
+        out["identity_of_ceiling"] = ratio(ti, ceilings, cfg.resamples, cfg.seed).as_dict()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- 3-4.
@@ -149,7 +224,7 @@ def composition(model, judge: Judge, sets: dict[str, BundledSet], concepts: dict
     objects = [n for n in concepts if sets[n].kind == "object"]
     styles = [n for n in concepts if sets[n].kind == "style"]
     results: dict[str, Any] = {}
-    for a, b in itertools.combinations(objects, 2):
+    for a, b in list(itertools.combinations(objects, 2))[:cfg.composition_pairs]:
         sa, sb = sets[a], sets[b]
         wanted = {"count": 2, "objects": [sa.attributes, sb.attributes]}
         row = {}
@@ -194,18 +269,27 @@ def run_evaluation(model_source: str | None, judge: Judge, world: World, cfg: Ev
         progress(f"prompt compliance over {cfg.prompts} captions ...")
         results["compliance"] = prompt_compliance(model, judge, world, cfg, progress)
 
-    # 2. Concepts.
+    # 2. Concepts: the sets named (or, without held-out subjects, every bundled one) and the held-out subjects,
+    #    scored alike; the held-out ones and the others are pooled apart.
     if not cfg.skip_concepts:
-        sets = world.concept_sets(cfg.concepts)
         work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="studio-eval-"))
+        sets = world.concept_sets(cfg.concepts) if cfg.concepts or not cfg.held_out else {}
+        held_out = world.held_out_sets(cfg.held_out, cfg.seed, work / "held-out") if cfg.held_out else {}
+        sets.update(held_out)
+        identity = _identity_scorer(world, results, progress)
         trained: dict[str, Concept] = {}
         results["concepts"] = {}
         for name, cs in sets.items():
             try:
-                results["concepts"][name], trained[name] = evaluate_concept(model, judge, cs, cfg, work, progress)
+                results["concepts"][name], trained[name] = evaluate_concept(model, judge, cs, cfg, work, identity,
+                                                                            progress)
             except (ValueError, TrainError) as exc:  # one unusable set must not cost the scores already taken
                 results["concepts"][name] = {"kind": cs.kind, "error": str(exc)}
                 progress(f"  {name}: skipped: {exc}")
+            results["concepts"][name]["held_out"] = name in held_out
+        pooled = {group: pooled_scores({n: r for n, r in results["concepts"].items() if r["held_out"] == is_held},
+                                       cfg) for group, is_held in (("held_out", True), ("given", False))}
+        results["pooled"] = {group: p for group, p in pooled.items() if p}
 
         # 3. Style transfer, 4. composition.
         results["style_transfer"] = {n: style_transfer(model, judge, world, sets[n], trained[n], cfg)
@@ -214,6 +298,19 @@ def run_evaluation(model_source: str | None, judge: Judge, world: World, cfg: Ev
         results["composition"] = composition(model, judge, sets, trained, cfg)
     results["seconds"] = round(time.time() - t0, 1)
     return results
+
+
+def _identity_scorer(world: World, results: dict[str, Any], progress: Progress) -> IdentityScorer | None:
+    """The world's identity scorer, its info recorded in `results`; None (and the reason recorded) without one."""
+    try:
+        identity = world.identity()
+    except ValueError as exc:  # the world should have one but cannot load it: every other score still counts
+        results["identity"] = {"error": str(exc)}
+        progress(f"identity not measured: {exc}")
+        return None
+    if identity is not None:
+        results["identity"] = {"quality": identity.info.get("quality", {})}
+    return identity
 
 
 def _about_the_run(model, judge: Judge, cfg: EvalConfig) -> dict[str, Any]:

@@ -2,11 +2,15 @@
 (do "a photo of a S*" pictures look like the concept?) and editability (do "S* on a red background"-style prompts
 still do what the rest of the prompt says?), each beside the same prompts with plain words instead of S*.
 
+Every score carries its 95% interval over prompts x pictures and n (studio/evaluation/stats.py); each margin (the
+word minus the plain words, paired by prompt and seed) carries its own.
+
 Two scorers, used wherever they apply (both at once when both do), each given by the caller:
 
 - a judge (studio.evaluation.world.Judge; the demo's is `studio.demo.evaluate.DemoJudge`), on the built-in demo
   model, against a ground truth: a bundled concept set, or what the judge reads alike in the training pictures
-  (studio/evaluation/judging.py);
+  (studio/evaluation/judging.py), with the demo's identity encoder beside it when there are training pictures
+  (an IdentityScorer: do the pictures show *this* individual?);
 - CLIP, on any model, when a CLIP model (a ClipScorer, hub id or local folder) is given (studio/evaluation/clip.py).
 
     scores = score_concept(model, concept, ScoreConfig(samples=2), judge=DemoJudge(),
@@ -34,17 +38,20 @@ from studio.evaluation.drawing import Drawer, OnProgress, Sample
 from studio.evaluation.judging import ground_truth_from_pictures, score_subject
 from studio.evaluation.prompts import (EDITING_PROMPTS, RECONSTRUCTION_PROMPTS, editing_prompts,
                                        reconstruction_prompts, without_subject)
-from studio.evaluation.world import GroundTruth, Judge
+from studio.evaluation.stats import Estimate, hierarchical_bootstrap, paired_margin
+from studio.evaluation.world import GroundTruth, IdentityScorer, Judge
 
 
 @dataclass
 class ScoreLine:
-    """One row of the score table: a measure with the concept's word and with plain words (None: not measured)."""
+    """One row of the score table: a measure with the concept's word and with plain words, each with its 95%
+    interval, and their paired margin (None: not measured)."""
 
     measure: str
-    concept: float | None
-    plain: float | None
+    concept: Estimate | None
+    plain: Estimate | None
     compares: str
+    margin: Estimate | None = None
 
 
 @dataclass
@@ -60,12 +67,17 @@ class ConceptScores:
     notes: list[str] = field(default_factory=list)  # what was not measured, and why
     seconds: float = 0.0
 
-    def score(self, measure: str, plain: bool = False) -> float | None:
-        """The value of `measure` ("reconstruction", "editability", "CLIP image-image", ...), or None."""
+    def estimate(self, measure: str, plain: bool = False) -> Estimate | None:
+        """`measure` ("reconstruction", "identity", "prompt fidelity", "CLIP image-image", ...) with its interval."""
         for line in self.lines:
             if line.measure == measure:
                 return line.plain if plain else line.concept
         return None
+
+    def score(self, measure: str, plain: bool = False) -> float | None:
+        """The mean of `measure`, or None."""
+        est = self.estimate(measure, plain)
+        return None if est is None else est.mean
 
 
 def _plain_words(concept: Concept, cfg: ScoreConfig, cs: GroundTruth | None, kind: str) -> str | None:
@@ -99,10 +111,12 @@ Subjects = dict[str, tuple[str, list[Concept]]]
 
 def score_concept(model, concept: Concept, cfg: ScoreConfig | None = None, *, judge: Judge | None = None,
                   concept_set: GroundTruth | None = None, reference_images: Sequence[Image.Image] = (),
-                  clip: ClipScorer | str | Path | None = None, on_progress: OnProgress | None = None,
-                  cancel: threading.Event | None = None) -> ConceptScores:
-    """Score `concept` on `model` (a LoadedModel): `judge` on the demo model when `concept_set` gives ground truth,
-    CLIP when `clip` is a ClipScorer, hub id or folder; raises ScoringError when neither applies.
+                  clip: ClipScorer | str | Path | None = None, identity: IdentityScorer | None = None,
+                  on_progress: OnProgress | None = None, cancel: threading.Event | None = None) -> ConceptScores:
+    """Score `concept` on `model` (a LoadedModel): `judge` on the demo model when `concept_set` gives ground truth
+    (with `identity`, the demo's identity encoder, beside it when there are training pictures), CLIP when `clip` is
+    a ClipScorer, hub id or folder; raises ScoringError when neither applies. Every score carries its 95% interval
+    over prompts x pictures (studio/evaluation/stats.py) and each margin (word minus plain words) its own.
 
     `reference_images`: the concept's training pictures, for CLIP's image-image similarity (default: the concept
     set's) and, on the demo model without a concept set, for the judge's ground truth (what it reads alike in
@@ -132,13 +146,14 @@ def score_concept(model, concept: Concept, cfg: ScoreConfig | None = None, *, ju
 
     # 2. Draw and judge (the demo model), or 3. draw for CLIP alone (any model).
     if use_judge:
-        drawer, lines = _draw_and_judge(model, judge, concept_set, subjects, cfg, on_progress, cancel)
+        drawer, lines = _draw_and_judge(model, judge, concept_set, subjects, cfg, on_progress, cancel,
+                                        identity if model.is_demo else None, references)
     else:
         drawer, lines = _draw_for_clip(model, kind, subjects, cfg, on_progress, cancel), []
 
     # 4. CLIP similarities on the same pictures.
     if clip:
-        lines += _clip_lines(clip, drawer.samples, subjects, references)
+        lines += _clip_lines(clip, drawer.samples, subjects, references, cfg.seed)
         if not references:
             notes.append("no CLIP image-image similarity: give the pictures the concept was trained on")
     return ConceptScores(concept.token, ["judge"] * use_judge + ["clip"] * bool(clip), lines, drawer.samples, plain,
@@ -146,8 +161,11 @@ def score_concept(model, concept: Concept, cfg: ScoreConfig | None = None, *, ju
 
 
 def _draw_and_judge(model, judge: Judge, cs: GroundTruth, subjects: Subjects, cfg: ScoreConfig,
-                    on_progress: OnProgress | None, cancel: threading.Event | None) -> tuple[Drawer, list[ScoreLine]]:
-    """The judge's prompts for every subject, drawn and scored against `cs` (studio/evaluation/judging.py)."""
+                    on_progress: OnProgress | None, cancel: threading.Event | None,
+                    identity: IdentityScorer | None = None,
+                    references: Sequence[Image.Image] = ()) -> tuple[Drawer, list[ScoreLine]]:
+    """The judge's prompts for every subject, drawn and scored against `cs` (studio/evaluation/judging.py), with
+    identity against `references` when an identity scorer is given."""
     eval_cfg = EvalConfig(images=cfg.samples, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
                           seed=cfg.seed)
     draws = sum(len(reconstruction_prompts(cs, s)) + len(editing_prompts(cs, s)) for s, _ in subjects.values())
@@ -155,8 +173,9 @@ def _draw_and_judge(model, judge: Judge, cs: GroundTruth, subjects: Subjects, cf
     judged = {}
     for name, (subject, used) in subjects.items():
         recon = reconstruction_prompts(cs, subject)
-        judged[name] = score_subject(model, judge, cs, used, subject, eval_cfg, draw=drawer.for_subject(name, recon))
-    return drawer, _judge_lines(judged, cs)
+        judged[name] = score_subject(model, judge, cs, used, subject, eval_cfg, draw=drawer.for_subject(name, recon),
+                                     identity=identity, references=references)
+    return drawer, _judge_lines(judged, cs, eval_cfg)
 
 
 def _draw_for_clip(model, kind: str, subjects: Subjects, cfg: ScoreConfig, on_progress: OnProgress | None,
@@ -173,45 +192,77 @@ def _draw_for_clip(model, kind: str, subjects: Subjects, cfg: ScoreConfig, on_pr
     return drawer
 
 
-def _judge_lines(judged: dict[str, dict], cs: GroundTruth) -> list[ScoreLine]:
-    """Rows for the judge's scores of the concept's word and (when drawn) the plain words."""
+def _judge_lines(judged: dict[str, dict], cs: GroundTruth, cfg: EvalConfig) -> list[ScoreLine]:
+    """Rows for the judge's (and identity's) scores of the concept's word and (when drawn) the plain words."""
     ti, plain = judged["concept"], judged.get("plain", {})
+
+    def line(measure: str, key: str, compares: str) -> ScoreLine:
+        margin = (paired_margin([ti["per_picture"][key]], [plain["per_picture"][key]], cfg.resamples, cfg.seed)
+                  if plain else None)
+        return ScoreLine(measure, _from(ti.get(key)), _from(plain.get(key)), compares, margin)
+
     wanted = ", ".join(f"{k} {'/'.join(v) if isinstance(v, list) else v}" for k, v in cs.attributes.items())
-    lines = [ScoreLine("reconstruction", ti["reconstruction"], plain.get("reconstruction"),
-                       f"judge: share of the attributes of {cs.name} ({wanted}) seen in 'a photo of S*' pictures"),
-             ScoreLine("editability", ti["editability"], plain.get("editability"),
-                       "judge: share of what each edit prompt asks for, seen in its pictures")]
+    lines = [line("reconstruction", "reconstruction",
+                  f"judge: share of the attributes of {cs.name} ({wanted}) seen in 'a photo of S*' pictures")]
+    if "identity" in ti:
+        lines.append(line("identity", "identity",
+                          "identity encoder: mean cosine of 'a photo of S*' pictures and the training pictures"))
+    lines.append(line("prompt fidelity", "prompt_fidelity",
+                      "judge: share of what each edit prompt names (not the concept's look), seen in its pictures"))
     for prompt, value in ti["editing_prompts"].items():
-        lines.append(ScoreLine(f"· {prompt}", value, plain.get("editing_prompts", {}).get(prompt),
+        lines.append(ScoreLine(f"· {prompt}", _from(value), _from(plain.get("editing_prompts", {}).get(prompt)),
                                "judge: the edit asked for is seen"))
     if "identity_under_edits" in ti:
-        lines.append(ScoreLine("identity under edits", ti["identity_under_edits"], plain.get("identity_under_edits"),
-                               "judge: the concept's attributes still seen in the edited pictures"))
+        lines.append(line("identity under edits", "identity_under_edits",
+                          "identity encoder: the edited pictures against the training pictures"))
+    if "attributes_under_edits" in ti:
+        lines.append(line("attributes under edits", "attributes_under_edits",
+                          "judge: the concept's attributes still seen in the edited pictures"))
     if "color_spread" in ti:
-        lines.append(ScoreLine("colour spread", ti["color_spread"]["entropy"],
-                               plain.get("color_spread", {}).get("entropy"),
-                               "judge: entropy of the colours drawn (1 = all eight equally often)"))
+        entropy = ti["color_spread"]["entropy"]
+        plain_entropy = plain.get("color_spread", {}).get("entropy")
+        n = sum(ti["color_spread"]["colors"].values())
+        lines.append(ScoreLine("colour spread", Estimate(entropy, entropy, entropy, n),
+                               None if plain_entropy is None else Estimate(plain_entropy, plain_entropy,
+                                                                           plain_entropy, n),
+                               "judge: entropy of the colours drawn (1 = all eight equally often; no interval)"))
     return lines
 
 
+def _from(d: dict | None) -> Estimate | None:
+    return None if d is None else Estimate.from_dict(d)
+
+
 def _clip_lines(clip: ClipScorer, samples: list[Sample], subjects: Subjects,
-                references: list[Image.Image]) -> list[ScoreLine]:
-    """CLIP image-image (vs the training pictures) and image-text (vs the prompt without S*) rows."""
-    values: dict[str, dict[str, float]] = {"image": {}, "text": {}}
+                references: list[Image.Image], seed: int = 0) -> list[ScoreLine]:
+    """CLIP image-image (vs the training pictures) and image-text (vs the prompt without S*) rows, per picture and
+    pooled over prompts x pictures with their intervals."""
+    values: dict[str, dict[str, list[list[float]]]] = {"image": {}, "text": {}}
     for name, (subject, _) in subjects.items():
         mine = [s for s in samples if s.subject == name]
-        recon = [s.image for s in mine if s.role == "reconstruction"]
-        edits = [s for s in mine if s.role == "editing"]
+        prompts = list(dict.fromkeys(s.prompt for s in mine))  # in drawing order
+        recon = [[s.image for s in mine if s.prompt == p] for p in prompts
+                 if any(s.prompt == p and s.role == "reconstruction" for s in mine)]
+        edits = [[s for s in mine if s.prompt == p] for p in prompts
+                 if any(s.prompt == p and s.role == "editing" for s in mine)]
         if references and recon:
-            values["image"][name] = round(clip.image_similarity(recon, references), 4)
+            values["image"][name] = [clip.image_similarities(images, references) for images in recon]
         if edits:
-            values["text"][name] = round(clip.text_similarity(
-                [s.image for s in edits], [without_subject(s.prompt, subject) for s in edits]), 4)
+            values["text"][name] = [clip.text_similarities([s.image for s in group],
+                                                           [without_subject(s.prompt, subject) for s in group])
+                                    for group in edits]
+
+    def line(kind: str, measure: str, compares: str) -> ScoreLine:
+        mine, plain = values[kind].get("concept"), values[kind].get("plain")
+        est = (lambda v: None if v is None else hierarchical_bootstrap([v], seed=seed))
+        margin = paired_margin([mine], [plain], seed=seed) if mine and plain else None
+        return ScoreLine(measure, est(mine), est(plain), compares, margin)
+
     lines = []
     if values["image"]:
-        lines.append(ScoreLine("CLIP image-image", values["image"].get("concept"), values["image"].get("plain"),
-                               f"{clip.source}: cosine of 'a photo of S*' pictures and the training pictures"))
+        lines.append(line("image", "CLIP image-image",
+                          f"{clip.source}: cosine of 'a photo of S*' pictures and the training pictures"))
     if values["text"]:
-        lines.append(ScoreLine("CLIP image-text", values["text"].get("concept"), values["text"].get("plain"),
-                               f"{clip.source}: cosine of edit pictures and their prompt without S*"))
+        lines.append(line("text", "CLIP image-text", f"{clip.source}: cosine of edit pictures and their prompt "
+                                                     "without S*"))
     return lines

@@ -1,7 +1,7 @@
-"""What an evaluation is given and never loads itself: a judge, the ground truths it checks against, and the world
-whose pictures it reads. These are protocols; `studio.demo.evaluate` implements them for the demo world
-(`DemoJudge`, `DemoWorld`, the bundled concept sets) and the callers (`studio eval`, the Evaluate tab) pass them in,
-so this package imports nothing of the demo.
+"""What an evaluation is given and never loads itself: a judge, the ground truths it checks against, the world
+whose pictures it reads, and (optionally) an identity scorer. These are protocols; `studio.demo.evaluate`
+implements them for the demo world (`DemoJudge`, `DemoWorld`: the bundled and held-out concept sets, the identity
+encoder) and the callers (`studio eval`, the Evaluate tab) pass them in, so this package imports nothing of the demo.
 """
 
 from __future__ import annotations
@@ -33,6 +33,21 @@ class Judge(Protocol):
 
     def ground_truths(self) -> list[str]:
         """The names of the bundled ground truths (concept sets) a concept can be checked against."""
+        ...
+
+
+class IdentityScorer(Protocol):
+    """Tells whether pictures show the same individual, as DINO / CLIP-I do in DreamBench (Ruiz et al. 2023); the
+    demo's is `studio.demo.identity.IdentityEncoder`."""
+
+    info: dict[str, Any]  # what the encoder records of itself; its measured "quality" is reported beside the scores
+
+    def similarity(self, generated: Sequence[Image.Image], references: Sequence[Image.Image]) -> list[float]:
+        """Per generated picture: its mean cosine similarity to the references."""
+        ...
+
+    def cross_similarity(self, references: Sequence[Image.Image]) -> list[float]:
+        """Per reference: its mean cosine similarity to the other references (the "real images" ceiling)."""
         ...
 
 
@@ -85,4 +100,13 @@ class World(Protocol):
 
     def concept_sets(self, names: Sequence[str] | None) -> dict[str, BundledSet]:
         """The named bundled sets (names or folders; None: all of them), keyed as named."""
+        ...
+
+    def held_out_sets(self, n: int, seed: int, folder: Path) -> dict[str, BundledSet]:
+        """`n` concept sets of subjects no model was trained on, written under `folder`, keyed by name."""
+        ...
+
+    def identity(self) -> IdentityScorer | None:
+        """The identity scorer, or None when the world has none; raises ValueError (saying what to do) when it
+        should have one but cannot load it."""
         ...

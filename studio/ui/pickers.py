@@ -1,4 +1,7 @@
-"""Concept pickers: every dropdown that offers concept words, refreshed together whenever the concepts change.
+"""Concept pickers: every dropdown that offers concepts, refreshed together whenever the concepts change.
+
+A picker lists words and LoRA files alike; its value is what goes into the prompt, the word or A1111's
+`<lora:name:1>` tag (`Studio.concept_choices`).
 
 Tabs create their dropdowns through `ConceptPickers.dropdown` and hand over the events that change the concepts
 (train, import, rename, delete, loading another model) with `after`; `wire` then chains one refresh after each of
@@ -40,8 +43,8 @@ class ConceptPickers:
     def refresh(self, request: gr.Request) -> list:
         """New choices for every dropdown (their values stay) and new values for every view."""
         session = self.studio.session_of(request)
-        tokens = self.studio.concept_tokens(session)
-        return [gr.update(choices=tokens) for _ in self.dropdowns] + [render(session) for render, _ in self.views]
+        choices = self.studio.concept_choices(session)
+        return [gr.update(choices=choices) for _ in self.dropdowns] + [render(session) for render, _ in self.views]
 
     def wire(self, page_loaded) -> None:
         """Chain the refresh after every registered event and after `page_loaded` (the load event that ties the page

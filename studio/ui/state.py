@@ -127,12 +127,16 @@ class Studio:
         self.sessions.forget(session)
 
     def entries(self, session: str) -> list[LibraryEntry]:
-        """Library files and this session's concepts, each with whether it fits the loaded model and why not."""
-        return self.library.entries(self.model.encoder_dims, session)
+        """Library files and this session's concepts (words and LoRAs), each with whether it fits the loaded model
+        and why not."""
+        model = self.model
+        return self.library.entries(model.encoder_dims, session, family=model.family, model_name=model.name)
 
-    def concept_tokens(self, session: str) -> list[str]:
-        """The words a concept picker offers: every concept this session can use with the loaded model."""
-        return [entry.token for entry in self.entries(session) if entry.fits]
+    def concept_choices(self, session: str) -> list[tuple[str, str]]:
+        """A concept picker's (label, value) choices: every concept this session can use with the loaded model; the
+        value is what picking it writes into the prompt (`LibraryEntry.prompt_text`: a word, or `<lora:name:1>`)."""
+        return [(entry.token if entry.kind == "word" else f"{entry.token} ({entry.kind})", entry.prompt_text)
+                for entry in self.entries(session) if entry.fits]
 
     def describe_memory(self) -> str:
         chosen = preset(self.memory_mode)

@@ -38,7 +38,7 @@ def test_a_tiny_build_loads_generates_and_repeats(tmp_path):
 
     first = run(tmp_path / "a")
     log = json.loads((first / "training_log.json").read_text())
-    assert log["recipe"] == 3 and log["schedule"] == "sd" and log["unet_steps"] == 3 and log["vae_steps"] == 5
+    assert log["recipe"] == 5 and log["schedule"] == "sd" and log["unet_steps"] == 3 and log["vae_steps"] == 5
     assert 0.0 <= log["vae_judge"]["color"] <= 1.0  # the judge read the VAE's reconstructions
     model = ModelManager().load(first)
     assert model.pipe.scheduler.config.prediction_type == "epsilon"

@@ -53,9 +53,10 @@ def test_bundled_concept_sets_show_their_ground_truth_and_plain_words_cannot_nam
         assert all(p.size == (64, 64) and p.mode == "RGB" for p in pictures)
         assert judge.mean_agreement(pictures, cs.attributes) >= 0.9, cs.name
         assert cs.init_word in vocabulary and set(cs.best_prompt.split()) <= vocabulary
-        if cs.kind in ("object", "style"):  # a held-out (shape, colour) pair, or the unnamed pattern
+        if cs.kind in ("object", "style"):  # an individual, a held-out (shape, colour) pair, or the unnamed pattern
             unreachable = cs.attributes.get("pattern") in world.UNNAMED["pattern"] or \
-                (cs.attributes.get("shape"), cs.attributes.get("color")) in world.TRAINING_EXCLUDED
+                (cs.attributes.get("shape"), cs.attributes.get("color")) in world.TRAINING_EXCLUDED or \
+                (cs.attributes.get("shape") == world.TOY and cs.individual in world.BUNDLED_INDIVIDUALS)
             assert unreachable, f"{cs.name}: a plain prompt could name it"
     assert "zigzag" not in vocabulary
 
@@ -90,3 +91,16 @@ def test_the_demo_judge_checks_readings_and_finds_a_sets_ground_truth_by_its_wor
     assert judge.check(reading, {"shape": "star", "color": "purple"}) == {"shape": True, "color": True}
     assert judge.colors == len(world.COLORS) and "purple-star" in judge.ground_truths()
     assert concept_set_for("<purple-star>").name == "purple-star" and concept_set_for("<nothing>") is None
+
+
+def test_the_world_hands_out_unseen_individuals_and_says_how_to_get_a_missing_identity_encoder(tmp_path):
+    """`studio eval --held-out` reads its subjects from `DemoWorld.held_out_sets`: individuals of the evaluation-only
+    range, written where it is told, the same for the same seed; no identity encoder is a ValueError saying what to
+    do (the run then reports identity as not measured)."""
+    sets = DemoWorld().held_out_sets(2, seed=0, folder=tmp_path / "a")
+    assert len(sets) == 2 and set(sets) == set(DemoWorld().held_out_sets(2, seed=0, folder=tmp_path / "b"))
+    for cs in sets.values():
+        assert cs.individual in world.HELD_OUT_INDIVIDUALS and cs.attributes["shape"] == world.TOY
+        assert all(p.is_file() and (tmp_path / "a") in p.parents for p in cs.images)
+    with pytest.raises(ValueError, match="train it"):
+        DemoWorld(identity_folder=tmp_path / "none").identity()

@@ -316,8 +316,8 @@ def test_malformed_files_give_clear_errors(tmp_path):
     save_file({"emb_params": torch.zeros(2, 3, 768)}, tmp_path / "cube.safetensors")
     with pytest.raises(ConceptError, match="1-D or 2-D"):
         load_concept(tmp_path / "cube.safetensors")
-    save_file({"clip_l": torch.zeros(2, 768)}, tmp_path / "half-xl.safetensors")
-    with pytest.raises(ConceptError, match="clip_g"):
+    save_file({"clip_g": torch.zeros(2, 1280)}, tmp_path / "half-xl.safetensors")  # clip_l alone: SD1 pivotal words
+    with pytest.raises(ConceptError, match="clip_l"):
         load_concept(tmp_path / "half-xl.safetensors")
     with pytest.raises(ConceptError, match="no such file"):
         load_concept(tmp_path / "missing.pt")

@@ -20,7 +20,7 @@ from PIL import Image
 
 from studio.cli import main
 from studio.engine.generate import GenerateRequest, generate
-from studio.engine.lora import adapter_name, load_lora
+from studio.engine.lora import adapter_name, load_lora, loras_applied
 from studio.engine.models import ModelManager
 from studio.errors import LoraError
 
@@ -184,3 +184,70 @@ def test_concurrent_requests_with_and_without_a_lora_never_see_each_other(sd1, l
         thread.join()
     assert all(np.array_equal(p, alone["with"]) for p in got["with"])
     assert all(np.array_equal(p, alone["without"]) for p in got["without"])
+
+
+# ---- the adapter cache: least recently used out first, bounded by the bytes of the adapters' tensors ----
+
+
+def _copies(lora_files, tmp_path, names: str) -> dict[str, object]:
+    """LoRA files under other names (other paths: other adapters), alternately A's and B's weights."""
+    files = {}
+    for k, name in enumerate(names):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(lora_files["ab"[k % 2]].read_bytes())
+        files[name] = load_lora(path)
+    return files
+
+
+def _cached(model) -> list[str]:
+    """The adapters in the UNet, checked against the cache's own list (least recently used first)."""
+    in_unet = set(getattr(model.pipe.unet, "peft_config", None) or {})
+    assert in_unet == set(model.lora_cache.sizes), "the cache and the UNet disagree on what is loaded"
+    return list(model.lora_cache.sizes)
+
+
+def test_the_cache_evicts_the_least_recently_used_adapter_and_never_one_the_request_uses(tiny_model_dirs, lora_files,
+                                                                                          tmp_path):
+    model = ModelManager().load(tiny_model_dirs["sd1"])
+    c = _copies(lora_files, tmp_path, "pqrs")
+    with model.lock, loras_applied(model, [(c["p"], 1.0)]):
+        pass
+    size = model.lora_cache.sizes[adapter_name(c["p"])]
+    assert size == sum(t.numel() * 4 for t in c["p"].state_dict.values()), "the size is not the adapter's fp32 bytes"
+    model.lora_cache.budget_bytes = 2 * size  # room for two
+    for name in "qpr":  # p used after q: q is the least recently used when r comes
+        with model.lock, loras_applied(model, [(c[name], 1.0)]):
+            pass
+    assert _cached(model) == [adapter_name(c["p"]), adapter_name(c["r"])], "q, the least recently used, was kept"
+    # A request needing three adapters on a budget of two keeps all three while it runs ...
+    three = [(c["p"], 1.0), (c["q"], 1.0), (c["s"], 1.0)]
+    with model.lock, loras_applied(model, three):
+        assert set(_cached(model)) == {adapter_name(lora) for lora, _ in three}
+        assert model.lora_cache.total_bytes == 3 * size
+    # ... and the next request evicts the least recently used of those it does not use (q), down to the budget.
+    with model.lock, loras_applied(model, [(c["p"], 1.0)]):
+        assert _cached(model) == [adapter_name(c["s"]), adapter_name(c["p"])]
+
+
+def test_after_evictions_a_request_without_lora_is_bit_identical_to_a_fresh_pipeline(tiny_model_dirs, lora_files,
+                                                                                      tmp_path):
+    """Guards delete_adapters: evicting must leave the UNet computing what a freshly loaded one computes."""
+    model = ModelManager().load(tiny_model_dirs["sd1"])
+    model.lora_cache.budget_bytes = 1  # keeps only what the request at hand uses: every switch evicts
+    c = _copies(lora_files, tmp_path, "pqr")
+    for loras in ([(c["p"], 1.0)], [(c["q"], 0.7)], [(c["p"], 0.5), (c["r"], 1.2)], [(c["q"], 1.0)]):
+        _picture(model, loras)
+        assert _cached(model) == [adapter_name(lora) for lora, _ in loras]
+    fresh = ModelManager().load(tiny_model_dirs["sd1"])
+    assert np.array_equal(_picture(model), _picture(fresh))
+
+
+def test_an_evicted_lora_used_again_is_reloaded_and_gives_the_same_picture(tiny_model_dirs, lora_files):
+    model = ModelManager().load(tiny_model_dirs["sd1"])
+    model.lora_cache.budget_bytes = 1
+    a, b = load_lora(lora_files["a"]), load_lora(lora_files["b"])
+    before = _picture(model, [(a, 0.8)])
+    _picture(model, [(b, 1.0)])
+    assert adapter_name(a) not in _cached(model), "A was not evicted"
+    assert np.array_equal(_picture(model, [(a, 0.8)]), before)
+    assert _cached(model) == [adapter_name(a)]

@@ -88,6 +88,9 @@ def test_clip_scores_the_word_and_the_plain_words_on_a_real_model_with_progress(
         for plain in (False, True):
             value = scores.score(measure, plain=plain)
             assert value is not None and math.isfinite(value) and -1.0 <= value <= 1.0, (measure, plain)
+    image = scores.estimate("CLIP image-image")
+    assert image.n == 2 and image.low <= image.mean <= image.high  # 2 reconstruction prompts x 1 picture
+    assert scores.lines[0].margin is not None and scores.lines[0].margin.n == 2  # paired by prompt and seed
     # 2 reconstruction + 4 edit prompts, for the word and for the plain words, one picture each.
     assert len(scores.samples) == 12 and scores.notes == []
     assert [s.prompt for s in scores.samples][:2] == ["a photo of a <toy>", "a rendering of a <toy>"]

@@ -1,5 +1,6 @@
 """Evaluate tab through a real server on the built-in demo model: a bundled concept set's concept is scored by the
-judge (numbers in [0, 1], beside the plain-words baseline) with the pictures they came from; a concept with nothing to
+judge (each as `mean ± half-width (n=pictures)` in [0, 1], beside the plain-words baseline and their margin) with the
+pictures they came from; a concept with nothing to
 score it against says what to configure instead of failing with a traceback."""
 
 import re
@@ -44,15 +45,18 @@ def evaluate(client: Client, token: str, clip: str = "", ground_truth: str = "au
 def test_a_bundled_sets_concept_gets_judge_scores_in_0_1_and_the_pictures_they_came_from(demo_server):
     about, table, grid = evaluate(Client(demo_server[0], verbose=False), "<purple-star>")
     rows = {row[0]: row for row in table["data"]}
-    assert {"reconstruction", "editability"} <= set(rows)
+    assert {"reconstruction", "prompt fidelity"} <= set(rows)
     for row in table["data"]:
         for value in row[1:3]:  # with the word, with plain words
-            assert isinstance(value, float) and 0.0 <= value <= 1.0, row
-    assert "purple-star" in rows["reconstruction"][3] and "shape star" in rows["reconstruction"][3]
+            mean, half, n = re.fullmatch(r"(-?\d\.\d\d) ± (\d\.\d\d) \(n=(\d+)\)", value).groups()
+            assert -1.0 <= float(mean) <= 1.0 and float(half) <= 1.0 and int(n) >= 1, row  # identity: a cosine
+    assert rows["reconstruction"][1].endswith("(n=3)")  # 3 prompts x 1 picture
+    assert re.fullmatch(r"[+-]\d\.\d\d ± \d\.\d\d \(n=3\)", rows["reconstruction"][3])  # the paired margin
+    assert "purple-star" in rows["reconstruction"][4] and "shape star" in rows["reconstruction"][4]
     assert "`<purple-star>`" in about and "judge" in about and "purple star" in about
 
-    # 3 reconstruction + 5 edit prompts, for the word and for the plain words, one picture each.
-    assert len(grid) == 16
+    # 3 reconstruction + 6 edit prompts, for the word and for the plain words, one picture each.
+    assert len(grid) == 18
     captions = [item["caption"] for item in grid]
     assert captions[0] == "a photo of a <purple-star> (seed 0)" and "a photo of a purple star (seed 0)" in captions
     for item in grid:
@@ -73,10 +77,10 @@ def test_on_the_demo_model_the_training_pictures_give_the_judge_its_ground_truth
     pictures = [handle_file(str(p)) for p in load_concept_set("purple-star").images]
     about, table, grid = Client(demo_server[0], verbose=False).predict(
         "<no-truth>", 1, "", "none", "object", "", 4, 0, pictures, api_name="/evaluate_concept")
-    assert "ground truth of the training pictures" in about and len(grid) == 16
+    assert "ground truth of the training pictures" in about and len(grid) == 18
     reconstruction = table["data"][0]
-    assert reconstruction[0] == "reconstruction" and 0.0 <= reconstruction[1] <= 1.0
-    assert "(shape star, color purple, pattern solid)" in reconstruction[3]
+    assert reconstruction[0] == "reconstruction" and 0.0 <= float(reconstruction[1].split(" ± ")[0]) <= 1.0
+    assert "(shape star, color purple, pattern solid)" in reconstruction[4]
 
 
 def test_cancel_stops_a_running_evaluation_within_a_step(demo_server):

@@ -153,5 +153,5 @@ def test_a_closed_page_frees_memory_and_its_browser_finds_its_concepts_again(tin
     assert studio.sessions.get(browser_b).thumbnails == {"<c>": tmp_path / "c.png"}
     assert browser_a not in studio.library._sessions  # memory freed
     assert studio.attach(pages["page-a2"], browser_a) == browser_a  # the reloaded page of browser A
-    assert studio.concept_tokens(studio.session_of(pages["page-a2"])) == ["<c>"]
+    assert studio.concept_choices(studio.session_of(pages["page-a2"])) == [("<c>", "<c>")]
     assert studio.sessions.get("../../x").folder.parent == (tmp_path / "work").resolve()

@@ -1,7 +1,9 @@
 """Evaluate tab: score a concept the way the Textual Inversion paper does and show the pictures the scores came from.
 
-On the built-in demo model the judge checks the pictures against a bundled concept set's ground truth; on any
-model a CLIP model (hub id or folder) gives image-image and image-text similarity. The call is
+On the built-in demo model the judge checks the pictures against a bundled concept set's ground truth and the
+identity encoder compares them with the training pictures; on any model a CLIP model (hub id or folder) gives
+image-image and image-text similarity. Every score shows as `0.62 ± 0.04 (n=12)`: its 95% interval and the pictures
+it rests on. The call is
 `studio.evaluation.scoring.score_concept`; this file only adapts the form to it and the result to a table and a grid.
 """
 
@@ -16,23 +18,32 @@ import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
 from studio.demo.concept_sets import list_concept_sets, load_concept_set
-from studio.demo.evaluate import DemoJudge, concept_set_for
+from studio.demo.evaluate import DemoJudge, DemoWorld, concept_set_for
 from studio.engine.generate import save_png
 from studio.evaluation.clip import ClipScorer
 from studio.evaluation.config import ScoreConfig
 from studio.evaluation.scoring import ConceptScores, score_concept
+from studio.evaluation.stats import Estimate
 from studio.ui.gpu import gpu_task
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import as_user_errors, Studio, user_error
 
-HEADERS = ["measure", "with the word", "with plain words", "what it compares"]
+HEADERS = ["measure", "with the word", "with plain words", "margin (word − plain)", "what it compares"]
 AUTO, NONE = "auto (the set whose word it is)", "none"
 EVALUATE_SECONDS = 300  # ZeroGPU time for one evaluation: 16 prompts x a few seeds on a real model
 
 
+def shown(est: Estimate | None, signed: bool = False) -> str:
+    """`0.62 ± 0.04 (n=12)` (a margin signed: `+0.21 ± 0.06 (n=12)`); empty when not measured."""
+    if est is None:
+        return ""
+    return f"{est.mean:+.2f} ± {est.half_width:.2f} (n={est.n})" if signed else str(est)
+
+
 def table(scores: ConceptScores) -> list[list]:
     """The score rows; a measure not taken (no baseline, no training pictures) is left empty."""
-    return [[line.measure, line.concept, line.plain, line.compares] for line in scores.lines]
+    return [[line.measure, shown(line.concept), shown(line.plain), shown(line.margin, signed=True), line.compares]
+            for line in scores.lines]
 
 
 def summary(scores: ConceptScores, model_name: str) -> str:
@@ -84,20 +95,31 @@ class ClipCache:
         return self._loaded[source]
 
 
-def scored(studio: Studio, clips: ClipCache, session: str, token: str, cfg: ScoreConfig, ground_truth: str,
-           files: list[str], clip_source: str, progress) -> ConceptScores:
+def scored(studio: Studio, clips: ClipCache, demo: DemoWorld, session: str, token: str, cfg: ScoreConfig,
+           ground_truth: str, files: list[str], clip_source: str, progress) -> ConceptScores:
     """Score the session's concept `token` on the loaded model (the GPU part: plain values in, a picklable result
-    out; ZeroGPU runs it in a worker process). The session's "evaluate" flag stops it within one step."""
+    out; ZeroGPU runs it in a worker process). The session's "evaluate" flag stops it within one step. On the demo
+    model the identity encoder of `demo` scores beside the judge; without one, a note says how to train it."""
     concept = studio.library.get(token, session)
 
     def on_progress(done: int, total: int, prompt: str) -> None:
         if progress is not None:
             progress((done, total), desc=prompt, unit="steps")
 
-    return score_concept(studio.model, concept, cfg, judge=DemoJudge(),
-                         concept_set=ground_truth_set(token, ground_truth),
-                         reference_images=reference_pictures(files), clip=clips.get(clip_source, studio.model.device),
-                         on_progress=on_progress, cancel=studio.sessions.get(session).cancel_flag("evaluate"))
+    identity, missing = None, None
+    if studio.model.is_demo:
+        try:
+            identity = demo.identity()
+        except ValueError as exc:  # IdentityError: not trained yet; the judge's scores still stand
+            missing = f"identity ({exc})"
+    scores = score_concept(studio.model, concept, cfg, judge=DemoJudge(),
+                           concept_set=ground_truth_set(token, ground_truth),
+                           reference_images=reference_pictures(files), clip=clips.get(clip_source, studio.model.device),
+                           identity=identity, on_progress=on_progress,
+                           cancel=studio.sessions.get(session).cancel_flag("evaluate"))
+    if missing and scores.ground_truth:
+        scores.notes.append(missing)
+    return scores
 
 
 def sample_grid(scores: ConceptScores, folder: Path) -> list[tuple[str, str]]:
@@ -130,12 +152,12 @@ def evaluate(studio: Studio, on_device, session: str, token: str | None, cfg_fie
 
 def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Concept, samples, CLIP model and advanced settings; `/evaluate_concept` and `/cancel_evaluation` endpoints."""
-    clips = ClipCache()
+    clips, demo = ClipCache(), DemoWorld()
 
     # 1. Handlers: adapters from the form to the functions above.
     def score(session: str, token: str, cfg: ScoreConfig, ground_truth: str, files: list[str], clip_source: str,
               progress) -> ConceptScores:
-        return scored(studio, clips, session, token, cfg, ground_truth, files, clip_source, progress)
+        return scored(studio, clips, demo, session, token, cfg, ground_truth, files, clip_source, progress)
 
     on_device = gpu_task(score, EVALUATE_SECONDS)
 
@@ -152,7 +174,9 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
     gr.Markdown("Score a concept the way the Textual Inversion paper does: draw “a photo of S*” (does it look like "
                 "the concept?) and edit prompts like “S* on a black background” (does the rest of the prompt still "
                 "work?), and the same prompts with plain words instead of S*. The demo model is scored by its judge "
-                "against a bundled concept set; any model by CLIP when you name a CLIP model.")
+                "against a bundled concept set (and by its identity encoder against the training pictures); any model "
+                "by CLIP when you name a CLIP model. Each score shows its 95% interval and the pictures it rests "
+                "on: 0.62 ± 0.04 (n=12).")
     with gr.Row():
         with gr.Column():
             token = pickers.dropdown("Concept", custom=True, elem_id="evaluate-concept")  # API clients name any word
@@ -177,7 +201,7 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
         with gr.Column():
             about = gr.Markdown(elem_id="evaluate-summary")
             scores = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, elem_id="evaluate-scores",
-                                  column_widths=["30%", "14%", "14%", "42%"])
+                                  column_widths=["22%", "15%", "15%", "15%", "33%"])
             grid = gr.Gallery(label="The pictures the scores came from", columns=4, height=420,
                               elem_id="evaluate-grid")
 

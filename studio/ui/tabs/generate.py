@@ -22,13 +22,14 @@ VARIATION_PROMPT = "a photo of {}"  # the paper's simplest object template
 
 
 def insert_word(token: str | None, text: str) -> str:
-    """Append the picked concept word to a prompt."""
+    """Append the picked concept to a prompt: its word, or a LoRA's `<lora:name:1>` tag (the picker's value)."""
     return f"{text} {token}".strip() if token else text
 
 
 def concept_inserter(pickers: ConceptPickers, prompt: gr.Textbox, label: str = "Insert a concept", *,
                      custom: bool = False) -> gr.Dropdown:
-    """A concept picker that appends the chosen word to `prompt` (`custom`: see `ConceptPickers.dropdown`)."""
+    """A concept picker that appends the chosen word or LoRA tag to `prompt` (`custom`: see
+    `ConceptPickers.dropdown`)."""
     picker = pickers.dropdown(label, custom=custom)
     picker.select(insert_word, [picker, prompt], prompt, api_visibility="private")
     return picker
@@ -63,12 +64,14 @@ def settings(seed, steps, guidance, scheduler, width, height) -> dict:
 
 def variation_fields(studio: Studio, token: str | None, session: str, sampler: dict,
                      request: gr.Request | None = None) -> dict:
-    """The request fields of `/variations`: the picked concept over VARIATION_SEEDS seeds; gr.Error without one."""
+    """The request fields of `/variations`: the picked concept (a word or a `<lora:name:w>` tag) over
+    VARIATION_SEEDS seeds; gr.Error without one."""
     if not token:
         raise gr.Error("Pick a concept in “Insert a concept” first: Variations show it over "
                        f"{VARIATION_SEEDS} seeds.")
     with as_user_errors(request):
-        studio.library.get(token, session)  # an unknown word fails here, not as a plain-text prompt
+        if not studio.library.resolve(token, session):  # a tag naming no LoRA fails in resolve
+            studio.library.get(token, session)  # an unknown word fails here, not as a plain-text prompt
     return dict(prompt=VARIATION_PROMPT.format(token), batch=VARIATION_SEEDS, **sampler)
 
 
@@ -99,7 +102,8 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
         yield from gallery_stream(studio, fields, session, request, progress)
 
     # 2. Layout.
-    gr.Markdown("Write a prompt; any concept word from the library (e.g. `<my-cat>`) is used automatically. "
+    gr.Markdown("Write a prompt; any concept word from the library (e.g. `<my-cat>`) is used automatically, and a "
+                "LoRA by its tag, `<lora:name:0.8>` (name: the file's stem). "
                 f"**Variations**: `{VARIATION_PROMPT.format('<concept>')}` for the picked concept over "
                 f"{VARIATION_SEEDS} seeds.")
     with gr.Row():

@@ -8,27 +8,47 @@ shared library" writes them into the library folder.
 from __future__ import annotations
 
 import html
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
 
 from studio.engine.concepts import IMAGE_SUFFIXES, load_concept, save_concept
+from studio.engine.lora import is_lora_file
 from studio.engine.names import file_stem, inside
 from studio.library import LibraryEntry
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import USER_ERRORS, as_user_errors, Studio, user_error
 
-HEADERS = ["token", "vectors", "fits", "reason", "source", "trained on", "steps"]
+# The first seven columns are an embedding's; kind, rank and size come after, so a client's column indices hold.
+HEADERS = ["token", "vectors", "fits", "reason", "source", "trained on", "steps", "kind", "rank", "size"]
 EXPORT_SUFFIX = {"studio": ".safetensors", "diffusers": ".safetensors", "kohya": ".safetensors", "a1111": ".pt"}
 
 
 def row(entry: LibraryEntry) -> list:
-    """One table row; `reason` says why a file does not fit (or cannot be read), empty when it fits."""
+    """One table row; `reason` says why a file does not fit (or cannot be read), empty when it fits. A LoRA's row
+    (token: its name, as `<lora:name>` writes it) gives its rank, its families and the vectors of its words."""
+    source = str(entry.path) if entry.path else "this session"
+    lora = entry.lora
+    if lora is not None:
+        vectors = sum(word.n_vectors for word in lora.words) or ""
+        return [entry.token, vectors, entry.fits, entry.reason, source, "/".join(lora.families), "", entry.kind,
+                lora.rank, human_size(lora.size_bytes)]
     meta = entry.concept.meta if entry.concept else {}
     trained_on = " / ".join(v for v in (meta.get("base_model", ""), entry.concept.family if entry.concept else "") if v)
-    return [entry.token, entry.concept.n_vectors if entry.concept else "", entry.fits, entry.reason,
-            str(entry.path) if entry.path else "this session", trained_on, meta.get("steps", "")]
+    return [entry.token, entry.concept.n_vectors if entry.concept else "", entry.fits, entry.reason, source,
+            trained_on, meta.get("steps", ""), entry.kind, "", ""]
+
+
+def human_size(size_bytes: int) -> str:
+    """A file size as people read it: 812 B, 35.2 KB, 151.1 MB."""
+    size = float(size_bytes)
+    for unit in ("B", "KB", "MB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
 
 
 def thumbnail(studio: Studio, entry: LibraryEntry, session: str) -> Path | None:
@@ -49,6 +69,14 @@ def details(entry: LibraryEntry | None) -> str:
     if entry is None:
         return "Pick a concept to see what it is."
     lines = [f"`{entry.token}` — " + (f"`{entry.path}`" if entry.path else "this session only (not saved)")]
+    if entry.lora is not None:
+        lora = entry.lora
+        parts = ", ".join(f"{part}: {sum(n.values())} layers" for part, n in lora.targets.items())
+        lines.append(f"{entry.kind}, rank {lora.rank}, {human_size(lora.size_bytes)}, for "
+                     f"{'/'.join(lora.families) or 'an unknown family'} ({parts}); in a prompt: "
+                     f"`{entry.prompt_text}`")
+        if lora.words:
+            lines.append("Words it brings: " + html.escape(", ".join(w.token for w in lora.words), quote=False))
     if entry.concept is not None:
         c = entry.concept
         shapes = ", ".join(f"{k}: {c.n_vectors}×{d}" for k, d in c.dims.items())
@@ -97,6 +125,12 @@ def import_files(studio: Studio, session: str, files: list | None) -> tuple[str,
     for f in files or []:
         name = Path(f).name
         try:
+            if is_lora_file(f):
+                lora = studio.library.add_session_lora(session, f)
+                entry = find(studio, lora.name, session)
+                note = "" if entry.fits else f" — it does not fit the loaded model: {entry.reason}"
+                lines.append(f"{name}: added {entry.kind} {entry.prompt_text} to this session{note}")
+                continue
             concept = load_concept(f)
         except USER_ERRORS as exc:
             lines.append(f"{name}: {exc}")
@@ -111,10 +145,16 @@ def import_files(studio: Studio, session: str, files: list | None) -> tuple[str,
 
 def export_concept(studio: Studio, session: str, token: str, fmt: str, request: gr.Request | None = None) -> str:
     """Write the concept in format `fmt` to the session's export folder; the file's path."""
+    out = studio.sessions.get(session).folder / "export"  # a folder Gradio serves files from
+    out.mkdir(exist_ok=True)
+    lora = next((e.lora for e in studio.entries(session) if e.lora is not None and e.token == token.strip()), None)
+    if lora is not None:  # handed out as the file it is
+        if fmt != lora.source_format:
+            raise user_error(f"{lora.name} is a LoRA file in {lora.source_format} form, which is what Export "
+                             f"hands out: choose the format {lora.source_format}", request)
+        return str(shutil.copyfile(lora.path, inside(out, file_stem(lora.name) + lora.path.suffix)))
     with as_user_errors(request):
         concept = studio.library.get(token.strip(), session)
-        out = studio.sessions.get(session).folder / "export"
-        out.mkdir(exist_ok=True)
         suffix = ".safetensors" if concept.family == "sdxl" else EXPORT_SUFFIX[fmt]
         return str(save_concept(concept, inside(out, file_stem(concept.token) + suffix), format=fmt))
 
@@ -154,6 +194,11 @@ def save_to_library(studio: Studio, session: str, token: str, if_taken: str | No
     entry = find(studio, token, session, request)
     if entry.path is not None:
         raise user_error(f"{entry.token} is already in the shared library ({entry.path.name}).", request)
+    if entry.lora is not None:  # a LoRA is saved as the file it is; its name is the file's, so none is chosen
+        with as_user_errors(request):
+            saved_entry = studio.library.import_file(entry.lora.path)
+        studio.library.delete(entry.token, session)  # the file now serves this session too
+        return f"saved {entry.token} to {saved_entry.path.name}; every user of this studio can use it now"
     with as_user_errors(request):
         path = studio.library.save(entry.concept, if_taken=if_taken or "refuse")
     saved = load_concept(path).token
@@ -180,7 +225,7 @@ def preview_concept(studio: Studio, session: str, token: str,
     entry = find(studio, token, session, request)
     if not entry.fits:
         raise user_error(f"{entry.token} does not fit the loaded model: {entry.reason}", request)
-    paths = studio.run_generate(dict(prompt=f"a photo of {entry.token}", seed=0), session, None, request)
+    paths = studio.run_generate(dict(prompt=f"a photo of {entry.prompt_text}", seed=0), session, None, request)
     studio.sessions.get(session).thumbnails[entry.token] = Path(paths[0])
     return gallery(studio, session)
 
@@ -193,12 +238,13 @@ def hidden():
 def library_layout() -> SimpleNamespace:
     """The tab's components, by name."""
     ui = SimpleNamespace()
-    gr.Markdown("Concepts in the shared folder and in this session. Files that don't fit the loaded model say why. "
+    gr.Markdown("Concepts in the shared folder and in this session: words (embeddings) and LoRA files, which a "
+                "prompt names as `<lora:name:0.8>`. Files that don't fit the loaded model say why. "
                 "Imported files stay in this session until you save them to the shared library.")
     ui.thumbs = gr.Gallery(label="Thumbnails", columns=6, height=180, allow_preview=False, object_fit="contain",
                            elem_classes=["pixel-art"])
     ui.table = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, elem_id="library-table",
-                            column_widths=["14%", "8%", "6%", "42%", "14%", "10%", "6%"])
+                            column_widths=["13%", "6%", "5%", "36%", "13%", "9%", "5%", "6%", "3%", "4%"])
     with gr.Row():
         ui.refresh = gr.Button("Refresh")
         ui.upload = gr.File(label="Import concept files (this session)", file_count="multiple",
