@@ -1,7 +1,7 @@
 """`studio eval [--model M] [--out results.json]`: the paper's and DreamBench's scores on the demo world
 (studio/evaluation/runner.py, given the demo's judge, world and identity encoder from studio/demo/evaluate.py).
 
-    studio eval --held-out                     # the full run: 12 unseen individuals x 9 prompts x 3 pictures, ~21 min
+    studio eval --held-out                     # the full run: 12 unseen individuals x 9 prompts x 3 pictures, ~5 min
     studio eval --concepts purple-star,/my/set # bundled sets by name, concept-set folders from anywhere
     studio eval --skip-concepts --prompts 200 --seed 3 --out base.json
     studio eval --held-out 2 --quick           # the same in miniature (tests)

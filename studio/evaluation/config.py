@@ -48,7 +48,8 @@ class EvalConfig:
     CPU, estimated from 0.55 s per 64x64 picture at 20 steps and ~60 s of default Textual Inversion per concept:
     compliance 200 captions x 0.55 s = 110 s; per subject 60 s training + 2 sides x 9 prompts x 3 pictures x 0.55 s
     = 30 s (+ ~3 s of denoising-loss checks), so 12 x 93 s = ~1120 s; composition 3 pairs x 2 sides x 3 pictures;
-    ~21 minutes in all. Its pooled scores rest on 12 x 3 x 3 = 108 reconstruction and 12 x 6 x 3 = 216 edit
+    ~21 minutes in all, estimated; measured on build 5 on the quiet 2-core CPU: 297 s with 80 captions (default
+    TI trains in ~15 s there), 447 s for the subjects alone with 3 vectors x 800 steps. Its pooled scores rest on 12 x 3 x 3 = 108 reconstruction and 12 x 6 x 3 = 216 edit
     pictures a side.
 
     Why these S and K (measured on build 3 with the identity encoder, 3 held-out individuals, P = 9, K = 2, on a
