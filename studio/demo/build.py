@@ -106,12 +106,12 @@ def _to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def render_data(n: int, seed: int) -> tuple[torch.Tensor, list[list[str]]]:
+def render_data(n: int, seed: int, toy_rate: float = TOY_RATE) -> tuple[torch.Tensor, list[list[str]]]:
     """`n` training pictures (as a [-1, 1] tensor) with CAPTIONS_PER_PICTURE captions each; deterministic."""
     rng = random.Random(seed)
     images, captions = [], []
     for _ in range(n):
-        scene = sample_scene(rng, training=True, unnamed_rate=UNNAMED_RATE, toy_rate=TOY_RATE)
+        scene = sample_scene(rng, training=True, unnamed_rate=UNNAMED_RATE, toy_rate=toy_rate)
         images.append(render(scene, RESOLUTION))
         captions.append([caption(scene, rng) for _ in range(CAPTIONS_PER_PICTURE)])
     return _to_tensor(images), captions
@@ -394,7 +394,8 @@ def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Ca
 def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 4000,
           unet_steps: int | None = None, snapshot_minutes: float = 15.0, batch: int = 32, lr: float = 1e-3,
           vae_dir: Path | None = None, ceiling_pictures: int = 500, schedule: str = "sd",
-          noise_offset: float = 0.0, init_from: Path | None = None, threads: int | None = None) -> Path:
+          noise_offset: float = 0.0, init_from: Path | None = None, threads: int | None = None,
+          toy_rate: float = TOY_RATE) -> Path:
     """Run the recipe of this module's docstring and write the pipeline folder `out`; returns `out`.
 
     All the CPU's cores train (inside the build only: see `_torch_threads`); with `unet_steps` and the same
@@ -405,7 +406,7 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
     with _torch_threads(threads or max(1, os.cpu_count() or 1)):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        log = {"recipe": 5, "world": 2, "toy_rate": TOY_RATE, "schedule": schedule, "noise_offset": noise_offset,
+        log = {"recipe": 5, "world": 2, "toy_rate": toy_rate, "schedule": schedule, "noise_offset": noise_offset,
                "init_from": str(init_from) if init_from else None, "seed": seed, "minutes": minutes, "vae_steps": vae_steps,
                "n_images": n_images, "batch": batch, "lr": lr,
                "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
@@ -414,7 +415,7 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
         # 1-2. Data and tokenizer. Training uses all 77 positions, padding included: pipelines pad prompts to 77
         # and the UNet attends to every position, so a model that only ever saw the used prefix meets unfamiliar
         # keys at generation time.
-        pixels, captions = render_data(n_images, seed)
+        pixels, captions = render_data(n_images, seed, toy_rate)
         words = _tokenize(out, captions)
         used = int((words.ids != words.tokenizer.pad_token_id).sum(-1).max()) + 1
         print(f"data: {n_images} pictures, vocabulary {len(words.tokenizer)} tokens, longest caption {used} tokens, "
@@ -473,10 +474,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-from", type=Path, default=None,
                         help="continue from an earlier build's text encoder and UNet (its tokenizer may differ)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    parser.add_argument("--toy-rate", type=float, default=TOY_RATE, help="share of objects that are individuals")
     args = parser.parse_args(argv)
     build(args.out, args.minutes, args.seed, args.images, args.vae_steps, args.unet_steps,
           args.snapshot_minutes, args.batch, args.lr, args.vae, schedule=args.schedule,
-          noise_offset=args.noise_offset, init_from=args.init_from, threads=args.threads)
+          noise_offset=args.noise_offset, init_from=args.init_from, threads=args.threads,
+          toy_rate=args.toy_rate)
 
 
 if __name__ == "__main__":
