@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from studio.demo import world
-from studio.demo.judge import JUDGE_DIR, RESOLUTION, to_batch
+from studio.demo.judge import JUDGE_DIR, RESOLUTION, load_net, to_batch
 from studio.engine.files import atomic_write
 
 IDENTITY_DIR = JUDGE_DIR  # shipped beside the attribute judge: the two together are the demo world's evaluator
@@ -92,23 +92,7 @@ class IdentityEncoder:
     @classmethod
     def load(cls, folder: Path | str = IDENTITY_DIR) -> "IdentityEncoder":
         """Load the encoder written by `python -m studio.demo.identity --train` (identity.safetensors + .json)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        weights, meta = folder / "identity.safetensors", folder / "identity.json"
-        if not weights.is_file() or not meta.is_file():
-            raise IdentityError(f"no identity encoder in {folder} (identity.safetensors + identity.json): train it "
-                                f"with `{TRAIN_COMMAND}`")
-        try:
-            info = json.loads(meta.read_text())
-            net = IdentityNet(**info["architecture"])
-            state = {k: v.float() if v.dtype.is_floating_point else v for k, v in load_file(weights).items()}
-            net.load_state_dict(state)
-        except (SafetensorError, ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:  # bad file/shapes
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise IdentityError(f"the identity encoder in {folder} is unreadable ({first}); retrain it with "
-                                f"`{TRAIN_COMMAND}`") from exc
+        net, info = load_net(folder, "identity", "identity encoder", IdentityNet, IdentityError, TRAIN_COMMAND)
         return cls(net, info)
 
     @torch.no_grad()

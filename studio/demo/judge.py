@@ -145,6 +145,34 @@ def to_batch(images: Sequence[Image.Image]) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- the judge
 
+def load_net(folder: Path | str, stem: str, what: str, make_net: Callable[..., nn.Module], error: type[Exception],
+             command: str, check: Callable[[dict, Path], None] | None = None) -> tuple[nn.Module, dict]:
+    """A small network shipped as `<stem>.safetensors` (fp16 weights) + `<stem>.json` (its "architecture" and what
+    was measured), as the judge and the identity encoder are: (network in fp32, the json). A missing or unreadable
+    pair raises `error` saying to run `command`; `check(info, json_path)` may refuse the json first."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights, meta = folder / f"{stem}.safetensors", folder / f"{stem}.json"
+    if not weights.is_file() or not meta.is_file():
+        raise error(f"no {what} in {folder} ({stem}.safetensors + {stem}.json): train it with `{command}`")
+    try:
+        info = json.loads(meta.read_text())
+        if check is not None:
+            check(info, meta)
+        net = make_net(**info["architecture"])
+        state = {k: v.float() if v.dtype.is_floating_point else v for k, v in load_file(weights).items()}
+        net.load_state_dict(state)
+    except error:
+        raise
+    except (SafetensorError, ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:  # bad file or shapes
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise error(f"the {what} in {folder} is unreadable or does not match its network ({first}); retrain it with "
+                    f"`{command}`") from exc
+    return net, info
+
+
 class Judge:
     """Reads attributes from pictures. Build with `Judge.load()`; never holds more than its own small network."""
 
@@ -155,24 +183,13 @@ class Judge:
     @classmethod
     def load(cls, folder: Path | str = JUDGE_DIR) -> "Judge":
         """Load the judge written by `python -m studio.demo.judge --train`."""
-        from safetensors.torch import load_file
+        def same_vocabularies(info: dict, meta: Path) -> None:
+            if info.get("heads") != {k: list(v) for k, v in HEADS.items()}:
+                raise JudgeError(f"{meta} was trained for other attribute vocabularies than studio/demo/world.py has "
+                                 "now; retrain it with `python -m studio.demo.judge --train`")
 
-        folder = Path(folder)
-        weights, meta = folder / "judge.safetensors", folder / "judge.json"
-        if not weights.is_file() or not meta.is_file():
-            raise JudgeError(f"no judge in {folder} (judge.safetensors + judge.json): train it with "
-                             "`python -m studio.demo.judge --train`")
-        info = json.loads(meta.read_text())
-        if info.get("heads") != {k: list(v) for k, v in HEADS.items()}:
-            raise JudgeError(f"{meta} was trained for other attribute vocabularies than studio/demo/world.py has now; "
-                             "retrain it with `python -m studio.demo.judge --train`")
-        net = JudgeNet(**info["architecture"])
-        state = {k: v.float() if v.dtype.is_floating_point else v for k, v in load_file(weights).items()}
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as exc:  # shapes or names differ from judge.json's architecture
-            raise JudgeError(f"{weights} does not match the judge network ({str(exc).splitlines()[0]}); retrain it "
-                             "with `python -m studio.demo.judge --train`") from exc
+        net, info = load_net(folder, "judge", "judge", JudgeNet, JudgeError, "python -m studio.demo.judge --train",
+                             check=same_vocabularies)
         return cls(net, info)
 
     @torch.no_grad()

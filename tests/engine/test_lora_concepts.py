@@ -14,7 +14,6 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-from peft import LoraConfig, inject_adapter_in_model
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -22,25 +21,15 @@ from studio.cli import main
 from studio.engine.generate import GenerateRequest, generate
 from studio.engine.lora import load_lora, loras_applied
 from studio.engine.models import ModelManager
+from test_lora_runtime import _unet_lora_file
 
-UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 PIPELINES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 
 
 def make_unet_lora(pipeline_dir, pipeline_class, out_file, seed: int = 1, scale: float = 0.2):
     """A diffusers-form LoRA (rank 4, random non-zero A and B on the UNet's attention) written to `out_file`."""
-    pipe = pipeline_class.from_pretrained(pipeline_dir)
-    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=UNET_ATTENTION), pipe.unet)
-    generator = torch.Generator().manual_seed(seed)
-    layers = {}
-    with torch.no_grad():
-        for name, param in pipe.unet.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
-                layers[name.replace(".default", "")] = param.detach().clone()
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    pipeline_class.save_lora_weights(out_file.parent, unet_lora_layers=layers, weight_name=out_file.name)
-    return out_file
+    written = _unet_lora_file(out_file.parent, pipeline_dir, pipeline_class, seed, scale)
+    return written if written == out_file else written.rename(out_file)
 
 
 def draw(pipe, prompt: str = "a photo of a cat", seed: int = 5) -> np.ndarray:
