@@ -1,7 +1,8 @@
 """`studio concepts inspect FILE [--json]`, `studio concepts convert FILE --to FORMAT OUT` and
 `studio concepts export FILE --format diffusers|kohya --out OUT [--overwrite]`.
 
-`inspect` reads embeddings (kind "word") and LoRA files (kind "lora", or "word+lora" with bundled words) alike;
+`inspect` reads embeddings (kind "word"), per-layer words (kind "xti", with their layer count) and LoRA files (kind
+"lora", or "word+lora" with bundled words) alike;
 `convert` writes embeddings, `export` LoRA files (with their bundled words).
 """
 
@@ -15,6 +16,7 @@ from studio.engine.concepts import FORMATS, load_concept, save_concept
 from studio.engine.concepts import family_of
 from studio.engine.lora import LoraFile, is_lora_file, load_lora
 from studio.engine.lora_export import EXPORT_FORMATS, export_lora
+from studio.engine.xti import XtiConcept
 from studio.errors import LoraError
 
 
@@ -64,11 +66,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {written}{extra}: {args.format} form of {concept.token!r}, {concept.n_vectors} vector(s)")
         return 0
 
+    per_layer = isinstance(concept, XtiConcept)
     info = {
         "file": str(args.file),
-        "kind": "word",
+        "kind": "xti" if per_layer else "word",
         "format": concept.meta.get("source_format", ""),
         "token": concept.token,
+        **({"layers": len(concept.layers), "layer_names": concept.layers} if per_layer else {}),
         "vectors": concept.n_vectors,
         "dims": concept.dims,
         "family": family_of(concept.dims)[0],
@@ -81,10 +85,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     dims = " + ".join(f"{key} {dim}" for key, dim in concept.dims.items())
     print(f"file:    {info['file']}")
-    print("kind:    word")
+    print(f"kind:    {info['kind']}")
     print(f"format:  {info['format']}")
     print(f"token:   {concept.token}")
-    print(f"vectors: {concept.n_vectors} x ({dims}), {info['dtype']}")
+    per_layer_note = f" per layer, {info['layers']} cross-attention layers" if per_layer else ""
+    print(f"vectors: {concept.n_vectors} x ({dims}), {info['dtype']}{per_layer_note}")
     print(f"family:  {info['likely_model']}")
     for key, value in sorted(info["metadata"].items()):
         print(f"  {key}: {value}")

@@ -1,4 +1,6 @@
-"""`studio train --images DIR --token T --init WORD [...]`: learn a concept file from a few pictures."""
+"""`studio train --images DIR --token T --init WORD [--method ti|pivotal|lora|dreambooth] [...]`: learn a concept
+from a few pictures: a word (ti), a word and a LoRA (pivotal), a LoRA (lora) or a fine-tuned model (dreambooth).
+Runs under `accelerate launch -m studio train ...` on several processes too (README, "Training across GPUs")."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from studio.engine.memory import MEMORY_MODES
+from studio.training.config import LORA_TARGETS, METHODS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="learn a new word from 3-20 pictures (Textual Inversion)")
+    p = subparsers.add_parser("train", help="learn a concept from 3-20 pictures (Textual Inversion, pivotal, "
+                                            "LoRA, DreamBooth)")
     p.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the built-in demo)")
     p.add_argument("--images", required=True, type=Path, help="folder of PNG/JPEG/WebP pictures of the concept")
     p.add_argument("--token", required=True, help="the new word, e.g. '<my-cat>'")
@@ -34,8 +38,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "once the pictures are encoded; auto: by free GPU memory (fast on CPU)")
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
                    help="autocast the frozen model (vectors stay fp32); auto: none on CPU, the model's dtype on GPU")
+    p.add_argument("--gradient-accumulation", type=int, default=1, metavar="N",
+                   help="add up the gradients of N steps' batches before each update")
+    m = p.add_argument_group("method", "what learns: the word (ti), the word and a UNet LoRA (pivotal), a UNet LoRA "
+                                       "for '<token> <class>' (lora, DreamBooth-LoRA), the whole UNet (dreambooth)")
+    m.add_argument("--method", choices=METHODS, default="ti")
+    m.add_argument("--rank", type=int, default=4, help="LoRA rank (pivotal, lora)")
+    m.add_argument("--lora-targets", choices=LORA_TARGETS, default="attention",
+                   help="attention: every attention projection; cross-kv: cross-attention keys and values only")
+    m.add_argument("--lite", action="store_true",
+                   help="pivotal preset: rank 1 on the cross-attention keys and values (about 100 KB on SD 1.5)")
+    m.add_argument("--unet-lr", type=float, help="learning rate of the weights (default: the method's)")
+    m.add_argument("--word-steps", type=int, default=0,
+                   help="pivotal: train the word alone for the first N steps, then word and LoRA together")
+    m.add_argument("--class-word", help="lora/dreambooth: the class in 'a photo of <token> <class>' (default: --init)")
+    m.add_argument("--prior-preservation", action="store_true",
+                   help="lora/dreambooth: also learn on class pictures the base model draws once (cached)")
+    m.add_argument("--class-images", type=int, default=20, help="class pictures for prior preservation")
+    m.add_argument("--prior-weight", type=float, default=1.0, help="weight of the prior-preservation loss")
+    m.add_argument("--lora-format", choices=["diffusers", "kohya"], default="diffusers",
+                   help="pivotal/lora file: diffusers (load_lora_weights; a pivotal word beside it as <name>_emb) or "
+                        "kohya (one file; a pivotal word bundled as A1111 does)")
+    m.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], help="pivotal/lora weights in the file "
+                   "(default fp32; --lite: fp16)")
+    m.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW for the weights (CUDA)")
     p.add_argument("--out", type=Path, default=Path("."),
-                   help="folder for the concept files, or the final file itself when it ends in .safetensors")
+                   help="folder for the concept files, or the final file itself when it ends in .safetensors "
+                        "(dreambooth: the model folder)")
     p.set_defaults(func=run)
 
 
@@ -43,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from studio.engine.memory import preset
     from studio.engine.models import ModelManager
     from studio.training import TrainConfig, Trainer
+    from studio.training.config import lite
 
     try:
         lr, schedule = float(args.lr), "constant"
@@ -53,8 +83,30 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(args.token, init_text=args.init, n_vectors=args.vectors, steps=args.steps, learning_rate=lr,
                       lr_schedule=schedule, batch_size=args.batch, template=args.template,
                       resolution=args.resolution, flip=not args.no_flip, save_every=args.save_every, seed=args.seed,
-                      resume=args.resume, memory=mode.name, mixed_precision=args.mixed_precision)
-    model = ModelManager().load(args.model)
+                      resume=args.resume, memory=mode.name, mixed_precision=args.mixed_precision,
+                      gradient_accumulation=args.gradient_accumulation, method=args.method, rank=args.rank,
+                      lora_targets=args.lora_targets, unet_lr=args.unet_lr, word_steps=args.word_steps,
+                      class_word=args.class_word, prior_preservation=args.prior_preservation,
+                      class_images=args.class_images, prior_weight=args.prior_weight,
+                      use_8bit_adam=args.use_8bit_adam, lora_format=args.lora_format)
+    if args.lite:
+        lite(cfg)
+    if args.save_precision:
+        cfg.save_precision = args.save_precision
+    # Under `accelerate launch`, each process loads the model on its own device (cuda:<local rank>, or the CPU)
+    # and only the main one prints.
+    import torch
+    from accelerate import PartialState
+
+    # With no GPU, processes launched by `accelerate launch --multi_gpu` (torch's elastic launcher) join over gloo:
+    # accelerate makes that group only when told the run is on the CPU.
+    processes = PartialState(cpu=not torch.cuda.is_available())
+    options = None
+    if processes.num_processes > 1:
+        from studio.engine.models import LoadOptions
+
+        options = LoadOptions(device=str(processes.device))
+    model = ModelManager().load(args.model, options)
 
     def on_event(event) -> None:
         if event.kind == "step":
@@ -68,6 +120,6 @@ def run(args: argparse.Namespace) -> int:
 
     # Out of memory ends the run with a `failed` line naming the mode to switch to (the last good vectors saved),
     # then the one-line error of `studio.cli.main`, exit code 2.
-    with tqdm(total=cfg.steps, desc=f"training {cfg.token}") as bar:
-        Trainer(model, cfg, args.images, args.out).run(on_event)
+    with tqdm(total=cfg.steps, desc=f"training {cfg.token}", disable=not processes.is_main_process) as bar:
+        Trainer(model, cfg, args.images, args.out).run(on_event if processes.is_main_process else None)
     return 0

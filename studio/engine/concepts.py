@@ -148,7 +148,11 @@ def load_concept(path: str | os.PathLike, token: str | None = None) -> Concept:
     # 1. Raw dict (+ safetensors metadata) from the container.
     data, metadata = read_container(path, READ_SUFFIXES, ConceptError, "concept files")
 
-    # 2. Which layout, which vectors.
+    # 2. Which layout, which vectors. A per-layer word (XTI / P+) is its own type, read by studio.engine.xti.
+    from studio.engine import xti  # imported here: xti builds on this module
+
+    if xti.is_xti_content(data, metadata):
+        return xti.read_xti(data, metadata, path, token)
     vectors, stored_name, source_format, extra = _interpret(data, path)
     if "studio_version" in metadata:  # our canonical form: emb_params / clip_l+clip_g plus metadata strings
         source_format, stored_name = "studio", metadata.get("token") or stored_name
@@ -466,6 +470,10 @@ def save_concept(concept: Concept, path: str | os.PathLike, format: str = "studi
     """
     if format not in FORMATS:
         raise ConceptError(f"unknown concept format {format!r}; choose one of {', '.join(FORMATS)}")
+    from studio.engine import xti  # imported here: xti builds on this module
+
+    if isinstance(concept, xti.XtiConcept):  # per-layer words: "studio" or "kohya" (studio.engine.xti.save_xti)
+        return xti.save_xti(concept, path, format)
     path = Path(path)
     sdxl = "text_encoder_2" in concept.vectors
     suffix = ".pt" if (format == "a1111" and not sdxl) else ".safetensors"

@@ -3,7 +3,8 @@
 The mode follows from the request: an `init_image` makes it img2img, an `init_image` and a `mask` inpainting,
 neither text-to-image. Concepts are per-request data passed to the prompt encoder; the shared pipeline, its
 scheduler and its embedding table are never changed. LoRAs are applied to the shared UNet only for the length of
-the request, under the model's lock, and turned off again in `finally` (`studio.engine.lora.loras_applied`).
+the request, under the model's lock, and turned off again in `finally` (`studio.engine.lora.loras_applied`); so are
+the wrapped attention processors that give per-layer words (XTI) their layers (`studio.engine.xti`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from studio.engine.lora import LoraFile, check_loras_fit, lora_family, loras_app
 from studio.engine.memory import mode_in_effect, oom_guard
 from studio.engine.pictures import MAX_SIDE, SIDE_STEP, scaled, side_limits, working_size
 from studio.engine.prompts import split_lora_tags
+from studio.engine.xti import has_layer_words, per_layer_attention, pipeline_kwargs_with_layers
 
 # Seeds go to torch.Generator.manual_seed as a 64-bit integer (2**70 gave torch's "Overflow when unpacking long
 # long"); below 2**63 every seed + k of a batch fits a signed 64-bit integer.
@@ -350,9 +352,11 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
             raise Cancelled("cancelled before it started")
         # 2. Pipeline for this request: the mode's view with its own scheduler, sharing every module.
         pipe, denoised = _request_pipeline(model, req, keep_x0=bool(req.preview_every and on_step is not None))
-        # 3. Prompt embeddings with this request's concepts.
+        # 3. Prompt embeddings with this request's concepts (and, for per-layer words, one set per cross-attention
+        # layer in `cross_attention_kwargs`: studio.engine.xti).
         prompt = split_lora_tags(req.prompt)[0]  # `<lora:…>` tags name weights, not words
-        kwargs = model.encoder.pipeline_kwargs(prompt, req.negative_prompt, req.concepts, req.batch, req.guidance)
+        kwargs = pipeline_kwargs_with_layers(model.encoder, pipe.unet, prompt, req.negative_prompt, req.concepts,
+                                             req.batch, req.guidance)
         # 4. One generator per image, so image k equals a single run with seed + k.
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         call = dict(kwargs, num_inference_steps=req.steps, guidance_scale=req.guidance, generator=generators,
@@ -361,8 +365,10 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
                     **_mode_arguments(req, width, height))
         # 5. Denoise. Out of memory: the memory is freed and the error names the mode to switch to; the model
         # stays loaded and usable.
-        # The request's LoRAs are on the shared UNet only inside this block (turned off in its `finally`).
-        with loras_applied(model, lora_weights(req)), oom_guard(mode_in_effect(model.pipe)), torch.inference_mode():
+        # The request's LoRAs, and the processors that give per-layer words their layers, are on the shared UNet
+        # only inside this block (taken off in their `finally`).
+        with loras_applied(model, lora_weights(req)), oom_guard(mode_in_effect(model.pipe)), \
+                per_layer_attention(pipe.unet, enabled=has_layer_words(req.concepts)), torch.inference_mode():
             images = pipe(**call).images
     # 6. The parameters, A1111's way, in each picture.
     texts = [infotext(req, s, width, height, model.name) for s in seeds]

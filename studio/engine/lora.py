@@ -34,6 +34,7 @@ from studio.errors import LoraError
 LORA_SUFFIXES = (".safetensors", ".pt", ".bin")
 PARTS = ("unet", "text_encoder", "text_encoder_2")  # diffusers pipeline attribute names, as in the state dict keys
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+WORD_KEY = "studio_word"  # metadata of a pivotal words file the studio wrote: the word its prompts use
 BUNDLE_PREFIX = "bundle_emb."  # A1111 (PR #13568): bundle_emb.<word>.string_to_param.* or .clip_l / .clip_g
 
 # The UNet's cross-attention key/value input width is the width of the prompt embeddings it was trained on: the text
@@ -289,14 +290,20 @@ def pivotal_embeddings(path: Path) -> Path | None:
 def _pivotal_words(path: Path) -> list[Concept]:
     """A diffusers pivotal pair's words as one concept. The script learns one token per vector ("<s0>", "<s1>", ...)
     and its model card prompts them together, so the word is "<s0><s1>": written so, a prompt means the same in
-    diffusers and here."""
+    diffusers and here. A words file the studio wrote names its word in its metadata (`WORD_KEY`): that word."""
     from studio.engine.concepts import load_concept
+    from studio.engine.names import check_word
 
     embeddings = pivotal_embeddings(path)
     if embeddings is None:
         return []
     read = load_concept(embeddings)
+    with safe_open(str(embeddings), "pt") as f:
+        named = (f.metadata() or {}).get(WORD_KEY)
     token = "".join(f"<s{k}>" for k in range(read.n_vectors))
+    if named:
+        check_word(named, f"the word in {embeddings.name}")
+        token = named
     concept = Concept(token=token, vectors=read.vectors,
                       meta={"source_format": "diffusers-pivotal", "source_path": str(embeddings)})
     concept.meta["family"] = concept.family

@@ -25,7 +25,7 @@ from safetensors.torch import save as safetensors_save
 
 from studio.engine.concepts import Concept
 from studio.engine.files import atomic_write
-from studio.engine.lora import BUNDLE_PREFIX, PARTS, LoraFile, pivotal_embeddings
+from studio.engine.lora import BUNDLE_PREFIX, PARTS, WORD_KEY, LoraFile, pivotal_embeddings
 from studio.engine.names import inside
 from studio.errors import LoraError
 
@@ -82,7 +82,9 @@ def export_lora(lora: LoraFile, folder: str | os.PathLike, name: str, format: st
         atomic_write(path, safetensors_save(kohya_body, {"format": "pt"}))
         return LoraExport(path=path, format=format)
     if words_body is not None:
-        atomic_write(words_path, safetensors_save(words_body, {"format": "pt"}))
+        # The word itself beside diffusers' tensors: diffusers reads the tensors only (its prompts say "<s0><s1>"),
+        # the studio reads the word back (`studio.engine.lora._pivotal_words`).
+        atomic_write(words_path, safetensors_save(words_body, {"format": "pt", WORD_KEY: lora.words[0].token}))
     try:
         atomic_write(path, lambda tmp: _save_diffusers(lora, tmp))
     except BaseException:

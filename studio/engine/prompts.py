@@ -287,9 +287,17 @@ class PromptEncoder:
 
     def _run_encoder(self, index: int, prompts: list[str], concepts: Sequence[Concept], clip_skip: int | None,
                      weighting: bool = True):
+        inputs, eos_positions, weights = self.input_embeddings(index, prompts, concepts, weighting)
+        return self.encode_input_embeddings(index, inputs, eos_positions, weights, clip_skip)
+
+    def encode_input_embeddings(self, index: int, inputs: torch.Tensor, eos_positions: list[int],
+                                weights: torch.Tensor, clip_skip: int | None = None):
+        """Encoder `index` run from `input_embeddings`' output: (prompt embeddings [B, 77, D], pooled [B, P] or None).
+
+        Apart from `input_embeddings` so that rows built with different concepts (one per UNet layer,
+        `studio.engine.xti`) go through the text transformer in one batch; each row is encoded on its own."""
         encoder = self.text_encoders[index]
         text_model = getattr(encoder, "text_model", encoder)  # CLIPTextModelWithProjection wraps a CLIPTextModel
-        inputs, eos_positions, weights = self.input_embeddings(index, prompts, concepts, weighting)
         device = inputs.device
 
         hidden = text_model.embeddings(inputs_embeds=inputs)
@@ -313,7 +321,7 @@ class PromptEncoder:
 
         pooled = None
         if hasattr(encoder, "text_projection"):
-            pooled = encoder.text_projection(last[torch.arange(len(prompts), device=device), eos])
+            pooled = encoder.text_projection(last[torch.arange(len(eos_positions), device=device), eos])
         if self.family == "sdxl":  # SDXL: penultimate layer, no final norm
             embeds = states[-(clip_skip + 2)] if clip_skip else states[-2]
         elif clip_skip:
@@ -344,6 +352,11 @@ class PromptEncoder:
         pooled = outputs[-1][1] if self.family == "sdxl" else None
         return EncodedPrompt(embeds, pooled)
 
+    def zeros_for_negative(self, negative_prompt: str) -> bool:
+        """Whether the negative embeddings are zeros rather than the encoded `negative_prompt`: SDXL's
+        `force_zeros_for_empty_prompt` with no negative prompt, as diffusers' SDXL pipelines do."""
+        return self.family == "sdxl" and not negative_prompt and self.force_zeros_for_empty_prompt
+
     def pipeline_kwargs(self, prompt: str, negative_prompt: str, concepts: Sequence[Concept] = (),
                         num_images: int = 1, guidance: float = 7.5, clip_skip: int | None = None) -> dict:
         """Keyword arguments for a StableDiffusion(XL) pipeline call: prompt (and negative) embeddings.
@@ -352,7 +365,7 @@ class PromptEncoder:
         self.check_concepts(concepts)
         with torch.no_grad():
             pos = self._encode_checked([prompt], concepts, clip_skip)
-            if self.family == "sdxl" and not negative_prompt and self.force_zeros_for_empty_prompt:
+            if self.zeros_for_negative(negative_prompt):
                 neg = EncodedPrompt(torch.zeros_like(pos.embeds), torch.zeros_like(pos.pooled))
             else:
                 neg = self._encode_checked([negative_prompt or ""], concepts, clip_skip)

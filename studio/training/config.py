@@ -1,4 +1,5 @@
-"""TrainConfig: every Textual Inversion option, with defaults and where they come from."""
+"""TrainConfig: every training option (Textual Inversion and the weight-tuning methods), with defaults and where
+they come from."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ from studio.engine.memory import MEMORY_MODES
 from studio.engine.names import check_word
 
 
+METHODS = ("ti", "pivotal", "lora", "dreambooth")  # studio/training/methods: what each one learns and saves
+LORA_TARGETS = ("attention", "cross-kv")  # every attention projection of the UNet | cross-attention keys and values
+
+
 @dataclass
 class TrainConfig:
-    token: str  # the new word, e.g. "<cat-toy>"
+    token: str  # the new word, e.g. "<cat-toy>"; for lora/dreambooth the identifier written in the prompt
     init_text: str = "*"  # words whose embeddings start the vectors (A1111's default is "*"; a class word is better)
     n_vectors: int = 1  # vectors per token (paper: 1; A1111 allows 1-75)
     template: str = "object"  # "object" | "style" (the paper's template lists) | "captions" (name.txt beside pictures)
@@ -31,6 +36,22 @@ class TrainConfig:
     resume: str | None = None  # a `<token>-stepN.safetensors` this trainer wrote (or its folder: the newest one)
     memory: str = "auto"  # one of studio.engine.memory.MEMORY_MODES, as in generation
     mixed_precision: str = "auto"  # "no" | "fp16" | "bf16" | "auto" (CPU: "no"; GPU: the loaded dtype, else bf16)
+    gradient_accumulation: int = 1  # steps whose gradients add up before one update (accelerate's accumulate)
+
+    # What learns (studio/training/methods): "ti" the word only; "pivotal" the word and a UNet LoRA; "lora"
+    # DreamBooth-LoRA (a UNet LoRA for "a photo of <token> <class>"); "dreambooth" the whole UNet.
+    method: str = "ti"
+    rank: int = 4  # LoRA rank (diffusers' dreambooth-lora default 4); lora_alpha = rank, so the scale is 1
+    lora_targets: str = "attention"  # "cross-kv": only attn2.to_k/to_v (the "lite" preset, with rank 1)
+    unet_lr: float | None = None  # None: the method's default (lora/pivotal 1e-3 on the demo model's scale, ...)
+    word_steps: int = 0  # pivotal: the first N steps train the word alone, then word and LoRA together
+    class_word: str | None = None  # lora/dreambooth: "a photo of <token> <class_word>"; None: init_text
+    prior_preservation: bool = False  # DreamBooth's prior loss on class pictures the base model draws once
+    class_images: int = 20  # class pictures to generate (cached on disk beside the output, reused by later runs)
+    prior_weight: float = 1.0  # DreamBooth's prior loss weight (diffusers' default 1.0)
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (CUDA only) for the weights; the words stay in AdamW
+    lora_format: str = "diffusers"  # pivotal/lora file: "diffusers" (load_lora_weights) | "kohya" (A1111 bundle)
+    save_precision: str = "fp32"  # pivotal/lora file's weights: "fp32" | "fp16" | "bf16" (kohya's --save_precision)
 
     def __post_init__(self) -> None:
         check_word(self.token, "new word")
@@ -42,8 +63,29 @@ class TrainConfig:
             raise ValueError(f"template must be 'object', 'style' or 'captions', not {self.template!r}")
         if self.memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORY_MODES))}, not {self.memory!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.lora_targets not in LORA_TARGETS:
+            raise ValueError(f"LoRA targets must be one of {', '.join(LORA_TARGETS)}, not {self.lora_targets!r}")
+        if not 1 <= self.rank <= 1024:
+            raise ValueError(f"LoRA rank must be between 1 and 1024, not {self.rank}")
+        if self.save_precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"save precision must be 'fp32', 'fp16' or 'bf16', not {self.save_precision!r}")
+        if self.lora_format not in ("diffusers", "kohya"):
+            raise ValueError(f"LoRA format must be 'diffusers' or 'kohya', not {self.lora_format!r}")
+        if self.prior_preservation and self.method not in ("lora", "dreambooth"):
+            raise ValueError(f"prior preservation is for the lora and dreambooth methods, not {self.method!r}")
+        if self.gradient_accumulation < 1 or self.word_steps < 0 or self.class_images < 1:
+            raise ValueError("gradient accumulation and class pictures must be at least 1, word steps at least 0")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16', 'bf16' or 'auto', not {self.mixed_precision!r}")
+
+
+def lite(config: TrainConfig) -> TrainConfig:
+    """The `lite` pivotal preset: rank 1 on the cross-attention keys and values only, saved in fp16 (SD 1.5 shapes:
+    32 pairs, 49,536 numbers, about 100 KB with the word; in fp32 it would pass 200 KB)."""
+    config.rank, config.lora_targets, config.save_precision = 1, "cross-kv", "fp16"
+    return config
 
 
 def parse_lr_schedule(schedule: str, base_lr: float, warmup_steps: int, total_steps: int):

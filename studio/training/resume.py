@@ -1,8 +1,9 @@
 """Training state beside each file the trainer writes, so a run can go on exactly where it stopped.
 
 Every `<token>-stepN.safetensors` (and the final or cancelled `<token>.safetensors`) gets a sidecar
-`<same name>.trainstate`: a safetensors file (never pickle) holding the Adam moments and step count, the initial
-vectors, the noise generator's state, and as metadata the data sampler's state, the step and what the vectors
+`<same name>.trainstate` (a dreambooth model folder `<folder>` gets `<folder>.trainstate` beside it): a safetensors
+file (never pickle) holding the Adam moments and step count and the value of every trainable tensor (the word's
+vectors, the method's weights), the initial vectors, the noise generator's state, and as metadata the data sampler's state, the step and what the vectors
 belong to (token, base model, family, dimensions). The sidecar is not named `.safetensors` so that concept
 libraries scanning the folder do not list it as a concept.
 """
@@ -34,10 +35,14 @@ class TrainState:
     family: str
     dims: dict[str, int]
     init: dict[str, torch.Tensor]  # encoder key -> the vectors at step 0 (for the regularization term)
-    adam: dict[str, dict[str, torch.Tensor]]  # encoder key -> {"step", "exp_avg", "exp_avg_sq"}
+    adam: dict[str, dict[str, torch.Tensor]]  # tensor name -> {"step", "exp_avg", "exp_avg_sq"}
     noise_rng: torch.Tensor  # torch.Generator.get_state()
     data_rng: tuple  # random.Random.getstate()
     scaler: dict | None = None  # torch.amp.GradScaler.state_dict() when training in fp16
+    method: str = "ti"
+    # tensor name -> value: the vectors by encoder key ("text_encoder"), the weights by their name ("unet.…");
+    # empty in sidecars written before the weight-tuning methods (the vectors are then read from the concept file)
+    params: dict[str, torch.Tensor] | None = None
 
 
 def state_path(checkpoint: Path) -> Path:
@@ -53,11 +58,13 @@ def save_state(checkpoint: Path, state: TrainState) -> Path:
     for key, moments in state.adam.items():
         for name, value in moments.items():
             tensors[f"adam.{key}.{name}"] = value.detach().cpu().reshape(-1).contiguous()
+    for key, value in (state.params or {}).items():
+        tensors[f"param.{key}"] = value.detach().cpu().contiguous()
     version, internal, gauss = state.data_rng
     meta = {"format": STATE_FORMAT, "step": str(state.step), "token": state.token, "base_model": state.base_model,
             "family": state.family, "dims": json.dumps(state.dims),
             "data_rng": json.dumps([version, list(internal), gauss]),
-            "scaler": json.dumps(state.scaler)}
+            "scaler": json.dumps(state.scaler), "method": state.method}
     return atomic_write(state_path(checkpoint), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -75,29 +82,31 @@ def load_state(checkpoint: Path) -> TrainState:
                          f"expected {STATE_FORMAT!r}); start a new run")
     tensors = load_file(str(path))
     init = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("init.")}
+    params = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("param.")}
     adam: dict[str, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith("adam."):
-            _, key, field = name.split(".")
-            adam.setdefault(key, {})[field] = value.reshape(()) if field == "step" else value.reshape(init[key].shape)
+            key, field = name.split(".", 1)[1].rsplit(".", 1)  # weight names have dots; Adam's fields none
+            shape = (init.get(key) if key in init else params[key]).shape
+            adam.setdefault(key, {})[field] = value.reshape(()) if field == "step" else value.reshape(shape)
     version, internal, gauss = json.loads(meta["data_rng"])
     return TrainState(step=int(meta["step"]), token=meta["token"], base_model=meta["base_model"],
                       family=meta["family"], dims=json.loads(meta["dims"]), init=init, adam=adam,
                       noise_rng=tensors["noise_rng"], data_rng=(version, tuple(internal), gauss),
-                      scaler=json.loads(meta["scaler"]))
+                      scaler=json.loads(meta["scaler"]), method=meta.get("method", "ti"), params=params)
 
 
 def find_checkpoint(resume: str | Path, token: str) -> Path:
     """`resume` itself when it is a file; in a folder, the resumable file of `token` with the most steps."""
     path = Path(resume)
-    if path.is_file():
+    if path.is_file() or state_path(path).is_file():  # a file, or a dreambooth checkpoint folder with its sidecar
         return path
     if not path.is_dir():
         raise TrainError(f"nothing to resume at {path}: give a <token>-stepN.safetensors file or its folder")
     best: tuple[int, float, Path] | None = None
-    for sidecar in path.glob(f"*.safetensors{STATE_SUFFIX}"):
+    for sidecar in path.glob(f"*{STATE_SUFFIX}"):
         checkpoint = sidecar.with_name(sidecar.name[: -len(STATE_SUFFIX)])
-        if not checkpoint.is_file():
+        if not checkpoint.exists():
             continue
         with safe_open(str(sidecar), "pt") as f:
             meta = f.metadata() or {}
@@ -113,9 +122,12 @@ def find_checkpoint(resume: str | Path, token: str) -> Path:
 
 
 def check_matches(state: TrainState, checkpoint: Path, *, token: str, base_model: str, family: str,
-                  dims: dict[str, int], n_vectors: int, total_steps: int) -> None:
+                  dims: dict[str, int], n_vectors: int, total_steps: int, method: str = "ti") -> None:
     """Raise TrainError naming what differs when `state` cannot continue this run."""
     name = checkpoint.name
+    if state.method != method:
+        raise TrainError(f"{name} was trained with --method {state.method}, not {method}: use --method "
+                         f"{state.method} to resume it")
     if state.token != token:
         raise TrainError(f"{name} was trained for {state.token}, not {token}: use --token {state.token} to resume it")
     if state.family != family or state.dims != dims:
@@ -124,7 +136,7 @@ def check_matches(state: TrainState, checkpoint: Path, *, token: str, base_model
     if state.base_model != base_model:
         raise TrainError(f"{name} was trained on the model {state.base_model!r}, but {base_model!r} is loaded: "
                          f"load {state.base_model!r} to resume it")
-    have = next(iter(state.init.values())).shape[0]
+    have = next(iter(state.init.values())).shape[0] if state.init else n_vectors  # lora/dreambooth: no vectors
     if have != n_vectors:
         raise TrainError(f"{name} has {have} vectors per token but {n_vectors} were asked for: use --vectors {have}")
     if state.step >= total_steps:

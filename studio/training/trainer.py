@@ -1,8 +1,15 @@
-"""The Textual Inversion loop: only the new word's vectors learn; everything else is frozen.
+"""The training loop of every method: the new word's vectors and/or the weights a method adds learn; the rest is frozen.
 
-Reads top to bottom as numbered steps. Events go to `on_event`; a `cancel` event stops it within one step.
-Prompts are encoded through the same PromptEncoder that generation uses, with the vectors as a per-request
-concept, so no token is added to the tokenizer and no row of the embedding table is touched.
+Reads top to bottom as numbered steps. Events go to `on_event`; a `cancel` event stops it within one step. What
+learns and what is saved is the method's (studio/training/methods); the loop is this file's. Prompts are encoded
+through the same PromptEncoder that generation uses, with the vectors as a per-request concept, so no token is added
+to the tokenizer and no row of the embedding table is touched.
+
+The loop runs through accelerate: `accelerate launch -m studio train ...` trains on several processes (DDP over the
+word and the weights, gloo on CPUs). Every process draws the same global batch from the same random streams and
+takes its fixed share of it, so N processes x batch B/N compute the update of one process x batch B, and a run
+resumes bit for bit whatever the process count. The frozen model runs under the studio's own autocast (the learned
+tensors stay fp32), as in generation; accelerate is asked for no mixed precision of its own.
 """
 
 from __future__ import annotations
@@ -17,9 +24,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
-from studio.engine.concepts import Concept, load_concept, save_concept
+from studio.engine.concepts import Concept, load_concept
 from studio.engine.memory import is_out_of_memory, oom_advice, release_memory
 from studio.engine.model_facts import encoders_of
 from studio.engine.names import file_stem, inside
@@ -35,15 +41,15 @@ from studio.training.templates import TEMPLATES
 def frozen(*modules) -> Iterator[None]:
     """No gradients for the parameters of `modules` inside the block; each parameter's own flag comes back after."""
     modules = [m for m in modules if m is not None]
-    flags = [[p.requires_grad for p in m.parameters()] for m in modules]
+    # By parameter, not by position: a method adds (and removes) adapter parameters inside the block.
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     for module in modules:
         module.requires_grad_(False)
     try:
         yield
     finally:
-        for module, module_flags in zip(modules, flags):
-            for param, flag in zip(module.parameters(), module_flags):
-                param.requires_grad_(flag)
+        for param, flag in flags:
+            param.requires_grad_(flag)
 
 
 @dataclass
@@ -67,6 +73,7 @@ class LastGood:
 
     step: int = 0
     vectors: dict[str, torch.Tensor] | None = None
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # copies, or the live ones (Method.copies_last_good)
     snapshot: Callable[[int], TrainState] | None = None
 
 
@@ -79,9 +86,12 @@ class _Run:
     templates: tuple[str, ...]
     resolution: int
     init: dict[str, torch.Tensor]  # the starting vectors, which `regularization` pulls back towards
-    vectors: dict[str, torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
+    vectors: dict[str, torch.nn.Parameter]  # the word's (empty for lora/dreambooth)
+    weights: dict[str, torch.nn.Parameter]  # the method's (empty for ti)
+    optimizers: dict[str, torch.optim.Optimizer]  # "word" and/or "weights": each has its own learning rate
     scaler: torch.amp.GradScaler
+    accelerator: object  # accelerate.Accelerator
+    denoiser: torch.nn.Module  # _Denoiser, or accelerate's DDP around it
     generator: torch.Generator  # noise and timesteps
     rng: random.Random  # pictures and templates
     first: int  # the first step still to do
@@ -90,7 +100,27 @@ class _Run:
     autocast_dtype: torch.dtype | None
     precision: str
     noise_scheduler: object
+    class_latents: torch.Tensor | None = None  # prior preservation: the base model's pictures of the class
     norm_limit: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {**self.vectors, **self.weights}
+
+
+class _Denoiser(torch.nn.Module):
+    """What DDP wraps: the UNet that runs and the word's vectors, one forward from noisy latents and prompts to the
+    UNet's prediction (prompts encoded inside, so the vectors' gradients are DDP's to average too)."""
+
+    def __init__(self, unet: torch.nn.Module, vectors: dict[str, torch.nn.Parameter], encode: Callable) -> None:
+        super().__init__()
+        self.unet = unet
+        self.words = torch.nn.ParameterDict(vectors)
+        self._encode = encode  # prompts -> (prompt embeddings, the UNet's extra arguments)
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        embeds, extra = self._encode(prompts)
+        return self.unet(noisy, t, embeds, **extra).sample
 
 
 # Divergence beyond NaN: a vector this many times the norm of the embedding table's largest row has left the space
@@ -101,27 +131,45 @@ NORM_LIMIT_FACTOR = 100.0
 
 
 class Trainer:
-    """Learn `config.token` from `images` on a LoadedModel.
+    """Learn `config.token` from `images` on a LoadedModel, by `config.method`.
 
     `out` is a folder (the final file is `<word>.safetensors` in it, the word made file-safe by
     `studio.engine.names.file_stem`) or a `.safetensors` path, which is then the final file; checkpoints are written
-    beside it as `<stem>-stepN.safetensors`.
+    beside it as `<stem>-stepN.safetensors`. For `dreambooth`, `out` is the model folder to write (checkpoints
+    `<folder>-stepN` beside it).
     """
 
     def __init__(self, model, config: TrainConfig, images, out: Path | str):
+        from studio.training.methods import method_for
+
         self.model = model
         self.config = config
         self.paths = find_images(images)
+        self.method = method_for(self)
+        self._accelerator = None  # set by run()
         out = Path(out)
-        if out.suffix.lower() == ".safetensors":
+        if out.suffix.lower() == ".safetensors" and not self.method.writes_folder:
             self.out_dir, self.file_stem = out.parent, out.stem
+        elif self.method.writes_folder:
+            if out.suffix.lower() == ".safetensors":
+                raise TrainError(f"{out.name}: dreambooth writes a model folder; give --out a folder path")
+            self.out_dir, self.file_stem = out.parent, out.name
         else:
             self.out_dir, self.file_stem = out, file_stem(config.token)
 
+    @property
+    def class_word(self) -> str:
+        """The class in "a photo of <token> <class>" (lora, dreambooth): `class_word`, else the init words."""
+        cfg = self.config
+        return cfg.class_word if cfg.class_word is not None else ("" if cfg.init_text == "*" else cfg.init_text)
+
     def _init_vectors(self) -> dict[str, torch.Tensor]:
-        """Vectors start from the embeddings of `init_text`'s tokens, repeated or cut to `n_vectors`."""
+        """Vectors start from the embeddings of `init_text`'s tokens, repeated or cut to `n_vectors` (none for a
+        method that learns no word)."""
         cfg = self.config
         vectors = {}
+        if not self.method.learns_word:
+            return vectors
         for key, tok, enc in encoders_of(self.model.pipe):
             ids = tok(cfg.init_text, add_special_tokens=False).input_ids or [tok.eos_token_id]
             ids = (ids * cfg.n_vectors)[: cfg.n_vectors]
@@ -129,37 +177,51 @@ class Trainer:
             vectors[key] = table[torch.tensor(ids, device=table.device)].detach().float().clone()
         return vectors
 
-    def _concept(self, vectors: dict[str, torch.Tensor], step: int) -> Concept:
-        cfg = self.config
-        meta = {"base_model": self.model.name, "family": self.model.family, "init_text": cfg.init_text,
-                "steps": str(step), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        return Concept(cfg.token, {k: v.detach().cpu().clone() for k, v in vectors.items()}, meta)
+    def _concept(self, vectors: dict[str, torch.Tensor], step: int) -> Concept | None:
+        if not vectors:
+            return None
+        return Concept(self.config.token, {k: v.detach().cpu().clone() for k, v in vectors.items()},
+                       self.method.meta(step))
 
-    def _save(self, vectors, step: int, name: str, state: TrainState | None = None) -> Path:
-        """Write the concept file `name`, with its resume sidecar when `state` is given (else none is left)."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = save_concept(self._concept(vectors, step), inside(self.out_dir, name), format="studio")
-        if state is not None:
-            save_state(path, state)
-        else:
-            state_path(path).unlink(missing_ok=True)  # a sidecar of an older run would no longer match the vectors
+    def _save(self, kept: LastGood, step: int, stem: str, state: TrainState | None = None) -> Path:
+        """Write the method's file (or folder) `stem`, with its resume sidecar when `state` is given (else none is
+        left). Only the main process writes; the others wait for it."""
+        path = inside(self.out_dir, self.method.file_name(stem))
+        accelerator = self._accelerator
+        if accelerator is None or accelerator.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            path = self.method.save(path, self._concept(kept.vectors, step), kept.weights, step)
+            if state is not None:
+                save_state(path, state)
+            else:
+                state_path(path).unlink(missing_ok=True)  # a sidecar of an older run would no longer match
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
         return path
 
     def _state(self, step: int, run: _Run) -> TrainState:
-        """The run at `step`: what `--resume` needs to go on bit for bit as if it had never stopped."""
-        adam = {k: {name: value.detach().clone() for name, value in run.optimizer.state[p].items()}
-                for k, p in run.vectors.items() if p in run.optimizer.state}
+        """The run at `step`: what `--resume` needs to go on bit for bit as if it had never stopped (the optimizers'
+        moments, the random streams, the loss scale and every trainable tensor)."""
+        adam = {}
+        for name, param in run.trainable.items():
+            for optimizer in run.optimizers.values():
+                if param in optimizer.state:
+                    adam[name] = {field: value.detach().clone() for field, value in optimizer.state[param].items()}
         return TrainState(step=step, token=self.config.token, base_model=self.model.name, family=self.model.family,
                           dims=dict(self.model.encoder_dims), init=run.init, adam=adam,
                           noise_rng=run.generator.get_state(), data_rng=run.rng.getstate(),
-                          scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None)
+                          scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                          method=self.method.name,
+                          params={k: v.detach().clone() for k, v in run.trainable.items()})
 
-    def _restore(self, state: TrainState, vectors, optimizer, generator, rng, scaler) -> int:
-        """Load the optimizer, random streams and loss scale of `state`; return the first step still to do."""
-        for key, param in vectors.items():
+    def _restore(self, state: TrainState, trainable, optimizers, generator, rng, scaler) -> int:
+        """Load the optimizers, random streams and loss scale of `state`; return the first step still to do."""
+        owner = {id(p): opt for opt in optimizers.values() for group in opt.param_groups for p in group["params"]}
+        for key, param in trainable.items():
             if key in state.adam:
-                # Adam keeps its step count on the CPU (unless capturable); the moments live by the vectors.
-                optimizer.state[param] = {n: v if n == "step" else v.to(param.device) for n, v in state.adam[key].items()}
+                # Adam keeps its step count on the CPU (unless capturable); the moments live by the tensors.
+                owner[id(param)].state[param] = {n: v if n == "step" else v.to(param.device)
+                                                 for n, v in state.adam[key].items()}
         restore_rngs(state, generator, rng)
         if state.scaler and scaler.is_enabled():
             scaler.load_state_dict(state.scaler)
@@ -178,22 +240,22 @@ class Trainer:
         return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[wanted], wanted
 
     def _stop(self, kind: str, step: int, kept: LastGood, emit, message: Callable[[str], str],
-              error: Callable[[str], str] | None = None, resumable: bool = False) -> Concept:
-        """End the run early: save the last good vectors as the final file (with their resume sidecar when
-        `resumable`: the run can go on where it was), emit a `kind` event at `step`, then return the concept of those
-        vectors (`cancelled`) or raise TrainError (`failed`). `message(file name)` is the event's message, `error`
+              error: Callable[[str], str] | None = None, resumable: bool = False) -> object:
+        """End the run early: save the last good state as the final file (with its resume sidecar when
+        `resumable`: the run can go on where it was), emit a `kind` event at `step`, then return the result of that
+        state (`cancelled`) or raise TrainError (`failed`). `message(file name)` is the event's message, `error`
         the TrainError's (None: the same)."""
         snapshot = kept.snapshot(kept.step) if resumable else None
-        path = self._save(kept.vectors, kept.step, f"{self.file_stem}.safetensors", snapshot)
+        path = self._save(kept, kept.step, self.file_stem, snapshot)
         emit(TrainEvent(kind, step=step, total=self.config.steps, path=path, message=message(path.name)))
         if kind == "cancelled":
-            return self._concept(kept.vectors, kept.step)
+            return self.method.result(path, self._concept(kept.vectors, kept.step))
         raise TrainError((error or message)(path.name)) from None
 
     @contextmanager
     def _out_of_memory_fails(self, mode: str, kept: LastGood, emit) -> Iterator[None]:
         """Out of memory anywhere in the block (latent cache, a step, a preview) ends the run as `failed`: the memory
-        the failed step held is freed, the last good vectors are saved (resumable, so the run can go on in the
+        the failed step held is freed, the last good state is saved (resumable, so the run can go on in the
         smaller mode), and the event and the TrainError name the memory mode to switch to (studio.engine.memory)."""
         try:
             yield
@@ -207,7 +269,7 @@ class Trainer:
                 emit(TrainEvent("failed", step=kept.step, total=self.config.steps, message=message))
                 raise TrainError(message) from None
             self._stop("failed", kept.step, kept, emit, resumable=True, message=lambda file: (
-                f"{message}; the vectors of step {kept.step} were saved to {file} (--resume continues from it)"))
+                f"{message}; the state of step {kept.step} was saved to {file} (--resume continues from it)"))
 
     def _resume_point(self) -> tuple[Path | None, TrainState | None]:
         """The checkpoint `config.resume` names and its state, checked against this run (None, None: a new run)."""
@@ -217,12 +279,56 @@ class Trainer:
         resume_from = find_checkpoint(cfg.resume, cfg.token)
         state = load_state(resume_from)
         check_matches(state, resume_from, token=cfg.token, base_model=model.name, family=model.family,
-                      dims=dict(model.encoder_dims), n_vectors=cfg.n_vectors, total_steps=cfg.steps)
+                      dims=dict(model.encoder_dims), n_vectors=cfg.n_vectors, total_steps=cfg.steps,
+                      method=self.method.name)
         return resume_from, state
 
+    def _class_latents(self, savings) -> torch.Tensor | None:
+        """Prior preservation: the latents of the base model's pictures of "a photo of a <class>", drawn once and
+        kept on disk (studio.training.prior)."""
+        cfg, model = self.config, self.model
+        if not cfg.prior_preservation:
+            return None
+        from studio.training.prior import class_pictures
+
+        resolution = cfg.resolution or model.pipe.unet.config.sample_size * model.pipe.vae_scale_factor
+        root = self.out_dir / "class-pictures"
+        if self._accelerator.is_main_process:  # one process draws them, the others read them
+            class_pictures(model, self.class_prompt, cfg.class_images, root, seed=cfg.seed)
+        self._accelerator.wait_for_everyone()
+        paths = class_pictures(model, self.class_prompt, cfg.class_images, root, seed=cfg.seed)
+        images, _warnings = load_images(paths, resolution)
+        return encode_latents(model.pipe.vae, images, False, model.device, model.dtype, savings.latent_batch)
+
+    @property
+    def class_prompt(self) -> str:
+        return f"a photo of a {self.class_word}".strip()
+
+    def _optimizers(self, vectors, weights) -> dict[str, torch.optim.Optimizer]:
+        """AdamW for the word (no decay: it would pull the vectors to zero) and for the weights (diffusers' 1e-2
+        decay; bitsandbytes' 8-bit AdamW when asked and on CUDA)."""
+        cfg = self.config
+        optimizers = {}
+        if vectors:
+            optimizers["word"] = torch.optim.AdamW(vectors.values(), lr=cfg.learning_rate,
+                                                   weight_decay=cfg.weight_decay)
+        if weights:
+            adam = torch.optim.AdamW
+            if cfg.use_8bit_adam:
+                if self.model.device.type != "cuda":
+                    raise TrainError("8-bit Adam (bitsandbytes) needs a CUDA GPU; train without --use-8bit-adam")
+                try:
+                    import bitsandbytes
+                except ImportError:
+                    raise TrainError("8-bit Adam needs bitsandbytes: pip install bitsandbytes, or train without "
+                                     "--use-8bit-adam") from None
+                adam = bitsandbytes.optim.AdamW8bit
+            optimizers["weights"] = adam(weights.values(), lr=self.method.unet_lr(), weight_decay=1e-2)
+        return optimizers
+
     def _setup(self, savings, emit, resume_from: Path | None, state: TrainState | None,
-               autocast: tuple[torch.dtype | None, str]) -> _Run:
-        """Steps 2 and 3 of `run`: the pictures and their latents, the parameters, optimizer and random streams."""
+               autocast: tuple[torch.dtype | None, str], accelerator) -> _Run:
+        """Steps 2 and 3 of `run`: the pictures and their latents, the parameters, optimizers and random streams."""
         cfg, model = self.config, self.model
         pipe = model.pipe
         # 2. Pictures and the latent cache (each picture encoded once, not every step).
@@ -233,143 +339,226 @@ class Trainer:
         if cfg.template == "captions":
             check_captions(images)
         latents = encode_latents(pipe.vae, images, cfg.flip, model.device, model.dtype, savings.latent_batch)
+        class_latents = self._class_latents(savings)
         savings.after_latent_cache()
 
-        # 3. Parameters (the new vectors only, in fp32 whatever the model's dtype), optimizer, random streams.
+        # 3. Parameters (the new vectors and the method's weights, in fp32 whatever the model's dtype), optimizers,
+        #    random streams.
         generator = torch.Generator(model.device).manual_seed(cfg.seed)  # noise and timesteps
         rng = random.Random(cfg.seed)  # pictures and templates
+        weights = self.method.add_weights()
         if state is None:
             init = self._init_vectors()
             start = {k: v.clone() for k, v in init.items()}
         else:
             init = {k: v.to(model.device) for k, v in state.init.items()}
-            saved = load_concept(resume_from, token=cfg.token)
-            start = {k: v.to(device=model.device, dtype=torch.float32) for k, v in saved.vectors.items()}
+            if state.params:
+                start = {k: state.params[k].to(device=model.device, dtype=torch.float32) for k in init}
+                with torch.no_grad():
+                    for name, param in weights.items():
+                        param.copy_(state.params[name])
+            else:  # a sidecar from before the weight-tuning methods: the vectors are in the concept file
+                saved = load_concept(resume_from, token=cfg.token)
+                start = {k: v.to(device=model.device, dtype=torch.float32) for k, v in saved.vectors.items()}
         vectors = {k: torch.nn.Parameter(v) for k, v in start.items()}
-        optimizer = torch.optim.AdamW(vectors.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizers = self._optimizers(vectors, weights)
         autocast_dtype, precision = autocast  # from _precision()
         scaler = torch.amp.GradScaler(model.device.type, enabled=precision == "fp16" and model.device.type == "cuda")
-        first = 1 if state is None else self._restore(state, vectors, optimizer, generator, rng, scaler)
+        first = 1 if state is None else self._restore(state, {**vectors, **weights}, optimizers, generator, rng,
+                                                      scaler)
         from diffusers import DDPMScheduler
+
+        concept = Concept(cfg.token, dict(vectors), {}) if vectors else None
+        denoiser = _Denoiser(self.method.unet, vectors, lambda prompts: self._encode(prompts, concept, resolution))
+        if accelerator.num_processes > 1:  # DDP; one process: the module itself (the model manager placed it)
+            denoiser = accelerator.prepare_model(denoiser, device_placement=False)
         # A picture's caption is its prompt; "object" / "style" draw one from the paper's lists for pictures
         # without one ("captions" has none: every picture has a caption, checked above).
         return _Run(images=images, latents=latents, templates=TEMPLATES.get(cfg.template, ()), resolution=resolution,
-                    init=init, vectors=vectors, optimizer=optimizer, scaler=scaler, generator=generator, rng=rng,
-                    first=first,
+                    init=init, vectors=vectors, weights=weights, optimizers=optimizers, scaler=scaler,
+                    accelerator=accelerator, denoiser=denoiser, generator=generator, rng=rng, first=first,
                     lr_at=parse_lr_schedule(cfg.lr_schedule, cfg.learning_rate, cfg.warmup_steps, cfg.steps),
-                    concept=Concept(cfg.token, dict(vectors), {}), autocast_dtype=autocast_dtype, precision=precision,
-                    noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
+                    concept=concept, autocast_dtype=autocast_dtype, precision=precision,
+                    noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), class_latents=class_latents)
+
+    def _encode(self, prompts: list[str], concept: Concept | None, resolution: int) -> tuple[torch.Tensor, dict]:
+        """Prompts -> the UNet's prompt embeddings and extra arguments (SDXL's pooled embeddings and sizes)."""
+        encoded = self.model.encoder.encode(prompts, [concept] if concept is not None else [])
+        extra = {}
+        if self.model.family == "sdxl":
+            size = resolution
+            time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=encoded.embeds.dtype,
+                                    device=encoded.embeds.device)
+            extra["added_cond_kwargs"] = {"text_embeds": encoded.pooled, "time_ids": time_ids.repeat(len(prompts), 1)}
+        return encoded.embeds, extra
+
+    def _draw(self, run: _Run, latents: torch.Tensor, count: int, prompt_of: Callable[[int], str]):
+        """One global batch of `count`: which latents (from `run.rng`), their prompts, noise and timesteps (from
+        `run.generator`), in that order, so that a resumed run and any process count draw the same ones."""
+        idx = [run.rng.randrange(len(latents)) for _ in range(count)]
+        prompts = [prompt_of(i) for i in idx]
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=run.generator, device=x0.device, dtype=x0.dtype)
+        t = torch.randint(0, run.noise_scheduler.config.num_train_timesteps, (count,),
+                          generator=run.generator, device=x0.device)
+        return x0, prompts, noise, t
 
     def _loss(self, run: _Run) -> torch.Tensor:
-        """The denoising loss of one batch: pictures and prompts drawn from `run.rng`, noise and timesteps from
-        `run.generator` (in that order: a resumed run draws the same ones)."""
-        cfg, model, pipe = self.config, self.model, self.model.pipe
-        idx = [run.rng.randrange(len(run.latents)) for _ in range(cfg.batch_size)]
-        x0 = run.latents[idx]
-        prompts = [(run.images[i // (2 if cfg.flip else 1)].caption or run.rng.choice(run.templates)).replace(
-            "{}", cfg.token).replace("[name]", cfg.token) for i in idx]
-        noise = torch.randn(x0.shape, generator=run.generator, device=model.device, dtype=x0.dtype)
-        t = torch.randint(0, run.noise_scheduler.config.num_train_timesteps, (len(idx),),
-                          generator=run.generator, device=model.device)
+        """The denoising loss of this process's share of one global batch (with prior preservation: plus the
+        weighted loss of as many class pictures)."""
+        cfg, model = self.config, self.model
+        phrase = self.method.phrase()
+        x0, prompts, noise, t = self._draw(run, run.latents, cfg.batch_size, lambda i: (
+            run.images[i // (2 if cfg.flip else 1)].caption or run.rng.choice(run.templates)).replace(
+            "{}", phrase).replace("[name]", phrase))
+        parts = [(x0, prompts, noise, t)]
+        if run.class_latents is not None:
+            parts.append(self._draw(run, run.class_latents, cfg.batch_size, lambda _i: self.class_prompt))
+        accelerator = run.accelerator
+        share = cfg.batch_size // accelerator.num_processes
+        mine = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
+        parts = [(x[mine], p[mine], n[mine], tt[mine]) for x, p, n, tt in parts]
+        x0 = torch.cat([part[0] for part in parts])
+        noise = torch.cat([part[2] for part in parts])
+        t = torch.cat([part[3] for part in parts])
+        prompts = [prompt for part in parts for prompt in part[1]]
         noisy = run.noise_scheduler.add_noise(x0, noise, t)
         with torch.autocast(model.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
-            encoded = model.encoder.encode(prompts, [run.concept])
-            extra = {}
-            if model.family == "sdxl":
-                size = run.resolution
-                time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=x0.dtype, device=x0.device)
-                extra["added_cond_kwargs"] = {"text_embeds": encoded.pooled, "time_ids": time_ids.repeat(len(idx), 1)}
-            pred = pipe.unet(noisy, t, encoded.embeds, **extra).sample
+            pred = run.denoiser(noisy, t, prompts)
         prediction = run.noise_scheduler.config.prediction_type
         target = run.noise_scheduler.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
-        loss = F.mse_loss(pred.float(), target.float())
-        if cfg.regularization:
+        errors = (pred.float() - target.float()).square().flatten(1).mean(1)
+        loss = errors[:share].mean()
+        if run.class_latents is not None:
+            loss = loss + cfg.prior_weight * errors[share:].mean()
+        if cfg.regularization and run.vectors:
             loss = loss + cfg.regularization * sum((run.vectors[k] - run.init[k]).square().mean() for k in run.vectors)
         return loss
 
     def _step(self, run: _Run, step: int, kept: LastGood, emit) -> tuple[float, float]:
-        """One training step: the learning rate, the loss, the update; returns (loss, lr). A loss that is not finite,
-        or vectors that left the vocabulary's space (`_exploded`), end the run as `failed` with the vectors of the
-        step before saved, without a resume sidecar."""
-        cfg, vectors, optimizer, scaler = self.config, run.vectors, run.optimizer, run.scaler
+        """One training step: the learning rate, the loss (over `gradient_accumulation` batches), the update;
+        returns (loss, lr). A loss that is not finite, or vectors that left the vocabulary's space (`_exploded`),
+        end the run as `failed` with the state of the step before saved, without a resume sidecar."""
+        cfg, scaler, accelerator = self.config, run.scaler, run.accelerator
         lr = run.lr_at(step - 1)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = self._loss(run)
-        value = loss.item()
+        scale = lr / cfg.learning_rate if cfg.learning_rate else 1.0  # the schedule's shape, for the weights too
+        stepping = {"word": True, "weights": self.method.weights_learn(step)}
+        for name, optimizer in run.optimizers.items():
+            for group in optimizer.param_groups:
+                group["lr"] = lr if name == "word" else self.method.unet_lr() * scale
+        for optimizer in run.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg.gradient_accumulation):
+            with accelerator.accumulate(run.denoiser):
+                loss = self._loss(run)
+                accelerator.backward(scaler.scale(loss))  # divided by the accumulation count there
+            total += loss.detach().float() / cfg.gradient_accumulation
+        value = float(accelerator.reduce(total, reduction="mean"))  # every process decides on the same loss
         if not math.isfinite(value):
             self._stop("failed", step, kept, emit, message=lambda file: (
                 f"the loss became {value} at step {step}: lower the learning rate (now {lr:g}) or train in fp32 "
-                f"(mixed precision now {run.precision}); the last good vectors were saved to {file}"),
+                f"(mixed precision now {run.precision}); the last good state was saved to {file}"),
                 error=lambda file: (f"training diverged at step {step} (loss {value}): lower the learning rate "
-                                    f"(now {lr:g}); the vectors of step {step - 1} were saved to {file}"))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(list(vectors.values()), cfg.max_grad_norm)
-        scaler.step(optimizer)
+                                    f"(now {lr:g}); the state of step {step - 1} was saved to {file}"))
+        for optimizer in run.optimizers.values():
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(list(run.trainable.values()), cfg.max_grad_norm)
+        for name, optimizer in run.optimizers.items():
+            if stepping[name]:
+                scaler.step(optimizer)
         scaler.update()
-        exploded = self._exploded(vectors, run.norm_limit)
+        exploded = self._exploded(run.vectors, run.norm_limit) or self._weights_broken(run.weights)
         if exploded:
+            if not self.method.copies_last_good and run.weights and self._weights_broken(run.weights):
+                raise TrainError(f"training diverged at step {step}: {exploded}; lower the weights' learning rate "
+                                 f"(now {self.method.unet_lr():g}, --unet-lr); nothing was saved by this step (the "
+                                 "last --save-every checkpoint is the last good state)")
             with torch.no_grad():
-                for k in vectors:
-                    vectors[k].copy_(kept.vectors[k])
+                for k, param in run.trainable.items():
+                    param.copy_(kept.vectors[k] if k in run.vectors else kept.weights[k])
             self._stop("failed", step, kept, emit, message=lambda file: (
-                f"training diverged at step {step}: {exploded}; lower the learning rate (now {lr:g}); the vectors of "
-                f"step {step - 1} were saved to {file}"))
+                f"training diverged at step {step}: {exploded}; lower the learning rate (now {lr:g}); the state of "
+                f"step {step - 1} was saved to {file}"))
         return value, lr
 
+    @staticmethod
+    def _weights_broken(weights: dict[str, torch.Tensor]) -> str:
+        if weights and not all(bool(torch.isfinite(w).all()) for w in weights.values()):
+            return "the weights became NaN/inf"
+        return ""
+
+    def _keep(self, kept: LastGood, run: _Run, step: int) -> None:
+        kept.step = step
+        kept.vectors = {k: v.detach().clone() for k, v in run.vectors.items()}
+        copy = self.method.copies_last_good
+        kept.weights = {k: v.detach().clone() if copy else v for k, v in run.weights.items()}
+
     def run(self, on_event: Callable[[TrainEvent], None] | None = None,
-            cancel: threading.Event | None = None) -> Concept:
-        """Train; emits events to `on_event`; returns the learned concept (also written to `out_dir`)."""
+            cancel: threading.Event | None = None):
+        """Train; emits events to `on_event`; returns what was learned (also written to `out_dir`): a Concept (ti),
+        a LoraFile (pivotal, lora) or the model folder's Path (dreambooth)."""
+        from accelerate import Accelerator
+
         emit = on_event or (lambda _e: None)
         cfg, model = self.config, self.model
         pipe = model.pipe
 
-        # 1. What to continue from, checked before any work is done.
+        # 1. What to continue from, checked before any work is done; the processes.
         resume_from, state = self._resume_point()
         autocast = self._precision()
+        accelerator = Accelerator(cpu=model.device.type == "cpu", gradient_accumulation_steps=cfg.gradient_accumulation)
+        if cfg.batch_size % accelerator.num_processes:
+            raise TrainError(f"batch {cfg.batch_size} does not split over {accelerator.num_processes} processes: "
+                             f"give --batch a multiple of {accelerator.num_processes}")
+        self._accelerator = accelerator
         encoders = [encoder for _, _, encoder in encoders_of(pipe)]
         kept = LastGood()
         with model.lock, training_memory(pipe, cfg.memory) as savings, frozen(pipe.unet, pipe.vae, *encoders), \
                 self._out_of_memory_fails(savings.preset.name, kept, emit):
-            # 2. Pictures and their latents; 3. parameters, optimizer, random streams.
-            run = self._setup(savings, emit, resume_from, state, autocast)
-            first = run.first
-            resumed = f"; resumed from {resume_from.name} at step {first - 1}" if resume_from else ""
-            savings_text = ", ".join(savings.applied) or "none"
-            emit(TrainEvent("started", step=first - 1, total=cfg.steps,
-                            message=f"{len(run.images)} pictures, {len(run.latents)} latents; memory mode "
-                                    f"{savings.preset.name} (savings: {savings_text}); "
-                                    f"precision {run.precision}{resumed}"))
-            run.norm_limit = self._norm_limit()
+            try:
+                # 2. Pictures and their latents; 3. parameters, optimizers, random streams.
+                run = self._setup(savings, emit, resume_from, state, autocast, accelerator)
+                first = run.first
+                resumed = f"; resumed from {resume_from.name} at step {first - 1}" if resume_from else ""
+                savings_text = ", ".join(savings.applied) or "none"
+                learns = ", ".join(part for part, have in (("the word", run.vectors), ("the weights", run.weights))
+                                   if have)
+                processes = f"; {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
+                emit(TrainEvent("started", step=first - 1, total=cfg.steps,
+                                message=f"{self.method.name} (learning {learns}): {len(run.images)} pictures, "
+                                        f"{len(run.latents)} latents; memory mode {savings.preset.name} (savings: "
+                                        f"{savings_text}); precision {run.precision}{processes}{resumed}"))
+                run.norm_limit = self._norm_limit()
 
-            # 4. The loop.
-            kept.step, kept.snapshot = first - 1, lambda step: self._state(step, run)
-            kept.vectors = {k: v.detach().clone() for k, v in run.vectors.items()}
-            started = time.time()
-            for step in range(first, cfg.steps + 1):
-                if cancel is not None and cancel.is_set():
-                    return self._stop("cancelled", step - 1, kept, emit, resumable=True, message=lambda _file: (
-                        f"cancelled; vectors of step {step - 1} saved (resumable)"))
-                loss, lr = self._step(run, step, kept, emit)
-                kept.step, kept.vectors = step, {k: v.detach().clone() for k, v in run.vectors.items()}
-                rate = (step - first + 1) / max(1e-9, time.time() - started)
-                emit(TrainEvent("step", step=step, total=cfg.steps, loss=loss, lr=lr, steps_per_s=rate,
-                                eta_s=(cfg.steps - step) / rate))
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    name = f"{self.file_stem}-step{step}.safetensors"
-                    path = self._save(kept.vectors, step, name, kept.snapshot(step))
-                    emit(TrainEvent("checkpoint", step=step, total=cfg.steps, path=path))
-                if cfg.preview_every and step % cfg.preview_every == 0:
-                    with savings.vae_back():
-                        emit(TrainEvent("preview", step=step, total=cfg.steps, images=self._preview(kept.vectors)))
+                # 4. The loop.
+                kept.snapshot = lambda step: self._state(step, run)
+                self._keep(kept, run, first - 1)
+                started = time.time()
+                for step in range(first, cfg.steps + 1):
+                    if cancel is not None and cancel.is_set():
+                        return self._stop("cancelled", step - 1, kept, emit, resumable=True, message=lambda _file: (
+                            f"cancelled; the state of step {step - 1} saved (resumable)"))
+                    loss, lr = self._step(run, step, kept, emit)
+                    self._keep(kept, run, step)
+                    rate = (step - first + 1) / max(1e-9, time.time() - started)
+                    emit(TrainEvent("step", step=step, total=cfg.steps, loss=loss, lr=lr, steps_per_s=rate,
+                                    eta_s=(cfg.steps - step) / rate))
+                    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                        path = self._save(kept, step, f"{self.file_stem}-step{step}", kept.snapshot(step))
+                        emit(TrainEvent("checkpoint", step=step, total=cfg.steps, path=path))
+                    if cfg.preview_every and step % cfg.preview_every == 0:
+                        with savings.vae_back():
+                            emit(TrainEvent("preview", step=step, total=cfg.steps, images=self._preview(kept.vectors)))
 
-            # 5. The final file (resumable too: a later run can ask for more steps).
-            path = self._save(kept.vectors, cfg.steps, f"{self.file_stem}.safetensors", kept.snapshot(cfg.steps))
+                # 5. The final file (resumable too: a later run can ask for more steps).
+                path = self._save(kept, cfg.steps, self.file_stem, kept.snapshot(cfg.steps))
+                result = self.method.result(path, self._concept(kept.vectors, cfg.steps))
+            finally:
+                self.method.remove_weights()
         emit(TrainEvent("finished", step=cfg.steps, total=cfg.steps, path=path,
                         message=f"{cfg.steps - first + 1} steps in {time.time() - started:.1f}s"))
-        return self._concept(kept.vectors, cfg.steps)
+        return result
 
     def _norm_limit(self) -> dict[str, float]:
         """Per encoder: NORM_LIMIT_FACTOR times the largest row norm of its embedding table."""
@@ -389,12 +578,19 @@ class Trainer:
         return ""
 
     def _preview(self, vectors) -> list:
-        """Pictures of the fixed preview prompts with fixed seeds, from the same loaded modules."""
+        """Pictures of the fixed preview prompts with fixed seeds, from the same loaded modules (the run's LoRA is
+        the UNet's active adapter; dreambooth's learning UNet stands in for the shared one meanwhile)."""
         from studio.engine.generate import GenerateRequest, generate
 
         concept = self._concept(vectors, 0)
+        pipe, unet = self.model.pipe, self.model.pipe.unet
         images = []
-        for k, prompt in enumerate(self.config.preview_prompts):
-            req = GenerateRequest(prompt.replace("{}", self.config.token), concepts=[concept], seed=k, steps=20)
-            images.extend(generate(self.model, req).images)
+        try:
+            pipe.unet = self.method.unet
+            for k, prompt in enumerate(self.config.preview_prompts):
+                req = GenerateRequest(prompt.replace("{}", self.method.phrase()),
+                                      concepts=[concept] if concept is not None else [], seed=k, steps=20)
+                images.extend(generate(self.model, req).images)
+        finally:
+            pipe.unet = unet
         return images

@@ -1,0 +1,68 @@
+"""`Method`: the few things a training method defines (see studio/training/methods/__init__.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from studio.engine.concepts import Concept
+
+
+class Method:
+    name = ""
+    learns_word = True  # the new word's vectors learn and the prompts say the word (ti, pivotal)
+    writes_folder = False  # the result is a model folder (dreambooth), else one .safetensors file
+    default_unet_lr: float | None = None  # the weights' learning rate when the config gives none
+    # The loop keeps a copy of the trainable tensors after every step, to save them when a later step fails. A full
+    # UNet is too large to copy each step: its "last good" state is the live one (a step whose loss is not finite
+    # never updates it; the non-finite-weights check after an update then ends the run without saving them).
+    copies_last_good = True
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        self.config = trainer.config
+        self.model = trainer.model
+
+    # ---- what learns ---------------------------------------------------------------------------------------------
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The UNet the loss runs (the shared one, or a copy that learns)."""
+        return self.model.pipe.unet
+
+    def add_weights(self) -> dict[str, torch.nn.Parameter]:
+        """Make the weights that learn (inside the trainer's `frozen` block) and return them by name."""
+        return {}
+
+    def remove_weights(self) -> None:
+        """Undo `add_weights` on the shared model: what generation sees afterwards is what it saw before."""
+
+    def unet_lr(self) -> float:
+        return self.config.unet_lr if self.config.unet_lr is not None else float(self.default_unet_lr or 0.0)
+
+    def weights_learn(self, step: int) -> bool:
+        """Whether the weights are updated at `step` (1-based); the word always is."""
+        return True
+
+    def phrase(self) -> str:
+        """What a template's `{}` becomes: the word, or for DreamBooth "<token> <class>"."""
+        return self.config.token
+
+    # ---- what is saved -------------------------------------------------------------------------------------------
+
+    def file_name(self, stem: str) -> str:
+        return stem if self.writes_folder else f"{stem}.safetensors"
+
+    def meta(self, step: int) -> dict[str, str]:
+        cfg = self.config
+        return {"base_model": self.model.name, "family": self.model.family, "init_text": cfg.init_text,
+                "steps": str(step), "method": self.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def save(self, path: Path, word: Concept | None, weights: dict[str, torch.Tensor], step: int) -> Path:
+        raise NotImplementedError
+
+    def result(self, path: Path, word: Concept | None):
+        """What `Trainer.run` returns: a Concept (ti), a LoraFile (pivotal, lora) or the model folder (dreambooth)."""
+        raise NotImplementedError

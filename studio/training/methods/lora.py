@@ -1,0 +1,92 @@
+"""`pivotal` (the word and a UNet LoRA) and `lora` (DreamBooth-LoRA: a UNet LoRA for "<token> <class>").
+
+The LoRA is a peft adapter added to the shared UNet for the run (under the model's lock, the only adapter active) and
+deleted at its end, so generation afterwards computes what it computed before. It starts as diffusers' scripts start
+theirs (`init_lora_weights="gaussian"`: A random, B zero, so step 0 is the base model), from the run's seed. Files are
+written by `studio.engine.lora_export` and read back by `studio.engine.lora.load_lora`, the LoRA runtime's reader:
+- diffusers' form (default): what `load_lora_weights` reads; pivotal's word goes to diffusers' pivotal words file
+  `<stem>_emb.safetensors` beside it (`load_textual_inversion(file, token=...)` reads it).
+- kohya's form (`lora_format="kohya"`): `lora_unet_…` keys; pivotal's word bundled in the same file as A1111 bundles
+  them (`bundle_emb.<word>.string_to_param.*`) — one file for A1111, Forge and ComfyUI, which diffusers'
+  `load_lora_weights` refuses ("all LoRA param names contain 'lora'"), hence not the default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from studio.engine.concepts import Concept
+from studio.engine.lora import LoraFile, load_lora
+from studio.training.methods.base import Method
+
+ADAPTER = "studio-train"  # the run's adapter in the shared UNet; never a name the LoRA cache gives (digest_stem)
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' dreambooth-lora script's UNet targets
+CROSS_KEY_VALUE = r".*attn2\.(to_k|to_v)$"  # the "lite" targets: what a prompt's words reach in the UNet
+
+
+class LoraWeights(Method):
+    """A UNet LoRA that learns; what `pivotal` and `lora` share."""
+
+    # diffusers' scripts use 1e-4 on SD 1.5 for 500+ steps; the demo model's 400-step default needs more
+    # (measured in docs/benchmarks.md, "Weight-tuning methods").
+    default_unet_lr = 1e-3
+
+    def add_weights(self) -> dict[str, torch.nn.Parameter]:
+        from peft import LoraConfig
+
+        cfg, unet = self.config, self.unet
+        targets = CROSS_KEY_VALUE if cfg.lora_targets == "cross-kv" else ATTENTION
+        config = LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian", target_modules=targets)
+        with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator: seed it, keep it
+            torch.manual_seed(cfg.seed)
+            unet.add_adapter(config, adapter_name=ADAPTER)
+        unet.set_adapter(ADAPTER)  # the cached LoRAs of earlier requests stay loaded, inactive
+        unet.enable_lora()
+        self.model.lora_cache._layers = None  # new peft layers may have been made: the cache walks the UNet again
+        marker = f".{ADAPTER}."
+        return {f"unet.{name.replace(marker, '.')}": param for name, param in unet.named_parameters()
+                if marker in name}
+
+    def remove_weights(self) -> None:
+        unet = self.unet
+        unet.delete_adapters(ADAPTER)
+        if getattr(unet, "peft_config", None):
+            unet.disable_lora()  # the cache's adapters are off between requests (studio.engine.lora.loras_applied)
+        self.model.lora_cache._layers = None
+
+    def save(self, path: Path, word: Concept | None, weights: dict[str, torch.Tensor], step: int) -> Path:
+        from studio.engine.lora_export import export_lora
+
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.config.save_precision]
+        tensors = {name: tensor.detach().to("cpu", dtype).contiguous() for name, tensor in weights.items()}
+        modules = sorted({name.removeprefix("unet.").rsplit(".lora_", 1)[0] for name in tensors})
+        lora = LoraFile(path=path, state_dict=tensors, source_format="diffusers", ranks=(self.config.rank,),
+                        modules={"unet": modules}, families=(self.model.family,), size_bytes=0,
+                        words=[word] if word is not None else [])
+        return export_lora(lora, path.parent, path.name, self.config.lora_format, overwrite=True).path
+
+    def result(self, path: Path, word: Concept | None) -> LoraFile:
+        return load_lora(path, self.model.pipe.unet.config)
+
+
+class Pivotal(LoraWeights):
+    """The word and a UNet LoRA around it (pivotal tuning: Roich et al. 2022; cloneofsimo's lora_pti, diffusers'
+    advanced script). `word_steps` > 0 trains the word alone first (the pivot), then both."""
+
+    name = "pivotal"
+
+    def weights_learn(self, step: int) -> bool:
+        return step > self.config.word_steps
+
+
+class DreamBoothLora(LoraWeights):
+    """DreamBooth-LoRA (Ruiz et al. 2023 with a LoRA): no new vectors; the prompts say "<token> <class>" and the LoRA
+    learns what they mean; optional prior preservation keeps "<class>" as the base model draws it."""
+
+    name = "lora"
+    learns_word = False
+
+    def phrase(self) -> str:
+        return f"{self.config.token} {self.trainer.class_word}".strip()

@@ -1,0 +1,18 @@
+"""`ti`: Textual Inversion — only the word's vectors learn (Gal et al. 2022)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from studio.engine.concepts import Concept, save_concept
+from studio.training.methods.base import Method
+
+
+class TextualInversion(Method):
+    name = "ti"
+
+    def save(self, path: Path, word: Concept | None, weights, step: int) -> Path:
+        return save_concept(word, path, format="studio")
+
+    def result(self, path: Path, word: Concept | None) -> Concept:
+        return word
