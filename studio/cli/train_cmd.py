@@ -38,6 +38,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "once the pictures are encoded; auto: by free GPU memory (fast on CPU)")
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
                    help="autocast the frozen model (vectors stay fp32); auto: none on CPU, the model's dtype on GPU")
+    v = p.add_argument_group("variants", "the Textual Inversion paper's variants (ti, xti, pivotal)")
+    v.add_argument("--progressive", metavar="SPEC",
+                   help="progressive extension: vectors:step pairs like '1:0,2:400,3:800' (the word ends with the last)")
+    v.add_argument("--per-image-tokens", action="store_true",
+                   help="each picture also gets its own word ('a photo of S* with S_i'); only S* is saved")
+    v.add_argument("--keep-image-words", action="store_true", help="also save the per-image words, for inspection")
+    v.add_argument("--regularization", type=float, default=0.0, metavar="W",
+                   help="weight of the pull back toward the init words (||v - v_init||^2)")
+    v.add_argument("--keep-norm", action="store_true",
+                   help="keep each vector at the vocabulary's median norm after every update")
+    v.add_argument("--stop-when-learned", action=argparse.BooleanOptionalAction, default=True,
+                   help="score the run every --stop-every steps on a fixed held-back draw and stop once it no longer "
+                        "improves (--steps stays the upper bound)")
+    v.add_argument("--stop-every", type=int, default=10, metavar="K", help="steps between two scorings")
     p.add_argument("--gradient-accumulation", type=int, default=1, metavar="N",
                    help="add up the gradients of N steps' batches before each update")
     m = p.add_argument_group("method", "what learns: the word (ti), the word and a UNet LoRA (pivotal), a UNet LoRA "
@@ -88,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
                       lora_targets=args.lora_targets, unet_lr=args.unet_lr, word_steps=args.word_steps,
                       class_word=args.class_word, prior_preservation=args.prior_preservation,
                       class_images=args.class_images, prior_weight=args.prior_weight,
-                      use_8bit_adam=args.use_8bit_adam, lora_format=args.lora_format)
+                      use_8bit_adam=args.use_8bit_adam, lora_format=args.lora_format, progressive=args.progressive,
+                      per_image_tokens=args.per_image_tokens, keep_image_words=args.keep_image_words,
+                      regularization=args.regularization, keep_norm=args.keep_norm,
+                      stop_when_learned=args.stop_when_learned, stop_every=args.stop_every)
     if args.lite:
         lite(cfg)
     if args.save_precision:

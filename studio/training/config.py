@@ -9,7 +9,7 @@ from studio.engine.memory import MEMORY_MODES
 from studio.engine.names import check_word
 
 
-METHODS = ("ti", "pivotal", "lora", "dreambooth")  # studio/training/methods: what each one learns and saves
+METHODS = ("ti", "xti", "pivotal", "lora", "dreambooth")  # studio/training/methods: what each one learns and saves
 LORA_TARGETS = ("attention", "cross-kv")  # every attention projection of the UNet | cross-attention keys and values
 
 
@@ -32,13 +32,27 @@ class TrainConfig:
     preview_every: int = 0  # 0: no previews
     preview_prompts: list[str] = field(default_factory=lambda: ["a photo of {}"])
     regularization: float = 0.0  # paper's variant: weight of ||v - v_init||^2
+    keep_norm: bool = False  # after each update, scale each vector to the vocabulary's median norm (OneTrainer-like)
+    # Paper's progressive extension: "1:0,2:400,3:800" = one vector from step 0, a second from 400, a third from 800;
+    # the word then has the last count (n_vectors is set to it). Later vectors start from the init words.
+    progressive: str | None = None
+    per_image_tokens: bool = False  # paper's variant: "a photo of S* with S_i", each picture its own word S_i
+    keep_image_words: bool = False  # also write the per-image words (for inspection) into <name>-image-words/
+    # Stop when learned: every `stop_every` steps the run is scored on a fixed held-back draw (fixed latents, noise,
+    # timesteps and prompts); it stops once the best score of the last `stop_window` scorings is no more than
+    # `stop_threshold` (relative) below the best before them. `steps` stays the upper bound.
+    stop_when_learned: bool = True
+    stop_every: int = 10
+    stop_window: int = 3
+    stop_threshold: float = 0.01
     max_grad_norm: float = 1.0
     resume: str | None = None  # a `<token>-stepN.safetensors` this trainer wrote (or its folder: the newest one)
     memory: str = "auto"  # one of studio.engine.memory.MEMORY_MODES, as in generation
     mixed_precision: str = "auto"  # "no" | "fp16" | "bf16" | "auto" (CPU: "no"; GPU: the loaded dtype, else bf16)
     gradient_accumulation: int = 1  # steps whose gradients add up before one update (accelerate's accumulate)
 
-    # What learns (studio/training/methods): "ti" the word only; "pivotal" the word and a UNet LoRA; "lora"
+    # What learns (studio/training/methods): "ti" the word only; "xti" a word per cross-attention layer (P+);
+    # "pivotal" the word and a UNet LoRA; "lora"
     # DreamBooth-LoRA (a UNet LoRA for "a photo of <token> <class>"); "dreambooth" the whole UNet.
     method: str = "ti"
     rank: int = 4  # LoRA rank (diffusers' dreambooth-lora default 4); lora_alpha = rank, so the scale is 1
@@ -55,6 +69,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_word(self.token, "new word")
+        if self.progressive:
+            self.n_vectors = progressive_schedule(self.progressive)[-1][0]
         if not 1 <= self.n_vectors <= 75:
             raise ValueError(f"vectors per token must be between 1 and 75 (CLIP's prompt length), not {self.n_vectors}")
         if self.steps < 1 or self.batch_size < 1:
@@ -75,6 +91,11 @@ class TrainConfig:
             raise ValueError(f"LoRA format must be 'diffusers' or 'kohya', not {self.lora_format!r}")
         if self.prior_preservation and self.method not in ("lora", "dreambooth"):
             raise ValueError(f"prior preservation is for the lora and dreambooth methods, not {self.method!r}")
+        if (self.progressive or self.per_image_tokens or self.keep_norm) and self.method not in ("ti", "xti", "pivotal"):
+            raise ValueError(f"progressive, per-image tokens and the norm control shape a word; the {self.method} "
+                             "method learns none")
+        if self.stop_every < 1 or self.stop_window < 1:
+            raise ValueError("stop-when-learned's interval and window must be at least 1")
         if self.gradient_accumulation < 1 or self.word_steps < 0 or self.class_images < 1:
             raise ValueError("gradient accumulation and class pictures must be at least 1, word steps at least 0")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
@@ -86,6 +107,20 @@ def lite(config: TrainConfig) -> TrainConfig:
     32 pairs, 49,536 numbers, about 100 KB with the word; in fp32 it would pass 200 KB)."""
     config.rank, config.lora_targets, config.save_precision = 1, "cross-kv", "fp16"
     return config
+
+
+def progressive_schedule(spec: str) -> list[tuple[int, int]]:
+    """`"1:0,2:400,3:800"` -> [(1, 0), (2, 400), (3, 800)]: vector counts from their first step, both rising."""
+    try:
+        pairs = [tuple(int(x) for x in part.split(":")) for part in spec.split(",") if part.strip()]
+        ok = pairs and all(len(p) == 2 for p in pairs) and pairs[0][1] == 0 and pairs[0][0] >= 1
+        ok = ok and all(b[0] > a[0] and b[1] > a[1] for a, b in zip(pairs, pairs[1:]))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"cannot read progressive schedule {spec!r}: give rising vectors:step pairs from step 0, "
+                         "like '1:0,2:400,3:800'")
+    return pairs
 
 
 def parse_lr_schedule(schedule: str, base_lr: float, warmup_steps: int, total_steps: int):

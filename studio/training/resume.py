@@ -43,6 +43,7 @@ class TrainState:
     # tensor name -> value: the vectors by encoder key ("text_encoder"), the weights by their name ("unet.…");
     # empty in sidecars written before the weight-tuning methods (the vectors are then read from the concept file)
     params: dict[str, torch.Tensor] | None = None
+    scores: list | None = None  # stop when learned: [(step, score)] so far
 
 
 def state_path(checkpoint: Path) -> Path:
@@ -64,7 +65,7 @@ def save_state(checkpoint: Path, state: TrainState) -> Path:
     meta = {"format": STATE_FORMAT, "step": str(state.step), "token": state.token, "base_model": state.base_model,
             "family": state.family, "dims": json.dumps(state.dims),
             "data_rng": json.dumps([version, list(internal), gauss]),
-            "scaler": json.dumps(state.scaler), "method": state.method}
+            "scaler": json.dumps(state.scaler), "method": state.method, "scores": json.dumps(state.scores or [])}
     return atomic_write(state_path(checkpoint), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -93,7 +94,8 @@ def load_state(checkpoint: Path) -> TrainState:
     return TrainState(step=int(meta["step"]), token=meta["token"], base_model=meta["base_model"],
                       family=meta["family"], dims=json.loads(meta["dims"]), init=init, adam=adam,
                       noise_rng=tensors["noise_rng"], data_rng=(version, tuple(internal), gauss),
-                      scaler=json.loads(meta["scaler"]), method=meta.get("method", "ti"), params=params)
+                      scaler=json.loads(meta["scaler"]), method=meta.get("method", "ti"), params=params,
+                      scores=[tuple(x) for x in json.loads(meta.get("scores", "[]"))])
 
 
 def find_checkpoint(resume: str | Path, token: str) -> Path:
@@ -136,7 +138,7 @@ def check_matches(state: TrainState, checkpoint: Path, *, token: str, base_model
     if state.base_model != base_model:
         raise TrainError(f"{name} was trained on the model {state.base_model!r}, but {base_model!r} is loaded: "
                          f"load {state.base_model!r} to resume it")
-    have = next(iter(state.init.values())).shape[0] if state.init else n_vectors  # lora/dreambooth: no vectors
+    have = next(iter(state.init.values())).shape[-2] if state.init else n_vectors  # lora/dreambooth: no vectors
     if have != n_vectors:
         raise TrainError(f"{name} has {have} vectors per token but {n_vectors} were asked for: use --vectors {have}")
     if state.step >= total_steps:

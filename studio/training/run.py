@@ -2,7 +2,9 @@
 
 `training_snapshots` iterates a `TrainingRun`'s `events()` and hands on `snapshot()`s: plain data (so they can cross
 the process boundary of a ZeroGPU worker) from which a UI draws the status text, the progress bar, the loss plot and
-the previews. `keep_concept` and `follow_to_end` put the finished concept in the session. No Gradio.
+the previews. `keep_concept` and `follow_to_end` put what the run learned in the session: a word (ti) or a LoRA file
+(pivotal with its word, lora) as the session's own; a dreambooth model folder is named for the Model tab to load. No
+Gradio.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from typing import TYPE_CHECKING, Iterator
 from PIL import Image
 
 from studio.engine.concepts import Concept
+from studio.engine.lora import LoraFile
+from studio.engine.names import file_stem
 from studio.engine.session import RunEnd, Session
 from studio.training.config import TrainConfig
+from studio.training.methods import METHOD_CLASSES
 from studio.training.trainer import TrainEvent, Trainer
 
 if TYPE_CHECKING:
@@ -28,9 +33,15 @@ SMOOTHING = 10  # steps in the running mean drawn over the raw loss, which jumps
 STATUS_EVERY_S = 0.25  # at most four snapshots a second: a browser need not redraw on every step
 
 
+# What a run learns (`Trainer.run`'s result): a word (ti), a LoRA file (pivotal, with its word in `.words`; lora),
+# or the folder of a fine-tuned diffusers model (dreambooth).
+Learned = Concept | LoraFile | Path
+
+
 @dataclass
 class TrainingSnapshot:
-    """What the UI shows of a run at one moment. `concept` is set in the last snapshot of a run that returned."""
+    """What the UI shows of a run at one moment. `concept` (what the run learned, `Learned`) is set in the last
+    snapshot of a run that returned."""
 
     status: str
     step: int = 0
@@ -38,8 +49,14 @@ class TrainingSnapshot:
     loss: float | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     previews: list[Image.Image] = field(default_factory=list)
-    concept: Concept | None = None
-    path: str | None = None  # the concept file the trainer wrote when it finished or was cancelled
+    concept: Learned | None = None
+    path: str | None = None  # the file (dreambooth: the folder) the trainer wrote when it finished or was cancelled
+    subject: str = ""  # what names the result in a prompt (the method's phrase): the word, or "<token> <class>"
+
+    @property
+    def file(self) -> str | None:
+        """`path` when it is one file, the one a browser can download; None for a model folder (or no file)."""
+        return self.path if self.path and Path(self.path).is_file() else None
 
 
 def loss_table(losses: list[tuple[int, float]]) -> dict[str, list]:
@@ -65,7 +82,7 @@ class TrainingRun:
     messages: list[str] = field(default_factory=list)
     last: TrainEvent | None = None
     path: str | None = None
-    concept: Concept | None = None
+    concept: Learned | None = None
     error: BaseException | None = None
     _events: queue.Queue = field(default_factory=queue.Queue)
     _thread: threading.Thread | None = None
@@ -113,7 +130,7 @@ class TrainingRun:
         total = last.total if last is not None else self.trainer.config.steps
         loss = last.loss if last is not None and last.kind == "step" else None
         return TrainingSnapshot(self.status(), step, total, loss, list(self.losses), list(self.previews),
-                                self.concept if final else None, self.path)
+                                self.concept if final else None, self.path, self.trainer.method.phrase())
 
     def status(self) -> str:
         """A few lines for the UI: the messages so far and where the loop is."""
@@ -134,7 +151,10 @@ def training_snapshots(model, session: Session, files: list[str], cfg: TrainConf
     """
     # A fresh flag: a run closed early keeps its own, set, one (clearing a shared flag would let it run on).
     flag = session.fresh_cancel_flag("train")
-    trainer = Trainer(model, cfg, [Path(f) for f in files], session.folder / "concepts")
+    # A model folder (dreambooth: `out` is the folder itself) goes beside the concept files, never over them.
+    out = (session.folder / "models" / file_stem(cfg.token) if METHOD_CLASSES[cfg.method].writes_folder
+           else session.folder / "concepts")
+    trainer = Trainer(model, cfg, [Path(f) for f in files], out)
     run = TrainingRun(trainer, flag).start()
     shown = 0.0
     for event in run.events():
@@ -147,14 +167,28 @@ def training_snapshots(model, session: Session, files: list[str], cfg: TrainConf
 
 
 def keep_concept(library: ConceptLibrary, session: Session, snapshot: TrainingSnapshot) -> str:
-    """Put the concept of a run's last snapshot in the session (with its thumbnail); the status to show."""
-    concept = snapshot.concept
-    library.add_session_concept(session.id, concept)
+    """Put what a run's last snapshot learned in the session (with its thumbnail); the status to show.
+
+    A word becomes a session concept; a LoRA file a session LoRA (`<lora:name:1>` in a prompt applies it, with its
+    word for pivotal, as A1111 applies a LoRA's bundled words); a dreambooth folder is a model, named for the Model
+    tab, since a model is not a concept a prompt can switch on."""
+    learned = snapshot.concept
+    if isinstance(learned, Path):
+        return (f"{snapshot.status}\nThe fine-tuned model is in {learned}: load that folder in the Model tab, then "
+                f"write {snapshot.subject} in a prompt, e.g. “a photo of {snapshot.subject}”.")
+    if isinstance(learned, LoraFile):
+        name = library.add_session_lora(session.id, learned.path).name
+        what = "its word" if learned.words else "the phrase it learned"
+        ready = (f"<lora:{name}:1> is ready: write it with {what} in any prompt in this session, e.g. "
+                 f"“<lora:{name}:1> a photo of {snapshot.subject}”.")
+    else:
+        name = library.add_session_concept(session.id, learned).token
+        ready = f"{name} is ready: write it in any prompt in this session."
     if snapshot.previews and snapshot.path:
         thumb = Path(snapshot.path).with_suffix(".preview.png")  # A1111's name for a concept's thumbnail
         snapshot.previews[0].save(thumb)
-        session.thumbnails[concept.token] = thumb
-    return f"{snapshot.status}\n{concept.token} is ready: write it in any prompt in this session."
+        session.thumbnails[name] = thumb
+    return f"{snapshot.status}\n{ready}"
 
 
 def follow_to_end(library: ConceptLibrary, session: Session, snapshots: Iterator[TrainingSnapshot],
@@ -169,6 +203,6 @@ def follow_to_end(library: ConceptLibrary, session: Session, snapshots: Iterator
         end.finish(f"failed: {getattr(exc, 'message', exc)}", None)
         return
     if snapshot is not None and snapshot.concept is not None:
-        end.finish(keep_concept(library, session, snapshot), snapshot.path)
+        end.finish(keep_concept(library, session, snapshot), snapshot.file)
     else:
         end.finish(snapshot.status if snapshot else "cancelled before the first step", None)

@@ -102,10 +102,15 @@ class _Run:
     noise_scheduler: object
     class_latents: torch.Tensor | None = None  # prior preservation: the base model's pictures of the class
     norm_limit: dict[str, float] = field(default_factory=dict)
+    norm_target: dict[str, float] = field(default_factory=dict)  # keep_norm: the vocabulary's median row norm
+    image_words: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # per-image tokens: "image3.<encoder>"
+    step: int = 0  # the step being trained (the progressive schedule's clock)
+    held_back: tuple | None = None  # stop when learned: the fixed draw (latents, noise, timesteps, prompts)
+    scores: list[tuple[int, float]] = field(default_factory=list)  # (step, score on the held-back draw)
 
     @property
     def trainable(self) -> dict[str, torch.nn.Parameter]:
-        return {**self.vectors, **self.weights}
+        return {**self.vectors, **self.image_words, **self.weights}
 
 
 class _Denoiser(torch.nn.Module):
@@ -115,7 +120,7 @@ class _Denoiser(torch.nn.Module):
     def __init__(self, unet: torch.nn.Module, vectors: dict[str, torch.nn.Parameter], encode: Callable) -> None:
         super().__init__()
         self.unet = unet
-        self.words = torch.nn.ParameterDict(vectors)
+        self.words = torch.nn.ParameterDict({name.replace(".", "__"): v for name, v in vectors.items()})
         self._encode = encode  # prompts -> (prompt embeddings, the UNet's extra arguments)
 
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -163,7 +168,7 @@ class Trainer:
         cfg = self.config
         return cfg.class_word if cfg.class_word is not None else ("" if cfg.init_text == "*" else cfg.init_text)
 
-    def _init_vectors(self) -> dict[str, torch.Tensor]:
+    def _init_vectors(self, plain: bool = False) -> dict[str, torch.Tensor]:
         """Vectors start from the embeddings of `init_text`'s tokens, repeated or cut to `n_vectors` (none for a
         method that learns no word)."""
         cfg = self.config
@@ -175,13 +180,26 @@ class Trainer:
             ids = (ids * cfg.n_vectors)[: cfg.n_vectors]
             table = enc.get_input_embeddings().weight
             vectors[key] = table[torch.tensor(ids, device=table.device)].detach().float().clone()
-        return vectors
+        return vectors if plain else self.method.init_vectors(vectors)
 
     def _concept(self, vectors: dict[str, torch.Tensor], step: int) -> Concept | None:
         if not vectors:
             return None
-        return Concept(self.config.token, {k: v.detach().cpu().clone() for k, v in vectors.items()},
-                       self.method.meta(step))
+        active = self._active(vectors, max(step, 1))
+        return self.method.word({k: v.detach().cpu().clone() for k, v in active.items()}, self.method.meta(step))
+
+    def _active(self, vectors: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """The vectors the word has at `step`: all of them, or the progressive schedule's count so far (the later
+        ones wait at their init-word start, untouched: no gradient reaches them)."""
+        if not self.config.progressive:
+            return vectors
+        from studio.training.config import progressive_schedule
+
+        count = max(n for n, start in progressive_schedule(self.config.progressive) if step > start)
+        return {k: v[..., :count, :] for k, v in vectors.items()}
+
+    def _image_token(self, index: int) -> str:
+        return f"<{file_stem(self.config.token)}-image{index}>"
 
     def _save(self, kept: LastGood, step: int, stem: str, state: TrainState | None = None) -> Path:
         """Write the method's file (or folder) `stem`, with its resume sidecar when `state` is given (else none is
@@ -211,7 +229,7 @@ class Trainer:
                           dims=dict(self.model.encoder_dims), init=run.init, adam=adam,
                           noise_rng=run.generator.get_state(), data_rng=run.rng.getstate(),
                           scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
-                          method=self.method.name,
+                          method=self.method.name, scores=list(run.scores),
                           params={k: v.detach().clone() for k, v in run.trainable.items()})
 
     def _restore(self, state: TrainState, trainable, optimizers, generator, rng, scaler) -> int:
@@ -361,36 +379,85 @@ class Trainer:
                 saved = load_concept(resume_from, token=cfg.token)
                 start = {k: v.to(device=model.device, dtype=torch.float32) for k, v in saved.vectors.items()}
         vectors = {k: torch.nn.Parameter(v) for k, v in start.items()}
-        optimizers = self._optimizers(vectors, weights)
+        image_words = {}
+        if cfg.per_image_tokens:  # one vector per picture, from the init words' first token
+            for i in range(len(images)):
+                for key, v in self._init_vectors(plain=True).items():
+                    name = f"image{i}.{key}"
+                    value = state.params[name] if state is not None and state.params else v[:1]
+                    image_words[name] = torch.nn.Parameter(value.to(device=model.device, dtype=torch.float32).clone())
+        optimizers = self._optimizers({**vectors, **image_words}, weights)
         autocast_dtype, precision = autocast  # from _precision()
         scaler = torch.amp.GradScaler(model.device.type, enabled=precision == "fp16" and model.device.type == "cuda")
-        first = 1 if state is None else self._restore(state, {**vectors, **weights}, optimizers, generator, rng,
-                                                      scaler)
+        first = 1 if state is None else self._restore(state, {**vectors, **image_words, **weights}, optimizers,
+                                                      generator, rng, scaler)
         from diffusers import DDPMScheduler
 
-        concept = Concept(cfg.token, dict(vectors), {}) if vectors else None
-        denoiser = _Denoiser(self.method.unet, vectors, lambda prompts: self._encode(prompts, concept, resolution))
+        concept = self.method.word(dict(vectors), {}) if vectors else None
+        run_box: list[_Run] = []
+
+        def encode(prompts: list[str]):
+            run = run_box[0]
+            others = [Concept(self._image_token(i), {k.split(".", 1)[1]: v for k, v in image_words.items()
+                                                     if k.startswith(f"image{i}.")}, {})
+                      for i in range(len(images))] if image_words else []
+            return self.method.encode(prompts, self._active(vectors, max(run.step, 1)), resolution, others)
+
+        denoiser = _Denoiser(self.method.unet, {**vectors, **image_words}, encode)
         if accelerator.num_processes > 1:  # DDP; one process: the module itself (the model manager placed it)
             denoiser = accelerator.prepare_model(denoiser, device_placement=False)
         # A picture's caption is its prompt; "object" / "style" draw one from the paper's lists for pictures
         # without one ("captions" has none: every picture has a caption, checked above).
-        return _Run(images=images, latents=latents, templates=TEMPLATES.get(cfg.template, ()), resolution=resolution,
+        run = _Run(images=images, latents=latents, templates=TEMPLATES.get(cfg.template, ()), resolution=resolution,
                     init=init, vectors=vectors, weights=weights, optimizers=optimizers, scaler=scaler,
                     accelerator=accelerator, denoiser=denoiser, generator=generator, rng=rng, first=first,
                     lr_at=parse_lr_schedule(cfg.lr_schedule, cfg.learning_rate, cfg.warmup_steps, cfg.steps),
                     concept=concept, autocast_dtype=autocast_dtype, precision=precision,
-                    noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), class_latents=class_latents)
+                    noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), class_latents=class_latents,
+                    image_words=image_words, scores=list(state.scores or []) if state is not None else [])
+        run_box.append(run)
+        run.held_back = self._held_back(run) if cfg.stop_when_learned else None
+        return run
 
-    def _encode(self, prompts: list[str], concept: Concept | None, resolution: int) -> tuple[torch.Tensor, dict]:
-        """Prompts -> the UNet's prompt embeddings and extra arguments (SDXL's pooled embeddings and sizes)."""
-        encoded = self.model.encoder.encode(prompts, [concept] if concept is not None else [])
-        extra = {}
-        if self.model.family == "sdxl":
-            size = resolution
-            time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=encoded.embeds.dtype,
-                                    device=encoded.embeds.device)
-            extra["added_cond_kwargs"] = {"text_embeds": encoded.pooled, "time_ids": time_ids.repeat(len(prompts), 1)}
-        return encoded.embeds, extra
+    HELD_BACK = 8  # pictures in stop-when-learned's fixed draw (each latent at least once up to this many)
+
+    def _held_back(self, run: _Run) -> tuple:
+        """Stop when learned's fixed draw: latents in order, noise from its own generator, timesteps evenly over
+        the schedule, each picture's caption or the templates in order; the same for every process and every
+        resume, and no draw from the training streams."""
+        cfg = self.config
+        count = min(2 * self.HELD_BACK, max(self.HELD_BACK, len(run.latents)))
+        idx = [k % len(run.latents) for k in range(count)]
+        x0 = run.latents[idx]
+        generator = torch.Generator(x0.device).manual_seed(cfg.seed + 7919)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        steps = run.noise_scheduler.config.num_train_timesteps
+        t = torch.linspace(0.05 * steps, 0.95 * steps, count, device=x0.device).long()
+        phrase = self.method.phrase()
+        templates = run.templates or ("{}",)
+        prompts = [(run.images[i // (2 if cfg.flip else 1)].caption or templates[k % len(templates)]).replace(
+            "{}", phrase).replace("[name]", phrase) for k, i in enumerate(idx)]
+        return run.noise_scheduler.add_noise(x0, noise, t), noise, t, prompts, x0
+
+    def _score(self, run: _Run) -> float:
+        """The denoising error on the held-back draw (lower is better), with no gradient."""
+        noisy, noise, t, prompts, x0 = run.held_back
+        with torch.no_grad(), torch.autocast(self.model.device.type, dtype=run.autocast_dtype,
+                                             enabled=run.autocast_dtype is not None):
+            pred = run.denoiser(noisy, t, prompts)
+        prediction = run.noise_scheduler.config.prediction_type
+        target = run.noise_scheduler.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
+        value = torch.nn.functional.mse_loss(pred.float(), target.float())
+        return float(run.accelerator.reduce(value.detach(), reduction="mean"))
+
+    def _learned(self, run: _Run) -> bool:
+        """Whether the best of the last `stop_window` scores is no more than `stop_threshold` below the best
+        before them (DVAR's "loss is informative" line: the word has stopped getting better)."""
+        cfg, values = self.config, [value for _step, value in run.scores]
+        if len(values) <= cfg.stop_window:
+            return False
+        before, recent = min(values[:-cfg.stop_window]), min(values[-cfg.stop_window:])
+        return recent > before * (1 - cfg.stop_threshold)
 
     def _draw(self, run: _Run, latents: torch.Tensor, count: int, prompt_of: Callable[[int], str]):
         """One global batch of `count`: which latents (from `run.rng`), their prompts, noise and timesteps (from
@@ -408,9 +475,14 @@ class Trainer:
         weighted loss of as many class pictures)."""
         cfg, model = self.config, self.model
         phrase = self.method.phrase()
-        x0, prompts, noise, t = self._draw(run, run.latents, cfg.batch_size, lambda i: (
-            run.images[i // (2 if cfg.flip else 1)].caption or run.rng.choice(run.templates)).replace(
-            "{}", phrase).replace("[name]", phrase))
+
+        def prompt_of(i: int) -> str:
+            picture = i // (2 if cfg.flip else 1)
+            said = f"{phrase} with {self._image_token(picture)}" if run.image_words else phrase
+            return (run.images[picture].caption or run.rng.choice(run.templates)).replace("{}", said).replace(
+                "[name]", said)
+
+        x0, prompts, noise, t = self._draw(run, run.latents, cfg.batch_size, prompt_of)
         parts = [(x0, prompts, noise, t)]
         if run.class_latents is not None:
             parts.append(self._draw(run, run.class_latents, cfg.batch_size, lambda _i: self.class_prompt))
@@ -440,6 +512,7 @@ class Trainer:
         returns (loss, lr). A loss that is not finite, or vectors that left the vocabulary's space (`_exploded`),
         end the run as `failed` with the state of the step before saved, without a resume sidecar."""
         cfg, scaler, accelerator = self.config, run.scaler, run.accelerator
+        run.step = step
         lr = run.lr_at(step - 1)
         scale = lr / cfg.learning_rate if cfg.learning_rate else 1.0  # the schedule's shape, for the weights too
         stepping = {"word": True, "weights": self.method.weights_learn(step)}
@@ -468,6 +541,10 @@ class Trainer:
             if stepping[name]:
                 scaler.step(optimizer)
         scaler.update()
+        if cfg.keep_norm:
+            with torch.no_grad():
+                for key, v in run.vectors.items():
+                    v.mul_(run.norm_target[key] / v.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         exploded = self._exploded(run.vectors, run.norm_limit) or self._weights_broken(run.weights)
         if exploded:
             if not self.method.copies_last_good and run.weights and self._weights_broken(run.weights):
@@ -515,7 +592,7 @@ class Trainer:
         encoders = [encoder for _, _, encoder in encoders_of(pipe)]
         kept = LastGood()
         with model.lock, training_memory(pipe, cfg.memory) as savings, frozen(pipe.unet, pipe.vae, *encoders), \
-                self._out_of_memory_fails(savings.preset.name, kept, emit):
+                self._out_of_memory_fails(savings.preset.name, kept, emit), self.method.training_context():
             try:
                 # 2. Pictures and their latents; 3. parameters, optimizers, random streams.
                 run = self._setup(savings, emit, resume_from, state, autocast, accelerator)
@@ -530,11 +607,17 @@ class Trainer:
                                         f"{len(run.latents)} latents; memory mode {savings.preset.name} (savings: "
                                         f"{savings_text}); precision {run.precision}{processes}{resumed}"))
                 run.norm_limit = self._norm_limit()
+                run.norm_target = {key: float(enc.get_input_embeddings().weight.detach().float().norm(dim=1).median())
+                                   for key, _, enc in encoders_of(pipe)}
 
                 # 4. The loop.
                 kept.snapshot = lambda step: self._state(step, run)
                 self._keep(kept, run, first - 1)
                 started = time.time()
+                last = cfg.steps
+                if run.held_back is not None and not run.scores:
+                    run.scores.append((0, self._score(run)))
+                    emit(TrainEvent("score", step=0, total=cfg.steps, loss=run.scores[-1][1]))
                 for step in range(first, cfg.steps + 1):
                     if cancel is not None and cancel.is_set():
                         return self._stop("cancelled", step - 1, kept, emit, resumable=True, message=lambda _file: (
@@ -544,6 +627,12 @@ class Trainer:
                     rate = (step - first + 1) / max(1e-9, time.time() - started)
                     emit(TrainEvent("step", step=step, total=cfg.steps, loss=loss, lr=lr, steps_per_s=rate,
                                     eta_s=(cfg.steps - step) / rate))
+                    if run.held_back is not None and step % cfg.stop_every == 0:
+                        run.scores.append((step, self._score(run)))
+                        emit(TrainEvent("score", step=step, total=cfg.steps, loss=run.scores[-1][1]))
+                        if step < cfg.steps and self._learned(run):
+                            last = step
+                            break
                     if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                         path = self._save(kept, step, f"{self.file_stem}-step{step}", kept.snapshot(step))
                         emit(TrainEvent("checkpoint", step=step, total=cfg.steps, path=path))
@@ -552,13 +641,34 @@ class Trainer:
                             emit(TrainEvent("preview", step=step, total=cfg.steps, images=self._preview(kept.vectors)))
 
                 # 5. The final file (resumable too: a later run can ask for more steps).
-                path = self._save(kept, cfg.steps, self.file_stem, kept.snapshot(cfg.steps))
-                result = self.method.result(path, self._concept(kept.vectors, cfg.steps))
+                path = self._save(kept, last, self.file_stem, kept.snapshot(last))
+                self._save_image_words(run, last)
+                result = self.method.result(path, self._concept(kept.vectors, last))
             finally:
                 self.method.remove_weights()
-        emit(TrainEvent("finished", step=cfg.steps, total=cfg.steps, path=path,
-                        message=f"{cfg.steps - first + 1} steps in {time.time() - started:.1f}s"))
+        converged = ""
+        if last < cfg.steps:
+            converged = (f"; converged at step {last}: the held-back score improved less than "
+                         f"{cfg.stop_threshold:.0%} over the last {cfg.stop_window * cfg.stop_every} steps")
+        emit(TrainEvent("finished", step=last, total=cfg.steps, path=path,
+                        message=f"{last - first + 1} steps in {time.time() - started:.1f}s{converged}"))
         return result
+
+    def _save_image_words(self, run: _Run, step: int) -> None:
+        """keep_image_words: each picture's word as a concept file in `<name>-image-words/` (for inspection)."""
+        if not (self.config.keep_image_words and run.image_words):
+            return
+        if self._accelerator is not None and not self._accelerator.is_main_process:
+            return
+        from studio.engine.concepts import save_concept
+
+        folder = inside(self.out_dir, f"{self.file_stem}-image-words")
+        for i in range(len(run.images)):
+            token = self._image_token(i)
+            vectors = {k.split(".", 1)[1]: v.detach().cpu().clone() for k, v in run.image_words.items()
+                       if k.startswith(f"image{i}.")}
+            meta = {**self.method.meta(step), "picture": run.images[i].path.name}
+            save_concept(Concept(token, vectors, meta), inside(folder, f"{file_stem(token)}.safetensors"))
 
     def _norm_limit(self) -> dict[str, float]:
         """Per encoder: NORM_LIMIT_FACTOR times the largest row norm of its embedding table."""

@@ -12,9 +12,10 @@ from studio.training.methods.base import Method
 from studio.training.methods.dreambooth import DreamBooth
 from studio.training.methods.lora import DreamBoothLora, Pivotal
 from studio.training.methods.ti import TextualInversion
+from studio.training.methods.xti import ExtendedTextualInversion
 
-METHOD_CLASSES: dict[str, type[Method]] = {cls.name: cls for cls in (TextualInversion, Pivotal, DreamBoothLora,
-                                                                      DreamBooth)}
+METHOD_CLASSES: dict[str, type[Method]] = {cls.name: cls for cls in (TextualInversion, ExtendedTextualInversion,
+                                                                      Pivotal, DreamBoothLora, DreamBooth)}
 
 
 def method_for(trainer) -> Method:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -49,6 +51,38 @@ class Method:
     def phrase(self) -> str:
         """What a template's `{}` becomes: the word, or for DreamBooth "<token> <class>"."""
         return self.config.token
+
+    # ---- the word ------------------------------------------------------------------------------------------------
+
+    def init_vectors(self, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The trainable vectors from the init words' `[n, dim]` per encoder (xti: one set per layer)."""
+        return vectors
+
+    def word(self, vectors: dict[str, torch.Tensor], meta: dict[str, str]) -> Concept:
+        """The vectors as the concept the prompt encoder places (tensors kept as given: gradients flow)."""
+        return Concept(self.config.token, vectors, meta)
+
+    def encode(self, prompts: list[str], vectors: dict[str, torch.Tensor], resolution: int,
+               others: list[Concept] = ()) -> tuple[torch.Tensor, dict]:
+        """Prompts with the word of `vectors` (the live parameters; none for lora/dreambooth) and `others` (the
+        per-image words) -> the UNet's prompt embeddings and its extra arguments. The word is built anew each
+        batch, so autograd sees this batch's use."""
+        words = ([self.word(vectors, {})] if vectors else []) + list(others)
+        encoded = self.model.encoder.encode(prompts, words)
+        return encoded.embeds, self.sdxl_arguments(encoded, resolution, len(prompts))
+
+    def sdxl_arguments(self, encoded, resolution: int, count: int) -> dict:
+        """SDXL's pooled embeddings and size conditioning (nothing for SD 1.x/2.x)."""
+        if self.model.family != "sdxl":
+            return {}
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
+                                dtype=encoded.embeds.dtype, device=encoded.embeds.device)
+        return {"added_cond_kwargs": {"text_embeds": encoded.pooled, "time_ids": time_ids.repeat(count, 1)}}
+
+    @contextmanager
+    def training_context(self) -> Iterator[None]:
+        """Around the whole loop (xti: the per-layer attention processors)."""
+        yield
 
     # ---- what is saved -------------------------------------------------------------------------------------------
 
