@@ -73,7 +73,7 @@ class LastGood:
 
     step: int = 0
     vectors: dict[str, torch.Tensor] | None = None
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # copies, or the live ones (Method.copies_last_good)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # the live ones (see `Trainer._keep`)
     snapshot: Callable[[int], TrainState] | None = None
 
 
@@ -536,7 +536,12 @@ class Trainer:
                                     f"(now {lr:g}); the state of step {step - 1} was saved to {file}"))
         for optimizer in run.optimizers.values():
             scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(list(run.trainable.values()), cfg.max_grad_norm)
+        norm = float(torch.nn.utils.clip_grad_norm_(list(run.trainable.values()), cfg.max_grad_norm))
+        if not math.isfinite(norm) and not scaler.is_enabled():  # fp16's scaler skips such a step by itself
+            # Before any update: the tensors are still the last good ones, so nothing needs a copy to restore.
+            self._stop("failed", step, kept, emit, message=lambda file: (
+                f"the gradients became {norm} at step {step}: lower the learning rate (now {lr:g}, weights "
+                f"{self.method.unet_lr():g}); the state of step {step - 1} was saved to {file}"))
         for name, optimizer in run.optimizers.items():
             if stepping[name]:
                 scaler.step(optimizer)
@@ -545,31 +550,22 @@ class Trainer:
             with torch.no_grad():
                 for key, v in run.vectors.items():
                     v.mul_(run.norm_target[key] / v.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        exploded = self._exploded(run.vectors, run.norm_limit) or self._weights_broken(run.weights)
+        exploded = self._exploded(run.vectors, run.norm_limit)
         if exploded:
-            if not self.method.copies_last_good and run.weights and self._weights_broken(run.weights):
-                raise TrainError(f"training diverged at step {step}: {exploded}; lower the weights' learning rate "
-                                 f"(now {self.method.unet_lr():g}, --unet-lr); nothing was saved by this step (the "
-                                 "last --save-every checkpoint is the last good state)")
             with torch.no_grad():
-                for k, param in run.trainable.items():
-                    param.copy_(kept.vectors[k] if k in run.vectors else kept.weights[k])
+                for k, param in run.vectors.items():
+                    param.copy_(kept.vectors[k])
             self._stop("failed", step, kept, emit, message=lambda file: (
                 f"training diverged at step {step}: {exploded}; lower the learning rate (now {lr:g}); the state of "
                 f"step {step - 1} was saved to {file}"))
         return value, lr
 
-    @staticmethod
-    def _weights_broken(weights: dict[str, torch.Tensor]) -> str:
-        if weights and not all(bool(torch.isfinite(w).all()) for w in weights.values()):
-            return "the weights became NaN/inf"
-        return ""
-
     def _keep(self, kept: LastGood, run: _Run, step: int) -> None:
+        """The state after `step`: a copy of the vectors (a later step that sends them out of the vocabulary's space
+        puts them back), the live weights (finite gradients give a finite update, checked before it)."""
         kept.step = step
         kept.vectors = {k: v.detach().clone() for k, v in run.vectors.items()}
-        copy = self.method.copies_last_good
-        kept.weights = {k: v.detach().clone() if copy else v for k, v in run.weights.items()}
+        kept.weights = dict(run.weights)
 
     def run(self, on_event: Callable[[TrainEvent], None] | None = None,
             cancel: threading.Event | None = None):

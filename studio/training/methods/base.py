@@ -17,10 +17,6 @@ class Method:
     learns_word = True  # the new word's vectors learn and the prompts say the word (ti, pivotal)
     writes_folder = False  # the result is a model folder (dreambooth), else one .safetensors file
     default_unet_lr: float | None = None  # the weights' learning rate when the config gives none
-    # The loop keeps a copy of the trainable tensors after every step, to save them when a later step fails. A full
-    # UNet is too large to copy each step: its "last good" state is the live one (a step whose loss is not finite
-    # never updates it; the non-finite-weights check after an update then ends the run without saving them).
-    copies_last_good = True
 
     def __init__(self, trainer) -> None:
         self.trainer = trainer
@@ -68,8 +64,22 @@ class Method:
         per-image words) -> the UNet's prompt embeddings and its extra arguments. The word is built anew each
         batch, so autograd sees this batch's use."""
         words = ([self.word(vectors, {})] if vectors else []) + list(others)
-        encoded = self.model.encoder.encode(prompts, words)
+        encoded = self._fixed(prompts) if not words else self.model.encoder.encode(prompts, words)
         return encoded.embeds, self.sdxl_arguments(encoded, resolution, len(prompts))
+
+    def _fixed(self, prompts: list[str]):
+        """Prompts with no learned word (lora, dreambooth) through the frozen text encoder, each encoded once, alone
+        (so its embeddings never depend on what it was batched with: a resumed run reads the same) and kept."""
+        from studio.engine.prompts import EncodedPrompt
+
+        cache = self.__dict__.setdefault("_prompt_cache", {})
+        for prompt in prompts:
+            if prompt not in cache:
+                with torch.no_grad():
+                    cache[prompt] = self.model.encoder.encode([prompt], [])
+        embeds = torch.cat([cache[p].embeds for p in prompts])
+        pooled = torch.cat([cache[p].pooled for p in prompts]) if cache[prompts[0]].pooled is not None else None
+        return EncodedPrompt(embeds, pooled)
 
     def sdxl_arguments(self, encoded, resolution: int, count: int) -> dict:
         """SDXL's pooled embeddings and size conditioning (nothing for SD 1.x/2.x)."""

@@ -22,7 +22,6 @@ class DreamBooth(Method):
     name = "dreambooth"
     learns_word = False
     writes_folder = True
-    copies_last_good = False
     # diffusers' train_dreambooth.py uses 5e-6 on SD 1.5 for ~400 steps at batch 1; the demo model's UNet is 45x
     # smaller and its pictures 64 px (measured in docs/benchmarks.md, "Weight-tuning methods").
     default_unet_lr = 1e-4
