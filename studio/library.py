@@ -10,6 +10,8 @@ is rewritten in place. Parsed concepts are cached per file either way.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import inspect
 import os
@@ -517,6 +519,11 @@ class ConceptLibrary:
             if folder is not None:
                 kept = inside(folder / SESSION_LORAS, file_stem(source.stem) + source.suffix.lower())
                 kept.parent.mkdir(parents=True, exist_ok=True)
+                # A diffusers pivotal pair's words file goes with it; one left by an earlier LoRA of this name
+                # would be read as this one's words.
+                kept.with_name(_emb_name(kept.name)).unlink(missing_ok=True)
+                for words in _pivotal_words_file(lora):
+                    _atomic_copy(words, kept.with_name(_emb_name(kept.name)))
                 _atomic_copy(source, kept)
                 lora = load_lora(kept)
             self._session_loras.setdefault(session, {})[lora.name] = lora
@@ -753,7 +760,9 @@ class ConceptExistsError(ConceptError):
 
 
 def _renamed(concept: Concept, token: str) -> Concept:
-    return Concept(token, concept.vectors, dict(concept.meta))  # validates the new word
+    """`concept` under another word (validated); a per-layer word keeps its layers (`dataclasses.replace` keeps its
+    class and fields)."""
+    return dataclasses.replace(concept, token=token, meta=dict(concept.meta))
 
 
 def remove_stale_temp_files(folder: Path, older_than_s: float = STALE_TEMP_S) -> list[Path]:

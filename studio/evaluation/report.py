@@ -46,6 +46,49 @@ def _score_rows(ti: dict[str, Any], plain: dict[str, Any], margins: dict[str, An
     return lines
 
 
+# The methods table (`studio eval --methods`, the Evaluate tab): one row per method.
+METHOD_HEADERS = ["method", "identity", "prompt fidelity", "reconstruction", "identity − TI", "prompt fidelity − TI",
+                  "file (mean)", "training (mean)"]
+
+
+def method_rows(methods: dict[str, Any]) -> list[list[str]]:
+    """Rows of METHOD_HEADERS: each method's pooled scores with their intervals, its margins over TI (paired; TI's
+    own row has none) and its mean file size, training time and steps trained."""
+    rows = []
+    for name, m in methods.items():
+        vs_ti = m.get("vs_ti", {})
+        rows.append([name, _est(m.get("identity")), _est(m.get("prompt_fidelity")), _est(m.get("reconstruction")),
+                     _margin(vs_ti.get("identity")), _margin(vs_ti.get("prompt_fidelity")),
+                     _size(m.get("file_bytes")),
+                     "-" if m.get("train_seconds") is None else
+                     f"{m['train_seconds']:.0f} s, {m['train_steps']:.0f} steps"])
+    return rows
+
+
+def _size(size_bytes: int | None) -> str:
+    """A file size in KB below a megabyte, else in MB (decimal units, as file managers show them)."""
+    if size_bytes is None:
+        return "-"
+    return f"{size_bytes / 1e3:.1f} KB" if size_bytes < 1e6 else f"{size_bytes / 1e6:.1f} MB"
+
+
+def _methods_table(methods: dict[str, Any], what: str = "Training methods") -> list[str]:
+    subjects = max((len(m["subjects"]) for m in methods.values()), default=0)
+    lines = [f"\n{what} on the same sets (scores pooled over {subjects} object sets: subjects x prompts x "
+             "pictures, 95% hierarchical bootstrap; file and training: mean over every set trained):"]
+    rows = [METHOD_HEADERS, *method_rows(methods)]
+    widths = [max(len(row[k]) for row in rows) + 2 for k in range(len(METHOD_HEADERS))]
+    for row in rows:
+        lines.append("  " + "".join(f"{cell:<{w}}" for cell, w in zip(row, widths)).rstrip())
+    return lines + [f"  {note}" for note in method_notes(methods)]
+
+
+def method_notes(methods: dict[str, Any]) -> list[str]:
+    """A line for each set a method could not be trained or scored on, and why."""
+    return [f"{name} on {set_name}: not evaluated: {r['error']}" for name, m in methods.items()
+            for set_name, r in m["concepts"].items() if "error" in r]
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The results as plain-text tables: every score as `mean ± half-width of its 95% interval (n=pictures)`."""
     lines = [f"model: {results['source']}  ({results['machine']})"]
@@ -106,6 +149,12 @@ def format_table(results: dict[str, Any]) -> str:
             ti, pl = r["textual_inversion"], r["plain_prompt"]
             lines.append(f"  {name:<40} TI {ti['agreement']:.2f} / {ti['both_present']:.2f}   "
                          f"plain {pl['agreement']:.2f} / {pl['both_present']:.2f}")
+    if results.get("methods"):
+        lines += _methods_table(results["methods"])
+    if results.get("variants"):
+        lines += _methods_table(results["variants"], "The paper's variants")
+        if results.get("chart"):
+            lines.append(f"  chart: {results['chart']}")
     lines.append(f"\n{results['seconds']:.0f}s in all")
     return "\n".join(lines)
 

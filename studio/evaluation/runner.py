@@ -19,12 +19,17 @@ an identity encoder instead of DINO (`studio eval` runs it on the demo world wit
    - for the diverse set, the colour spread of "a photo of a S*" against the plain word (bias reduction);
    - pooled over subjects (held-out ones apart from the others): every score and margin again.
    Every score carries n and a 95% hierarchical-bootstrap interval (studio/evaluation/stats.py).
+   With `methods` (`studio eval --methods ti,pivotal,lora,dreambooth`), every method is also trained on the same
+   sets with its defaults and scored on the same prompts and seeds (`compare_methods`): per method identity,
+   prompt fidelity and reconstruction pooled with their intervals, its margins over TI paired prompt for prompt,
+   and the mean file size and training time (DreamBench's table of methods).
 3. Style transfer: img2img from plain renders with "... in the style of S*": the style's look appears and the
    content stays.
 4. Composition: two concepts in one prompt, both present.
 
 Every generation goes through `studio.engine.generate` and every concept through `studio.training.Trainer`, the
-same code paths the studio uses. Seeds are fixed, so a run is reproducible on one machine.
+same code paths the studio uses (a LoRA applied per request by the LoRA runtime, a dreambooth folder loaded as a
+model). Seeds are fixed, so a run is reproducible on one machine.
 """
 
 from __future__ import annotations
@@ -33,16 +38,21 @@ import itertools
 import json
 import os
 import tempfile
+import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from studio.engine.concepts import Concept
+from studio.engine.generate import Cancelled
+from studio.engine.lora import LoraFile, pivotal_embeddings
 from studio.engine.models import ModelManager
+from studio.engine.names import file_stem
 from studio.evaluation.config import EvalConfig
 from studio.evaluation.denoising import conditioning_gap, denoising_loss, initial_concept
 from studio.evaluation.drawing import generate_pictures
@@ -51,6 +61,8 @@ from studio.evaluation.prompts import STYLE_TRANSFER_CONTENT, subject_phrases
 from studio.evaluation.stats import Estimate, bootstrap_mean, hierarchical_bootstrap, paired_margin, ratio
 from studio.evaluation.world import BundledSet, IdentityScorer, Judge, World
 from studio.training import TrainConfig, Trainer, TrainError
+from studio.training.config import METHODS
+from studio.training.methods import METHOD_CLASSES
 
 Progress = Callable[[str], None]
 
@@ -106,26 +118,67 @@ def prompt_compliance(model, judge: Judge, world: World, cfg: EvalConfig, progre
 
 # ---------------------------------------------------------------------------------------------- 2. concepts
 
-def train_concept(model, cs: BundledSet, out_dir: Path, steps: int | None = None, seed: int = 0,
-                  vectors: int | None = None,
-                  progress: Progress = print) -> tuple[Concept, float]:
-    """Textual Inversion on a concept set with default settings; returns (Concept, seconds)."""
-    kwargs = {"steps": steps} if steps else {}
-    if vectors:
+@dataclass
+class Trained:
+    """What one training run gave: what generation uses, how a prompt names it, how long it took and what it weighs
+    on disk."""
+
+    result: Concept | LoraFile | Path  # the word (ti); a LoRA, pivotal's with its word; a model folder (dreambooth)
+    subject: str  # the method's phrase: the word (ti, pivotal) or DreamBooth's "<token> <class>" (lora, dreambooth)
+    seconds: float
+    steps: int  # the steps it trained (fewer than asked when it stopped once learned)
+    path: Path  # the file (or, for dreambooth, the folder) the trainer wrote
+    size_bytes: int  # that file's bytes (with a pivotal pair's words file), or every file's in the folder
+
+
+def train_method(model, cs: BundledSet, out_dir: Path, method: str = "ti", steps: int | None = None, seed: int = 0,
+                 vectors: int | None = None, progress: Progress = print,
+                 cancel: threading.Event | None = None, overrides: dict[str, Any] | None = None) -> Trained:
+    """Train `method` (studio.training.config.METHODS) on a concept set with its default settings and the set's
+    initial word (lora, dreambooth: as the class word) and template. A model folder (dreambooth) is written as
+    `out_dir / <word>`, a file into `out_dir`."""
+    kwargs: dict[str, Any] = {"steps": steps} if steps else {}
+    if vectors and METHOD_CLASSES[method].learns_word:
         kwargs["n_vectors"] = vectors
-    config = TrainConfig(cs.token, init_text=cs.init_word, template=cs.template, seed=seed, **kwargs)
+    kwargs.update(overrides or {})
+    config = TrainConfig(cs.token, init_text=cs.init_word, template=cs.template, seed=seed, method=method, **kwargs)
+    out = Path(out_dir) / file_stem(cs.token) if METHOD_CLASSES[method].writes_folder else Path(out_dir)
     t0 = time.time()
     last = {"t": t0}
 
     def on_event(event) -> None:
         if event.kind == "step" and time.time() - last["t"] > 30:
             last["t"] = time.time()
-            progress(f"  {cs.name}: step {event.step}/{event.total} loss {event.loss:.4f}")
+            progress(f"  {cs.name} ({method}): step {event.step}/{event.total} loss {event.loss:.4f}")
         elif event.kind in ("warning", "failed"):
-            progress(f"  {cs.name}: {event.kind}: {event.message}")
+            progress(f"  {cs.name} ({method}): {event.kind}: {event.message}")
+        if event.kind in ("finished", "cancelled"):
+            last["path"], last["step"] = event.path, event.step
 
-    concept = Trainer(model, config, cs.images, out_dir).run(on_event)
-    return concept, time.time() - t0
+    trainer = Trainer(model, config, cs.images, out)
+    result = trainer.run(on_event, cancel)
+    seconds = time.time() - t0
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"cancelled while training {cs.name} ({method})")
+    path = Path(last["path"])
+    return Trained(result, trainer.method.phrase(), seconds, last["step"], path, disk_bytes(path))
+
+
+def disk_bytes(path: Path) -> int:
+    """What a result weighs on disk: a file with a diffusers pivotal pair's words file beside it, if any
+    (`pivotal_embeddings`), or every file in a model folder."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    words = pivotal_embeddings(path)
+    return path.stat().st_size + (words.stat().st_size if words is not None else 0)
+
+
+def train_concept(model, cs: BundledSet, out_dir: Path, steps: int | None = None, seed: int = 0,
+                  vectors: int | None = None,
+                  progress: Progress = print) -> tuple[Concept, float]:
+    """Textual Inversion on a concept set with default settings; returns (Concept, seconds)."""
+    trained = train_method(model, cs, out_dir, "ti", steps, seed, vectors, progress)
+    return trained.result, trained.seconds
 
 
 def evaluate_concept(model, judge: Judge, cs: BundledSet, cfg: EvalConfig, work_dir: Path,
@@ -136,8 +189,8 @@ def evaluate_concept(model, judge: Judge, cs: BundledSet, cfg: EvalConfig, work_
     scorer, the training pictures' own cross-similarity (the ceiling)."""
     progress(f"training {cs.name} ({cs.kind}, init '{cs.init_word}') ...")
     loss_before = denoising_loss(model, cs, initial_concept(model, cs))
-    concept, seconds = train_concept(model, cs, work_dir, cfg.train_steps, cfg.seed, cfg.train_vectors,
-                                     progress)
+    trained = train_method(model, cs, work_dir, "ti", cfg.train_steps, cfg.seed, cfg.train_vectors, progress=progress)
+    concept, seconds = trained.result, trained.seconds
     loss_after = denoising_loss(model, cs, concept)
     references = [Image.open(p).convert("RGB") for p in cs.images] if identity is not None else []
     ti = score_subject(model, judge, cs, [concept], subject_phrases(cs, cs.token), cfg, identity=identity,
@@ -148,6 +201,7 @@ def evaluate_concept(model, judge: Judge, cs: BundledSet, cfg: EvalConfig, work_
                for name, values in ti["per_picture"].items()}
     result = {"kind": cs.kind, "token": cs.token, "init_word": cs.init_word, "best_prompt": cs.best_prompt,
               "train_seconds": round(seconds, 1), "train_steps": int(concept.meta.get("steps", 0)),
+              "file_bytes": trained.size_bytes,
               "denoising_loss": {"initial_word": round(loss_before, 5), "trained": round(loss_after, 5)},
               "textual_inversion": ti, "plain_prompt": plain, "margins": margins,
               "reconstruction_gain": margins["reconstruction"]["mean"]}
@@ -176,21 +230,122 @@ def pooled_scores(concepts: dict[str, dict[str, Any]], cfg: EvalConfig) -> dict[
     done = {name: r for name, r in concepts.items() if "error" not in r and r["kind"] == "object"}
     if not done:
         return None
-    out: dict[str, Any] = {"subjects": sorted(done), "textual_inversion": {}, "plain_prompt": {}, "margins": {}}
-    for measure in POOLED:
-        have = [r for r in done.values() if measure in r["textual_inversion"]["per_picture"]]
-        if len(have) != len(done):  # identity missing for some: pool none rather than a different set of subjects
-            continue
-        ti = [r["textual_inversion"]["per_picture"][measure] for r in have]
-        plain = [r["plain_prompt"]["per_picture"][measure] for r in have]
-        out["textual_inversion"][measure] = hierarchical_bootstrap(ti, cfg.resamples, cfg.seed).as_dict()
-        out["plain_prompt"][measure] = hierarchical_bootstrap(plain, cfg.resamples, cfg.seed).as_dict()
-        out["margins"][measure] = paired_margin(ti, plain, cfg.resamples, cfg.seed).as_dict()
+    ti = [r["textual_inversion"]["per_picture"] for r in done.values()]
+    plain = [r["plain_prompt"]["per_picture"] for r in done.values()]
+    out: dict[str, Any] = {"subjects": sorted(done), "textual_inversion": pooled(ti, cfg),
+                           "plain_prompt": pooled(plain, cfg), "margins": pooled_margins(ti, plain, cfg)}
     if "identity" in out["textual_inversion"]:
         ceilings = [[r["ceiling"]["per_picture"]] for r in done.values()]
-        ti = [r["textual_inversion"]["per_picture"]["identity"] for r in done.values()]
         out["ceiling"] = hierarchical_bootstrap(ceilings, cfg.resamples, cfg.seed).as_dict()
-        out["identity_of_ceiling"] = ratio(ti, ceilings, cfg.resamples, cfg.seed).as_dict()
+        out["identity_of_ceiling"] = ratio([s["identity"] for s in ti], ceilings, cfg.resamples, cfg.seed).as_dict()
+    return out
+
+
+def pooled(subjects: list[dict[str, list[list[float]]]], cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+    """Each measure of `POOLED` over subjects x prompts x pictures (`per_picture` dicts of `score_subject`), with
+    its hierarchical-bootstrap interval; a measure some subject lacks (identity not measured) is left out rather than
+    pooled over a different set of subjects."""
+    return {measure: hierarchical_bootstrap([s[measure] for s in subjects], cfg.resamples, cfg.seed).as_dict()
+            for measure in POOLED if subjects and all(measure in s for s in subjects)}
+
+
+def pooled_margins(a: list[dict[str, list[list[float]]]], b: list[dict[str, list[list[float]]]],
+                   cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+    """`a` minus `b` for each measure both have for every subject, paired by subject, prompt and seed."""
+    return {measure: paired_margin([s[measure] for s in a], [s[measure] for s in b], cfg.resamples,
+                                   cfg.seed).as_dict()
+            for measure in POOLED if a and all(measure in s for s in a) and all(measure in s for s in b)}
+
+
+# ---------------------------------------------------------------------------------------------- 2b. methods
+
+# The Textual Inversion paper's variants (Gal et al. 2022, its reconstruction-editability figure) and the P+ word, as
+# the TrainConfig settings that make them, on top of each set's default settings; a method's name is a variant too.
+# Progressive extension follows its own schedule (vectors added at a third and two thirds of the steps), so it runs
+# every step rather than stopping when learned. The regularization weight pulls ||v - v_init||^2 (a mean over the
+# vector's numbers) back at about a tenth of a typical denoising loss when a vector has moved by its own norm.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ti": {},
+    "multi3": {"n_vectors": 3},
+    "progressive": {"progressive": "1:0,2:{third},3:{two_thirds}", "stop_when_learned": False},
+    "regularized": {"regularization": 1.0},
+    "per-image": {"per_image_tokens": True},
+    "xti": {"method": "xti"},
+    "ti-all-steps": {"stop_when_learned": False},  # the default run without stopping early (benchmarks)
+    **{m: {"method": m} for m in METHODS if m not in ("ti", "xti")},
+}
+
+
+def variant_settings(name: str, steps: int | None) -> dict[str, Any]:
+    """The TrainConfig settings of variant `name` for a run of `steps` (None: TrainConfig's default)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
+    total = steps or TrainConfig.steps
+    settings = dict(VARIANTS[name])
+    if "progressive" in settings:
+        settings["progressive"] = settings["progressive"].format(third=max(1, total // 3),
+                                                                 two_thirds=max(2, 2 * total // 3))
+    return settings
+
+def score_method(model, judge: Judge, cs: BundledSet, trained: Trained, cfg: EvalConfig,
+                 identity: IdentityScorer | None = None) -> dict[str, Any]:
+    """`score_subject` of what `trained` learned, with its training time and size: a word or a LoRA is applied per
+    request on `model` (the LoRA runtime turns it off again after each); a dreambooth folder is loaded as a model of
+    its own, as the Model tab loads it, and freed after."""
+    references = [Image.open(p).convert("RGB") for p in cs.images] if identity is not None else []
+    tuned, concepts = model, [trained.result]
+    if isinstance(trained.result, Path):
+        tuned, concepts = ModelManager().load(str(trained.result)), []
+    scores = score_subject(tuned, judge, cs, concepts, subject_phrases(cs, trained.subject), cfg, identity=identity,
+                           references=references)
+    return {"kind": cs.kind, **scores, "subject": trained.subject, "train_seconds": round(trained.seconds, 1),
+            "train_steps": trained.steps, "file_bytes": trained.size_bytes, "path": str(trained.path)}
+
+
+def compare_methods(model, judge: Judge, sets: dict[str, BundledSet], methods: list[str], cfg: EvalConfig,
+                    work_dir: Path, identity: IdentityScorer | None = None, progress: Progress = print,
+                    known: dict[str, dict[str, dict[str, Any]]] | None = None,
+                    cancel: threading.Event | None = None) -> dict[str, Any]:
+    """Train every method (or variant: `VARIANTS`) on every set and score it the way `evaluate_concept` scores Textual Inversion (the same
+    prompts and seeds, so methods pair prompt for prompt); `known[method][set]` are scores already taken (TI's, by
+    `evaluate_concept`) and are not taken again.
+
+    Per method: its scores pooled over the object sets (`pooled`: identity, prompt fidelity, ... with intervals),
+    each method's margin over TI paired by subject, prompt and seed (`vs_ti`, when TI is among them), and the mean
+    file size, training time and steps trained over every set it trained on; `concepts` holds each set's own scores. Each file goes
+    under `work_dir / method`."""
+    out: dict[str, Any] = {}
+    for method in methods:
+        per_set: dict[str, dict[str, Any]] = {}
+        for name, cs in sets.items():
+            if name in (known or {}).get(method, {}):
+                per_set[name] = known[method][name]
+                continue
+            progress(f"training {name} with {method} ...")
+            try:
+                settings = variant_settings(method, cfg.train_steps)
+                trained = train_method(model, cs, Path(work_dir) / method, settings.pop("method", "ti"),
+                                       cfg.train_steps, cfg.seed, cfg.train_vectors, progress, cancel, settings)
+                per_set[name] = score_method(model, judge, cs, trained, cfg, identity)
+            except (ValueError, TrainError) as exc:  # one unusable set must not cost the other scores
+                per_set[name] = {"kind": cs.kind, "error": str(exc)}
+                progress(f"  {name} ({method}): skipped: {exc}")
+        done = {n: r for n, r in per_set.items() if "error" not in r}
+        objects = [r["per_picture"] for r in done.values() if r["kind"] == "object"]
+        out[method] = {"subjects": sorted(n for n, r in done.items() if r["kind"] == "object"),
+                       **pooled(objects, cfg),
+                       "file_bytes": round(float(np.mean([r["file_bytes"] for r in done.values()])))
+                       if done else None,
+                       "train_seconds": mean([r["train_seconds"] for r in done.values()]),
+                       "train_steps": mean([r["train_steps"] for r in done.values()]),
+                       "concepts": per_set}
+    if "ti" in out:
+        ti = out["ti"]["concepts"]
+        for method, row in out.items():
+            both = [n for n in row["subjects"] if n in out["ti"]["subjects"]]
+            if method != "ti" and both:
+                row["vs_ti"] = pooled_margins([row["concepts"][n]["per_picture"] for n in both],
+                                              [ti[n]["per_picture"] for n in both], cfg)
     return out
 
 
@@ -254,9 +409,13 @@ def composition(model, judge: Judge, sets: dict[str, BundledSet], concepts: dict
 # ---------------------------------------------------------------------------------------------- the run
 
 def run_evaluation(model_source: str | None, judge: Judge, world: World, cfg: EvalConfig | None = None,
-                   work_dir: Path | None = None, progress: Progress = print) -> dict[str, Any]:
+                   work_dir: Path | None = None, progress: Progress = print,
+                   methods: Sequence[str] = (), variants: Sequence[str] = (),
+                   chart: Path | None = None) -> dict[str, Any]:
     """Run every part of the evaluation on the model at `model_source` (None: the built-in demo) with the `judge`
-    and `world` given, and return the results dict (what `studio eval --out` writes)."""
+    and `world` given, and return the results dict (what `studio eval --out` writes). `methods` (of
+    studio.training.config.METHODS) are also trained on every concept set and compared (`compare_methods`), and so
+    are `variants` (of `VARIANTS`: the paper's), whose reconstruction-editability chart goes to `chart` (a PNG)."""
     cfg = cfg or EvalConfig()
     t0 = time.time()
     model = ModelManager().load(model_source)
@@ -287,9 +446,23 @@ def run_evaluation(model_source: str | None, judge: Judge, world: World, cfg: Ev
                 results["concepts"][name] = {"kind": cs.kind, "error": str(exc)}
                 progress(f"  {name}: skipped: {exc}")
             results["concepts"][name]["held_out"] = name in held_out
-        pooled = {group: pooled_scores({n: r for n, r in results["concepts"].items() if r["held_out"] == is_held},
-                                       cfg) for group, is_held in (("held_out", True), ("given", False))}
-        results["pooled"] = {group: p for group, p in pooled.items() if p}
+        by_group = {group: pooled_scores({n: r for n, r in results["concepts"].items() if r["held_out"] == is_held},
+                                         cfg) for group, is_held in (("held_out", True), ("given", False))}
+        results["pooled"] = {group: p for group, p in by_group.items() if p}
+        if methods:  # TI's scores are the ones just taken
+            known = {"ti": {name: {"kind": r["kind"], "error": r["error"]} if "error" in r else
+                            {"kind": r["kind"], **r["textual_inversion"], "subject": r["token"],
+                             "train_seconds": r["train_seconds"], "train_steps": r["train_steps"],
+                             "file_bytes": r["file_bytes"]}
+                            for name, r in results["concepts"].items()}}
+            results["methods"] = compare_methods(model, judge, sets, list(methods), cfg, work / "methods", identity,
+                                                 progress, known)
+        if variants:
+            known = {"ti": results["methods"]["ti"]["concepts"]} if "ti" in results.get("methods", {}) else None
+            results["variants"] = compare_methods(model, judge, sets, list(variants), cfg, work / "variants",
+                                                  identity, progress, known)
+            if chart is not None:
+                results["chart"] = str(variants_chart(results, chart))
 
         # 3. Style transfer, 4. composition.
         results["style_transfer"] = {n: style_transfer(model, judge, world, sets[n], trained[n], cfg)
@@ -298,6 +471,19 @@ def run_evaluation(model_source: str | None, judge: Judge, world: World, cfg: Ev
         results["composition"] = composition(model, judge, sets, trained, cfg)
     results["seconds"] = round(time.time() - t0, 1)
     return results
+
+
+def variants_chart(results: dict[str, Any], path: Path) -> Path:
+    """The paper's figure from a run's `variants`: identity against prompt fidelity per variant, plain words (the
+    held-out subjects' pooled plain-prompt scores, else the given sets') and the real pictures' identity."""
+    from studio.evaluation.chart import draw_tradeoff, tradeoff_points
+
+    pooled_runs = results.get("pooled", {})
+    group = pooled_runs.get("held_out") or pooled_runs.get("given") or {}
+    rows = {name: row for name, row in results["variants"].items()}
+    points = tradeoff_points(rows, plain=group.get("plain_prompt"), ceiling=group.get("ceiling"))
+    subjects = len(group.get("subjects", []))
+    return draw_tradeoff(points, path, title=f"demo world, {subjects} subjects, 95% intervals")
 
 
 def _identity_scorer(world: World, results: dict[str, Any], progress: Progress) -> IdentityScorer | None:

@@ -3,8 +3,8 @@
 
 Endpoints (gradio_client `api_name`): generate, variations, cancel, read_png, train, cancel_training,
 training_progress, style_transfer, cancel_style, compose, cancel_compose, inpaint, cancel_inpaint, evaluate_concept,
-cancel_evaluation, library, import_concepts, export_concept, rename_concept, delete_concept, save_concept,
-preview_concept, load_model, set_memory_mode.
+cancel_evaluation, compare_methods, library, import_concepts, export_concept, rename_concept, delete_concept,
+save_concept, preview_concept, load_model, set_memory_mode.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The evaluation run: it scores with the judge, world and identity scorer it is given (stand-ins on a tiny random
 model), every score with its interval and n, margins paired, subjects pooled; `studio eval` writes its JSON (base
 compliance with intervals; a `--quick` DreamBench-shaped run on held-out individuals with identity) and keeps the
-scores already taken when a concept set cannot be trained; and a short Textual Inversion run on the demo model brings
-a concept's generations nearer to its pictures than the untrained initial word."""
+scores already taken when a concept set cannot be trained; `--methods` trains and scores every method alike; and a
+short Textual Inversion run on the demo model brings a concept's generations nearer to its pictures than the
+untrained initial word."""
 
 import json
 import os
@@ -149,6 +150,43 @@ def test_a_held_out_run_scores_identity_with_intervals_pairs_margins_and_pools_s
     assert "+0.00 ± 0.00 (n=2)" in table and "(n=4)" in table
 
 
+def test_every_method_is_trained_and_scored_alike_and_pooled_with_its_margin_over_ti(tiny_model_dirs, tmp_path):
+    """`methods`: each method trained on the same 2 held-out subjects, scored on the same prompts and seeds (the
+    stand-in judge reads every picture alike, so each margin over TI is exactly 0 ± 0), TI's scores reused from the
+    concepts part rather than trained again, and each result's size the size of what it wrote."""
+    cfg = EvalConfig(held_out=2).quick()
+    methods = ("ti", "pivotal", "lora", "dreambooth")
+    results = run_evaluation(str(tiny_model_dirs["sd1"]), RedCircleJudge(), HeldOutSquaresWorld(), cfg, tmp_path,
+                             progress=lambda _m: None, methods=methods)
+    json.dumps(results)
+    assert list(results["methods"]) == list(methods)
+    ti = results["methods"]["ti"]
+    assert ti["concepts"]["square-0"]["per_picture"] == results["concepts"]["square-0"]["textual_inversion"]["per_picture"]
+    assert not (tmp_path / "methods" / "ti").exists()  # not trained twice
+    for name in methods:
+        m = results["methods"][name]
+        assert m["subjects"] == ["square-0", "square-1"]
+        assert m["identity"]["n"] == 4 and m["identity"]["low"] <= m["identity"]["mean"] <= m["identity"]["high"]
+        assert m["prompt_fidelity"] == {"mean": 0.0, "low": 0.0, "high": 0.0, "n": 4}
+        assert m["train_seconds"] > 0 and 1 <= m["train_steps"] <= 20  # --quick: 20 at most
+        if name != "ti":
+            assert m["vs_ti"]["prompt_fidelity"] == {"mean": 0.0, "low": 0.0, "high": 0.0, "n": 4}
+            one = m["concepts"]["square-0"]
+            written = Path(one["path"])
+            assert written.is_relative_to(tmp_path / "methods" / name)
+            on_disk = (sum(f.stat().st_size for f in written.rglob("*") if f.is_file()) if written.is_dir() else
+                       sum(f.stat().st_size for f in written.parent.glob(written.stem + "*.safetensors")))
+            assert one["file_bytes"] == on_disk
+    lora, dreambooth = results["methods"]["lora"]["concepts"]["square-0"], results["methods"]["dreambooth"]
+    assert lora["subject"] == "<square-0> toy" and results["methods"]["pivotal"]["concepts"]["square-0"]["subject"] \
+        == "<square-0>"
+    assert Path(dreambooth["concepts"]["square-0"]["path"]).name == "square-0"  # one model folder per subject
+    assert ti["file_bytes"] < lora["file_bytes"] < dreambooth["file_bytes"]
+    table = format_table(results)
+    assert "Training methods on the same sets" in table and "identity − TI" in table
+    assert all(f"\n  {name} " in table for name in methods)
+
+
 def test_eval_cli_writes_compliance_json(demo_model_dir, tmp_path):
     out = tmp_path / "eval.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -189,6 +227,50 @@ def test_a_quick_held_out_run_measures_identity_against_its_ceiling_with_interva
         assert identity["n"] == 4 and -1 <= identity["low"] <= identity["mean"] <= identity["high"] <= 1
     assert pooled["margins"]["identity"]["n"] == 4 and pooled["ceiling"]["n"] >= 2 * 4  # 2 subjects' pictures
     assert "Pooled over 2 held-out subjects" in proc.stdout and "real pictures (the ceiling)" in proc.stdout
+
+
+def test_a_quick_methods_run_on_the_demo_model_reports_each_method(demo_model_dir, tmp_path):
+    """`studio eval --concepts purple-star --quick --methods ti,lora`: both methods trained (20 steps) and scored on
+    the set, the table printed and the JSON's `methods` holding each one's scores with intervals, size and time."""
+    out, work = tmp_path / "eval.json", tmp_path / "work"
+    proc = subprocess.run([sys.executable, "-m", "studio", "eval", "--concepts", "purple-star", "--quick",
+                           "--skip-compliance", "--methods", "ti,lora", "--work-dir", str(work), "--out", str(out)],
+                          cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    methods = json.loads(out.read_text())["methods"]
+    assert list(methods) == ["ti", "lora"]
+    for name, m in methods.items():
+        for measure in ("prompt_fidelity", "reconstruction"):
+            assert m[measure]["n"] == 2 and 0 <= m[measure]["low"] <= m[measure]["mean"] <= m[measure]["high"] <= 1
+        assert m["file_bytes"] > 0 and m["train_seconds"] > 0
+    assert (work / "methods" / "lora" / "purple-star.safetensors").stat().st_size == methods["lora"]["file_bytes"]
+    assert methods["lora"]["vs_ti"]["prompt_fidelity"]["n"] == 2
+    assert "Training methods on the same sets" in proc.stdout and "\n  lora " in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "studio", "eval", "--methods", "ti,textual"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown method textual" in bad.stderr
+
+
+def test_a_quick_variants_run_draws_the_papers_chart(demo_model_dir, tmp_path):
+    """`studio eval --held-out 1 --quick --variants ti,xti,progressive --chart FILE.png`: each variant trained and
+    scored on the held-out subject (identity with its interval), the PNG written; --chart alone is refused."""
+    out, chart = tmp_path / "eval.json", tmp_path / "chart.png"
+    proc = subprocess.run([sys.executable, "-m", "studio", "eval", "--held-out", "1", "--quick", "--skip-compliance",
+                           "--variants", "ti,xti,progressive", "--chart", str(chart), "--work-dir",
+                           str(tmp_path / "work"), "--out", str(out)],
+                          cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert list(results["variants"]) == ["ti", "xti", "progressive"]
+    for row in results["variants"].values():
+        assert row["identity"]["low"] <= row["identity"]["mean"] <= row["identity"]["high"]
+    assert results["variants"]["xti"]["concepts"]  # trained per set
+    assert Image.open(chart).size == (900, 640) and results["chart"] == str(chart)
+    bad = subprocess.run([sys.executable, "-m", "studio", "eval", "--chart", str(tmp_path / "x.png")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--chart draws the variants" in bad.stderr
 
 
 def test_a_concept_set_that_cannot_be_trained_is_reported_and_the_other_scores_are_kept(demo_model_dir, tmp_path):

@@ -12,6 +12,7 @@ from PIL import Image
 from studio.demo.concept_sets import load_concept_set
 from studio.engine.concepts import save_concept
 from studio.engine.models import ModelManager
+from studio.evaluation.config import EvalConfig
 from studio.evaluation.denoising import initial_concept
 from studio.library import ConceptLibrary
 from studio.ui.app import build_app
@@ -96,3 +97,37 @@ def test_cancel_stops_a_running_evaluation_within_a_step(demo_server):
             job.result(timeout=30)
         assert re.search(r"Cancelled: cancelled at step \d+ of 50", str(stopped.value)), stopped.value
         assert unet.count - steps_at_cancel <= 1  # at most the step that was running
+
+
+def test_comparing_methods_shows_one_row_per_method_with_intervals_size_and_time(demo_model_dir, tiny_model_dirs,
+                                                                                 tmp_path):
+    """The "Compare training methods" handler, called as a plain function on the demo model: the methods asked for
+    (in the studio's order) trained on the set and scored, each row `mean ± half-width (n=...)`, TI's row without a
+    margin over itself, and a model that has no judge refused with what to do."""
+    from studio.demo.evaluate import DemoWorld
+    from studio.evaluation.report import METHOD_HEADERS
+    from studio.ui.state import Studio
+    from studio.ui.tabs.evaluate import compare, methods_compared
+
+    manager = ModelManager()
+    manager.load(None)
+    studio = Studio(manager, ConceptLibrary(tmp_path / "lib"), work_dir=tmp_path / "work")
+    demo = DemoWorld()
+
+    def on_device(session, methods, sets, cfg, progress):
+        return methods_compared(studio, demo, session, methods, sets, cfg, progress)
+
+    fields = dict(train_steps=3, images=1, steps=2, seed=0)
+    about, rows = compare(studio, on_device, "s1", ["lora", "ti"], ["purple-star"], fields)
+    assert [row[0] for row in rows] == ["ti", "lora"] and all(len(row) == len(METHOD_HEADERS) for row in rows)
+    for row in rows:
+        for cell in row[1:4]:  # identity, prompt fidelity, reconstruction
+            assert re.fullmatch(r"-?\d\.\d\d ± \d\.\d\d \(n=\d+\)", cell), row
+        assert re.fullmatch(r"\d+\.\d (KB|MB)", row[6]) and re.fullmatch(r"\d+ s, [1-3] steps", row[7])
+    assert rows[0][4] == "-" and re.fullmatch(r"[+-]\d\.\d\d ± \d\.\d\d \(n=\d+\).*", rows[1][4])
+    assert "ti, lora trained 3 steps on purple-star" in about
+    with pytest.raises(Exception, match="Pick at least one method"):
+        compare(studio, on_device, "s1", [], ["purple-star"], fields)
+    studio.manager.load(str(tiny_model_dirs["sd1"]))
+    with pytest.raises(ValueError, match="needs the demo model's judge.*Model tab"):
+        methods_compared(studio, demo, "s1", ["ti"], ["purple-star"], EvalConfig(train_steps=1), None)

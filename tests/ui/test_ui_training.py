@@ -47,7 +47,7 @@ def test_training_streams_loss_then_the_word_is_in_the_library_and_generates(stu
 def test_cancel_training_stops_within_a_step_with_the_vectors_so_far(studio_server, concept_pictures):
     url, manager, _ = studio_server
     client = Client(url, verbose=False)
-    with UNetCalls(manager.current.pipe) as unet:
+    with UNetCalls(manager.current.pipe, training_only=True) as unet:
         job = client.submit([handle_file(p) for p in concept_pictures], "<stopped>", "toy", "object", 1, 3000, 0.005,
                             1, 0, api_name="/train")
         deadline = time.monotonic() + 60  # a failure bound only: the wait is for the first reported loss
@@ -60,7 +60,7 @@ def test_cancel_training_stops_within_a_step_with_the_vectors_so_far(studio_serv
         steps_at_cancel = unet.count
         final_status, final_file = cancel.result(timeout=60)  # returns once the run has stopped
         status, concept_file = job.result(timeout=30)
-        stopped_step = int(re.search(r"vectors of step (\d+) saved", status).group(1))
+        stopped_step = int(re.search(r"the state of step (\d+) saved", status).group(1))
     assert "cancelled" in status and concept_file.endswith("stopped.safetensors")
     assert (final_status, final_file) == (status, concept_file)  # the Cancel button shows the same last line
     assert stopped_step == unet.count  # every step the UNet ran is in the saved vectors

@@ -6,6 +6,7 @@ import socket
 import time
 
 import gradio as gr
+import torch
 
 
 def launch(app: gr.Blocks) -> str:
@@ -23,12 +24,14 @@ class UNetCalls:
     The test servers run in the test's own process, so this is the server's own count: a test of "stops within one
     step" compares steps, not seconds. A real forward hook on the real module; removed on exit."""
 
-    def __init__(self, pipe) -> None:
+    def __init__(self, pipe, training_only: bool = False) -> None:
         self.count = 0
-        self._handle = pipe.unet.register_forward_hook(self._seen)
+        self.training_only = training_only  # count the forwards that build a graph: training steps, not the
+        self._handle = pipe.unet.register_forward_hook(self._seen)  # trainer's no-grad scoring or previews
 
     def _seen(self, *_args) -> None:
-        self.count += 1
+        if not self.training_only or torch.is_grad_enabled():
+            self.count += 1
 
     def __enter__(self) -> "UNetCalls":
         return self

@@ -14,6 +14,7 @@ from studio.engine.concepts import Concept
 
 class Method:
     name = ""
+    summary = ""  # one line for the UI and help: what learns, what is written, what to write in a prompt
     learns_word = True  # the new word's vectors learn and the prompts say the word (ti, pivotal)
     writes_folder = False  # the result is a model folder (dreambooth), else one .safetensors file
     default_unet_lr: float | None = None  # the weights' learning rate when the config gives none

@@ -20,6 +20,9 @@ FOLDER_MODE = 0o755  # as `mkdir` makes folders under the usual umask
 
 class DreamBooth(Method):
     name = "dreambooth"
+    summary = ("DreamBooth: the whole UNet learns \u201c<word> <class word>\u201d; the result is a new model folder, "
+               "loaded in the Model tab.")
+    save_dtype = torch.float32  # the learned UNet is written as it learned (fp32 master weights), whatever the model's
     learns_word = False
     writes_folder = True
     # diffusers' train_dreambooth.py uses 5e-6 on SD 1.5 for ~400 steps at batch 1; the demo model's UNet is 45x

@@ -76,6 +76,8 @@ class Pivotal(LoraWeights):
     advanced script). `word_steps` > 0 trains the word alone first (the pivot), then both."""
 
     name = "pivotal"
+    summary = ("Pivotal tuning: the word and a small LoRA on the UNet's attention learn together; one file "
+               "(<= 200 KB with the lite preset on SD 1.5); write the word.")
 
     def weights_learn(self, step: int) -> bool:
         return step > self.config.word_steps
@@ -86,6 +88,8 @@ class DreamBoothLora(LoraWeights):
     learns what they mean; optional prior preservation keeps "<class>" as the base model draws it."""
 
     name = "lora"
+    summary = ("DreamBooth-LoRA: a LoRA learns \u201c<word> <class word>\u201d (class word: the start word unless set); "
+               "a file of a few MB on SD 1.5; write the phrase.")
     learns_word = False
 
     def phrase(self) -> str:

@@ -10,6 +10,7 @@ from studio.training.methods.base import Method
 
 class TextualInversion(Method):
     name = "ti"
+    summary = "Textual Inversion: only a new word learns; a file of a few KB; the model stays as it is."
 
     def save(self, path: Path, word: Concept | None, weights, step: int) -> Path:
         return save_concept(word, path, format="studio")

@@ -17,6 +17,8 @@ from studio.training.methods.base import Method
 
 class ExtendedTextualInversion(Method):
     name = "xti"
+    summary = ("Extended Textual Inversion (P+): the word learns one set of vectors per cross-attention layer of "
+               "the UNet; a file of a few KB per layer; write the word.")
 
     def __init__(self, trainer) -> None:
         from studio.engine.xti import cross_attention_layers

@@ -5,6 +5,10 @@ identity encoder compares them with the training pictures; on any model a CLIP m
 image-image and image-text similarity. Every score shows as `0.62 ± 0.04 (n=12)`: its 95% interval and the pictures
 it rests on. The call is
 `studio.evaluation.scoring.score_concept`; this file only adapts the form to it and the result to a table and a grid.
+
+"Compare training methods" trains each method asked for (ti, pivotal, lora, dreambooth, ...) on bundled concept sets
+and shows the methods table of `studio eval --methods` (`studio.evaluation.runner.compare_methods`, rows by
+`studio.evaluation.report.method_rows`): identity and prompt fidelity with their intervals, file size, training time.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from studio.demo.concept_sets import list_concept_sets, load_concept_set
 from studio.demo.evaluate import DemoJudge, DemoWorld, concept_set_for
 from studio.engine.generate import save_png
 from studio.evaluation.clip import ClipScorer
-from studio.evaluation.config import ScoreConfig
+from studio.evaluation.config import EvalConfig, ScoreConfig
+from studio.evaluation.report import METHOD_HEADERS, method_notes, method_rows
+from studio.evaluation.runner import compare_methods
 from studio.evaluation.scoring import ConceptScores, score_concept
 from studio.evaluation.stats import Estimate
-from studio.ui.gpu import gpu_task
+from studio.training.config import METHODS
+from studio.ui.gpu import TRAIN_SECONDS, gpu_task
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import as_user_errors, Studio, user_error
 
@@ -150,6 +157,50 @@ def evaluate(studio: Studio, on_device, session: str, token: str | None, cfg_fie
     return summary(scores, studio.model.name), table(scores), grid
 
 
+def methods_compared(studio: Studio, demo: DemoWorld, session: str, methods: list[str], set_names: list[str],
+                     cfg: EvalConfig, progress=None) -> dict:
+    """Train `methods` on the bundled sets named and score them on the loaded demo model (the GPU part: plain values
+    in, the results dict out). The session's "evaluate" flag stops it at the next training step."""
+    if not studio.model.is_demo:
+        raise ValueError("comparing methods needs the demo model's judge and concept sets: load the demo model in "
+                         "the Model tab (leave its box empty and press Load)")
+    try:
+        identity = demo.identity()
+    except ValueError:  # IdentityError: not trained yet; the judge's scores still stand
+        identity = None
+    total = len(methods) * len(set_names)
+    done = []
+
+    def on_progress(message: str) -> None:
+        if progress is not None and message.startswith("training "):
+            progress((len(done), total), desc=message, unit="runs")
+            done.append(message)
+
+    work = studio.sessions.get(session).folder / "methods"
+    return compare_methods(studio.model, DemoJudge(), demo.concept_sets(set_names), methods, cfg, work, identity,
+                           on_progress, cancel=studio.sessions.get(session).cancel_flag("evaluate"))
+
+
+def compare(studio: Studio, on_device, session: str, methods: list[str] | None, set_names: list[str] | None,
+            cfg_fields: dict, request: gr.Request | None = None, progress=None) -> tuple[str, list[list[str]]]:
+    """`/compare_methods`' values: a summary and the methods table. `on_device` is `methods_compared` (made a
+    ZeroGPU task) with the studio and world bound; `cfg_fields` the form's EvalConfig values, as sent."""
+    methods = [m for m in METHODS if m in (methods or [])]  # in the studio's order, whatever order they came in
+    if not methods or not set_names:
+        raise user_error("Pick at least one method and one concept set to compare them on.", request)
+    studio.sessions.get(session).fresh_cancel_flag("evaluate")
+    with as_user_errors(request):
+        cfg = EvalConfig(images=int(cfg_fields["images"]), steps=int(cfg_fields["steps"]),
+                         train_steps=int(cfg_fields["train_steps"]), seed=int(cfg_fields["seed"] or 0))
+        results = on_device(session, methods, list(set_names), cfg, progress)
+    subjects = max(len(m["subjects"]) for m in results.values())
+    notes = method_notes(results)
+    about = (f"{', '.join(methods)} trained {cfg.train_steps} steps on {', '.join(set_names)}; scores pooled over "
+             f"{subjects} object sets (each `mean ± half-width (n=pictures)`, 95% interval), margins over TI paired "
+             "by prompt and seed; file size and training time: mean over the sets.")
+    return "\n\n".join([about] + [html.escape(note, quote=False) for note in notes]), method_rows(results)
+
+
 def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Concept, samples, CLIP model and advanced settings; `/evaluate_concept` and `/cancel_evaluation` endpoints."""
     clips, demo = ClipCache(), DemoWorld()
@@ -160,6 +211,17 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
         return scored(studio, clips, demo, session, token, cfg, ground_truth, files, clip_source, progress)
 
     on_device = gpu_task(score, EVALUATE_SECONDS)
+
+    def train_and_score(session: str, methods: list[str], set_names: list[str], cfg: EvalConfig, progress) -> dict:
+        return methods_compared(studio, demo, session, methods, set_names, cfg, progress)
+
+    methods_on_device = gpu_task(train_and_score, TRAIN_SECONDS)
+
+    def run_methods(methods, set_names, train_steps, images, steps, seed, request: gr.Request,
+                    progress=gr.Progress()):
+        cfg_fields = dict(train_steps=train_steps, images=images, steps=steps, seed=seed)
+        return compare(studio, methods_on_device, studio.session_of(request), methods, set_names, cfg_fields,
+                       request, progress)
 
     def run(token, samples, clip_source, ground_truth, kind, plain_words, steps, seed, files,
             request: gr.Request, progress=gr.Progress()):
@@ -205,7 +267,33 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
             grid = gr.Gallery(label="The pictures the scores came from", columns=4, height=420,
                               elem_id="evaluate-grid")
 
+    with gr.Accordion("Compare training methods (demo model)", open=False):
+        gr.Markdown("Train each method on bundled concept sets and score them alike: identity (does it look like "
+                    "the pictures?), prompt fidelity (do edit prompts still work?), file size and training time, "
+                    "the table `studio eval --methods` prints. Each method trains on each set in turn.")
+        with gr.Row():
+            with gr.Column():
+                methods = gr.CheckboxGroup(list(METHODS), value=["ti", "lora"], label="Methods",
+                                           elem_id="evaluate-methods")
+                method_sets = gr.Dropdown(list_concept_sets(), value=[list_concept_sets()[0]], multiselect=True,
+                                          label="Concept sets")
+                train_steps = gr.Slider(1, 1000, value=100, step=1, label="Training steps per method")
+                method_images = gr.Slider(1, 4, value=1, step=1, label="Pictures per prompt")
+                method_steps = gr.Slider(1, 50, value=ScoreConfig.steps, step=1, label="Sampling steps")
+                method_seed = gr.Number(label="Seed", value=0, precision=0)
+                with gr.Row():
+                    compare_start = gr.Button("Compare", variant="primary")
+                    compare_stop = gr.Button("Cancel")
+            with gr.Column():
+                methods_about = gr.Markdown(elem_id="evaluate-methods-summary")
+                methods_table = gr.Dataframe(headers=METHOD_HEADERS, interactive=False, wrap=True,
+                                             elem_id="evaluate-methods-table")
+
     # 3. Wiring.
     evaluated = start.click(run, [token, samples, clip_source, ground_truth, kind, plain_words, steps, seed, files],
                             [about, scores, grid], api_name="evaluate_concept", concurrency_id="gpu")
     stop.click(cancel, None, None, api_name="cancel_evaluation", concurrency_limit=None, cancels=[evaluated])
+    compared = compare_start.click(run_methods, [methods, method_sets, train_steps, method_images, method_steps,
+                                                 method_seed], [methods_about, methods_table],
+                                   api_name="compare_methods", concurrency_id="gpu")
+    compare_stop.click(cancel, None, None, api_visibility="private", concurrency_limit=None, cancels=[compared])

@@ -1,27 +1,37 @@
-"""Train tab: a few pictures → a new word. Live loss plot, preview pictures, progress bar and cancel.
+"""Train tab: a few pictures → a new word (Textual Inversion), a word and a LoRA (pivotal), a LoRA for
+"<token> <class>" (DreamBooth-LoRA) or a fine-tuned model (DreamBooth). Live loss plot, preview pictures, progress
+bar and cancel.
 
 The `/train` endpoint streams its status text (with the loss of the latest step) and finally returns
 `(status, concept_file)`; the loss plot and previews are read by a timer from the session's training run
-(`/training_progress`), so the endpoint keeps its two outputs for gradio_client users. The run itself is the
-engine's (`studio.training.run`); this file adapts the form to it and its snapshots to the components.
+(`/training_progress`), so the endpoint keeps its two outputs for gradio_client users. Its inputs are the first
+nine of `FORM` (pictures, word, start word, kind, vectors, steps, learning rate, batch, preview every), then the
+method and its options in `FORM`'s order; a client that sends only the first ones trains Textual Inversion as
+before. The run itself is the engine's (`studio.training.run`); this file adapts the form to it and its snapshots
+to the components.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import gradio as gr
 import pandas as pd
+import torch
 
 from studio.engine.session import RunEnd
 from studio.training import TrainConfig
+from studio.training.config import METHODS, lite
+from studio.training.methods import METHOD_CLASSES
 from studio.training.run import (SMOOTHING, TrainingSnapshot, follow_to_end, keep_concept, loss_table,
                                 training_snapshots)
 from studio.ui.gpu import TRAIN_SECONDS, gpu_task
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import as_user_errors, for_client, Studio
+from studio.ui.tabs.library import human_size
 
 POLL_EVERY_S = 1.0  # the loss plot and previews are re-read this often while training
 CANCEL_WAIT_S = 60.0  # a cancelled run stops within one step; a step longer than this is no step we run
@@ -38,13 +48,92 @@ def device_snapshots(studio: Studio, session: str, files: list[str], cfg: TrainC
         yield from training_snapshots(studio.model, studio.sessions.get(session), files, cfg)
 
 
-def train_config(token: str, init: str, kind: str, vectors, steps, lr, batch, preview_every,
-                 request: gr.Request | None = None) -> TrainConfig:
-    """The TrainConfig of the form's values (as sent); its checks' errors as gr.Error."""
+# One line per method: what learns, what it writes, how a prompt uses it.
+METHOD_HELP = {
+    "ti": "Textual Inversion: only a new word learns; a file of a few KB; the model stays as it is.",
+    "xti": "Extended Textual Inversion (P+): the word learns one set of vectors per cross-attention layer of the "
+           "UNet; a file of a few KB per layer; write the word.",
+    "pivotal": "Pivotal tuning: the word and a small LoRA on the UNet's attention learn together; one file "
+               "(≤ 200 KB with the lite preset on SD 1.5); write the word with its <lora:…> tag.",
+    "lora": "DreamBooth-LoRA: a LoRA learns “<word> <class word>” (class word: the start word unless set); "
+            "a file of a few MB on SD 1.5; write the phrase with its <lora:…> tag.",
+    "dreambooth": "DreamBooth: the whole UNet learns “<word> <class word>”; the result is a new model folder, "
+                  "loaded in the Model tab.",
+}
+
+# The form's fields in the order of /train's inputs after the pictures (new ones only ever go at the end).
+FORM = ("token", "init", "kind", "vectors", "steps", "lr", "batch", "preview_every", "method", "rank", "lite",
+        "unet_lr", "word_steps", "class_word", "prior_preservation", "class_images", "prior_weight", "regularization")
+
+
+def train_config(form: dict, request: gr.Request | None = None) -> TrainConfig:
+    """The TrainConfig of the form's values (as sent, keyed by `FORM`; a field a client left out takes
+    TrainConfig's default); its checks' errors as gr.Error."""
+    def given(key: str, cast, default=None):
+        value = form.get(key)
+        return default if value is None or value == "" else cast(value)
+
     with as_user_errors(request):
-        return TrainConfig((token or "").strip(), init_text=init or "*", n_vectors=int(vectors), steps=int(steps),
-                           learning_rate=float(lr), batch_size=int(batch), template=kind,
-                           preview_every=int(preview_every or 0))
+        cfg = TrainConfig((form.get("token") or "").strip(), init_text=form.get("init") or "*",
+                          n_vectors=int(form["vectors"]), steps=int(form["steps"]), learning_rate=float(form["lr"]),
+                          batch_size=int(form["batch"]), template=form["kind"],
+                          preview_every=given("preview_every", int, 0), method=given("method", str, "ti"),
+                          rank=given("rank", int, TrainConfig.rank),
+                          unet_lr=given("unet_lr", float) or None,  # 0: the method's default
+                          word_steps=given("word_steps", int, 0),
+                          class_word=given("class_word", lambda v: v.strip() or None),
+                          prior_preservation=bool(form.get("prior_preservation")),
+                          class_images=given("class_images", int, TrainConfig.class_images),
+                          prior_weight=given("prior_weight", float, TrainConfig.prior_weight),
+                          regularization=given("regularization", float, 0.0))
+        return lite(cfg) if form.get("lite") else cfg
+
+
+# DreamBooth learns fp32 master weights of the UNet and saves those (studio/training/methods/dreambooth.py, as
+# diffusers' train_dreambooth.py does); the other parts are written as loaded.
+DREAMBOOTH_UNET_DTYPE = torch.float32
+# peft's adapter tensors inside a layer (the LoRA runtime's cached adapters): not part of a saved model.
+PEFT_ADAPTER = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+
+
+def model_folder_bytes(pipe, dtypes: dict[str, torch.dtype] | None = None) -> dict[str, int]:
+    """Bytes of each weight-holding part of a pipeline as a diffusers folder of it holds them in its safetensors
+    files: its tensors as loaded, or in `dtypes[part]` where given (the demo model: within 0.3% of its folder;
+    tokenizer and configs add a few KB). Tensors shared between parts count once; LoRA adapters the runtime keeps in
+    the UNet do not count."""
+    seen: set[tuple[int, int]] = set()
+    sizes: dict[str, int] = {}
+    for name, part in pipe.components.items():
+        if not isinstance(part, torch.nn.Module):
+            continue
+        sizes[name] = 0
+        for key, tensor in part.state_dict().items():
+            where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+            if PEFT_ADAPTER.search(key) or where in seen:
+                continue
+            seen.add(where)
+            dtype = (dtypes or {}).get(name, tensor.dtype) if tensor.is_floating_point() else tensor.dtype
+            sizes[name] += tensor.numel() * dtype.itemsize
+    return sizes
+
+
+def method_info(studio: Studio, method: str | None) -> str:
+    """The method's line; for one that writes a model folder (dreambooth) also how large it will be, from the
+    loaded model."""
+    method = method or "ti"
+    text = f"**{method}**: {METHOD_HELP.get(method, '')}"
+    if method in METHOD_CLASSES and METHOD_CLASSES[method].writes_folder:
+        text += f" {dreambooth_size(studio)}"
+    return text
+
+
+def dreambooth_size(studio: Studio) -> str:
+    """"The result will be about 19.5 MB: ..." for the loaded model (before any training starts)."""
+    sizes = model_folder_bytes(studio.model.pipe, {"unet": DREAMBOOTH_UNET_DTYPE})
+    unet, rest = sizes.get("unet", 0), sum(v for k, v in sizes.items() if k != "unet")
+    dtype = str(DREAMBOOTH_UNET_DTYPE).replace("torch.", "")
+    return (f"The result will be about {human_size(unet + rest)}: the UNet {human_size(unet)} in {dtype}, the rest "
+            f"of the pipeline ({', '.join(k for k in sizes if k != 'unet')}) {human_size(rest)} as loaded.")
 
 
 def train_stream(studio: Studio, on_device: OnDevice, session_id: str, files: list[str], cfg: TrainConfig,
@@ -77,7 +166,7 @@ def train_stream(studio: Studio, on_device: OnDevice, session_id: str, files: li
     except BaseException as exc:
         end.finish(f"failed: {exc}", None)
         raise
-    yield end.finish(keep_concept(studio.library, session, snapshot), snapshot.path)
+    yield end.finish(keep_concept(studio.library, session, snapshot), snapshot.file)
 
 
 def cancel_training(studio: Studio, session_id: str) -> tuple:
@@ -103,24 +192,43 @@ def progress_view(studio: Studio, session: str) -> tuple[pd.DataFrame | None, li
     return pd.DataFrame(loss_table(snapshot.losses)), list(snapshot.previews)
 
 
-def train_layout() -> SimpleNamespace:
+def train_layout(studio: Studio) -> SimpleNamespace:
     """The tab's components, by name."""
     ui = SimpleNamespace()
-    gr.Markdown("Upload 3-5 pictures of your concept, name its word, and train: only that word's vectors learn.")
+    gr.Markdown("Upload 3-5 pictures of your concept, name its word, pick what learns, and train.")
     with gr.Row():
         with gr.Column():
             ui.files = gr.File(label="Pictures", file_count="multiple", file_types=["image"], elem_id="train-pictures")
             ui.token = gr.Textbox(label="New word", value="<my-concept>")
             ui.init = gr.Textbox(label="Start from the word", value="shape")
             ui.kind = gr.Radio(["object", "style"], value="object", label="What is it?")
+            ui.method = gr.Dropdown([(f"{m}: {METHOD_HELP.get(m, '').split(':')[0]}", m) for m in METHODS],
+                                    value="ti",
+                                    label="Method (what learns)", elem_id="train-method")
+            ui.method_info = gr.Markdown(method_info(studio, "ti"), elem_id="train-method-info")
             with gr.Accordion("Advanced", open=False):
                 ui.vectors = gr.Slider(1, 8, value=1, step=1, label="Vectors per word")
                 ui.steps = gr.Slider(1, 3000, value=300, step=1, label="Steps", elem_id="train-steps")
-                ui.lr = gr.Number(label="Learning rate", value=0.005)
+                ui.lr = gr.Number(label="Learning rate (the word's)", value=0.005)
                 ui.batch = gr.Slider(1, 8, value=4, step=1, label="Batch size")
                 ui.preview_every = gr.Slider(0, 500, value=50, step=1,
                                              label="Preview picture every N steps (0: none)",
                                              elem_id="train-preview-every")
+                ui.regularization = gr.Number(label="Regularization (weight pulling the word back to its start; "
+                                                    "0: none)", value=0.0, minimum=0)
+                gr.Markdown("Weights (pivotal, lora, dreambooth):")
+                ui.rank = gr.Slider(1, 128, value=TrainConfig.rank, step=1, label="LoRA rank (pivotal, lora)")
+                ui.lite = gr.Checkbox(False, label="Lite preset (pivotal: rank 1 on the cross-attention keys and "
+                                                   "values only, the smallest file)")
+                ui.unet_lr = gr.Number(label="Weights learning rate (0: the method's default)", value=0, minimum=0)
+                ui.word_steps = gr.Number(label="Word-first steps (pivotal: the word learns alone this long, then "
+                                                "with the LoRA)", value=0, minimum=0, precision=0)
+                ui.class_word = gr.Textbox("", label="Class word (lora, dreambooth: “<word> <class word>”; "
+                                                     "empty: the start word)")
+                ui.prior_preservation = gr.Checkbox(False, label="Prior preservation (lora, dreambooth: also learn "
+                                                                 "on pictures of the class the model draws once)")
+                ui.class_images = gr.Slider(1, 200, value=TrainConfig.class_images, step=1, label="Class pictures")
+                ui.prior_weight = gr.Number(label="Prior loss weight", value=TrainConfig.prior_weight, minimum=0)
             with gr.Row():
                 ui.start = gr.Button("Train", variant="primary")
                 ui.stop = gr.Button("Cancel")
@@ -144,13 +252,21 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
 
     on_device = gpu_task(snapshots, TRAIN_SECONDS)  # ZeroGPU: this part runs in the GPU worker
 
-    def train(files, token, init, kind, vectors, steps, lr, batch, preview_every, request: gr.Request,
-              progress=gr.Progress()):
+    def train(files, token, init, kind, vectors, steps, lr, batch, preview_every, method, rank, lite_preset,
+              unet_lr, word_steps, class_word, prior_preservation, class_images, prior_weight, regularization,
+              request: gr.Request, progress=gr.Progress()):
         if not files:
             raise gr.Error("Upload at least one picture of your concept.")
-        cfg = train_config(token, init, kind, vectors, steps, lr, batch, preview_every, request)
+        values = (token, init, kind, vectors, steps, lr, batch, preview_every, method, rank, lite_preset, unet_lr,
+                  word_steps, class_word, prior_preservation, class_images, prior_weight, regularization)
+        cfg = train_config(dict(zip(FORM, values)), request)
+        if METHOD_CLASSES[cfg.method].writes_folder:
+            yield dreambooth_size(studio), None
         yield from train_stream(studio, on_device, studio.session_of(request), [str(f) for f in files], cfg,
                                 request, progress)
+
+    def explain(method: str) -> str:
+        return method_info(studio, method)
 
     def cancel(request: gr.Request):
         return cancel_training(studio, studio.session_of(request))
@@ -161,11 +277,12 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
     def poll_and_stop(request: gr.Request):
         return *progress_view(studio, studio.session_of(request)), gr.Timer(active=False)
 
-    ui = train_layout()
+    ui = train_layout(studio)
 
     # 2. Wiring.
+    ui.method.change(explain, ui.method, ui.method_info, api_visibility="private", show_progress="hidden")
     ui.start.click(lambda: gr.Timer(active=True), None, ui.timer, api_visibility="private", concurrency_limit=None)
-    form = [ui.files, ui.token, ui.init, ui.kind, ui.vectors, ui.steps, ui.lr, ui.batch, ui.preview_every]
+    form = [ui.files, *(getattr(ui, name) for name in FORM)]
     trained = ui.start.click(train, form, [ui.status, ui.result], api_name="train", concurrency_id="gpu",
                              show_progress_on=ui.result)  # the bar sits on the download box; the status stays readable
     live = [ui.plot, ui.previews, ui.timer]
