@@ -449,16 +449,16 @@ def run_evaluation(model_source: str | None, judge: Judge, world: World, cfg: Ev
         by_group = {group: pooled_scores({n: r for n, r in results["concepts"].items() if r["held_out"] == is_held},
                                          cfg) for group, is_held in (("held_out", True), ("given", False))}
         results["pooled"] = {group: p for group, p in by_group.items() if p}
-        if methods:  # TI's scores are the ones just taken
-            known = {"ti": {name: {"kind": r["kind"], "error": r["error"]} if "error" in r else
-                            {"kind": r["kind"], **r["textual_inversion"], "subject": r["token"],
-                             "train_seconds": r["train_seconds"], "train_steps": r["train_steps"],
-                             "file_bytes": r["file_bytes"]}
-                            for name, r in results["concepts"].items()}}
+        # TI's scores are the ones just taken: methods and variants pair with them rather than train it again.
+        known = {"ti": {name: {"kind": r["kind"], "error": r["error"]} if "error" in r else
+                        {"kind": r["kind"], **r["textual_inversion"], "subject": r["token"],
+                         "train_seconds": r["train_seconds"], "train_steps": r["train_steps"],
+                         "file_bytes": r["file_bytes"]}
+                        for name, r in results["concepts"].items()}}
+        if methods:
             results["methods"] = compare_methods(model, judge, sets, list(methods), cfg, work / "methods", identity,
                                                  progress, known)
         if variants:
-            known = {"ti": results["methods"]["ti"]["concepts"]} if "ti" in results.get("methods", {}) else None
             results["variants"] = compare_methods(model, judge, sets, list(variants), cfg, work / "variants",
                                                   identity, progress, known)
             if chart is not None:
