@@ -159,8 +159,9 @@ def train_floor(argv: list[str]) -> None:
                        ("--seed", int)):
         parser.add_argument(name, type=kind, required=True)
     parser.add_argument("--word", action="store_true")
+    parser.add_argument("--model", type=Path, default=MODEL)
     args = parser.parse_args(argv)
-    pipe = StableDiffusionPipeline.from_pretrained(MODEL, torch_dtype=torch.float32, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32, safety_checker=None)
     for module in (pipe.text_encoder, pipe.vae, pipe.unet):
         module.requires_grad_(False)
     torch.manual_seed(args.seed)
@@ -231,13 +232,13 @@ def child(kind: str, argv: list[str], result_file: Path) -> int:
 def commands(method: str, args, pictures: Path, ref_dir: Path) -> dict[str, list[str]]:
     """The two command lines of one method, after `python` (each run in its own folder, where both write `out/`):
     the reference script with its arguments, and `-m studio train ...` (plus any `--studio-arg`)."""
-    common_ref = ["--pretrained_model_name_or_path", str(MODEL), "--instance_data_dir", str(pictures),
+    common_ref = ["--pretrained_model_name_or_path", str(args.model), "--instance_data_dir", str(pictures),
                   # a relative output folder: the advanced script names its embeddings file f"{out}/{out}_emb"
                   "--output_dir", "out", "--resolution", str(args.resolution), "--train_batch_size", str(args.batch),
                   "--max_train_steps", str(args.steps), "--learning_rate", str(args.unet_lr), "--rank",
                   str(args.rank), "--seed", str(args.seed), "--mixed_precision", "no", "--report_to", "all",
                   "--checkpointing_steps", str(args.steps + 1), "--lr_scheduler", "constant", "--lr_warmup_steps", "0"]
-    common_studio = ["-m", "studio", "train", "--model", str(MODEL), "--images", str(pictures), "--init", CLASS_WORD,
+    common_studio = ["-m", "studio", "train", "--model", str(args.model), "--images", str(pictures), "--init", CLASS_WORD,
                      "--method", method, "--steps", str(args.steps), "--batch", str(args.batch), "--resolution",
                      str(args.resolution), "--rank", str(args.rank), "--unet-lr", str(args.unet_lr), "--seed",
                      str(args.seed), "--memory", "fast", "--mixed-precision", "no"]
@@ -261,7 +262,7 @@ def floor_command(method: str, args, pictures: Path) -> list[str]:
     """`train_floor`'s command line for `method`, after `python`."""
     return [str(Path(__file__).resolve()), "--child", "floor", "--", "--images", str(pictures), "--steps",
             str(args.steps), "--batch", str(args.batch), "--rank", str(args.rank), "--unet-lr", str(args.unet_lr),
-            "--seed", str(args.seed), *(["--word"] if method == "pivotal" else [])]
+            "--seed", str(args.seed), "--model", str(args.model), *(["--word"] if method == "pivotal" else [])]
 
 
 def child_command(kind: str, argv: list[str], result_file: Path) -> list[str]:
@@ -401,7 +402,8 @@ def best(runs: list[dict]) -> dict:
 
 
 def print_table(summary: dict, args) -> None:
-    print(f"demo model, {args.resolution} px, CPU, 1 thread, fp32, steps={args.steps} batch={args.batch} "
+    model = "demo model" if args.model == MODEL else args.model
+    print(f"{model}, {args.resolution} px, CPU, 1 thread, fp32, steps={args.steps} batch={args.batch} "
           f"rank={args.rank} repeats={args.repeats} (best of each), s/step over steps {args.warmup}..{args.steps}; "
           f"peak MB: RSS above the imported interpreter, whole run")
     print(f"{'method':9}{'ref s/step':>12}{'studio s/step':>15}{'speed ratio':>13}{'ref peak MB':>13}"
@@ -477,6 +479,9 @@ def main() -> None:
     parser.add_argument("--vectors", type=int, default=2,
                         help="pivotal: vectors per word (the advanced script's default, 2)")
     parser.add_argument("--resolution", type=int, default=64, help="the demo model's native size")
+    parser.add_argument("--model", type=Path, default=MODEL,
+                        help="a diffusers SD 1.x folder both sides train (default: the demo model), e.g. one with SD 1.5's "
+                             "shapes and random weights from benchmarks/architectures.py")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--studio-arg", action="append", default=[], metavar="ARG",
                         help="one more argument for `studio train`, e.g. --studio-arg=--no-stop-when-learned "
