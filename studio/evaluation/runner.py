@@ -483,7 +483,8 @@ def variants_chart(results: dict[str, Any], path: Path) -> Path:
     rows = {name: row for name, row in results["variants"].items()}
     points = tradeoff_points(rows, plain=group.get("plain_prompt"), ceiling=group.get("ceiling"))
     subjects = len(group.get("subjects", []))
-    return draw_tradeoff(points, path, title=f"demo world, {subjects} subjects, 95% intervals")
+    return draw_tradeoff(points, path, title=f"demo world, {subjects} subject{'s' if subjects != 1 else ''}, "
+                                             "95% intervals")
 
 
 def _identity_scorer(world: World, results: dict[str, Any], progress: Progress) -> IdentityScorer | None:

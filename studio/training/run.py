@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from studio.library import ConceptLibrary
 
 SMOOTHING = 10  # steps in the running mean drawn over the raw loss, which jumps with each step's random timestep
+# The loss plot's series (its `series` column): each step's loss, their running mean, and the held-back score the
+# trainer takes every `stop_every` steps (stop when learned), on a fixed draw, so it falls only as the word learns.
+LOSS_SERIES, MEAN_SERIES, SCORE_SERIES = "loss", f"mean of {SMOOTHING}", "held-back score"
 STATUS_EVERY_S = 0.25  # at most four snapshots a second: a browser need not redraw on every step
 
 
@@ -48,6 +51,7 @@ class TrainingSnapshot:
     total: int = 0
     loss: float | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    scores: list[tuple[int, float]] = field(default_factory=list)  # (step, held-back score), from "score" events
     previews: list[Image.Image] = field(default_factory=list)
     concept: Learned | None = None
     path: str | None = None  # the file (dreambooth: the folder) the trainer wrote when it finished or was cancelled
@@ -59,15 +63,20 @@ class TrainingSnapshot:
         return self.path if self.path and Path(self.path).is_file() else None
 
 
-def loss_table(losses: list[tuple[int, float]]) -> dict[str, list]:
-    """Columns for a line plot: the raw loss and its running mean over `SMOOTHING` steps."""
+def loss_table(losses: list[tuple[int, float]], scores: list[tuple[int, float]] = ()) -> dict[str, list]:
+    """Columns for a line plot: the raw loss, its running mean over `SMOOTHING` steps and the held-back scores (a
+    series of their own: they are the denoising loss too, on the same scale, but of a fixed draw)."""
     steps, values, series = [], [], []
     window: list[float] = []
     for step, loss in losses:
         window = (window + [loss])[-SMOOTHING:]
         steps += [step, step]
         values += [loss, sum(window) / len(window)]
-        series += ["loss", f"mean of {SMOOTHING}"]
+        series += [LOSS_SERIES, MEAN_SERIES]
+    for step, score in scores:
+        steps.append(step)
+        values.append(score)
+        series.append(SCORE_SERIES)
     return {"step": steps, "loss": values, "series": series}
 
 
@@ -78,9 +87,11 @@ class TrainingRun:
     trainer: Trainer
     cancel: threading.Event
     losses: list[tuple[int, float]] = field(default_factory=list)
+    scores: list[tuple[int, float]] = field(default_factory=list)
     previews: list[Image.Image] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     last: TrainEvent | None = None
+    last_step: TrainEvent | None = None  # the latest "step" event: a score event comes between two of them
     path: str | None = None
     concept: Learned | None = None
     error: BaseException | None = None
@@ -104,6 +115,9 @@ class TrainingRun:
     def _record(self, event: TrainEvent) -> None:
         if event.kind == "step" and event.loss is not None:
             self.losses.append((event.step, event.loss))
+            self.last_step = event
+        if event.kind == "score" and event.loss is not None:
+            self.scores.append((event.step, event.loss))
         if event.kind == "preview" and event.images:
             self.previews = list(event.images)
         if event.kind in ("finished", "cancelled") and event.path is not None:
@@ -128,17 +142,20 @@ class TrainingRun:
         last = self.last
         step = last.step if last is not None else 0
         total = last.total if last is not None else self.trainer.config.steps
-        loss = last.loss if last is not None and last.kind == "step" else None
-        return TrainingSnapshot(self.status(), step, total, loss, list(self.losses), list(self.previews),
-                                self.concept if final else None, self.path, self.trainer.method.phrase())
+        loss = self.last_step.loss if self.last_step is not None and last.kind in ("step", "score") else None
+        return TrainingSnapshot(self.status(), step, total, loss, list(self.losses), list(self.scores),
+                                list(self.previews), self.concept if final else None, self.path,
+                                self.trainer.method.phrase())
 
     def status(self) -> str:
-        """A few lines for the UI: the messages so far and where the loop is."""
+        """A few lines for the UI: the messages so far (the "finished" one says "converged at step N" when the run
+        stopped once learned) and, while the loop runs, where it is with the latest held-back score."""
         lines = list(self.messages[-6:])
-        last = self.last
-        if last is not None and last.kind == "step":
-            lines.append(f"step {last.step}/{last.total} · loss {last.loss:.4f} · {last.steps_per_s:.2f} steps/s · "
-                         f"about {last.eta_s:.0f}s left")
+        last, at = self.last, self.last_step
+        if last is not None and last.kind in ("step", "score") and at is not None:
+            score = f" · held-back score {self.scores[-1][1]:.4f}" if self.scores else ""
+            lines.append(f"step {at.step}/{at.total} · loss {at.loss:.4f}{score} · {at.steps_per_s:.2f} steps/s · "
+                         f"about {at.eta_s:.0f}s left")
         return "\n".join(lines)
 
 

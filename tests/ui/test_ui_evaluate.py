@@ -99,15 +99,13 @@ def test_cancel_stops_a_running_evaluation_within_a_step(demo_server):
         assert unet.count - steps_at_cancel <= 1  # at most the step that was running
 
 
-def test_comparing_methods_shows_one_row_per_method_with_intervals_size_and_time(demo_model_dir, tiny_model_dirs,
-                                                                                 tmp_path):
-    """The "Compare training methods" handler, called as a plain function on the demo model: the methods asked for
-    (in the studio's order) trained on the set and scored, each row `mean ± half-width (n=...)`, TI's row without a
-    margin over itself, and a model that has no judge refused with what to do."""
+@pytest.fixture()
+def comparing(demo_model_dir, tmp_path):
+    """(studio, on_device) for the compare handler on the demo model: `methods_compared` bound to a fresh studio
+    and world, called in this process (as `gpu_task` calls it off ZeroGPU)."""
     from studio.demo.evaluate import DemoWorld
-    from studio.evaluation.report import METHOD_HEADERS
     from studio.ui.state import Studio
-    from studio.ui.tabs.evaluate import compare, methods_compared
+    from studio.ui.tabs.evaluate import methods_compared
 
     manager = ModelManager()
     manager.load(None)
@@ -117,8 +115,20 @@ def test_comparing_methods_shows_one_row_per_method_with_intervals_size_and_time
     def on_device(session, methods, sets, cfg, progress):
         return methods_compared(studio, demo, session, methods, sets, cfg, progress)
 
+    return studio, on_device
+
+
+def test_comparing_methods_shows_one_row_per_method_with_intervals_size_and_time(comparing, tiny_model_dirs):
+    """The "Compare training methods" handler, called as a plain function on the demo model: the methods asked for
+    (in the studio's order) trained on the set and scored, each row `mean ± half-width (n=...)`, TI's row without a
+    margin over itself, and a model that has no judge refused with what to do."""
+    from studio.demo.evaluate import DemoWorld
+    from studio.evaluation.report import METHOD_HEADERS
+    from studio.ui.tabs.evaluate import compare, methods_compared
+
+    studio, on_device = comparing
     fields = dict(train_steps=3, images=1, steps=2, seed=0)
-    about, rows = compare(studio, on_device, "s1", ["lora", "ti"], ["purple-star"], fields)
+    about, rows, _chart = compare(studio, on_device, "s1", ["lora", "ti"], ["purple-star"], fields)
     assert [row[0] for row in rows] == ["ti", "lora"] and all(len(row) == len(METHOD_HEADERS) for row in rows)
     for row in rows:
         for cell in row[1:4]:  # identity, prompt fidelity, reconstruction
@@ -130,4 +140,28 @@ def test_comparing_methods_shows_one_row_per_method_with_intervals_size_and_time
         compare(studio, on_device, "s1", [], ["purple-star"], fields)
     studio.manager.load(str(tiny_model_dirs["sd1"]))
     with pytest.raises(ValueError, match="needs the demo model's judge.*Model tab"):
-        methods_compared(studio, demo, "s1", ["ti"], ["purple-star"], EvalConfig(train_steps=1), None)
+        methods_compared(studio, DemoWorld(), "s1", ["ti"], ["purple-star"], EvalConfig(train_steps=1), None)
+
+
+def test_comparing_the_papers_variants_draws_their_chart_beside_the_table(comparing):
+    """The compare handler with a variant: its row follows the methods', and the chart of the rows is a PNG in the
+    session's folder with one coloured point per row (identity against prompt fidelity); a style set, which the
+    scores do not pool, gives no chart and says which set would."""
+    from studio.evaluation.chart import PALETTE, SIZE
+    from studio.ui.tabs.evaluate import PAPER_VARIANTS, compare
+
+    studio, on_device = comparing
+
+    assert "progressive" in PAPER_VARIANTS and "ti" not in PAPER_VARIANTS  # a method's name is in Methods
+    fields = dict(train_steps=3, images=1, steps=2, seed=0)
+    about, rows, chart = compare(studio, on_device, "s1", ["ti"], ["purple-star"], fields, variants=["progressive"])
+    assert [row[0] for row in rows] == ["ti", "progressive"] and "ti, progressive trained 3 steps" in about
+    assert chart.startswith(str(studio.sessions.get("s1").folder)) and chart.endswith(".png")
+    picture = Image.open(chart).convert("RGB")
+    colours = {colour for _, colour in picture.getcolors(SIZE[0] * SIZE[1])}
+    drawn = [c for c in PALETTE[:3] if tuple(int(c[k:k + 2], 16) for k in (1, 3, 5)) in colours]
+    assert picture.size == SIZE and PALETTE[1] in drawn and PALETTE[2] not in drawn  # two rows' points, no third
+    about, _, chart = compare(studio, on_device, "s1", [], ["zigzag-soft"], fields, variants=["multi3"])
+    assert chart is None and "no chart: no object set was scored" in about and "such as dotted-cyan-heart" in about
+    with pytest.raises(Exception, match="Pick at least one method or variant"):
+        compare(studio, on_device, "s1", [], ["purple-star"], fields, variants=[])

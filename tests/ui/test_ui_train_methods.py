@@ -14,10 +14,10 @@ from studio.engine.models import ModelManager
 from studio.engine.session import request_for
 from studio.library import ConceptLibrary
 from studio.training.config import METHODS
+from studio.training.methods import METHOD_CLASSES
 from studio.ui.state import Studio
 from studio.ui.tabs.library import human_size
-from studio.ui.tabs.train import (METHOD_HELP, device_snapshots, method_info, model_folder_bytes, train_config,
-                                  train_stream)
+from studio.ui.tabs.train import device_snapshots, method_info, model_folder_bytes, train_config, train_stream
 
 OLD_FORM = dict(token="<box>", init="toy", kind="object", vectors=1, steps=2, lr=0.005, batch=1, preview_every=0)
 
@@ -39,7 +39,22 @@ def test_the_method_and_its_options_reach_the_train_config():
     assert (lite.rank, lite.lora_targets, lite.word_steps, lite.unet_lr) == (1, "cross-kv", 5, 2e-4)
     with pytest.raises(gr.Error, match="method must be one of ti, .*dreambooth, not 'hypernetwork'"):
         train_config({**OLD_FORM, "method": "hypernetwork"})
-    assert set(METHOD_HELP) == set(METHODS)  # every method the trainer knows has its line in the dropdown
+    assert all(METHOD_CLASSES[m].summary for m in METHODS)  # every method the trainer knows has its line
+
+
+def test_the_word_options_and_stop_when_learned_reach_the_train_config():
+    """The options appended to the form; a client that leaves them out stops once learned (TrainConfig's default)."""
+    old = train_config(OLD_FORM)
+    assert (old.stop_when_learned, old.stop_every, old.progressive, old.per_image_tokens, old.keep_norm) == (
+        True, 10, None, False, False)
+    cfg = train_config({**OLD_FORM, "stop_when_learned": False, "stop_every": 5, "progressive": " 1:0,3:4 ",
+                        "per_image_tokens": True, "keep_norm": True})
+    assert (cfg.stop_when_learned, cfg.stop_every, cfg.progressive, cfg.per_image_tokens, cfg.keep_norm) == (
+        False, 5, "1:0,3:4", True, True)
+    assert cfg.n_vectors == 3  # the schedule's last count
+    assert train_config({**OLD_FORM, "progressive": "  "}).progressive is None
+    with pytest.raises(gr.Error, match="cannot read progressive schedule '2:5'"):
+        train_config({**OLD_FORM, "progressive": "2:5"})
 
 
 def tensor_bytes(folder) -> int:

@@ -44,6 +44,54 @@ def test_training_streams_loss_then_the_word_is_in_the_library_and_generates(stu
     assert "Concepts: <live-box>" in png_parameters(gallery[0]["image"])
 
 
+def train_form(steps: int, lr: float, *, stop_when_learned: bool, stop_every: int = 10, progressive: str = "") -> tuple:
+    """/train's inputs after the pictures, every one (`FORM`'s order): ti at batch 2, no previews."""
+    return ("<grown-box>", "toy", "object", 1, steps, lr, 2, 0, "ti", 4, False, 0, 0, "", False, 20, 1.0, 0.0,
+            stop_when_learned, stop_every, progressive, False, False)
+
+
+def plotted(plot: dict, series: str) -> list[tuple[int, float]]:
+    """(step, value) of one series of /training_progress's loss table."""
+    columns = plot["columns"]
+    return [(row[columns.index("step")], row[columns.index("loss")]) for row in plot["data"]
+            if row[columns.index("series")] == series]
+
+
+def test_a_progressive_run_with_stop_when_learned_off_trains_every_step_into_the_last_count(studio_server,
+                                                                                            concept_pictures):
+    """Guards the inputs appended to /train: switched off, the run is not scored and trains all its steps; the
+    progressive schedule's last count is the word's."""
+    from studio.engine.concepts import load_concept
+    from studio.training.run import LOSS_SERIES, SCORE_SERIES
+
+    client = Client(studio_server[0], verbose=False)
+    status, concept_file = client.predict([handle_file(p) for p in concept_pictures],
+                                          *train_form(6, 0.005, stop_when_learned=False, progressive="1:0,2:2,3:4"),
+                                          api_name="/train")
+    assert "finished: 6 steps in" in status and "converged" not in status and "<grown-box> is ready" in status
+    assert load_concept(concept_file).vectors["text_encoder"].shape[0] == 3
+    plot, _ = client.predict(api_name="/training_progress")
+    assert len(plotted(plot, LOSS_SERIES)) == 6 and plotted(plot, SCORE_SERIES) == []
+
+
+def test_a_run_that_stops_once_learned_says_converged_at_step_n_and_plots_its_scores(studio_server,
+                                                                                     concept_pictures):
+    """A word that cannot change (learning rate 0) scores the same every time: with a score every step it stops
+    once the window of 3 scorings after step 0 brought nothing, at step 3 of 50; the scores are their own series."""
+    from studio.training.run import LOSS_SERIES, SCORE_SERIES
+
+    client = Client(studio_server[0], verbose=False)
+    status, concept_file = client.predict([handle_file(p) for p in concept_pictures],
+                                          *train_form(50, 0.0, stop_when_learned=True, stop_every=1),
+                                          api_name="/train")
+    assert re.search(r"finished: 3 steps in [\d.]+s; converged at step 3\b", status), status
+    assert concept_file.endswith("grown-box.safetensors")
+    plot, _ = client.predict(api_name="/training_progress")
+    scores = plotted(plot, SCORE_SERIES)
+    assert [step for step, _ in scores] == [0, 1, 2, 3] and len({value for _, value in scores}) == 1
+    assert [step for step, _ in plotted(plot, LOSS_SERIES)] == [1, 2, 3]
+
+
 def test_cancel_training_stops_within_a_step_with_the_vectors_so_far(studio_server, concept_pictures):
     url, manager, _ = studio_server
     client = Client(url, verbose=False)

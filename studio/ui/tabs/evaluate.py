@@ -6,9 +6,12 @@ image-image and image-text similarity. Every score shows as `0.62 ± 0.04 (n=12)
 it rests on. The call is
 `studio.evaluation.scoring.score_concept`; this file only adapts the form to it and the result to a table and a grid.
 
-"Compare training methods" trains each method asked for (ti, pivotal, lora, dreambooth, ...) on bundled concept sets
-and shows the methods table of `studio eval --methods` (`studio.evaluation.runner.compare_methods`, rows by
-`studio.evaluation.report.method_rows`): identity and prompt fidelity with their intervals, file size, training time.
+"Compare training methods" trains each method asked for (ti, pivotal, lora, dreambooth, ...) and each of the paper's
+variants (multi3, progressive, regularized, per-image, ...: `studio.evaluation.runner.VARIANTS`) on bundled concept
+sets and shows the methods table of `studio eval --methods` (`studio.evaluation.runner.compare_methods`, rows by
+`studio.evaluation.report.method_rows`): identity and prompt fidelity with their intervals, file size, training time;
+beside it the paper's reconstruction-editability chart of the same rows (`variants_chart`, as `studio eval --variants
+--chart` draws it).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from studio.engine.generate import save_png
 from studio.evaluation.clip import ClipScorer
 from studio.evaluation.config import EvalConfig, ScoreConfig
 from studio.evaluation.report import METHOD_HEADERS, method_notes, method_rows
-from studio.evaluation.runner import compare_methods
+from studio.evaluation.runner import VARIANTS, compare_methods, variants_chart
 from studio.evaluation.scoring import ConceptScores, score_concept
 from studio.evaluation.stats import Estimate
 from studio.training.config import METHODS
@@ -38,6 +41,8 @@ from studio.ui.state import as_user_errors, Studio, user_error
 HEADERS = ["measure", "with the word", "with plain words", "margin (word − plain)", "what it compares"]
 AUTO, NONE = "auto (the set whose word it is)", "none"
 EVALUATE_SECONDS = 300  # ZeroGPU time for one evaluation: 16 prompts x a few seeds on a real model
+# The paper's variants that are no method of their own (a method's name is a variant too: those are in Methods).
+PAPER_VARIANTS = tuple(v for v in VARIANTS if v not in METHODS)
 
 
 def shown(est: Estimate | None, signed: bool = False) -> str:
@@ -159,8 +164,9 @@ def evaluate(studio: Studio, on_device, session: str, token: str | None, cfg_fie
 
 def methods_compared(studio: Studio, demo: DemoWorld, session: str, methods: list[str], set_names: list[str],
                      cfg: EvalConfig, progress=None) -> dict:
-    """Train `methods` on the bundled sets named and score them on the loaded demo model (the GPU part: plain values
-    in, the results dict out). The session's "evaluate" flag stops it at the next training step."""
+    """Train `methods` (methods or the paper's variants: `VARIANTS`) on the bundled sets named and score them on the
+    loaded demo model (the GPU part: plain values in, the results dict out). The session's "evaluate" flag stops it
+    at the next training step."""
     if not studio.model.is_demo:
         raise ValueError("comparing methods needs the demo model's judge and concept sets: load the demo model in "
                          "the Model tab (leave its box empty and press Load)")
@@ -181,24 +187,53 @@ def methods_compared(studio: Studio, demo: DemoWorld, session: str, methods: lis
                            on_progress, cancel=studio.sessions.get(session).cancel_flag("evaluate"))
 
 
+def tradeoff_chart(results: dict, folder: Path) -> tuple[str | None, str | None]:
+    """The paper's chart of compared rows as a new PNG in `folder` (one per run); (None, why) when no row has both
+    identity and prompt fidelity to place it by (every set failed, or no identity encoder)."""
+    subjects = sorted({name for row in results.values() for name in row["subjects"]})
+    if not subjects:
+        return None, ("no chart: no object set was scored (the scores pool object sets only; a style or the diverse "
+                      f"set asks other things): add one such as {object_sets()[0]}")
+    # variants_chart reads the chart's subjects from a run's pooled scores; a comparison pools no plain-words row, so
+    # only its subjects are given and the chart has no plain-words point.
+    run = {"variants": results, "pooled": {"given": {"subjects": subjects}}}
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return str(variants_chart(run, folder / time.strftime("chart-%Y%m%d-%H%M%S.png"))), None
+    except ValueError as exc:  # draw_tradeoff: no point to draw
+        return None, f"no chart: {exc}"
+
+
+def object_sets() -> list[str]:
+    """The bundled concept sets whose scores the comparison pools (objects; not styles or the diverse set)."""
+    return [name for name in list_concept_sets() if load_concept_set(name).kind == "object"]
+
+
 def compare(studio: Studio, on_device, session: str, methods: list[str] | None, set_names: list[str] | None,
-            cfg_fields: dict, request: gr.Request | None = None, progress=None) -> tuple[str, list[list[str]]]:
-    """`/compare_methods`' values: a summary and the methods table. `on_device` is `methods_compared` (made a
-    ZeroGPU task) with the studio and world bound; `cfg_fields` the form's EvalConfig values, as sent."""
-    methods = [m for m in METHODS if m in (methods or [])]  # in the studio's order, whatever order they came in
+            cfg_fields: dict, request: gr.Request | None = None, progress=None,
+            variants: list[str] | None = None) -> tuple[str, list[list[str]], str | None]:
+    """`/compare_methods`' values: a summary, the methods table and the paper's chart of its rows (a PNG's path, or
+    None with a note in the summary). `on_device` is `methods_compared` (made a ZeroGPU task) with the studio and
+    world bound; `cfg_fields` the form's EvalConfig values, as sent; `variants` the paper's variants (`VARIANTS`)
+    compared after the methods."""
+    # In the studio's order, whatever order they came in: the methods, then the variants.
+    methods = ([m for m in METHODS if m in (methods or [])]
+               + [v for v in VARIANTS if v in (variants or []) and v not in (methods or [])])
     if not methods or not set_names:
-        raise user_error("Pick at least one method and one concept set to compare them on.", request)
+        raise user_error("Pick at least one method or variant and one concept set to compare them on.", request)
     studio.sessions.get(session).fresh_cancel_flag("evaluate")
     with as_user_errors(request):
         cfg = EvalConfig(images=int(cfg_fields["images"]), steps=int(cfg_fields["steps"]),
                          train_steps=int(cfg_fields["train_steps"]), seed=int(cfg_fields["seed"] or 0))
         results = on_device(session, methods, list(set_names), cfg, progress)
     subjects = max(len(m["subjects"]) for m in results.values())
-    notes = method_notes(results)
+    chart, no_chart = tradeoff_chart(results, studio.sessions.get(session).folder / "methods")
+    notes = method_notes(results) + ([no_chart] if no_chart else [])
     about = (f"{', '.join(methods)} trained {cfg.train_steps} steps on {', '.join(set_names)}; scores pooled over "
              f"{subjects} object sets (each `mean ± half-width (n=pictures)`, 95% interval), margins over TI paired "
              "by prompt and seed; file size and training time: mean over the sets.")
-    return "\n\n".join([about] + [html.escape(note, quote=False) for note in notes]), method_rows(results)
+    return ("\n\n".join([about] + [html.escape(note, quote=False) for note in notes]), method_rows(results),
+            chart)
 
 
 def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
@@ -217,11 +252,11 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
 
     methods_on_device = gpu_task(train_and_score, TRAIN_SECONDS)
 
-    def run_methods(methods, set_names, train_steps, images, steps, seed, request: gr.Request,
+    def run_methods(methods, set_names, train_steps, images, steps, seed, variants, request: gr.Request,
                     progress=gr.Progress()):
         cfg_fields = dict(train_steps=train_steps, images=images, steps=steps, seed=seed)
         return compare(studio, methods_on_device, studio.session_of(request), methods, set_names, cfg_fields,
-                       request, progress)
+                       request, progress, variants)
 
     def run(token, samples, clip_source, ground_truth, kind, plain_words, steps, seed, files,
             request: gr.Request, progress=gr.Progress()):
@@ -267,16 +302,20 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
             grid = gr.Gallery(label="The pictures the scores came from", columns=4, height=420,
                               elem_id="evaluate-grid")
 
-    with gr.Accordion("Compare training methods (demo model)", open=False):
-        gr.Markdown("Train each method on bundled concept sets and score them alike: identity (does it look like "
-                    "the pictures?), prompt fidelity (do edit prompts still work?), file size and training time, "
-                    "the table `studio eval --methods` prints. Each method trains on each set in turn.")
+    with gr.Accordion("Compare training methods and the paper's variants (demo model)", open=False):
+        gr.Markdown("Train each method and variant on bundled concept sets and score them alike: identity (does it "
+                    "look like the pictures?), prompt fidelity (do edit prompts still work?), file size and training "
+                    "time, the table `studio eval --methods` prints, and the paper's chart of identity against "
+                    "prompt fidelity. Each one trains on each set in turn.")
         with gr.Row():
             with gr.Column():
                 methods = gr.CheckboxGroup(list(METHODS), value=["ti", "lora"], label="Methods",
                                            elem_id="evaluate-methods")
-                method_sets = gr.Dropdown(list_concept_sets(), value=[list_concept_sets()[0]], multiselect=True,
-                                          label="Concept sets")
+                variants = gr.CheckboxGroup(list(PAPER_VARIANTS), value=[], elem_id="evaluate-variants",
+                                            label="The paper's variants (of Textual Inversion: three vectors, "
+                                                  "progressive, regularized, per-image words, ...)")
+                method_sets = gr.Dropdown(list_concept_sets(), value=object_sets()[:1], multiselect=True,
+                                          label="Concept sets (the scores pool the object sets)")
                 train_steps = gr.Slider(1, 1000, value=100, step=1, label="Training steps per method")
                 method_images = gr.Slider(1, 4, value=1, step=1, label="Pictures per prompt")
                 method_steps = gr.Slider(1, 50, value=ScoreConfig.steps, step=1, label="Sampling steps")
@@ -288,12 +327,14 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
                 methods_about = gr.Markdown(elem_id="evaluate-methods-summary")
                 methods_table = gr.Dataframe(headers=METHOD_HEADERS, interactive=False, wrap=True,
                                              elem_id="evaluate-methods-table")
+                methods_chart = gr.Image(label="Identity against prompt fidelity (95% intervals)", type="filepath",
+                                         interactive=False, elem_id="evaluate-methods-chart")
 
     # 3. Wiring.
     evaluated = start.click(run, [token, samples, clip_source, ground_truth, kind, plain_words, steps, seed, files],
                             [about, scores, grid], api_name="evaluate_concept", concurrency_id="gpu")
     stop.click(cancel, None, None, api_name="cancel_evaluation", concurrency_limit=None, cancels=[evaluated])
     compared = compare_start.click(run_methods, [methods, method_sets, train_steps, method_images, method_steps,
-                                                 method_seed], [methods_about, methods_table],
+                                                 method_seed, variants], [methods_about, methods_table, methods_chart],
                                    api_name="compare_methods", concurrency_id="gpu")
     compare_stop.click(cancel, None, None, api_visibility="private", concurrency_limit=None, cancels=[compared])

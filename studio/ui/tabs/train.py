@@ -7,8 +7,9 @@ The `/train` endpoint streams its status text (with the loss of the latest step)
 (`/training_progress`), so the endpoint keeps its two outputs for gradio_client users. Its inputs are the first
 nine of `FORM` (pictures, word, start word, kind, vectors, steps, learning rate, batch, preview every), then the
 method and its options in `FORM`'s order; a client that sends only the first ones trains Textual Inversion as
-before. The run itself is the engine's (`studio.training.run`); this file adapts the form to it and its snapshots
-to the components.
+before (stopping once learned, TrainConfig's default). The loss plot also draws the held-back score the trainer takes
+every few steps, and the status says "converged at step N" when the run stopped before its last step. The run itself
+is the engine's (`studio.training.run`); this file adapts the form to it and its snapshots to the components.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from studio.engine.session import RunEnd
 from studio.training import TrainConfig
 from studio.training.config import METHODS, lite
 from studio.training.methods import METHOD_CLASSES
-from studio.training.run import (SMOOTHING, TrainingSnapshot, follow_to_end, keep_concept, loss_table,
-                                training_snapshots)
+from studio.training.methods.dreambooth import DreamBooth
+from studio.training.run import (LOSS_SERIES, MEAN_SERIES, SCORE_SERIES, SMOOTHING, TrainingSnapshot, follow_to_end,
+                                keep_concept, loss_table, training_snapshots)
 from studio.ui.gpu import TRAIN_SECONDS, gpu_task
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import as_user_errors, for_client, Studio
@@ -48,22 +50,10 @@ def device_snapshots(studio: Studio, session: str, files: list[str], cfg: TrainC
         yield from training_snapshots(studio.model, studio.sessions.get(session), files, cfg)
 
 
-# One line per method: what learns, what it writes, how a prompt uses it.
-METHOD_HELP = {
-    "ti": "Textual Inversion: only a new word learns; a file of a few KB; the model stays as it is.",
-    "xti": "Extended Textual Inversion (P+): the word learns one set of vectors per cross-attention layer of the "
-           "UNet; a file of a few KB per layer; write the word.",
-    "pivotal": "Pivotal tuning: the word and a small LoRA on the UNet's attention learn together; one file "
-               "(≤ 200 KB with the lite preset on SD 1.5); write the word with its <lora:…> tag.",
-    "lora": "DreamBooth-LoRA: a LoRA learns “<word> <class word>” (class word: the start word unless set); "
-            "a file of a few MB on SD 1.5; write the phrase with its <lora:…> tag.",
-    "dreambooth": "DreamBooth: the whole UNet learns “<word> <class word>”; the result is a new model folder, "
-                  "loaded in the Model tab.",
-}
-
 # The form's fields in the order of /train's inputs after the pictures (new ones only ever go at the end).
 FORM = ("token", "init", "kind", "vectors", "steps", "lr", "batch", "preview_every", "method", "rank", "lite",
-        "unet_lr", "word_steps", "class_word", "prior_preservation", "class_images", "prior_weight", "regularization")
+        "unet_lr", "word_steps", "class_word", "prior_preservation", "class_images", "prior_weight", "regularization",
+        "stop_when_learned", "stop_every", "progressive", "per_image_tokens", "keep_norm")
 
 
 def train_config(form: dict, request: gr.Request | None = None) -> TrainConfig:
@@ -85,13 +75,14 @@ def train_config(form: dict, request: gr.Request | None = None) -> TrainConfig:
                           prior_preservation=bool(form.get("prior_preservation")),
                           class_images=given("class_images", int, TrainConfig.class_images),
                           prior_weight=given("prior_weight", float, TrainConfig.prior_weight),
-                          regularization=given("regularization", float, 0.0))
+                          regularization=given("regularization", float, 0.0),
+                          stop_when_learned=given("stop_when_learned", bool, TrainConfig.stop_when_learned),
+                          stop_every=given("stop_every", int, TrainConfig.stop_every),
+                          progressive=given("progressive", lambda v: v.strip() or None),
+                          per_image_tokens=bool(form.get("per_image_tokens")), keep_norm=bool(form.get("keep_norm")))
         return lite(cfg) if form.get("lite") else cfg
 
 
-# DreamBooth learns fp32 master weights of the UNet and saves those (studio/training/methods/dreambooth.py, as
-# diffusers' train_dreambooth.py does); the other parts are written as loaded.
-DREAMBOOTH_UNET_DTYPE = torch.float32
 # peft's adapter tensors inside a layer (the LoRA runtime's cached adapters): not part of a saved model.
 PEFT_ADAPTER = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
 
@@ -121,17 +112,18 @@ def method_info(studio: Studio, method: str | None) -> str:
     """The method's line; for one that writes a model folder (dreambooth) also how large it will be, from the
     loaded model."""
     method = method or "ti"
-    text = f"**{method}**: {METHOD_HELP.get(method, '')}"
+    text = f"**{method}**: {METHOD_CLASSES[method].summary if method in METHOD_CLASSES else ''}"
     if method in METHOD_CLASSES and METHOD_CLASSES[method].writes_folder:
         text += f" {dreambooth_size(studio)}"
     return text
 
 
 def dreambooth_size(studio: Studio) -> str:
-    """"The result will be about 19.5 MB: ..." for the loaded model (before any training starts)."""
-    sizes = model_folder_bytes(studio.model.pipe, {"unet": DREAMBOOTH_UNET_DTYPE})
+    """"The result will be about 19.5 MB: ..." for the loaded model (before any training starts): the UNet in the
+    dtype DreamBooth writes it in, the other parts as loaded."""
+    sizes = model_folder_bytes(studio.model.pipe, {"unet": DreamBooth.save_dtype})
     unet, rest = sizes.get("unet", 0), sum(v for k, v in sizes.items() if k != "unet")
-    dtype = str(DREAMBOOTH_UNET_DTYPE).replace("torch.", "")
+    dtype = str(DreamBooth.save_dtype).replace("torch.", "")
     return (f"The result will be about {human_size(unet + rest)}: the UNet {human_size(unet)} in {dtype}, the rest "
             f"of the pipeline ({', '.join(k for k in sizes if k != 'unet')}) {human_size(rest)} as loaded.")
 
@@ -181,7 +173,8 @@ def cancel_training(studio: Studio, session_id: str) -> tuple:
 
 
 def progress_view(studio: Studio, session: str) -> tuple[pd.DataFrame | None, list]:
-    """The loss plot's table and the latest preview pictures of the session's training run.
+    """The loss plot's table (each step's loss, its running mean, the held-back scores) and the latest preview
+    pictures of the session's training run.
 
     No loss yet: None, not an empty table; a LinePlot once given an empty table with a `color` column draws no
     lines for later values (gradio 6.31, seen in chromium).
@@ -189,7 +182,7 @@ def progress_view(studio: Studio, session: str) -> tuple[pd.DataFrame | None, li
     snapshot = studio.sessions.get(session).training
     if snapshot is None or not snapshot.losses:
         return None, list(snapshot.previews if snapshot else [])
-    return pd.DataFrame(loss_table(snapshot.losses)), list(snapshot.previews)
+    return pd.DataFrame(loss_table(snapshot.losses, snapshot.scores)), list(snapshot.previews)
 
 
 def train_layout(studio: Studio) -> SimpleNamespace:
@@ -202,7 +195,7 @@ def train_layout(studio: Studio) -> SimpleNamespace:
             ui.token = gr.Textbox(label="New word", value="<my-concept>")
             ui.init = gr.Textbox(label="Start from the word", value="shape")
             ui.kind = gr.Radio(["object", "style"], value="object", label="What is it?")
-            ui.method = gr.Dropdown([(f"{m}: {METHOD_HELP.get(m, '').split(':')[0]}", m) for m in METHODS],
+            ui.method = gr.Dropdown([(f"{m}: {METHOD_CLASSES[m].summary.split(':')[0]}", m) for m in METHODS],
                                     value="ti",
                                     label="Method (what learns)", elem_id="train-method")
             ui.method_info = gr.Markdown(method_info(studio, "ti"), elem_id="train-method-info")
@@ -214,8 +207,21 @@ def train_layout(studio: Studio) -> SimpleNamespace:
                 ui.preview_every = gr.Slider(0, 500, value=50, step=1,
                                              label="Preview picture every N steps (0: none)",
                                              elem_id="train-preview-every")
+                ui.stop_when_learned = gr.Checkbox(TrainConfig.stop_when_learned, label=(
+                    "Stop when learned (score the word on a fixed held-back draw and stop once it no longer "
+                    "improves; Steps stays the most it trains)"), elem_id="train-stop-when-learned")
+                ui.stop_every = gr.Slider(1, 200, value=TrainConfig.stop_every, step=1,
+                                          label="Stop when learned: score every K steps")
+                gr.Markdown("The word (ti, xti, pivotal):")
                 ui.regularization = gr.Number(label="Regularization (weight pulling the word back to its start; "
                                                     "0: none)", value=0.0, minimum=0)
+                ui.progressive = gr.Textbox("", label="Progressive vectors (vectors:step pairs from step 0, like "
+                                                      "“1:0,2:100,3:200”; the word ends with the last count; "
+                                                      "empty: Vectors per word from the start)")
+                ui.per_image_tokens = gr.Checkbox(False, label="Per-image words (each picture also gets a word of "
+                                                               "its own for its particulars; only the word is saved)")
+                ui.keep_norm = gr.Checkbox(False, label="Keep the norm (after each update, scale each vector to "
+                                                        "the vocabulary's typical norm)")
                 gr.Markdown("Weights (pivotal, lora, dreambooth):")
                 ui.rank = gr.Slider(1, 128, value=TrainConfig.rank, step=1, label="LoRA rank (pivotal, lora)")
                 ui.lite = gr.Checkbox(False, label="Lite preset (pivotal: rank 1 on the cross-attention keys and "
@@ -235,8 +241,9 @@ def train_layout(studio: Studio) -> SimpleNamespace:
         with gr.Column():
             ui.status = gr.Textbox(label="Progress", lines=4, elem_id="train-status")
             ui.plot = gr.LinePlot(x="step", y="loss", color="series", height=240, elem_id="train-loss",
-                                  color_map={"loss": "#93c5fd", f"mean of {SMOOTHING}": "#ea580c"},
-                                  label=f"Training loss (light blue: each step; orange: mean of the last {SMOOTHING})")
+                                  color_map={LOSS_SERIES: "#93c5fd", MEAN_SERIES: "#ea580c", SCORE_SERIES: "#15803d"},
+                                  label=f"Training loss (light blue: each step; orange: mean of the last {SMOOTHING}; "
+                                        "green: the held-back score, when stopping once learned)")
             ui.previews = gr.Gallery(label="Latest preview", columns=2, height=200, elem_id="train-previews",
                                      object_fit="contain", elem_classes=["pixel-art"])
             ui.result = gr.File(label="Learned concept (download)", elem_id="train-result")
@@ -254,11 +261,13 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
 
     def train(files, token, init, kind, vectors, steps, lr, batch, preview_every, method, rank, lite_preset,
               unet_lr, word_steps, class_word, prior_preservation, class_images, prior_weight, regularization,
+              stop_when_learned, stop_every, progressive, per_image_tokens, keep_norm,
               request: gr.Request, progress=gr.Progress()):
         if not files:
             raise gr.Error("Upload at least one picture of your concept.")
         values = (token, init, kind, vectors, steps, lr, batch, preview_every, method, rank, lite_preset, unet_lr,
-                  word_steps, class_word, prior_preservation, class_images, prior_weight, regularization)
+                  word_steps, class_word, prior_preservation, class_images, prior_weight, regularization,
+                  stop_when_learned, stop_every, progressive, per_image_tokens, keep_norm)
         cfg = train_config(dict(zip(FORM, values)), request)
         if METHOD_CLASSES[cfg.method].writes_folder:
             yield dreambooth_size(studio), None
