@@ -86,6 +86,16 @@ def draw_tradeoff(points: list[Point], path: str | os.PathLike, title: str = "")
         draw.text(((left + right) / 2 - 3 * len(title), 6), title, fill="black", font=font)
 
     colour = iter(PALETTE * 4)
+    placed: list[tuple[float, float, float, float]] = []  # label boxes so far: a new one moves down past them
+    labels: list[tuple[tuple[float, float], str, str]] = []
+
+    def label_at(x: float, y: float, text: str) -> tuple[float, float]:
+        width = draw.textlength(text, font=font)
+        while any(x < bx2 and bx1 < x + width and y < by2 and by1 < y + 12 for bx1, by1, bx2, by2 in placed):
+            y += 13
+        placed.append((x, y, x + width, y + 12))
+        return x, y
+
     for p in points:
         c = REFERENCE if p.reference else next(colour)
         if p.x[0] != p.x[0]:  # the real pictures: a dashed horizontal line at their identity
@@ -102,7 +112,10 @@ def draw_tradeoff(points: list[Point], path: str | os.PathLike, title: str = "")
         draw.line([x1, cy, x2, cy], fill=c, width=2)
         draw.line([cx, y1, cx, y2], fill=c, width=2)
         draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=c)
-        draw.text((cx + 8, cy - 14), p.name, fill=c, font=font)
+        labels.append((label_at(cx + 8, cy - 14, p.name), p.name, c))
+    for (lx, ly), text, c in labels:  # after every bar, on white, so no bar hides a name
+        draw.rectangle([lx - 1, ly, lx + draw.textlength(text, font=font) + 1, ly + 12], fill="white")
+        draw.text((lx, ly), text, fill=c, font=font)
     return atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
 
 

@@ -191,8 +191,11 @@ def test_a1111_bundle_words_survive_kohya_and_become_a_pivotal_pair_in_diffusers
     written = export_lora(source, tmp_path / "d", "bundle", "diffusers")
     assert written.words_path == written.path.with_name("bundle_emb.safetensors")
     assert load_file(written.words_path).keys() == {"clip_l"}
-    (word,) = load_lora(written.path).words  # diffusers' pivotal pair: one word, "<s0><s1>" for two vectors
-    assert word.token == "<s0><s1>" and torch.equal(word.vectors["text_encoder"], vectors)
+    # diffusers' pivotal pair: one word; diffusers prompts it "<s0><s1>", the studio reads back the word it wrote
+    (word,) = load_lora(written.path).words
+    assert word.token == "mychar" and torch.equal(word.vectors["text_encoder"], vectors)
+    save_file(load_file(written.words_path), written.words_path)  # the same tensors without the studio's metadata
+    assert [w.token for w in load_lora(written.path).words] == ["<s0><s1>"]
 
 
 def test_sdxl_pivotal_pair_survives_both_forms(loras, tmp_path):
