@@ -13,6 +13,7 @@ written by `studio.engine.lora_export` and read back by `studio.engine.lora.load
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,8 +40,10 @@ class LoraWeights(Method):
         cfg, unet = self.config, self.unet
         targets = CROSS_KEY_VALUE if cfg.lora_targets == "cross-kv" else ATTENTION
         config = LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian", target_modules=targets)
-        with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator: seed it, keep it
-            torch.manual_seed(cfg.seed)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            torch.manual_seed(cfg.seed)  # peft draws lora_A from the global generator: seed it, keep it
+            # peft warns that an adapter joins the LoRA cache's ones: the run's adapter is meant to sit beside them
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             unet.add_adapter(config, adapter_name=ADAPTER)
         unet.set_adapter(ADAPTER)  # the cached LoRAs of earlier requests stay loaded, inactive
         unet.enable_lora()
@@ -51,7 +54,9 @@ class LoraWeights(Method):
 
     def remove_weights(self) -> None:
         unet = self.unet
-        unet.delete_adapters(ADAPTER)
+        with warnings.catch_warnings():  # "was active which is now deleted": every adapter is turned off below
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            unet.delete_adapters(ADAPTER)
         if getattr(unet, "peft_config", None):
             unet.disable_lora()  # the cache's adapters are off between requests (studio.engine.lora.loras_applied)
         self.model.lora_cache._layers = None
