@@ -40,6 +40,18 @@ PROMPT = "a photo of (<w>:1.2) on the beach"  # weighting on the word: per-layer
 NEGATIVE = "blurry"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Pictures are compared bit for bit, which only one thread makes meaningful: with two, the text encoder's
+    matmuls round a batch of every layer's rows differently from the ordinary path's single rows (the CPU kernels
+    block by rows), and the tiny random UNet turns those last bits into whole pixel levels in two steps. What the
+    tests check is that both paths compute the same thing; the demo model's float comparison holds with any count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def sd1(tiny_model_dirs):
     return ModelManager().load(tiny_model_dirs["sd1"])
