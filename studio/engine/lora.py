@@ -35,6 +35,7 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".bin")
 PARTS = ("unet", "text_encoder", "text_encoder_2")  # diffusers pipeline attribute names, as in the state dict keys
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 WORD_KEY = "studio_word"  # metadata of a pivotal words file the studio wrote: the word its prompts use
+PHRASE_KEY = "studio_phrase"  # metadata of a LoRA the studio trained: the words it was trained on
 BUNDLE_PREFIX = "bundle_emb."  # A1111 (PR #13568): bundle_emb.<word>.string_to_param.* or .clip_l / .clip_g
 
 # The UNet's cross-attention key/value input width is the width of the prompt embeddings it was trained on: the text
@@ -78,6 +79,9 @@ class LoraFile:
     # `load_lora_into_unet(..., metadata=)`: `load_lora_weights` reads it from a file, never from a state dict.
     adapter_metadata: dict[str, object] = field(default_factory=dict)
     mtime_ns: int = 0  # the file's modification time when read: with the path, the key of its loaded adapter
+    # The words a DreamBooth-LoRA was trained on ("<token> <class>", PHRASE_KEY in the file's metadata): plain text
+    # to the text encoder, what prompts write to call it; "" when the file says none.
+    phrase: str = ""
 
     @property
     def name(self) -> str:
@@ -172,7 +176,8 @@ def load_lora(path: str | os.PathLike, unet_config: object | None = None) -> Lor
 
     return LoraFile(path=path, state_dict=weights, source_format=source_format, ranks=tuple(sorted(ranks)),
                     modules=modules, families=_families(shapes), size_bytes=path.stat().st_size, words=words,
-                    adapter_metadata=_adapter_metadata(metadata, path), mtime_ns=path.stat().st_mtime_ns)
+                    adapter_metadata=_adapter_metadata(metadata, path), mtime_ns=path.stat().st_mtime_ns,
+                    phrase=str((metadata or {}).get(PHRASE_KEY, "")))
 
 
 def _from_kohya(weights: dict[str, torch.Tensor], path: Path, unet_config: object | None) -> dict[str, torch.Tensor]:

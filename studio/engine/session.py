@@ -141,6 +141,7 @@ def request_for(fields: dict, library: ConceptLibrary, session_id: str) -> tuple
     words = [c for c in concepts if isinstance(c, Concept)]
     words += [word for item in concepts if isinstance(item, tuple) for word in item[0].words]  # bundled words
     known = {word.token for word in words}
+    known |= {w for item in concepts if isinstance(item, tuple) for w in CONCEPT_LIKE.findall(item[0].phrase)}
     text = split_lora_tags(prompt)[0] + " " + negative
     unknown = sorted({word for word in CONCEPT_LIKE.findall(text) if word not in known})
     return GenerateRequest(concepts=concepts, **fields), unknown

@@ -70,7 +70,26 @@ class LoraWeights(Method):
         lora = LoraFile(path=path, state_dict=tensors, source_format="diffusers", ranks=(self.config.rank,),
                         modules={"unet": modules}, families=(self.model.family,), size_bytes=0,
                         words=[word] if word is not None else [])
-        return export_lora(lora, path.parent, path.name, self.config.lora_format, overwrite=True).path
+        written = export_lora(lora, path.parent, path.name, self.config.lora_format, overwrite=True).path
+        return self._add_metadata(written, step)
+
+    def _add_metadata(self, path: Path, step: int) -> Path:
+        """The run's facts in the file's metadata beside what the writer put there (diffusers' adapter config):
+        base model, steps, method, and for DreamBooth-LoRA the phrase it learned (the session then knows that
+        "<token>" in a prompt is that phrase's plain text, not a missing word)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        from studio.engine.files import atomic_write
+        from studio.engine.lora import PHRASE_KEY
+
+        with safe_open(str(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+        metadata.update({f"studio_{key}": value for key, value in self.meta(step).items()})
+        if not self.learns_word:
+            metadata[PHRASE_KEY] = self.phrase()
+        tensors = load_file(str(path))
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     def result(self, path: Path, word: Concept | None) -> LoraFile:
         return load_lora(path, self.model.pipe.unet.config)
