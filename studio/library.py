@@ -93,10 +93,13 @@ class LibraryEntry:
 
     @property
     def kind(self) -> str:
-        """"word", "lora" or "word+lora" (`LoraFile.kind`); "" for a file that could not be read."""
+        """"word", "xti" (a word per layer), "lora" or "word+lora" (`LoraFile.kind`); "" for a file that could not
+        be read."""
         if self.lora is not None:
             return self.lora.kind
-        return "word" if self.concept is not None else ""
+        if self.concept is None:
+            return ""
+        return "xti" if getattr(self.concept, "layers", None) else "word"
 
     @property
     def prompt_text(self) -> str:

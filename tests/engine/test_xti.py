@@ -314,5 +314,6 @@ def test_the_library_finds_a_per_layer_word_and_generation_uses_its_layers(sd1, 
     save_concept(per_layer, tmp_path / "w.safetensors")
     with ConceptLibrary(tmp_path, watch=False) as library:
         found = library.resolve("a photo of <w>")
+        assert [entry.kind for entry in library.entries()] == ["xti"]  # the Library tab's kind column
     assert len(found) == 1 and isinstance(found[0], XtiConcept) and found[0].layers == per_layer.layers
     assert np.array_equal(_picture(sd1, ti, width=32, height=32), _picture(sd1, found[0], width=32, height=32))
