@@ -1,5 +1,6 @@
-"""`studio train --images DIR --token T --init WORD [--method ti|pivotal|lora|dreambooth] [...]`: learn a concept
-from a few pictures: a word (ti), a word and a LoRA (pivotal), a LoRA (lora) or a fine-tuned model (dreambooth).
+"""`studio train --images DIR --token T --init WORD [--method ti|xti|pivotal|lora|dreambooth] [...]`: learn a concept
+from a few pictures: a word (ti), a word per UNet layer (xti), a word and a LoRA (pivotal), a LoRA (lora) or a
+fine-tuned model (dreambooth).
 Runs under `accelerate launch -m studio train ...` on several processes too (README, "Training across GPUs")."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from studio.training.config import LORA_TARGETS, METHODS
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="learn a concept from 3-20 pictures (Textual Inversion, pivotal, "
-                                            "LoRA, DreamBooth)")
+                                            "XTI, LoRA, DreamBooth)")
     p.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the built-in demo)")
     p.add_argument("--images", required=True, type=Path, help="folder of PNG/JPEG/WebP pictures of the concept")
     p.add_argument("--token", required=True, help="the new word, e.g. '<my-cat>'")
