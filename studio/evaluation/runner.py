@@ -458,9 +458,10 @@ def run_evaluation(model_source: str | None, judge: Judge, world: World, cfg: Ev
         if methods:
             results["methods"] = compare_methods(model, judge, sets, list(methods), cfg, work / "methods", identity,
                                                  progress, known)
-        if variants:
-            results["variants"] = compare_methods(model, judge, sets, list(variants), cfg, work / "variants",
-                                                  identity, progress, known)
+        if variants:  # TI is the reference every variant's margin is taken against (and the chart's first point)
+            names = ["ti", *[v for v in variants if v != "ti"]]
+            results["variants"] = compare_methods(model, judge, sets, names, cfg, work / "variants", identity,
+                                                  progress, known)
             if chart is not None:
                 results["chart"] = str(variants_chart(results, chart))
 
