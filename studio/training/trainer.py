@@ -96,7 +96,6 @@ class _Run:
     rng: random.Random  # pictures and templates
     first: int  # the first step still to do
     lr_at: Callable[[int], float]
-    concept: Concept  # the vectors as a per-request concept, for the prompt encoder
     autocast_dtype: torch.dtype | None
     precision: str
     noise_scheduler: object
@@ -126,6 +125,20 @@ class _Denoiser(torch.nn.Module):
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         embeds, extra = self._encode(prompts)
         return self.unet(noisy, t, embeds, **extra).sample
+
+
+def _filled(template: str, said: str) -> str:
+    """A template or caption with the concept's words in place of `{}` (the paper's lists) or `[name]` (A1111's)."""
+    return template.replace("{}", said).replace("[name]", said)
+
+
+def _by_picture(image_words: dict[str, torch.nn.Parameter]) -> list[dict[str, torch.nn.Parameter]]:
+    """Per-image words named "image<i>.<encoder>" -> one `{encoder: vectors}` per picture, in picture order."""
+    pictures: dict[int, dict[str, torch.nn.Parameter]] = {}
+    for name, vectors in image_words.items():
+        picture, key = name.split(".", 1)
+        pictures.setdefault(int(picture.removeprefix("image")), {})[key] = vectors
+    return [pictures[i] for i in sorted(pictures)]
 
 
 # Divergence beyond NaN: a vector this many times the norm of the embedding table's largest row has left the space
@@ -301,7 +314,7 @@ class Trainer:
                       method=self.method.name)
         return resume_from, state
 
-    def _class_latents(self, savings) -> torch.Tensor | None:
+    def _class_latents(self, savings, resolution: int) -> torch.Tensor | None:
         """Prior preservation: the latents of the base model's pictures of "a photo of a <class>", drawn once and
         kept on disk (studio.training.prior)."""
         cfg, model = self.config, self.model
@@ -309,7 +322,6 @@ class Trainer:
             return None
         from studio.training.prior import class_pictures
 
-        resolution = cfg.resolution or model.pipe.unet.config.sample_size * model.pipe.vae_scale_factor
         root = self.out_dir / "class-pictures"
         if self._accelerator.is_main_process:  # one process draws them, the others read them
             class_pictures(model, self.class_prompt, cfg.class_images, root, seed=cfg.seed)
@@ -357,7 +369,7 @@ class Trainer:
         if cfg.template == "captions":
             check_captions(images)
         latents = encode_latents(pipe.vae, images, cfg.flip, model.device, model.dtype, savings.latent_batch)
-        class_latents = self._class_latents(savings)
+        class_latents = self._class_latents(savings, resolution)
         savings.after_latent_cache()
 
         # 3. Parameters (the new vectors and the method's weights, in fp32 whatever the model's dtype), optimizers,
@@ -381,8 +393,9 @@ class Trainer:
         vectors = {k: torch.nn.Parameter(v) for k, v in start.items()}
         image_words = {}
         if cfg.per_image_tokens:  # one vector per picture, from the init words' first token
+            plain = self._init_vectors(plain=True)
             for i in range(len(images)):
-                for key, v in self._init_vectors(plain=True).items():
+                for key, v in plain.items():
                     name = f"image{i}.{key}"
                     value = state.params[name] if state is not None and state.params else v[:1]
                     image_words[name] = torch.nn.Parameter(value.to(device=model.device, dtype=torch.float32).clone())
@@ -393,14 +406,13 @@ class Trainer:
                                                       generator, rng, scaler)
         from diffusers import DDPMScheduler
 
-        concept = self.method.word(dict(vectors), {}) if vectors else None
         run_box: list[_Run] = []
+
+        # The per-image words hold their Parameters themselves (no view of them), so they serve every batch.
+        others = [Concept(self._image_token(i), words, {}) for i, words in enumerate(_by_picture(image_words))]
 
         def encode(prompts: list[str]):
             run = run_box[0]
-            others = [Concept(self._image_token(i), {k.split(".", 1)[1]: v for k, v in image_words.items()
-                                                     if k.startswith(f"image{i}.")}, {})
-                      for i in range(len(images))] if image_words else []
             return self.method.encode(prompts, self._active(vectors, max(run.step, 1)), resolution, others)
 
         denoiser = _Denoiser(self.method.unet, {**vectors, **image_words}, encode)
@@ -412,7 +424,7 @@ class Trainer:
                     init=init, vectors=vectors, weights=weights, optimizers=optimizers, scaler=scaler,
                     accelerator=accelerator, denoiser=denoiser, generator=generator, rng=rng, first=first,
                     lr_at=parse_lr_schedule(cfg.lr_schedule, cfg.learning_rate, cfg.warmup_steps, cfg.steps),
-                    concept=concept, autocast_dtype=autocast_dtype, precision=precision,
+                    autocast_dtype=autocast_dtype, precision=precision,
                     noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), class_latents=class_latents,
                     image_words=image_words, scores=list(state.scores or []) if state is not None else [])
         run_box.append(run)
@@ -435,8 +447,8 @@ class Trainer:
         t = torch.linspace(0.05 * steps, 0.95 * steps, count, device=x0.device).long()
         phrase = self.method.phrase()
         templates = run.templates or ("{}",)
-        prompts = [(run.images[i // (2 if cfg.flip else 1)].caption or templates[k % len(templates)]).replace(
-            "{}", phrase).replace("[name]", phrase) for k, i in enumerate(idx)]
+        prompts = [_filled(run.images[i // (2 if cfg.flip else 1)].caption or templates[k % len(templates)], phrase)
+                   for k, i in enumerate(idx)]
         return run.noise_scheduler.add_noise(x0, noise, t), noise, t, prompts, x0
 
     def _score(self, run: _Run) -> float:
@@ -479,8 +491,7 @@ class Trainer:
         def prompt_of(i: int) -> str:
             picture = i // (2 if cfg.flip else 1)
             said = f"{phrase} with {self._image_token(picture)}" if run.image_words else phrase
-            return (run.images[picture].caption or run.rng.choice(run.templates)).replace("{}", said).replace(
-                "[name]", said)
+            return _filled(run.images[picture].caption or run.rng.choice(run.templates), said)
 
         x0, prompts, noise, t = self._draw(run, run.latents, cfg.batch_size, prompt_of)
         parts = [(x0, prompts, noise, t)]
@@ -602,9 +613,10 @@ class Trainer:
                                 message=f"{self.method.name} (learning {learns}): {len(run.images)} pictures, "
                                         f"{len(run.latents)} latents; memory mode {savings.preset.name} (savings: "
                                         f"{savings_text}); precision {run.precision}{processes}{resumed}"))
-                run.norm_limit = self._norm_limit()
-                run.norm_target = {key: float(enc.get_input_embeddings().weight.detach().float().norm(dim=1).median())
-                                   for key, _, enc in encoders_of(pipe)}
+                norms = self._vocabulary_norms()
+                run.norm_limit = {key: NORM_LIMIT_FACTOR * float(n.max()) for key, n in norms.items()}
+                if cfg.keep_norm:
+                    run.norm_target = {key: float(n.median()) for key, n in norms.items()}
 
                 # 4. The loop.
                 kept.snapshot = lambda step: self._state(step, run)
@@ -659,16 +671,16 @@ class Trainer:
         from studio.engine.concepts import save_concept
 
         folder = inside(self.out_dir, f"{self.file_stem}-image-words")
-        for i in range(len(run.images)):
+        for i, words in enumerate(_by_picture(run.image_words)):
             token = self._image_token(i)
-            vectors = {k.split(".", 1)[1]: v.detach().cpu().clone() for k, v in run.image_words.items()
-                       if k.startswith(f"image{i}.")}
+            vectors = {key: v.detach().cpu().clone() for key, v in words.items()}
             meta = {**self.method.meta(step), "picture": run.images[i].path.name}
             save_concept(Concept(token, vectors, meta), inside(folder, f"{file_stem(token)}.safetensors"))
 
-    def _norm_limit(self) -> dict[str, float]:
-        """Per encoder: NORM_LIMIT_FACTOR times the largest row norm of its embedding table."""
-        return {key: NORM_LIMIT_FACTOR * float(enc.get_input_embeddings().weight.detach().float().norm(dim=1).max())
+    def _vocabulary_norms(self) -> dict[str, torch.Tensor]:
+        """Per encoder: the norm of every row of its embedding table (the divergence guard's limit is
+        NORM_LIMIT_FACTOR times the largest; keep_norm holds the vectors at the median)."""
+        return {key: enc.get_input_embeddings().weight.detach().float().norm(dim=1)
                 for key, _, enc in encoders_of(self.model.pipe)}
 
     @staticmethod

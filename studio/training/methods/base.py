@@ -23,6 +23,7 @@ class Method:
         self.trainer = trainer
         self.config = trainer.config
         self.model = trainer.model
+        self._prompt_cache: dict[str, object] = {}  # `_fixed`: prompt -> its EncodedPrompt
 
     # ---- what learns ---------------------------------------------------------------------------------------------
 
@@ -73,7 +74,7 @@ class Method:
         (so its embeddings never depend on what it was batched with: a resumed run reads the same) and kept."""
         from studio.engine.prompts import EncodedPrompt
 
-        cache = self.__dict__.setdefault("_prompt_cache", {})
+        cache = self._prompt_cache
         for prompt in prompts:
             if prompt not in cache:
                 with torch.no_grad():
