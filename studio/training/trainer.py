@@ -166,12 +166,13 @@ class Trainer:
         self.method = method_for(self)
         self._accelerator = None  # set by run()
         out = Path(out)
-        if out.suffix.lower() == ".safetensors" and not self.method.writes_folder:
-            self.out_dir, self.file_stem = out.parent, out.stem
-        elif self.method.writes_folder:
-            if out.suffix.lower() == ".safetensors":
+        names_a_file = out.suffix.lower() == ".safetensors"
+        if self.method.writes_folder:
+            if names_a_file:
                 raise TrainError(f"{out.name}: dreambooth writes a model folder; give --out a folder path")
             self.out_dir, self.file_stem = out.parent, out.name
+        elif names_a_file:
+            self.out_dir, self.file_stem = out.parent, out.stem
         else:
             self.out_dir, self.file_stem = out, file_stem(config.token)
 
