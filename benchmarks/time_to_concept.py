@@ -24,7 +24,7 @@ from pathlib import Path
 from studio.demo.evaluate import DemoJudge, DemoWorld
 from studio.engine.models import ModelManager
 from studio.evaluation.config import EvalConfig
-from studio.evaluation.report import METHOD_HEADERS, method_rows
+from studio.evaluation.report import methods_table
 from studio.evaluation.runner import compare_methods
 
 FULL, STOPPED = "ti-all-steps", "ti"
@@ -49,10 +49,7 @@ def main() -> int:
     rows = compare_methods(model, judge, sets, [FULL, STOPPED], cfg, work / "runs", world.identity(),
                            progress=lambda m: print(m, flush=True))
 
-    table = [METHOD_HEADERS, *method_rows(rows)]
-    widths = [max(len(r[k]) for r in table) + 2 for k in range(len(METHOD_HEADERS))]
-    for r in table:
-        print("".join(f"{c:<{w}}" for c, w in zip(r, widths)).rstrip())
+    print("\n".join(methods_table(rows, "Every step against stopping when learned")))
     full, stopped = rows[FULL], rows[STOPPED]
     ratio = stopped["train_seconds"] / full["train_seconds"]
     steps = {name: rows[name]["train_steps"] for name in (FULL, STOPPED)}

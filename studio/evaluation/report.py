@@ -72,7 +72,8 @@ def _size(size_bytes: int | None) -> str:
     return f"{size_bytes / 1e3:.1f} KB" if size_bytes < 1e6 else f"{size_bytes / 1e6:.1f} MB"
 
 
-def _methods_table(methods: dict[str, Any], what: str = "Training methods") -> list[str]:
+def methods_table(methods: dict[str, Any], what: str = "Training methods") -> list[str]:
+    """The rows of `method_rows` as aligned text lines under a heading saying what is compared, then the notes."""
     subjects = max((len(m["subjects"]) for m in methods.values()), default=0)
     lines = [f"\n{what} on the same sets (scores pooled over {subjects} object sets: subjects x prompts x "
              "pictures, 95% hierarchical bootstrap; file and training: mean over every set trained):"]
@@ -150,9 +151,9 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"  {name:<40} TI {ti['agreement']:.2f} / {ti['both_present']:.2f}   "
                          f"plain {pl['agreement']:.2f} / {pl['both_present']:.2f}")
     if results.get("methods"):
-        lines += _methods_table(results["methods"])
+        lines += methods_table(results["methods"])
     if results.get("variants"):
-        lines += _methods_table(results["variants"], "The paper's variants")
+        lines += methods_table(results["variants"], "The paper's variants")
         if results.get("chart"):
             lines.append(f"  chart: {results['chart']}")
     lines.append(f"\n{results['seconds']:.0f}s in all")
