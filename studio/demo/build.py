@@ -106,12 +106,13 @@ def _to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def render_data(n: int, seed: int, toy_rate: float = TOY_RATE) -> tuple[torch.Tensor, list[list[str]]]:
+def render_data(n: int, seed: int, toy_rate: float = TOY_RATE,
+                named_rate: float = 0.0) -> tuple[torch.Tensor, list[list[str]]]:
     """`n` training pictures (as a [-1, 1] tensor) with CAPTIONS_PER_PICTURE captions each; deterministic."""
     rng = random.Random(seed)
     images, captions = [], []
     for _ in range(n):
-        scene = sample_scene(rng, training=True, unnamed_rate=UNNAMED_RATE, toy_rate=toy_rate)
+        scene = sample_scene(rng, training=True, unnamed_rate=UNNAMED_RATE, toy_rate=toy_rate, named_rate=named_rate)
         images.append(render(scene, RESOLUTION))
         captions.append([caption(scene, rng) for _ in range(CAPTIONS_PER_PICTURE)])
     return _to_tensor(images), captions
@@ -266,10 +267,11 @@ class _Captions:
     empty_ids: torch.Tensor  # the empty caption, for classifier-free guidance
 
 
-def _tokenize(out: Path, captions: list[list[str]]) -> _Captions:
-    """Step 2 of `build`: the tokenizer, and the captions as ids padded to all 77 positions."""
+def _tokenize(out: Path, captions: list[list[str]], named: bool = False) -> _Captions:
+    """Step 2 of `build`: the tokenizer (with the individuals' names when `named`), and the captions as ids padded
+    to all 77 positions."""
     folder = out.with_name(out.name + ".tokenizer")
-    tokenizer = build_clip_tokenizer(demo_words(), folder)
+    tokenizer = build_clip_tokenizer(demo_words(named), folder)
     flat = [c for caps in captions for c in caps]
     ids = tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.view(len(captions), CAPTIONS_PER_PICTURE, -1)
@@ -330,6 +332,23 @@ def warm_start(folder: Path, tokenizer) -> tuple[CLIPTextModel, UNet2DConditionM
     return text_encoder, UNet2DConditionModel.from_pretrained(folder / "unet")
 
 
+def pyramid_noise(noise: torch.Tensor, gen: torch.Generator, levels: int, discount: float) -> torch.Tensor:
+    """`noise` plus coarser Gaussian noise at 1/2, 1/4, ... of its size (weight `discount` ** level, upsampled
+    bilinearly), scaled back to unit variance per picture: multi-resolution ("pyramid") noise, kohya sd-scripts'
+    `--multires_noise_iterations` / `--multires_noise_discount`. White noise averages out over large areas, so
+    SD's noisiest step still shows where the picture's big shapes are (the 2x2 means of a 16x16 latent keep about
+    half their signal-to-noise); with coarse noise added, layout has to come from the caption, as offset noise did
+    for the picture's mean colour."""
+    b, c, h, w = noise.shape
+    for level in range(1, levels + 1):
+        size = (max(1, h >> level), max(1, w >> level))
+        coarse = torch.randn((b, c, *size), generator=gen)
+        noise = noise + F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) * discount ** level
+        if size == (1, 1):
+            break
+    return noise / noise.flatten(1).std(dim=1).view(b, 1, 1, 1)
+
+
 def min_snr_weights(noise_sched: DDPMScheduler) -> torch.Tensor:
     """Per-timestep loss weights of Min-SNR-5 (Hang et al. 2023) for the scheduler's prediction type."""
     snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)  # zero-snr: 0 at the last step
@@ -341,7 +360,7 @@ def min_snr_weights(noise_sched: DDPMScheduler) -> torch.Tensor:
 def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Captions, log: dict,
                 gen: torch.Generator, snapshot: Callable[[int], None], *, lr: float, batch: int, schedule: str,
                 unet_steps: int | None, budget_left: Callable[[], float], snapshot_minutes: float, t0: float,
-                noise_offset: float = 0.0) -> int:
+                noise_offset: float = 0.0, pyramid: tuple[int, float] = (0, 0.0)) -> int:
     """Step 5 of `build`: train the text encoder and UNet together for `unet_steps` (None: until the time
     `budget_left()` gives when the loop starts is spent); returns the number of steps done.
 
@@ -367,6 +386,8 @@ def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Ca
         tok[torch.rand(batch, generator=gen) < 0.1] = words.empty_ids
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
+        if pyramid[0]:
+            noise = pyramid_noise(noise, gen, *pyramid)
         if noise_offset:
             noise = noise + noise_offset * torch.randn((batch, x0.shape[1], 1, 1), generator=gen)
         t = torch.randint(0, 1000, (batch,), generator=gen)
@@ -395,7 +416,7 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
           unet_steps: int | None = None, snapshot_minutes: float = 15.0, batch: int = 32, lr: float = 1e-3,
           vae_dir: Path | None = None, ceiling_pictures: int = 500, schedule: str = "sd",
           noise_offset: float = 0.0, init_from: Path | None = None, threads: int | None = None,
-          toy_rate: float = TOY_RATE) -> Path:
+          toy_rate: float = TOY_RATE, named_rate: float = 0.0, pyramid: tuple[int, float] = (0, 0.0)) -> Path:
     """Run the recipe of this module's docstring and write the pipeline folder `out`; returns `out`.
 
     All the CPU's cores train (inside the build only: see `_torch_threads`); with `unet_steps` and the same
@@ -406,7 +427,7 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
     with _torch_threads(threads or max(1, os.cpu_count() or 1)):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        log = {"recipe": 5, "world": 2, "toy_rate": toy_rate, "schedule": schedule, "noise_offset": noise_offset,
+        log = {"recipe": 5, "world": 2, "toy_rate": toy_rate, "named_rate": named_rate, "pyramid_noise": list(pyramid), "schedule": schedule, "noise_offset": noise_offset,
                "init_from": str(init_from) if init_from else None, "seed": seed, "minutes": minutes, "vae_steps": vae_steps,
                "n_images": n_images, "batch": batch, "lr": lr,
                "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
@@ -415,8 +436,8 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
         # 1-2. Data and tokenizer. Training uses all 77 positions, padding included: pipelines pad prompts to 77
         # and the UNet attends to every position, so a model that only ever saw the used prefix meets unfamiliar
         # keys at generation time.
-        pixels, captions = render_data(n_images, seed, toy_rate)
-        words = _tokenize(out, captions)
+        pixels, captions = render_data(n_images, seed, toy_rate, named_rate)
+        words = _tokenize(out, captions, named=named_rate > 0)
         used = int((words.ids != words.tokenizer.pad_token_id).sum(-1).max()) + 1
         print(f"data: {n_images} pictures, vocabulary {len(words.tokenizer)} tokens, longest caption {used} tokens, "
               f"{time.time() - t0:.0f}s", flush=True)
@@ -441,7 +462,7 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
 
         step = _train_unet(text_encoder, unet, ema, latents, words, log, gen, snapshot, lr=lr, batch=batch,
                            schedule=schedule, unet_steps=unet_steps, snapshot_minutes=snapshot_minutes, t0=t0,
-                           noise_offset=noise_offset,
+                           noise_offset=noise_offset, pyramid=pyramid,
                            budget_left=lambda: minutes * 60 - (time.time() - t0) - 30)  # 30 s left to save
 
         # 6. Save (the EMA weights).
@@ -475,11 +496,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="continue from an earlier build's text encoder and UNet (its tokenizer may differ)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     parser.add_argument("--toy-rate", type=float, default=TOY_RATE, help="share of objects that are individuals")
+    parser.add_argument("--named-rate", type=float, default=0.0,
+                        help="share of individuals drawn from the named ones (world.NAMED_INDIVIDUALS)")
+    parser.add_argument("--pyramid-noise", type=int, default=0, metavar="LEVELS",
+                        help="add coarser noise at this many halvings of the latent (kohya's multires noise; 0: off)")
+    parser.add_argument("--pyramid-discount", type=float, default=0.7,
+                        help="weight of each coarser level relative to the one finer (kohya's discount)")
     args = parser.parse_args(argv)
     build(args.out, args.minutes, args.seed, args.images, args.vae_steps, args.unet_steps,
           args.snapshot_minutes, args.batch, args.lr, args.vae, schedule=args.schedule,
           noise_offset=args.noise_offset, init_from=args.init_from, threads=args.threads,
-          toy_rate=args.toy_rate)
+          toy_rate=args.toy_rate, named_rate=args.named_rate, pyramid=(args.pyramid_noise, args.pyramid_discount))
 
 
 if __name__ == "__main__":

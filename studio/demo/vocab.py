@@ -1,6 +1,6 @@
 """The demo model's vocabulary: every word the world's captions use, plus common prompt words."""
 
-from studio.demo.world import ATTRIBUTES, UNNAMED
+from studio.demo.world import ATTRIBUTES, UNNAMED, individual_names
 
 PROMPT_WORDS = (
     "a an the of in on and with two shapes picture photo painting rendering drawing style background left right top "
@@ -8,10 +8,11 @@ PROMPT_WORDS = (
 ).split()
 
 
-def demo_words() -> list[str]:
-    """All words of the demo vocabulary, unnamed attribute values excluded (captions never use them)."""
+def demo_words(named: bool = False) -> list[str]:
+    """All words of the demo vocabulary, unnamed attribute values excluded (captions never use them); with `named`,
+    the names of `world.NAMED_INDIVIDUALS` too (a build that draws them)."""
     unnamed = {v for values in UNNAMED.values() for v in values}
-    words = set(PROMPT_WORDS)
+    words = set(PROMPT_WORDS) | (set(individual_names().values()) if named else set())
     for values in ATTRIBUTES.values():
         words.update(v for v in values if v not in unnamed)
     return sorted(words)

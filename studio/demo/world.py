@@ -40,11 +40,16 @@ OWN_PATTERN = "own"  # an individual's "pattern": its own surface, which no capt
 TRAINING_INDIVIDUALS = range(0, 1_000_000)  # seeds training pictures draw individuals from
 BUNDLED_INDIVIDUALS = range(1_000_000, 1_001_000)  # the bundled concept sets' individuals
 HELD_OUT_INDIVIDUALS = range(2_000_000, 3_000_000)  # evaluation-only individuals (never bundled, never trained on)
+# Training individuals that have a name of their own, as SD knows "corgi" or "Pikachu" (a builder's choice,
+# `sample_scene(named_rate=...)`): captions then teach the model that what a word says changes the look of a toy,
+# which captions saying only "toy" never do. No bundled or held-out individual has a name.
+NAMED_INDIVIDUALS = range(3_000_000, 3_000_256)
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": SHAPES + (TOY,), "color": tuple(COLORS), "pattern": PATTERNS + UNNAMED["pattern"], "size": SIZES,
     "position": POSITIONS, "background": tuple(BACKGROUNDS), "style": STYLES,
 }
+ATTRIBUTES_WORDS = {v for values in ATTRIBUTES.values() for v in values}
 TRAINING_EXCLUDED = {("star", "purple"), ("heart", "cyan"), ("cross", "orange")}
 
 _CENTERS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72), "center": (0.5, 0.5)}
@@ -96,6 +101,24 @@ def individual(seed: int, size: str = "big", position: str = "center") -> Obj:
     return Obj(TOY, individual_look(seed).color, OWN_PATTERN, size, position, individual=seed)
 
 
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+@functools.lru_cache(maxsize=1)
+def individual_names() -> dict[int, str]:
+    """Seed -> name of every `NAMED_INDIVIDUALS` member: three syllables, drawn from the seed, all different and none
+    a word the world's captions otherwise use."""
+    taken = set(ATTRIBUTES_WORDS)
+    names: dict[int, str] = {}
+    for seed in NAMED_INDIVIDUALS:
+        rng = random.Random(f"name-{seed}")
+        while (name := "".join(rng.choice(_SYLLABLES) for _ in range(3))) in taken:
+            pass
+        taken.add(name)
+        names[seed] = name
+    return names
+
+
 @dataclass
 class Scene:
     objects: list[Obj]
@@ -110,17 +133,19 @@ def held_out(scene: Scene) -> bool:
 
 
 def sample_scene(rng: random.Random, *, training: bool = True, unnamed_rate: float = 0.0,
-                 toy_rate: float = 0.0, individuals: range = TRAINING_INDIVIDUALS) -> Scene:
+                 toy_rate: float = 0.0, individuals: range = TRAINING_INDIVIDUALS, named_rate: float = 0.0) -> Scene:
     """Draw a random scene; `training=True` never yields held-out pairs nor (by default) unnamed patterns.
     A share `toy_rate` of objects are individuals with seeds from `individuals` (none by default, so scenes drawn
-    without it are the ones world v1 drew for the same seed)."""
+    without it are the ones world v1 drew for the same seed), a share `named_rate` of those from
+    `NAMED_INDIVIDUALS` instead (none by default: scenes drawn without it are world v2's)."""
     n = 1 if rng.random() < 0.75 else 2
     positions = rng.sample(("left", "right"), 2) if n == 2 else [rng.choice(POSITIONS)]
     objects = []
     for pos in positions:
         if toy_rate and rng.random() < toy_rate:
             size = "small" if n == 2 else rng.choice(SIZES)
-            objects.append(individual(rng.choice(individuals), size, pos))
+            pool = NAMED_INDIVIDUALS if named_rate and rng.random() < named_rate else individuals
+            objects.append(individual(rng.choice(pool), size, pos))
             continue
         while True:
             shape, color = rng.choice(SHAPES), rng.choice(tuple(COLORS))
@@ -260,6 +285,9 @@ def _describe(obj: Obj, rng: random.Random, detail: float) -> str:
         words.append(obj.pattern)
     if obj.individual is None or rng.random() < 0.7:  # a toy's main colour is named most of the time
         words.append(obj.color)  # a named shape's colour and shape are always named: the model must learn them
+    name = individual_names().get(obj.individual) if obj.individual in NAMED_INDIVIDUALS else None
+    if name is not None and rng.random() < 0.8:  # a named toy is called by its name most of the time
+        words.append(name)
     words.append(obj.shape)
     text = " ".join(words)
     if rng.random() < detail * 0.7:

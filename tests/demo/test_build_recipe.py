@@ -63,6 +63,18 @@ def test_the_last_training_step_is_pure_noise_and_keeps_its_loss_weight():
     assert torch.allclose(sched.get_velocity(x0, noise, last), -x0)  # the target there: the picture itself
 
 
+def test_pyramid_noise_keeps_unit_variance_and_hides_the_layout():
+    """Multi-resolution noise: still unit variance per picture, but its 2x2 means (where the big shapes are) vary
+    about 3x more than white noise's, so the noisiest steps no longer show the layout; repeatable per generator."""
+    white = torch.randn(256, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    mixed = build.pyramid_noise(white, torch.Generator().manual_seed(1), 4, 0.7)
+    again = build.pyramid_noise(white, torch.Generator().manual_seed(1), 4, 0.7)
+    assert torch.equal(mixed, again) and mixed.shape == white.shape
+    assert torch.allclose(mixed.flatten(1).std(1), torch.ones(256), atol=1e-5)
+    coarse = lambda x: float(torch.nn.functional.avg_pool2d(x, 8).std())  # noqa: E731
+    assert coarse(white) < 0.15 and coarse(mixed) > 2.5 * coarse(white)
+
+
 def test_a_zero_snr_build_saves_a_v_prediction_sampler(tmp_path):
     out = build.build(tmp_path / "z", minutes=5, seed=3, n_images=16, vae_steps=2, unet_steps=2, snapshot_minutes=0,
                       batch=4, ceiling_pictures=0, schedule="zero-snr")

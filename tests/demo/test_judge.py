@@ -13,11 +13,8 @@ from studio.demo.judge import (JUDGE_DIR, VOCAB, Judge, JudgeError, check, load_
 
 TARGET = 0.95  # per-attribute target on clean renders
 VAE_TARGET = 0.9  # issue #16: per attribute (style included) on VAE reconstructions of fresh renders
-# Measured short of the target, stated rather than hidden: style on reconstructions is 0.8585 (2,000 pictures), because
-# reconstructed mosaic reads as soft (163 of 506); raise these to VAE_TARGET when a retrained judge reaches it.
-VAE_FLOOR = {"style": 0.85}
-DEFAULT_SHARE = 0.17  # most of the other styles' reconstructions one style may take; measured: soft takes 12.3% of 2,000
-# (judge.json) and 14.6% of a fresh 300 (binomial SE ~2.3 points); a default for blurry input would take most of them
+DEFAULT_SHARE = 0.17  # most of the other styles' reconstructions one style may take; measured: soft takes 6.7% of 2,000
+# (judge.json; the previous judge 12.3%); a default for blurry input would take most of them
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +44,7 @@ KNOWN_SCENES = [
     world.Scene([_toy(1)], "white", "flat"),
     world.Scene([_toy(2, "small", "top")], "black", "soft"),
     world.Scene([_toy(3, "small", "left"), world.Obj("square", "yellow", "solid", "small", "right")], "gray", "flat"),
-]
-
-# Read wrong by the shipped judge (clean style accuracy 0.971, was 0.992 before it trained on reconstructions):
-# two small objects in mosaic on beige read as flat. Strict: once a retrained judge reads it, move it back above.
-KNOWN_MISSES = [
+    # read as flat by the previous judge (4,000 steps, 40% of its pictures through the VAE); this one reads it
     world.Scene([world.Obj("diamond", "pink", "solid", "small", "right"),
                  world.Obj("star", "blue", "solid", "small", "left")], "beige", "mosaic"),
 ]
@@ -74,12 +67,6 @@ def test_judge_reads_every_attribute_of_known_renders(judge):
     predictions = judge.predict([world.render(s) for s in KNOWN_SCENES])
     for scene, pred in zip(KNOWN_SCENES, predictions):
         assert pred == scene_attributes(scene), f"judge misread {scene}"
-
-
-@pytest.mark.xfail(strict=True, reason="measured: the shipped judge reads this small mosaic pair as flat")
-def test_known_misses_are_still_misread(judge):
-    predictions = judge.predict([world.render(s) for s in KNOWN_MISSES])
-    assert all(pred == scene_attributes(s) for s, pred in zip(KNOWN_MISSES, predictions))
 
 
 def test_toys_from_held_out_seeds_are_read_as_toys_of_their_main_colour(judge):
@@ -122,8 +109,7 @@ def test_accuracy_on_vae_reconstructions_meets_the_target_and_no_style_is_a_defa
     fresh = measure(judge, n=300, seed=778, transform=roundtrip)
     for attribute in VOCAB:
         recorded = info["accuracy_vae"][attribute]
-        floor = VAE_FLOOR.get(attribute, VAE_TARGET)
-        assert recorded >= floor, f"recorded {attribute} accuracy on reconstructions {recorded} < {floor}"
+        assert recorded >= VAE_TARGET, f"recorded {attribute} accuracy on reconstructions {recorded} < {VAE_TARGET}"
         # 300 pictures: a binomial sd of ~1.7% at 0.92; 5 points of slack.
         assert fresh["accuracy"][attribute] >= recorded - 0.05, (attribute, fresh["accuracy"][attribute], recorded)
     for confusion in (info["style_confusion_vae"], fresh["style_confusion"]):

@@ -49,3 +49,28 @@ def test_render_is_64px_rgb_and_attributes_change_pixels():
                    world.Scene([world.Obj("circle", "red", "striped")], "white", "flat"),
                    world.Scene([world.Obj("circle", "red")], "white", "mosaic")):
         assert np.abs(np.asarray(world.render(change), float) - np.asarray(img, float)).mean() > 1.0
+
+
+def test_named_individuals_are_their_own_seeds_and_only_drawn_when_asked():
+    """Names (a builder's choice) belong to seeds no other range holds, differ from each other and from every word
+    the world uses, are said by captions of those toys only, and change nothing of a world drawn without them."""
+    names = world.individual_names()
+    assert list(names) == list(world.NAMED_INDIVIDUALS) and len(set(names.values())) == len(names)
+    assert not set(names.values()) & set(demo_words())
+    for other in (world.TRAINING_INDIVIDUALS, world.BUNDLED_INDIVIDUALS, world.HELD_OUT_INDIVIDUALS):
+        assert not set(world.NAMED_INDIVIDUALS) & set(other)
+    plain, named = random.Random(5), random.Random(5)
+    for _ in range(300):
+        a = world.sample_scene(plain, toy_rate=0.5)
+        b = world.sample_scene(named, toy_rate=0.5, named_rate=0.0)
+        assert a == b and world.caption(a, plain) == world.caption(b, named)
+        assert not any(o.individual in world.NAMED_INDIVIDUALS for o in a.objects)
+    rng, said = random.Random(6), 0
+    for _ in range(300):
+        scene = world.sample_scene(rng, toy_rate=1.0, named_rate=1.0)
+        text = world.caption(scene, rng).split()
+        assert all(o.individual in world.NAMED_INDIVIDUALS for o in scene.objects)
+        said += any(names[o.individual] in text for o in scene.objects)
+        assert set(text) & set(names.values()) <= {names[o.individual] for o in scene.objects}
+    assert 0.7 < said / 300 < 0.97  # most of the time, as the rule says (0.8 per toy)
+    assert set(names.values()) <= set(demo_words(named=True))
