@@ -360,16 +360,20 @@ def min_snr_weights(noise_sched: DDPMScheduler) -> torch.Tensor:
 def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Captions, log: dict,
                 gen: torch.Generator, snapshot: Callable[[int], None], *, lr: float, batch: int, schedule: str,
                 unet_steps: int | None, budget_left: Callable[[], float], snapshot_minutes: float, t0: float,
-                noise_offset: float = 0.0, pyramid: tuple[int, float] = (0, 0.0)) -> int:
+                noise_offset: float = 0.0, pyramid: tuple[int, float] = (0, 0.0),
+                device: torch.device = torch.device("cpu")) -> int:
     """Step 5 of `build`: train the text encoder and UNet together for `unet_steps` (None: until the time
     `budget_left()` gives when the loop starts is spent); returns the number of steps done.
 
     `noise_offset` adds a per-picture, per-channel constant to the noise (Guttenberg 2023, diffusers'
     `--noise_offset`): SD's schedule leaves the picture's mean in its noisiest step, so without it the model reads
-    the background off the noise; with it the mean is noise too and the caption must say it."""
+    the background off the noise; with it the mean is noise too and the caption must say it.
+
+    Every random draw comes from `gen` on the CPU and only then moves to `device` (where the models and `latents`
+    are), so a GPU build draws the same batches, noise and timesteps as a CPU build of the same seed."""
     noise_sched = DDPMScheduler(**NOISE_SCHEDULES[schedule])
     v_prediction = noise_sched.config.prediction_type == "v_prediction"
-    weights = min_snr_weights(noise_sched)
+    weights = min_snr_weights(noise_sched).to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     remaining = budget_left()
@@ -384,15 +388,15 @@ def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Ca
         which = torch.randint(0, CAPTIONS_PER_PICTURE, (batch,), generator=gen)
         tok = words.ids[idx, which].clone()
         tok[torch.rand(batch, generator=gen) < 0.1] = words.empty_ids
-        x0 = latents[idx]
+        x0 = latents[idx.to(latents.device)]
         noise = torch.randn(x0.shape, generator=gen)
         if pyramid[0]:
             noise = pyramid_noise(noise, gen, *pyramid)
         if noise_offset:
             noise = noise + noise_offset * torch.randn((batch, x0.shape[1], 1, 1), generator=gen)
-        t = torch.randint(0, 1000, (batch,), generator=gen)
+        noise, t = noise.to(device), torch.randint(0, 1000, (batch,), generator=gen).to(device)
         xt = noise_sched.add_noise(x0, noise, t)
-        cond = text_encoder(tok).last_hidden_state
+        cond = text_encoder(tok.to(device)).last_hidden_state
         target = noise_sched.get_velocity(x0, noise, t) if v_prediction else noise
         per_sample = F.mse_loss(unet(xt, t, cond).sample, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
@@ -416,7 +420,8 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
           unet_steps: int | None = None, snapshot_minutes: float = 15.0, batch: int = 32, lr: float = 1e-3,
           vae_dir: Path | None = None, ceiling_pictures: int = 500, schedule: str = "sd",
           noise_offset: float = 0.0, init_from: Path | None = None, threads: int | None = None,
-          toy_rate: float = TOY_RATE, named_rate: float = 0.0, pyramid: tuple[int, float] = (0, 0.0)) -> Path:
+          toy_rate: float = TOY_RATE, named_rate: float = 0.0, pyramid: tuple[int, float] = (0, 0.0),
+          device: str = "cpu") -> Path:
     """Run the recipe of this module's docstring and write the pipeline folder `out`; returns `out`.
 
     All the CPU's cores train (inside the build only: see `_torch_threads`); with `unet_steps` and the same
@@ -430,7 +435,7 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
         log = {"recipe": 5, "world": 2, "toy_rate": toy_rate, "named_rate": named_rate, "pyramid_noise": list(pyramid), "schedule": schedule, "noise_offset": noise_offset,
                "init_from": str(init_from) if init_from else None, "seed": seed, "minutes": minutes, "vae_steps": vae_steps,
                "n_images": n_images, "batch": batch, "lr": lr,
-               "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+               "device": device, "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
                            f"torch {torch.__version__}", "vae_loss": [], "unet_loss": []}
 
         # 1-2. Data and tokenizer. Training uses all 77 positions, padding included: pipelines pad prompts to 77
@@ -454,6 +459,8 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
             text_encoder, unet = warm_start(init_from, words.tokenizer)
         else:
             text_encoder, unet = make_text_encoder(words.tokenizer), make_unet()
+        where = torch.device(device)  # the UNet stage only: the VAE is trained (or reused) and applied on the CPU
+        text_encoder, unet, latents = text_encoder.to(where), unet.to(where), latents.to(where)
         ema = _EMA([text_encoder, unet])
 
         def snapshot(step: int) -> None:
@@ -462,7 +469,7 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
 
         step = _train_unet(text_encoder, unet, ema, latents, words, log, gen, snapshot, lr=lr, batch=batch,
                            schedule=schedule, unet_steps=unet_steps, snapshot_minutes=snapshot_minutes, t0=t0,
-                           noise_offset=noise_offset, pyramid=pyramid,
+                           noise_offset=noise_offset, pyramid=pyramid, device=where,
                            budget_left=lambda: minutes * 60 - (time.time() - t0) - 30)  # 30 s left to save
 
         # 6. Save (the EMA weights).
@@ -502,11 +509,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="add coarser noise at this many halvings of the latent (kohya's multires noise; 0: off)")
     parser.add_argument("--pyramid-discount", type=float, default=0.7,
                         help="weight of each coarser level relative to the one finer (kohya's discount)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the text encoder and UNet train (cuda on a GPU machine; the VAE stays on the CPU)")
     args = parser.parse_args(argv)
     build(args.out, args.minutes, args.seed, args.images, args.vae_steps, args.unet_steps,
           args.snapshot_minutes, args.batch, args.lr, args.vae, schedule=args.schedule,
           noise_offset=args.noise_offset, init_from=args.init_from, threads=args.threads,
-          toy_rate=args.toy_rate, named_rate=args.named_rate, pyramid=(args.pyramid_noise, args.pyramid_discount))
+          toy_rate=args.toy_rate, named_rate=args.named_rate, pyramid=(args.pyramid_noise, args.pyramid_discount),
+          device=args.device)
 
 
 if __name__ == "__main__":

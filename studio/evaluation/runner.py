@@ -272,6 +272,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "per-image": {"per_image_tokens": True},
     "xti": {"method": "xti"},
     "ti-all-steps": {"stop_when_learned": False},  # the default run without stopping early (benchmarks)
+    "multi3-all-steps": {"n_vectors": 3, "stop_when_learned": False},  # benchmarks/identity_gap.py
+    "dreambooth-all-steps": {"method": "dreambooth", "stop_when_learned": False},  # the same: the UNet's own reach
     **{m: {"method": m} for m in METHODS if m not in ("ti", "xti")},
 }
 

@@ -42,7 +42,7 @@ HEADERS = ["measure", "with the word", "with plain words", "margin (word − pla
 AUTO, NONE = "auto (the set whose word it is)", "none"
 EVALUATE_SECONDS = 300  # ZeroGPU time for one evaluation: 16 prompts x a few seeds on a real model
 # The paper's variants that are no method of their own (a method's name is a variant too: those are in Methods).
-PAPER_VARIANTS = tuple(v for v in VARIANTS if v not in METHODS)
+PAPER_VARIANTS = tuple(v for v in VARIANTS if v not in METHODS and not v.endswith("-all-steps"))  # those: benchmarks
 
 
 def shown(est: Estimate | None, signed: bool = False) -> str:
