@@ -51,7 +51,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from studio.demo.tokenizer import build_clip_tokenizer
 from studio.demo.vocab import demo_words
-from studio.demo.world import caption, render, sample_scene
+from studio.demo.world import NAMED_INDIVIDUALS, caption, render, sample_scene
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "assets" / "demo-model"
 RESOLUTION = 64
@@ -107,12 +107,15 @@ def _to_tensor(images) -> torch.Tensor:
 
 
 def render_data(n: int, seed: int, toy_rate: float = TOY_RATE,
-                named_rate: float = 0.0) -> tuple[torch.Tensor, list[list[str]]]:
-    """`n` training pictures (as a [-1, 1] tensor) with CAPTIONS_PER_PICTURE captions each; deterministic."""
+                named_rate: float = 0.0, names: int = len(NAMED_INDIVIDUALS)) -> tuple[torch.Tensor, list[list[str]]]:
+    """`n` training pictures (as a [-1, 1] tensor) with CAPTIONS_PER_PICTURE captions each; deterministic. A share
+    `named_rate` of the individuals are the first `names` named ones."""
+    named = NAMED_INDIVIDUALS[:names]
     rng = random.Random(seed)
     images, captions = [], []
     for _ in range(n):
-        scene = sample_scene(rng, training=True, unnamed_rate=UNNAMED_RATE, toy_rate=toy_rate, named_rate=named_rate)
+        scene = sample_scene(rng, training=True, unnamed_rate=UNNAMED_RATE, toy_rate=toy_rate, named_rate=named_rate,
+                             named=named)
         images.append(render(scene, RESOLUTION))
         captions.append([caption(scene, rng) for _ in range(CAPTIONS_PER_PICTURE)])
     return _to_tensor(images), captions
@@ -267,11 +270,11 @@ class _Captions:
     empty_ids: torch.Tensor  # the empty caption, for classifier-free guidance
 
 
-def _tokenize(out: Path, captions: list[list[str]], named: bool = False) -> _Captions:
-    """Step 2 of `build`: the tokenizer (with the individuals' names when `named`), and the captions as ids padded
-    to all 77 positions."""
+def _tokenize(out: Path, captions: list[list[str]], names: int = 0) -> _Captions:
+    """Step 2 of `build`: the tokenizer (with the first `names` named individuals' names), and the captions as ids
+    padded to all 77 positions."""
     folder = out.with_name(out.name + ".tokenizer")
-    tokenizer = build_clip_tokenizer(demo_words(named), folder)
+    tokenizer = build_clip_tokenizer(demo_words(names), folder)
     flat = [c for caps in captions for c in caps]
     ids = tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.view(len(captions), CAPTIONS_PER_PICTURE, -1)
@@ -420,7 +423,7 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
           unet_steps: int | None = None, snapshot_minutes: float = 15.0, batch: int = 32, lr: float = 1e-3,
           vae_dir: Path | None = None, ceiling_pictures: int = 500, schedule: str = "sd",
           noise_offset: float = 0.0, init_from: Path | None = None, threads: int | None = None,
-          toy_rate: float = TOY_RATE, named_rate: float = 0.0, pyramid: tuple[int, float] = (0, 0.0),
+          toy_rate: float = TOY_RATE, named_rate: float = 0.0, names: int = len(NAMED_INDIVIDUALS), pyramid: tuple[int, float] = (0, 0.0),
           device: str = "cpu") -> Path:
     """Run the recipe of this module's docstring and write the pipeline folder `out`; returns `out`.
 
@@ -432,7 +435,7 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
     with _torch_threads(threads or max(1, os.cpu_count() or 1)):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        log = {"recipe": 5, "world": 2, "toy_rate": toy_rate, "named_rate": named_rate, "pyramid_noise": list(pyramid), "schedule": schedule, "noise_offset": noise_offset,
+        log = {"recipe": 5, "world": 2, "toy_rate": toy_rate, "named_rate": named_rate, "names": names if named_rate else 0, "pyramid_noise": list(pyramid), "schedule": schedule, "noise_offset": noise_offset,
                "init_from": str(init_from) if init_from else None, "seed": seed, "minutes": minutes, "vae_steps": vae_steps,
                "n_images": n_images, "batch": batch, "lr": lr,
                "device": device, "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
@@ -441,8 +444,8 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
         # 1-2. Data and tokenizer. Training uses all 77 positions, padding included: pipelines pad prompts to 77
         # and the UNet attends to every position, so a model that only ever saw the used prefix meets unfamiliar
         # keys at generation time.
-        pixels, captions = render_data(n_images, seed, toy_rate, named_rate)
-        words = _tokenize(out, captions, named=named_rate > 0)
+        pixels, captions = render_data(n_images, seed, toy_rate, named_rate, names)
+        words = _tokenize(out, captions, names=names if named_rate else 0)
         used = int((words.ids != words.tokenizer.pad_token_id).sum(-1).max()) + 1
         print(f"data: {n_images} pictures, vocabulary {len(words.tokenizer)} tokens, longest caption {used} tokens, "
               f"{time.time() - t0:.0f}s", flush=True)
@@ -505,6 +508,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--toy-rate", type=float, default=TOY_RATE, help="share of objects that are individuals")
     parser.add_argument("--named-rate", type=float, default=0.0,
                         help="share of individuals drawn from the named ones (world.NAMED_INDIVIDUALS)")
+    parser.add_argument("--names", type=int, default=len(NAMED_INDIVIDUALS),
+                        help="how many of the named individuals those are drawn from (the first N)")
     parser.add_argument("--pyramid-noise", type=int, default=0, metavar="LEVELS",
                         help="add coarser noise at this many halvings of the latent (kohya's multires noise; 0: off)")
     parser.add_argument("--pyramid-discount", type=float, default=0.7,
@@ -515,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     build(args.out, args.minutes, args.seed, args.images, args.vae_steps, args.unet_steps,
           args.snapshot_minutes, args.batch, args.lr, args.vae, schedule=args.schedule,
           noise_offset=args.noise_offset, init_from=args.init_from, threads=args.threads,
-          toy_rate=args.toy_rate, named_rate=args.named_rate, pyramid=(args.pyramid_noise, args.pyramid_discount),
+          toy_rate=args.toy_rate, named_rate=args.named_rate, names=args.names, pyramid=(args.pyramid_noise, args.pyramid_discount),
           device=args.device)
 
 

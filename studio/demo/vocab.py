@@ -8,11 +8,11 @@ PROMPT_WORDS = (
 ).split()
 
 
-def demo_words(named: bool = False) -> list[str]:
-    """All words of the demo vocabulary, unnamed attribute values excluded (captions never use them); with `named`,
-    the names of `world.NAMED_INDIVIDUALS` too (a build that draws them)."""
+def demo_words(names: int = 0) -> list[str]:
+    """All words of the demo vocabulary, unnamed attribute values excluded (captions never use them), and the names
+    of the first `names` of `world.NAMED_INDIVIDUALS` (a build that draws them)."""
     unnamed = {v for values in UNNAMED.values() for v in values}
-    words = set(PROMPT_WORDS) | (set(individual_names().values()) if named else set())
+    words = set(PROMPT_WORDS) | set(list(individual_names().values())[:names])
     for values in ATTRIBUTES.values():
         words.update(v for v in values if v not in unnamed)
     return sorted(words)

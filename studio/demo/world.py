@@ -133,18 +133,19 @@ def held_out(scene: Scene) -> bool:
 
 
 def sample_scene(rng: random.Random, *, training: bool = True, unnamed_rate: float = 0.0,
-                 toy_rate: float = 0.0, individuals: range = TRAINING_INDIVIDUALS, named_rate: float = 0.0) -> Scene:
+                 toy_rate: float = 0.0, individuals: range = TRAINING_INDIVIDUALS, named_rate: float = 0.0,
+                 named: range = NAMED_INDIVIDUALS) -> Scene:
     """Draw a random scene; `training=True` never yields held-out pairs nor (by default) unnamed patterns.
     A share `toy_rate` of objects are individuals with seeds from `individuals` (none by default, so scenes drawn
-    without it are the ones world v1 drew for the same seed), a share `named_rate` of those from
-    `NAMED_INDIVIDUALS` instead (none by default: scenes drawn without it are world v2's)."""
+    without it are the ones world v1 drew for the same seed), a share `named_rate` of those from `named` (a part of
+    `NAMED_INDIVIDUALS`) instead (none by default: scenes drawn without it are world v2's)."""
     n = 1 if rng.random() < 0.75 else 2
     positions = rng.sample(("left", "right"), 2) if n == 2 else [rng.choice(POSITIONS)]
     objects = []
     for pos in positions:
         if toy_rate and rng.random() < toy_rate:
             size = "small" if n == 2 else rng.choice(SIZES)
-            pool = NAMED_INDIVIDUALS if named_rate and rng.random() < named_rate else individuals
+            pool = named if named_rate and rng.random() < named_rate else individuals
             objects.append(individual(rng.choice(pool), size, pos))
             continue
         while True:

@@ -73,4 +73,8 @@ def test_named_individuals_are_their_own_seeds_and_only_drawn_when_asked():
         said += any(names[o.individual] in text for o in scene.objects)
         assert set(text) & set(names.values()) <= {names[o.individual] for o in scene.objects}
     assert 0.7 < said / 300 < 0.97  # most of the time, as the rule says (0.8 per toy)
-    assert set(names.values()) <= set(demo_words(named=True))
+    few = world.NAMED_INDIVIDUALS[:4]  # a build may draw from the first few only (`--names`)
+    drawn = {o.individual for _ in range(200) for o in world.sample_scene(rng, toy_rate=1.0, named_rate=1.0,
+                                                                           named=few).objects}
+    assert drawn == set(few) and len(demo_words(names=4)) == len(demo_words()) + 4
+    assert set(names.values()) <= set(demo_words(names=len(world.NAMED_INDIVIDUALS)))
