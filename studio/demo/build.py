@@ -7,7 +7,9 @@ Recipe (seeded; a wall-clock budget sets the number of steps, so a faster machin
 fixes the count instead for an exactly repeatable run):
 1. Render the world: pictures with three captions each (`studio.demo.world`); a training step picks one, so the
    model sees the same picture described in different words. 10% of objects wear the unnamed "zigzag" pattern,
-   which their captions never mention; 35% are individuals (world v2's toys), each drawn once.
+   which their captions never mention; 35% are individuals (world v2's toys), each drawn once. `--named-rate`
+   draws a share of them from the first `--names` of `world.NAMED_INDIVIDUALS` instead, toys with a name of their
+   own that captions say (not used by the shipped build; docs/demo-model.md, session 9).
 2. Build the tokenizer over the demo vocabulary (`studio.demo.vocab`).
 3. Train a small AutoencoderKL (64x64 RGB -> 4x16x16 latents, no mid-block attention: it is 2x cheaper and the
    world has no long-range structure) with L1 + MSE reconstruction weighted towards object pixels, mostly on
@@ -21,7 +23,10 @@ fixes the count instead for an exactly repeatable run):
    from pure noise draws them at random; zero-snr fixes that but learnt colour and shape far slower here. AdamW
    with warm-up and cosine decay, an EMA of the weights that is what gets saved. `--noise-offset` adds a
    per-channel constant to the noise (offset noise), which fixed build 3's tinted backgrounds at no cost in
-   colour or shape (docs/demo-model.md, build 5); `--init-from` continues an earlier build's text encoder and UNet. Cross-attention sits at the 8x8 and 4x4 levels only: 16x16 self-attention would double the cost.
+   colour or shape (docs/demo-model.md, build 5); `--pyramid-noise` adds coarser noise too (kohya's multi-resolution
+   noise; tried for position, not shipped); `--init-from` continues an earlier build's text encoder and UNet;
+   `--device cuda` trains this stage on a GPU. Cross-attention sits at the 8x8 and 4x4 levels only: 16x16
+   self-attention would double the cost.
 6. Save a standard diffusers StableDiffusionPipeline folder atomically (temp folder, then rename), with a
    snapshot every `--snapshot-minutes` so a cut-off build still leaves a usable model.
 """
@@ -114,8 +119,8 @@ def render_data(n: int, seed: int, toy_rate: float = TOY_RATE,
     rng = random.Random(seed)
     images, captions = [], []
     for _ in range(n):
-        scene = sample_scene(rng, training=True, unnamed_rate=UNNAMED_RATE, toy_rate=toy_rate, named_rate=named_rate,
-                             named=named)
+        scene = sample_scene(rng, training=True, unnamed_rate=UNNAMED_RATE, toy_rate=toy_rate,
+                             named_rate=named_rate, named=named)
         images.append(render(scene, RESOLUTION))
         captions.append([caption(scene, rng) for _ in range(CAPTIONS_PER_PICTURE)])
     return _to_tensor(images), captions
@@ -423,8 +428,8 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
           unet_steps: int | None = None, snapshot_minutes: float = 15.0, batch: int = 32, lr: float = 1e-3,
           vae_dir: Path | None = None, ceiling_pictures: int = 500, schedule: str = "sd",
           noise_offset: float = 0.0, init_from: Path | None = None, threads: int | None = None,
-          toy_rate: float = TOY_RATE, named_rate: float = 0.0, names: int = len(NAMED_INDIVIDUALS), pyramid: tuple[int, float] = (0, 0.0),
-          device: str = "cpu") -> Path:
+          toy_rate: float = TOY_RATE, named_rate: float = 0.0, names: int = len(NAMED_INDIVIDUALS),
+          pyramid: tuple[int, float] = (0, 0.0), device: str = "cpu") -> Path:
     """Run the recipe of this module's docstring and write the pipeline folder `out`; returns `out`.
 
     All the CPU's cores train (inside the build only: see `_torch_threads`); with `unet_steps` and the same
@@ -435,10 +440,13 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
     with _torch_threads(threads or max(1, os.cpu_count() or 1)):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        log = {"recipe": 5, "world": 2, "toy_rate": toy_rate, "named_rate": named_rate, "names": names if named_rate else 0, "pyramid_noise": list(pyramid), "schedule": schedule, "noise_offset": noise_offset,
-               "init_from": str(init_from) if init_from else None, "seed": seed, "minutes": minutes, "vae_steps": vae_steps,
+        log = {"recipe": 5, "world": 2, "toy_rate": toy_rate, "named_rate": named_rate,
+               "names": names if named_rate else 0, "pyramid_noise": list(pyramid), "schedule": schedule,
+               "noise_offset": noise_offset, "init_from": str(init_from) if init_from else None, "seed": seed,
+               "minutes": minutes, "vae_steps": vae_steps,
                "n_images": n_images, "batch": batch, "lr": lr,
-               "device": device, "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+               "device": device,
+               "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
                            f"torch {torch.__version__}", "vae_loss": [], "unet_loss": []}
 
         # 1-2. Data and tokenizer. Training uses all 77 positions, padding included: pipelines pad prompts to 77
@@ -520,8 +528,8 @@ def main(argv: list[str] | None = None) -> None:
     build(args.out, args.minutes, args.seed, args.images, args.vae_steps, args.unet_steps,
           args.snapshot_minutes, args.batch, args.lr, args.vae, schedule=args.schedule,
           noise_offset=args.noise_offset, init_from=args.init_from, threads=args.threads,
-          toy_rate=args.toy_rate, named_rate=args.named_rate, names=args.names, pyramid=(args.pyramid_noise, args.pyramid_discount),
-          device=args.device)
+          toy_rate=args.toy_rate, named_rate=args.named_rate, names=args.names,
+          pyramid=(args.pyramid_noise, args.pyramid_discount), device=args.device)
 
 
 if __name__ == "__main__":
