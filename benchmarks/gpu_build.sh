@@ -11,7 +11,7 @@
 # and here: cat /work/.device/.../demo-model.tar.part-* | tar -x -C /tmp/gpu && studio eval --model
 # /tmp/gpu/demo-model --held-out 12 --seed 3 --prompts 80 (the CPU evaluates: the figures stay comparable).
 #
-# What it builds: build 5 continued (its text encoder, UNet and VAE) on world v2 with the named individuals and
+# What it builds: build 5 continued (its text encoder, UNet and VAE) on world v2 with the 256 named individuals and
 # pyramid noise, at batch 256 (8x the CPU build's) for MINUTES minutes: on the CPU 6,490 steps of batch 32 took
 # 50 minutes on one core.
 set -euo pipefail
