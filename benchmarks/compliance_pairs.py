@@ -22,6 +22,7 @@ from studio.demo.evaluate import DemoJudge, DemoWorld
 from studio.engine.models import ModelManager
 from studio.evaluation.config import EvalConfig
 from studio.evaluation.drawing import generate_pictures
+from studio.evaluation.stats import bootstrap_mean
 
 SHOWN = ("position", "color", "shape", "pattern", "style", "background")
 
@@ -42,11 +43,6 @@ def judged(model, judge, captions, seed: int, pictures: int) -> list[dict[str, f
     return rows
 
 
-def paired(a: list[dict[str, float]], b: list[dict[str, float]], attribute: str, seed: int) -> tuple[float, ...]:
-    d = np.array([x[attribute] - y[attribute] for x, y in zip(a, b) if attribute in x and attribute in y])
-    rng = np.random.default_rng(seed)
-    boot = [d[rng.integers(0, len(d), len(d))].mean() for _ in range(2000)]
-    return float(d.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)), len(d)
 
 
 def main() -> int:
@@ -69,8 +65,9 @@ def main() -> int:
         print(name, means, flush=True)
     for name in models[1:]:
         for attribute in ("position", "color", "mean"):
-            mean, low, high, n = paired(rows[name], rows[models[0]], attribute, args.seed)
-            print(f"{attribute}: {name} - {models[0]}: {mean:+.3f} [{low:+.3f}, {high:+.3f}] (n={n} captions)")
+            d = bootstrap_mean([x[attribute] - y[attribute] for x, y in zip(rows[name], rows[models[0]])
+                                if attribute in x and attribute in y], seed=args.seed)
+            print(f"{attribute}: {name} - {models[0]}: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] (n={d.n} captions)")
     return 0
 
 

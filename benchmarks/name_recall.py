@@ -18,6 +18,7 @@ import torch
 from studio.demo import world
 from studio.demo.evaluate import DemoWorld
 from studio.engine.models import ModelManager
+from studio.evaluation.stats import bootstrap_mean
 
 PLACES = (("left", "white"), ("right", "gray"), ("top", "black"), ("bottom", "beige"), ("center", "white"))
 
@@ -39,12 +40,10 @@ def main() -> int:
             pictures = pipe([prompt] * 3, num_inference_steps=20, guidance_scale=7.5, generator=generator,
                             height=64, width=64).images
             scores[side].append(np.mean(identity.similarity(pictures, references)))
-    margin = np.array(scores["name"]) - np.array(scores["plain"])
-    rng = np.random.default_rng(0)
-    boot = [margin[rng.integers(0, len(margin), len(margin))].mean() for _ in range(2000)]
+    margin = bootstrap_mean([a - b for a, b in zip(scores["name"], scores["plain"])])
     print(f"{args.model or 'demo'}: identity with the name {np.mean(scores['name']):.3f}, without "
-          f"{np.mean(scores['plain']):.3f}, margin {margin.mean():+.3f} [{np.percentile(boot, 2.5):+.3f}, "
-          f"{np.percentile(boot, 97.5):+.3f}] ({len(margin)} toys)")
+          f"{np.mean(scores['plain']):.3f}, margin {margin.mean:+.3f} [{margin.low:+.3f}, {margin.high:+.3f}] "
+          f"({margin.n} toys)")
     return 0
 
 

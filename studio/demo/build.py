@@ -437,11 +437,12 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
     if schedule not in NOISE_SCHEDULES:
         raise ValueError(f"unknown noise schedule {schedule!r}; choose one of: {', '.join(NOISE_SCHEDULES)}")
     t0 = time.time()
+    names = names if named_rate else 0  # the named individuals a build draws (and whose names its tokenizer holds)
     with _torch_threads(threads or max(1, os.cpu_count() or 1)):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         log = {"recipe": 5, "world": 2, "toy_rate": toy_rate, "named_rate": named_rate,
-               "names": names if named_rate else 0, "pyramid_noise": list(pyramid), "schedule": schedule,
+               "names": names, "pyramid_noise": list(pyramid), "schedule": schedule,
                "noise_offset": noise_offset, "init_from": str(init_from) if init_from else None, "seed": seed,
                "minutes": minutes, "vae_steps": vae_steps,
                "n_images": n_images, "batch": batch, "lr": lr,
@@ -453,7 +454,7 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
         # and the UNet attends to every position, so a model that only ever saw the used prefix meets unfamiliar
         # keys at generation time.
         pixels, captions = render_data(n_images, seed, toy_rate, named_rate, names)
-        words = _tokenize(out, captions, names=names if named_rate else 0)
+        words = _tokenize(out, captions, names=names)
         used = int((words.ids != words.tokenizer.pad_token_id).sum(-1).max()) + 1
         print(f"data: {n_images} pictures, vocabulary {len(words.tokenizer)} tokens, longest caption {used} tokens, "
               f"{time.time() - t0:.0f}s", flush=True)
