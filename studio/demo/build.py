@@ -9,8 +9,14 @@ fixes the count instead for an exactly repeatable run):
    model sees the same picture described in different words. 10% of objects wear the unnamed "zigzag" pattern,
    which their captions never mention; 35% are individuals (world v2's toys), each drawn once. `--named-rate`
    draws a share of them from the first `--names` of `world.NAMED_INDIVIDUALS` instead, toys with a name of their
-   own that captions say (not used by the shipped build; docs/demo-model.md, session 9).
-2. Build the tokenizer over the demo vocabulary (`studio.demo.vocab`).
+   own that captions say (not used by the shipped build; docs/demo-model.md, session 9). World v3's levers
+   (`world.WorldOptions`, all off by default and in the shipped build): `--looks coarse` draws individuals whose
+   identity a 64 px picture holds; `--look-words` lets a share of toy descriptions say part of the look in words;
+   `--look-code` calls a share of toys by `world.LOOK_CODE_WORD`, whose input embedding step 5 replaces by the toy's
+   look code (`studio.demo.look_code`).
+2. Build the tokenizer over the demo vocabulary (`studio.demo.vocab`), with the levers' words when they are on;
+   continuing an earlier build (`--init-from`), every token takes the earlier embedding row of the same string, and
+   a word new to it the row `NEW_WORD_INIT` says.
 3. Train a small AutoencoderKL (64x64 RGB -> 4x16x16 latents, no mid-block attention: it is 2x cheaper and the
    world has no long-range structure) with L1 + MSE reconstruction weighted towards object pixels, mostly on
    object-seeking crops (see `train_vae`).
@@ -43,7 +49,7 @@ import random
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -54,9 +60,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from studio.demo.look_code import LookCode, input_rows_replaced, word_spread
 from studio.demo.tokenizer import build_clip_tokenizer
 from studio.demo.vocab import demo_words
-from studio.demo.world import NAMED_INDIVIDUALS, caption, render, sample_scene
+from studio.demo.world import (LOOK_CODE_WORD, LOOKS, NAMED_INDIVIDUALS, TOY, WORLD_V2, WorldOptions, coded_caption,
+                               individual_look, render, sample_scene)
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "assets" / "demo-model"
 RESOLUTION = 64
@@ -78,6 +86,13 @@ NOISE_SCHEDULES = {
     "zero-snr": dict(_BETAS, rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"),
 }
 VAE_CROP, VAE_CROP_SHARE = 32, 0.8  # VAE: crop side, and the share of steps trained on crops
+# Where the embedding row of a word new to a build continued from an earlier one (`warm_start`) starts: the row of
+# the earlier word named (a near meaning), or for None the mean of the earlier build's words (a neutral word). The
+# look code's word starts at "toy", the centre of the codes; its row is only ever read when a user types it.
+NEW_WORD_INIT: dict[str, str | None] = {
+    "stripes": "striped", "spots": "dotted", "spot": "dotted", "round": "circle", "long": None, "lumpy": None,
+    "side": None, "band": None, "cap": None, "one": None, LOOK_CODE_WORD: TOY,
+}
 
 
 def make_vae() -> AutoencoderKL:
@@ -111,19 +126,23 @@ def _to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def render_data(n: int, seed: int, toy_rate: float = TOY_RATE,
-                named_rate: float = 0.0, names: int = len(NAMED_INDIVIDUALS)) -> tuple[torch.Tensor, list[list[str]]]:
-    """`n` training pictures (as a [-1, 1] tensor) with CAPTIONS_PER_PICTURE captions each; deterministic. A share
-    `named_rate` of the individuals are the first `names` named ones."""
+def render_data(n: int, seed: int, toy_rate: float = TOY_RATE, named_rate: float = 0.0,
+                names: int = len(NAMED_INDIVIDUALS), options: WorldOptions = WORLD_V2,
+                ) -> tuple[torch.Tensor, list[list[str]], list[list[list[int]]]]:
+    """`n` training pictures (as a [-1, 1] tensor) with CAPTIONS_PER_PICTURE captions each, and per caption the
+    toys it calls by the look code, in order (`world.coded_caption`); deterministic. A share `named_rate` of the
+    individuals are the first `names` named ones; `options` are world v3's levers (none by default)."""
     named = NAMED_INDIVIDUALS[:names]
     rng = random.Random(seed)
-    images, captions = [], []
+    images, captions, coded = [], [], []
     for _ in range(n):
         scene = sample_scene(rng, training=True, unnamed_rate=UNNAMED_RATE, toy_rate=toy_rate,
-                             named_rate=named_rate, named=named)
+                             named_rate=named_rate, named=named, looks=options.looks)
         images.append(render(scene, RESOLUTION))
-        captions.append([caption(scene, rng) for _ in range(CAPTIONS_PER_PICTURE)])
-    return _to_tensor(images), captions
+        said = [coded_caption(scene, rng, options) for _ in range(CAPTIONS_PER_PICTURE)]
+        captions.append([text for text, _ in said])
+        coded.append([toys for _, toys in said])
+    return _to_tensor(images), captions, coded
 
 
 def _cosine(step_frac: float, warm: float) -> float:
@@ -275,11 +294,39 @@ class _Captions:
     empty_ids: torch.Tensor  # the empty caption, for classifier-free guidance
 
 
-def _tokenize(out: Path, captions: list[list[str]], names: int = 0) -> _Captions:
-    """Step 2 of `build`: the tokenizer (with the first `names` named individuals' names), and the captions as ids
-    padded to all 77 positions."""
+@dataclass
+class _CodedCaptions:
+    """World v3's lever 2c in training: which toy each look-code word of a caption stands for, and the code map."""
+
+    code: LookCode
+    word_id: int  # the look-code word's token id
+    slots: torch.Tensor  # [pictures, CAPTIONS_PER_PICTURE, 2, F]: normalised features of the 1st and 2nd coded toy
+
+    @classmethod
+    def of(cls, code: LookCode, word_id: int, coded: list[list[list[int]]]) -> "_CodedCaptions":
+        toys = sorted({s for caps in coded for toys in caps for s in toys})
+        features = dict(zip(toys, code.normalised([individual_look(s, code.looks) for s in toys]))) if toys else {}
+        slots = torch.zeros(len(coded), CAPTIONS_PER_PICTURE, 2, len(code.feature_mean))
+        for p, caps in enumerate(coded):
+            for c, said in enumerate(caps):
+                for k, seed in enumerate(said):
+                    slots[p, c, k] = features[seed]
+        return cls(code, word_id, slots)
+
+    def rows(self, tok: torch.Tensor, idx: torch.Tensor, which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a batch of captions (`tok` [B, 77], caption `which` of picture `idx`): where the look-code word
+        stands and, in row-major order, the codes that replace it (the k-th in a caption is its k-th coded toy)."""
+        where = tok == self.word_id
+        batch = where.nonzero()[:, 0]
+        slot = where.long().cumsum(1)[where] - 1
+        return where, self.code.from_normalised(self.slots[idx[batch], which[batch], slot])
+
+
+def _tokenize(out: Path, captions: list[list[str]], names: int = 0, options: WorldOptions = WORLD_V2) -> _Captions:
+    """Step 2 of `build`: the tokenizer (with the first `names` named individuals' names and the words `options`
+    put in captions), and the captions as ids padded to all 77 positions."""
     folder = out.with_name(out.name + ".tokenizer")
-    tokenizer = build_clip_tokenizer(demo_words(names), folder)
+    tokenizer = build_clip_tokenizer(demo_words(names, options), folder)
     flat = [c for caps in captions for c in caps]
     ids = tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.view(len(captions), CAPTIONS_PER_PICTURE, -1)
@@ -314,9 +361,10 @@ def _vae_and_latents(out: Path, pixels: torch.Tensor, vae_dir: Path | None, vae_
 def warm_start(folder: Path, tokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel]:
     """The text encoder and UNet of an earlier build (`folder`), for training to continue from them.
 
-    The earlier build's tokenizer may differ (build 3's split "heart" in two): every token of `tokenizer` takes
-    the earlier embedding row of the same token string, or the mean of the rows the earlier tokenizer splits that
-    string into; everything else is copied as is."""
+    The earlier build's tokenizer may differ (build 3's split "heart" in two; world v3's levers add words): every
+    token of `tokenizer` takes the earlier embedding row of the same token string; a word of `NEW_WORD_INIT` the
+    earlier build lacks takes the row that says, and any other token the mean of the rows the earlier tokenizer
+    splits its string into. The embedding table is sized for `tokenizer`; everything else is copied as is."""
     from transformers import CLIPTokenizer
 
     old_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
@@ -328,11 +376,19 @@ def warm_start(folder: Path, tokenizer) -> tuple[CLIPTextModel, UNet2DConditionM
         raise ValueError(f"{folder} is not a build of this recipe's text encoder (differs in {missing + unexpected})")
     old_rows = old_encoder.get_input_embeddings().weight.detach()
     old_vocab = old_tokenizer.get_vocab()
+    # The earlier build's words: BPE builds a word's merges from its left, so a token ending in "</w>" longer than
+    # one byte is a whole word (a single byte with "</w>" is one of the 512 byte symbols).
+    old_words = [i for token, i in old_vocab.items() if token.endswith("</w>") and len(token) > len("x</w>")]
     with torch.no_grad():
         new_rows = text_encoder.get_input_embeddings().weight
         for token, index in tokenizer.get_vocab().items():
+            word = token.removesuffix("</w>")
             if token in old_vocab:
                 new_rows[index] = old_rows[old_vocab[token]]
+            elif token.endswith("</w>") and word in NEW_WORD_INIT:
+                near = NEW_WORD_INIT[word]
+                known = near is not None and f"{near}</w>" in old_vocab
+                new_rows[index] = old_rows[old_vocab[f"{near}</w>"]] if known else old_rows[old_words].mean(0)
             else:
                 pieces = old_tokenizer(tokenizer.convert_tokens_to_string([token]), add_special_tokens=False).input_ids
                 if pieces:
@@ -369,13 +425,16 @@ def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Ca
                 gen: torch.Generator, snapshot: Callable[[int], None], *, lr: float, batch: int, schedule: str,
                 unet_steps: int | None, budget_left: Callable[[], float], snapshot_minutes: float, t0: float,
                 noise_offset: float = 0.0, pyramid: tuple[int, float] = (0, 0.0),
-                device: torch.device = torch.device("cpu")) -> int:
+                device: torch.device = torch.device("cpu"), coded: _CodedCaptions | None = None) -> int:
     """Step 5 of `build`: train the text encoder and UNet together for `unet_steps` (None: until the time
     `budget_left()` gives when the loop starts is spent); returns the number of steps done.
 
     `noise_offset` adds a per-picture, per-channel constant to the noise (Guttenberg 2023, diffusers'
     `--noise_offset`): SD's schedule leaves the picture's mean in its noisiest step, so without it the model reads
     the background off the noise; with it the mean is noise too and the caption must say it.
+
+    With `coded`, the look-code word's input embedding in each caption is replaced by the code of the toy it
+    stands for (`studio.demo.look_code`): fixed points the text encoder and UNet learn to read, never learn.
 
     Every random draw comes from `gen` on the CPU and only then moves to `device` (where the models and `latents`
     are), so a GPU build draws the same batches, noise and timesteps as a CPU build of the same seed."""
@@ -384,7 +443,7 @@ def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Ca
     weights = min_snr_weights(noise_sched).to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    remaining = budget_left()
+    remaining = max(budget_left(), 1.0)  # a budget already spent on data and the VAE still trains for a second
     start, step, last_snap = time.time(), 0, time.time()
     while True:
         frac = step / unet_steps if unet_steps else (time.time() - start) / remaining
@@ -404,7 +463,12 @@ def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Ca
             noise = noise + noise_offset * torch.randn((batch, x0.shape[1], 1, 1), generator=gen)
         noise, t = noise.to(device), torch.randint(0, 1000, (batch,), generator=gen).to(device)
         xt = noise_sched.add_noise(x0, noise, t)
-        cond = text_encoder(tok.to(device)).last_hidden_state
+        if coded is None:
+            cond = text_encoder(tok.to(device)).last_hidden_state
+        else:
+            where, rows = coded.rows(tok, idx, which)
+            with input_rows_replaced(text_encoder, where, rows):
+                cond = text_encoder(tok.to(device)).last_hidden_state
         target = noise_sched.get_velocity(x0, noise, t) if v_prediction else noise
         per_sample = F.mse_loss(unet(xt, t, cond).sample, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
@@ -429,8 +493,9 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
           vae_dir: Path | None = None, ceiling_pictures: int = 500, schedule: str = "sd",
           noise_offset: float = 0.0, init_from: Path | None = None, threads: int | None = None,
           toy_rate: float = TOY_RATE, named_rate: float = 0.0, names: int = len(NAMED_INDIVIDUALS),
-          pyramid: tuple[int, float] = (0, 0.0), device: str = "cpu") -> Path:
-    """Run the recipe of this module's docstring and write the pipeline folder `out`; returns `out`.
+          pyramid: tuple[int, float] = (0, 0.0), device: str = "cpu", options: WorldOptions = WORLD_V2) -> Path:
+    """Run the recipe of this module's docstring and write the pipeline folder `out`; returns `out`. `options` are
+    world v3's levers (`world.WorldOptions`; the default is world v2, the shipped build's).
 
     All the CPU's cores train (inside the build only: see `_torch_threads`); with `unet_steps` and the same
     machine, two builds of one seed are equal bit for bit."""
@@ -441,7 +506,8 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
     with _torch_threads(threads or max(1, os.cpu_count() or 1)):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        log = {"recipe": 5, "world": 2, "toy_rate": toy_rate, "named_rate": named_rate,
+        log = {"recipe": 5, "world": 2 if options == WORLD_V2 else 3, "world_options": asdict(options),
+               "toy_rate": toy_rate, "named_rate": named_rate,
                "names": names, "pyramid_noise": list(pyramid), "schedule": schedule,
                "noise_offset": noise_offset, "init_from": str(init_from) if init_from else None, "seed": seed,
                "minutes": minutes, "vae_steps": vae_steps,
@@ -453,8 +519,8 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
         # 1-2. Data and tokenizer. Training uses all 77 positions, padding included: pipelines pad prompts to 77
         # and the UNet attends to every position, so a model that only ever saw the used prefix meets unfamiliar
         # keys at generation time.
-        pixels, captions = render_data(n_images, seed, toy_rate, named_rate, names)
-        words = _tokenize(out, captions, names=names)
+        pixels, captions, coded_toys = render_data(n_images, seed, toy_rate, named_rate, names, options)
+        words = _tokenize(out, captions, names=names, options=options)
         used = int((words.ids != words.tokenizer.pad_token_id).sum(-1).max()) + 1
         print(f"data: {n_images} pictures, vocabulary {len(words.tokenizer)} tokens, longest caption {used} tokens, "
               f"{time.time() - t0:.0f}s", flush=True)
@@ -471,17 +537,29 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
             text_encoder, unet = warm_start(init_from, words.tokenizer)
         else:
             text_encoder, unet = make_text_encoder(words.tokenizer), make_unet()
+        coded = None
+        if options.look_code:  # lever 2c: codes around "toy", as spread as the words are; fixed from here on
+            table, vocab = text_encoder.get_input_embeddings().weight, words.tokenizer.get_vocab()
+            spread = word_spread(table, [vocab[f"{w}</w>"] for w in demo_words(names)])
+            code = LookCode.fit(options.looks, table[vocab[f"{TOY}</w>"]], spread)
+            coded = _CodedCaptions.of(code, vocab[f"{LOOK_CODE_WORD}</w>"], coded_toys)
+            log["look_code"] = code.to_json()
+        del coded_toys
         where = torch.device(device)  # the UNet stage only: the VAE is trained (or reused) and applied on the CPU
         text_encoder, unet, latents = text_encoder.to(where), unet.to(where), latents.to(where)
         ema = _EMA([text_encoder, unet])
 
         def snapshot(step: int) -> None:
             log["unet_steps"], log["seconds"] = step, round(time.time() - t0, 1)
+            if coded is not None:  # typed in a prompt, the look-code word means the average toy: the codes' centre
+                with torch.no_grad():
+                    table = ema.copies[0].get_input_embeddings().weight
+                    table[coded.word_id] = coded.code.center.to(table)
             save_pipeline(out, vae, ema.copies[0], words.tokenizer, ema.copies[1], log, schedule)
 
         step = _train_unet(text_encoder, unet, ema, latents, words, log, gen, snapshot, lr=lr, batch=batch,
                            schedule=schedule, unet_steps=unet_steps, snapshot_minutes=snapshot_minutes, t0=t0,
-                           noise_offset=noise_offset, pyramid=pyramid, device=where,
+                           noise_offset=noise_offset, pyramid=pyramid, device=where, coded=coded,
                            budget_left=lambda: minutes * 60 - (time.time() - t0) - 30)  # 30 s left to save
 
         # 6. Save (the EMA weights).
@@ -523,6 +601,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="add coarser noise at this many halvings of the latent (kohya's multires noise; 0: off)")
     parser.add_argument("--pyramid-discount", type=float, default=0.7,
                         help="weight of each coarser level relative to the one finer (kohya's discount)")
+    parser.add_argument("--looks", choices=LOOKS, default="fine",
+                        help="individuals' looks: fine (world v2, the shipped build's) or coarse (world v3 lever 1: "
+                        "what a 64 px picture holds)")
+    parser.add_argument("--look-words", type=float, default=0.0, metavar="SHARE",
+                        help="share of toy descriptions that say part of the look in words (world v3 lever 2a)")
+    parser.add_argument("--look-code", type=float, default=0.0, metavar="SHARE",
+                        help=f"share of toy descriptions that call the toy '{LOOK_CODE_WORD}', read as its look code "
+                        "(world v3 lever 2c)")
     parser.add_argument("--device", default="cpu",
                         help="where the text encoder and UNet train (cuda on a GPU machine; the VAE stays on the CPU)")
     args = parser.parse_args(argv)
@@ -530,7 +616,8 @@ def main(argv: list[str] | None = None) -> None:
           args.snapshot_minutes, args.batch, args.lr, args.vae, schedule=args.schedule,
           noise_offset=args.noise_offset, init_from=args.init_from, threads=args.threads,
           toy_rate=args.toy_rate, named_rate=args.named_rate, names=args.names,
-          pyramid=(args.pyramid_noise, args.pyramid_discount), device=args.device)
+          pyramid=(args.pyramid_noise, args.pyramid_discount), device=args.device,
+          options=WorldOptions(args.looks, args.look_words, args.look_code))
 
 
 if __name__ == "__main__":

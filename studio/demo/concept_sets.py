@@ -17,8 +17,10 @@ draw toys, but no word names this one), a (shape, colour) pair the demo model ne
 the paper's bias-reduction case: one shape in many colours, so its word means "a star, any colour" where the plain
 word tends towards a few colours.
 
-`python -m studio.demo.concept_sets --held-out N --out DIR [--seed S]` writes N sets of evaluation-only individuals
-(`world.HELD_OUT_INDIVIDUALS`) instead, for `studio eval --concepts`; they are never bundled.
+`python -m studio.demo.concept_sets --held-out N --out DIR [--seed S] [--looks coarse] [--look-words]` writes N sets
+of evaluation-only individuals (`world.HELD_OUT_INDIVIDUALS`) instead, for `studio eval --concepts`; they are never
+bundled. `--looks` and `--look-words` write them for a world v3 build (`world.WorldOptions`): drawn with its looks,
+their best plain words the fullest description its vocabulary allows.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class ConceptSetSpec:
     # adding or moving a set leaves the others' pictures unchanged. An individual's set uses its individual's seed.
     stream: int = 0
     individual: int | None = None  # the world v2 individual the set shows, if any
+    looks: str = "fine"  # the individual's kind of look (`world.LOOKS`)
 
 
 @dataclass
@@ -119,7 +122,7 @@ def _diverse_scene(rng: random.Random, k: int) -> world.Scene:
     return world.Scene([obj], "white", "flat")
 
 
-def _individual_scenes(seed: int) -> Callable[[random.Random, int], list[world.Scene]]:
+def _individual_scenes(seed: int, looks: str = "fine") -> Callable[[random.Random, int], list[world.Scene]]:
     """One individual as a user photographs their dog: in a different place and room each time.
 
     What TI must keep is the individual, so everything else varies inside the set and nothing else repeats: each
@@ -133,25 +136,28 @@ def _individual_scenes(seed: int) -> Callable[[random.Random, int], list[world.S
         small, soft = rng.sample(range(count), 2)
         scenes = []
         for k in range(count):
-            obj = world.individual(seed, "small" if k == small else "big", positions[k % len(positions)])
+            obj = world.individual(seed, "small" if k == small else "big", positions[k % len(positions)], looks)
             scenes.append(world.Scene([obj], backgrounds[k % len(backgrounds)], "soft" if k == soft else "flat"))
         return scenes
     return draw
 
 
-def individual_spec(seed: int, name: str | None = None) -> ConceptSetSpec:
-    """The concept set of world v2 individual `seed`: its ground truth is the class word and its main colour.
+def individual_spec(seed: int, name: str | None = None, options: world.WorldOptions = world.WORLD_V2) -> ConceptSetSpec:
+    """The concept set of individual `seed` (any integer) in the world `options` describe (default: world v2): its
+    ground truth is the class word and its main colour.
 
     Its pattern is its own surface (`world.OWN_PATTERN`), which no word names and the judge does not read; that it
-    is *this* individual is what the identity metric measures.
+    is *this* individual is what the identity metric measures. Its best plain words are the most the world's
+    vocabulary can say of it: the main colour and the class word, and where captions describe looks
+    (`options.look_words`) everything they can say (`world.look_subject`). The look code is no word and never one.
     """
-    color = world.individual_look(seed).color
+    look = world.individual_look(seed, options.looks)
+    subject = world.look_subject(look, describe=bool(options.look_words))
     name = name or f"toy-{seed}"
     return ConceptSetSpec(
-        name, "object", f"<{name}>", world.TOY, {"shape": world.TOY, "color": color},
-        f"a {color} {world.TOY}", f"{color} {world.TOY}",
+        name, "object", f"<{name}>", world.TOY, {"shape": world.TOY, "color": look.color}, f"a {subject}", subject,
         f"no word names this {world.TOY}: the model saw thousands of {world.TOY}s, never this one",
-        _individual_scenes(seed), stream=seed, individual=seed)
+        _individual_scenes(seed, options.looks), stream=seed, individual=seed, looks=options.looks)
 
 
 SPECS: tuple[ConceptSetSpec, ...] = (
@@ -200,9 +206,10 @@ SPECS: tuple[ConceptSetSpec, ...] = (
 
 
 def _scene_dict(scene: world.Scene) -> dict:
-    """A scene as concept.json stores it; an object's `individual` only where it is one (so sets of named shapes
-    read as they did before world v2)."""
-    objects = [{k: v for k, v in asdict(o).items() if k != "individual" or v is not None} for o in scene.objects]
+    """A scene as concept.json stores it; an object's `individual` only where it is one and its `looks` only where
+    they are not world v2's (so sets read as they did before world v2 and v3)."""
+    default = {"individual": None, "looks": "fine"}
+    objects = [{k: v for k, v in asdict(o).items() if k not in default or v != default[k]} for o in scene.objects]
     return {"objects": objects, "background": scene.background, "style": scene.style}
 
 
@@ -228,7 +235,7 @@ def write_concept_set(spec: ConceptSetSpec, out_dir: Path, seed: int = 0) -> Pat
             "seed": seed, "pictures": pictures}
     if spec.individual is not None:
         info["individual"] = spec.individual
-        info["look"] = asdict(world.individual_look(spec.individual))
+        info["look"] = asdict(world.individual_look(spec.individual, spec.looks))
     (tmp / "concept.json").write_text(json.dumps(info, indent=1) + "\n")
     os.chmod(tmp, 0o755)
 
@@ -256,18 +263,21 @@ def held_out_individuals(n: int, seed: int = 0) -> list[int]:
     return random.Random(f"held-out-{seed}").sample(pool, n)
 
 
-def write_held_out_sets(out_dir: Path, n: int, seed: int = 0) -> list[Path]:
+def write_held_out_sets(out_dir: Path, n: int, seed: int = 0,
+                        options: world.WorldOptions = world.WORLD_V2) -> list[Path]:
     """Write `n` concept sets of evaluation-only individuals into `out_dir/toy-<individual>/`; return the folders.
 
     The individuals come from `world.HELD_OUT_INDIVIDUALS`, which neither training nor the bundled sets use, and
     are the same for the same `seed` (another seed draws others). They are written as the bundled sets are, so
-    `load_concept_set(folder)` and `studio eval --concepts` read them alike.
+    `load_concept_set(folder)` and `studio eval --concepts` read them alike. `options` is the world of the model
+    they will evaluate (its looks, and the words its captions have for them: `individual_spec`).
     """
     out_dir = Path(out_dir)
     if out_dir.resolve() == CONCEPTS_DIR.resolve():
         raise ValueError(f"held-out sets are for evaluation only and must not be bundled: write them outside "
                          f"{CONCEPTS_DIR} (e.g. --out /tmp/held-out)")
-    return [write_concept_set(individual_spec(ind), out_dir, seed) for ind in held_out_individuals(n, seed)]
+    return [write_concept_set(individual_spec(ind, options=options), out_dir, seed)
+            for ind in held_out_individuals(n, seed)]
 
 
 def load_concept_set(name_or_folder: str | Path, root: Path = CONCEPTS_DIR) -> ConceptSet:
@@ -304,12 +314,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--held-out", type=int, default=None, metavar="N",
                         help="write N sets of world.HELD_OUT_INDIVIDUALS instead of the bundled sets (needs --out)")
+    parser.add_argument("--looks", choices=world.LOOKS, default="fine",
+                        help="held-out sets: the individuals' looks (a build's --looks)")
+    parser.add_argument("--look-words", action="store_true",
+                        help="held-out sets: best plain words that describe the look (a build with --look-words)")
     args = parser.parse_args(argv)
     if args.held_out is not None:
         if args.out is None:
             parser.error("--held-out needs --out DIR: held-out sets are never written into the bundled folder")
         try:
-            folders = write_held_out_sets(args.out, args.held_out, args.seed)
+            options = world.WorldOptions(args.looks, look_words=1.0 if args.look_words else 0.0)
+            folders = write_held_out_sets(args.out, args.held_out, args.seed, options)
         except ValueError as e:
             parser.error(str(e))
     else:

@@ -8,6 +8,7 @@ them in; the evaluation itself imports nothing of the demo.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any, Sequence
@@ -56,11 +57,25 @@ class DemoJudge:
 
 class DemoWorld:
     """The procedural world (studio/demo/world.py), its bundled concept sets (assets/concepts/), its held-out
-    individuals and its identity encoder (studio/demo/identity.py, loaded on first use)."""
+    individuals and its identity encoder (studio/demo/identity.py, loaded on first use).
 
-    def __init__(self, identity_folder: Path | str = IDENTITY_DIR):
+    `options` is the world a model was built in (`DemoWorld.for_model` reads it from the build's log): held-out
+    individuals are drawn with its looks and compared with the fullest plain words its captions allow. Base
+    compliance captions are world v2's whatever the options, so every build is asked the same prompts."""
+
+    def __init__(self, identity_folder: Path | str = IDENTITY_DIR, options: world.WorldOptions = world.WORLD_V2):
         self.identity_folder = identity_folder
+        self.options = options
         self._identity: IdentityEncoder | None = None
+
+    @classmethod
+    def for_model(cls, model: str | Path | None, identity_folder: Path | str = IDENTITY_DIR) -> "DemoWorld":
+        """The world the demo-model build in folder `model` was trained in (its training_log.json's
+        "world_options"); world v2 for a build from before world v3, a model without a log or None (the built-in
+        demo, world v2)."""
+        log = Path(model) / "training_log.json" if model else None
+        saved = json.loads(log.read_text()).get("world_options") if log is not None and log.is_file() else None
+        return cls(identity_folder, world.WorldOptions(**saved) if saved else world.WORLD_V2)
 
     def identity(self) -> IdentityEncoder:
         """The identity encoder; a missing one raises IdentityError (a ValueError), which says how to train it."""
@@ -70,8 +85,8 @@ class DemoWorld:
 
     def held_out_sets(self, n: int, seed: int, folder: Path) -> dict[str, ConceptSet]:
         """`n` individuals from `world.HELD_OUT_INDIVIDUALS` (no model or bundled set has seen them), rendered as
-        concept sets under `folder` (concept_sets.write_held_out_sets) and keyed by name."""
-        sets = [load_concept_set(f) for f in write_held_out_sets(Path(folder), n, seed)]
+        concept sets of this world under `folder` (concept_sets.write_held_out_sets) and keyed by name."""
+        sets = [load_concept_set(f) for f in write_held_out_sets(Path(folder), n, seed, self.options)]
         return {cs.name: cs for cs in sets}
 
     def captions(self, n: int, seed: int) -> list[tuple[str, dict[str, Any]]]:

@@ -212,12 +212,13 @@ def identity_quality(enc: IdentityEncoder, objects: Sequence[world.Obj], *, view
 
 
 def measure(enc: IdentityEncoder, *, n_individuals: int = 200, seed: int = 4242,
-            vae: Transform | None = None) -> dict[str, dict]:
+            vae: Transform | None = None, looks: str = "fine") -> dict[str, dict]:
     """identity.json's "quality": held-out individuals (clean, and VAE-reconstructed queries when `vae` is given)
-    and named-shape identities (every (shape, colour, pattern); all seen in training, the renders are fresh)."""
+    and named-shape identities (every (shape, colour, pattern); all seen in training, the renders are fresh).
+    `looks` is the individuals' kind of look (`world.LOOKS`): whether the encoder holds for a world v3 build."""
     rng = random.Random(seed)
     seeds = rng.sample(world.HELD_OUT_INDIVIDUALS, n_individuals)
-    held_out = [world.individual(s) for s in seeds]
+    held_out = [world.individual(s, looks=looks) for s in seeds]
     named = rng.sample(named_identities(), 100)
     quality = {"held_out_individuals": {"clean": identity_quality(enc, held_out, seed=seed)},
                "named_shapes": {"clean": identity_quality(enc, named, seed=seed)}}
@@ -354,12 +355,15 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--individuals", type=int, default=10000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--looks", choices=world.LOOKS, default="fine",
+                        help="--measure: the held-out individuals' kind of look (coarse: world v3's)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.train:
         train(args.out, n_individuals=args.individuals, steps=args.steps, threads=args.threads, seed=args.seed)
     elif args.measure:
         torch.set_num_threads(args.threads)
-        print(json.dumps(measure(IdentityEncoder.load(args.out), vae=load_demo_vae_roundtrip()), indent=1))
+        quality = measure(IdentityEncoder.load(args.out), vae=load_demo_vae_roundtrip(), looks=args.looks)
+        print(json.dumps(quality, indent=1))
     else:
         parser.error("give --train or --measure")
 

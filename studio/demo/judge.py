@@ -122,12 +122,12 @@ def _scene_targets(scene: world.Scene) -> dict[str, int]:
 
 
 def judge_scenes(rng: random.Random, n: int, unnamed_rate: float = 0.2, toy_rate: float = TOY_RATE,
-                 individuals: range = world.TRAINING_INDIVIDUALS) -> list[world.Scene]:
+                 individuals: range = world.TRAINING_INDIVIDUALS, looks: str = "fine") -> list[world.Scene]:
     """Scenes for training or measuring the judge: every (shape, colour) pair, zigzag at `unnamed_rate`, a share
     `toy_rate` of individuals drawn from `individuals` (training's seeds to train; `world.HELD_OUT_INDIVIDUALS` to
-    measure, so "toy" is read as a class, not as the toys it was trained on)."""
+    measure, so "toy" is read as a class, not as the toys it was trained on) with `looks` (`world.LOOKS`)."""
     return [world.sample_scene(rng, training=False, unnamed_rate=unnamed_rate, toy_rate=toy_rate,
-                               individuals=individuals) for _ in range(n)]
+                               individuals=individuals, looks=looks) for _ in range(n)]
 
 
 def to_batch(images: Sequence[Image.Image]) -> torch.Tensor:
@@ -343,14 +343,15 @@ def check(prediction: dict[str, Any], attributes: dict[str, Any]) -> dict[str, b
 
 def measure(judge: Judge, n: int = 2000, seed: int = 12345,
             transform: Callable[[list[Image.Image]], list[Image.Image]] | None = None,
-            toy_rate: float = TOY_RATE) -> dict[str, Any]:
-    """The judge on `n` fresh renders (a seed training never used, individuals from `world.HELD_OUT_INDIVIDUALS`),
+            toy_rate: float = TOY_RATE, looks: str = "fine") -> dict[str, Any]:
+    """The judge on `n` fresh renders (a seed training never used, individuals from `world.HELD_OUT_INDIVIDUALS`
+    with `looks`: "coarse" asks whether it reads world v3's toys),
     or on what `transform` makes of them (e.g. a VAE's reconstructions: the most a model decoding through that VAE
     can reach). Returns `accuracy` (see `measure_accuracy`) and `style_confusion`: for each true style, how many
     pictures the judge read as each style (a style that takes the others' pictures is a default, not a reading).
     """
     rng = random.Random(seed)
-    scenes = judge_scenes(rng, n, toy_rate=toy_rate, individuals=world.HELD_OUT_INDIVIDUALS)
+    scenes = judge_scenes(rng, n, toy_rate=toy_rate, individuals=world.HELD_OUT_INDIVIDUALS, looks=looks)
     pictures = [world.render(s, RESOLUTION) for s in scenes]
     preds = judge.predict(transform(pictures) if transform else pictures)
     hits: dict[str, list[bool]] = {k: [] for k in VOCAB}

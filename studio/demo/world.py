@@ -12,6 +12,15 @@ Three things exist for Textual Inversion to matter, because plain words cannot r
   `HELD_OUT_INDIVIDUALS`, which training never sees.
 - `TRAINING_EXCLUDED`: (shape, colour) pairs never sampled for training (`held_out(scene)` tells them apart).
 - `UNNAMED`: a pattern ("zigzag") that pictures may have but captions never name.
+
+World v3's levers (`WorldOptions`; all off by default, so the default world is v2, build 5's, draw for draw):
+- `looks="coarse"`: individuals whose identity is what a 64 px picture and a 16x16 latent hold (`CoarseLook`: a
+  smooth outline, a second colour over a large region, up to two large marks; nothing 1-2 px wide).
+- `look_words`: a share of toy descriptions say part of the toy's look in words ("a long red toy with a yellow
+  side"), from the words `LOOK_WORDS`; `look_description` is the fullest such phrase (the best plain words).
+- `look_code`: a share of toy descriptions call the toy by `LOOK_CODE_WORD`, whose input embedding the build
+  replaces by a fixed smooth function of the toy's look (`studio.demo.look_code`): the world's stand-in for CLIP's
+  visually ordered word space, so the model learns to draw a look from a point a learned word can reach.
 """
 
 from __future__ import annotations
@@ -55,6 +64,9 @@ TRAINING_EXCLUDED = {("star", "purple"), ("heart", "cyan"), ("cross", "orange")}
 _CENTERS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72), "center": (0.5, 0.5)}
 
 
+LOOKS = ("fine", "coarse")  # how individuals look: world v2's ("fine") or world v3's lever 1 ("coarse")
+
+
 @dataclass
 class Obj:
     shape: str
@@ -63,6 +75,27 @@ class Obj:
     size: str = "big"
     position: str = "center"
     individual: int | None = None  # an individual's seed (shape TOY, pattern OWN_PATTERN); None for named shapes
+    looks: str = "fine"  # an individual's kind of look (`LOOKS`); named shapes ignore it
+
+
+@dataclass(frozen=True)
+class WorldOptions:
+    """What a version of the world draws and what its captions say. The defaults are world v2 (build 5's world):
+    scenes and captions drawn with them are v2's, draw for draw."""
+
+    looks: str = "fine"  # individuals' looks: "fine" (v2, `Look`) or "coarse" (v3 lever 1, `CoarseLook`)
+    look_words: float = 0.0  # share of toy descriptions that say part of the toy's look in words (lever 2a)
+    look_code: float = 0.0  # share of toy descriptions whose class word is `LOOK_CODE_WORD` (lever 2c)
+
+    def __post_init__(self) -> None:
+        if self.looks not in LOOKS:
+            raise ValueError(f"looks must be one of {', '.join(LOOKS)}, not {self.looks!r}")
+        for name in ("look_words", "look_code"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a share of toy descriptions, between 0 and 1, not {getattr(self, name)}")
+
+
+WORLD_V2 = WorldOptions()
 
 
 TEXTURES = ("stripes", "spots", "split", "band")
@@ -81,10 +114,63 @@ class Look:
     param: float  # stripes: frequency; split: offset; band: centre; spots: radius
     spots: tuple[tuple[float, float], ...] = ()
 
+    # Thresholds of the outline words (amplitudes of the k = 2 and k = 3 harmonics): about a third each.
+    LONG, LUMPY = 0.11, 0.09
+
+
+@dataclass(frozen=True)
+class CoarseLook:
+    """An individual whose identity a 64 px picture and a 16x16 latent can hold (world v3, lever 1): a smooth
+    outline (two harmonics, large enough to see), a second colour over one large region, and up to two large round
+    marks of a third colour, all placed in the object's own coordinates. Its smallest part (a mark on a small toy)
+    is ~6 px across, one and a half latent cells; world v2's stripes were 2 px."""
+
+    harmonics: tuple[tuple[float, float], ...]  # (amplitude, phase) for k = 2 (elongation), 3 (a three-lobed bulge)
+    color: str  # the main colour: most of the surface; the one a caption may name
+    second: str  # the region's colour
+    texture: str  # where the second colour lies (`REGIONS`): "side" (beyond a straight cut), "band", "cap" (a disc
+    #               over the rim)
+    angle: float  # the region's direction, radians (a full turn: regions are not symmetric)
+    param: float  # side: offset of the cut; band: its centre; cap: its radius (object radii)
+    mark: str  # the marks' colour (neither the main nor the second)
+    marks: tuple[tuple[float, float], ...] = ()  # centres of 0-2 marks of radius MARK_RADIUS (object radii)
+
+    LONG, LUMPY = 0.22, 0.13  # outline-word thresholds, as `Look`'s
+
+
+# Where a coarse look's second colour lies, and the range of its `param` there: a side's cut leaves the second
+# colour under half the surface, a band is centred within 0.35 of the middle, a cap's radius is 0.55-0.85; the main
+# colour stays the largest, as captions say it is.
+COARSE_PARAMS = {"side": (0.1, 0.45), "band": (-0.35, 0.35), "cap": (0.55, 0.85)}
+REGIONS = tuple(COARSE_PARAMS)
+MARK_RADIUS = 0.28  # object radii: 11 px across on a big toy, 6 px on a small one
+BAND_HALF_WIDTH = 0.25  # object radii: 10 px wide on a big toy, 5 px on a small one
+
+
+def individual_look(seed: int, looks: str = "fine") -> Look | CoarseLook:
+    """The look of individual `seed` in the world's kind of looks (`LOOKS`): deterministic, different for every
+    seed."""
+    if looks == "fine":
+        return _fine_look(seed)
+    if looks == "coarse":
+        return _coarse_look(seed)
+    raise ValueError(f"looks must be one of {', '.join(LOOKS)}, not {looks!r}")
+
 
 @functools.lru_cache(maxsize=4096)
-def individual_look(seed: int) -> Look:
-    """The look of individual `seed`: deterministic, different for every seed."""
+def _coarse_look(seed: int) -> CoarseLook:
+    rng = random.Random(f"coarse-individual-{seed}")
+    harmonics = tuple((rng.uniform(*amplitude), rng.uniform(0, 2 * np.pi)) for amplitude in ((0.08, 0.35), (0.04, 0.2)))
+    color, second, mark = rng.sample(tuple(COLORS), 3)
+    texture = rng.choice(REGIONS)
+    angle = rng.uniform(0, 2 * np.pi)
+    param = {region: rng.uniform(*bounds) for region, bounds in COARSE_PARAMS.items()}[texture]
+    marks = tuple((rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4)) for _ in range(rng.randint(0, 2)))
+    return CoarseLook(harmonics, color, second, texture, angle, param, mark, marks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fine_look(seed: int) -> Look:
     rng = random.Random(f"individual-{seed}")
     harmonics = tuple((rng.uniform(0.06, 0.22) / (k ** 0.5), rng.uniform(0, 2 * np.pi)) for k in range(2, 6))
     color, second = rng.sample(tuple(COLORS), 2)
@@ -96,9 +182,64 @@ def individual_look(seed: int) -> Look:
     return Look(harmonics, color, second, texture, angle, param, spots if texture == "spots" else ())
 
 
-def individual(seed: int, size: str = "big", position: str = "center") -> Obj:
+def individual(seed: int, size: str = "big", position: str = "center", looks: str = "fine") -> Obj:
     """Individual `seed` as an object of a scene (its colour is its main colour)."""
-    return Obj(TOY, individual_look(seed).color, OWN_PATTERN, size, position, individual=seed)
+    return Obj(TOY, individual_look(seed, looks).color, OWN_PATTERN, size, position, individual=seed, looks=looks)
+
+
+# Words that describe a toy's look partially and coarsely (lever 2a): its outline, its second colour's kind of
+# region or texture, its marks. "one" keeps a single mark's phrase free of " and a ", which separates two objects.
+OUTLINE_WORDS = ("round", "long", "lumpy")
+MARKING_WORDS = ("stripes", "spots", "spot", "side", "band", "cap", "one")
+LOOK_WORDS = OUTLINE_WORDS + MARKING_WORDS
+# The pseudo-word of the look code (lever 2c): it stands where "toy" would, and the build replaces its input
+# embedding by the toy's code; typed in a prompt it means the average toy (`studio.demo.look_code`).
+LOOK_CODE_WORD = "lookcode"
+
+
+def outline_word(look: Look | CoarseLook) -> str:
+    """The one word for an individual's outline: "long" (elongated), "lumpy" (a bulging k = 3 harmonic), or
+    "round" (neither, by the look's thresholds)."""
+    a2, a3 = look.harmonics[0][0], look.harmonics[1][0]
+    return "long" if a2 >= look.LONG else "lumpy" if a3 >= look.LUMPY else "round"
+
+
+def _region_phrase(look: Look | CoarseLook, color: bool) -> str:
+    second = f"{look.second} " if color else ""
+    if look.texture in ("stripes", "spots"):
+        return f"{second}{look.texture}"
+    return f"a {second}{'side' if look.texture == 'split' else look.texture}"
+
+
+def _marks_phrase(look: CoarseLook, color: bool) -> str:
+    mark = f"{look.mark} " if color else ""
+    return f"one {mark}spot" if len(look.marks) == 1 else f"{mark}spots"
+
+
+def look_description(look: Look | CoarseLook, rng: random.Random | None = None) -> tuple[str, str]:
+    """(outline adjective, "with ..." clause) for a toy's look; either may be "".
+
+    Without `rng`: everything the words can say (the best plain words for the toy). With it, part of it, as a
+    caption would: the outline word half of the time, the region 70%, the marks half, each colour 80%."""
+    def say(p: float) -> bool:
+        return rng is None or rng.random() < p
+
+    adjective = outline_word(look) if say(0.5) else ""
+    parts = []
+    if say(0.7):
+        parts.append(_region_phrase(look, say(0.8)))
+    if isinstance(look, CoarseLook) and look.marks and say(0.5):
+        parts.append(_marks_phrase(look, say(0.8)))
+    return adjective, f"with {' and '.join(parts)}" if parts else ""
+
+
+def look_subject(look: Look | CoarseLook, describe: bool) -> str:
+    """The plain words for a toy of this look: its main colour and the class word, and with `describe` everything
+    `look_description` can say ("long red toy with a yellow side and one blue spot")."""
+    if not describe:
+        return f"{look.color} {TOY}"
+    adjective, clause = look_description(look)
+    return " ".join(w for w in (adjective, look.color, TOY, clause) if w)
 
 
 _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
@@ -134,11 +275,12 @@ def held_out(scene: Scene) -> bool:
 
 def sample_scene(rng: random.Random, *, training: bool = True, unnamed_rate: float = 0.0,
                  toy_rate: float = 0.0, individuals: range = TRAINING_INDIVIDUALS, named_rate: float = 0.0,
-                 named: range = NAMED_INDIVIDUALS) -> Scene:
+                 named: range = NAMED_INDIVIDUALS, looks: str = "fine") -> Scene:
     """Draw a random scene; `training=True` never yields held-out pairs nor (by default) unnamed patterns.
     A share `toy_rate` of objects are individuals with seeds from `individuals` (none by default, so scenes drawn
     without it are the ones world v1 drew for the same seed), a share `named_rate` of those from `named` (a part of
-    `NAMED_INDIVIDUALS`) instead (none by default: scenes drawn without it are world v2's)."""
+    `NAMED_INDIVIDUALS`) instead (none by default: scenes drawn without it are world v2's). Individuals have the
+    `looks` given (the same draws either way)."""
     n = 1 if rng.random() < 0.75 else 2
     positions = rng.sample(("left", "right"), 2) if n == 2 else [rng.choice(POSITIONS)]
     objects = []
@@ -146,7 +288,7 @@ def sample_scene(rng: random.Random, *, training: bool = True, unnamed_rate: flo
         if toy_rate and rng.random() < toy_rate:
             size = "small" if n == 2 else rng.choice(SIZES)
             pool = named if named_rate and rng.random() < named_rate else individuals
-            objects.append(individual(rng.choice(pool), size, pos))
+            objects.append(individual(rng.choice(pool), size, pos, looks))
             continue
         while True:
             shape, color = rng.choice(SHAPES), rng.choice(tuple(COLORS))
@@ -201,7 +343,7 @@ def _radius(size: str, res: int) -> float:
     return res * (0.30 if size == "big" else 0.17)
 
 
-def _individual_mask(look: Look, size: str, position: str, res: int) -> Image.Image:
+def _individual_mask(look: Look | CoarseLook, size: str, position: str, res: int) -> Image.Image:
     """An individual's silhouette: a closed outline whose radius varies with a few harmonics of the angle."""
     cx, cy = (c * res for c in _CENTERS[position])
     r = _radius(size, res)
@@ -213,12 +355,40 @@ def _individual_mask(look: Look, size: str, position: str, res: int) -> Image.Im
     return mask
 
 
-def _individual_second(look: Look, size: str, position: str, res: int) -> np.ndarray:
-    """1 where an individual shows its second colour, in the object's own coordinates."""
+def _object_coordinates(size: str, position: str, res: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every pixel's place in the object's own coordinates (object radii from its centre)."""
     cx, cy = (c * res for c in _CENTERS[position])
     r = _radius(size, res)
     y, x = np.mgrid[0:res, 0:res]
-    u, v = (x - cx) / r, (y - cy) / r
+    return (x - cx) / r, (y - cy) / r
+
+
+def _individual_fill(look: Look | CoarseLook, size: str, position: str, res: int) -> np.ndarray:
+    """An individual's colours over the whole canvas ([res, res, 3]); its silhouette cuts them out."""
+    def colour(name: str) -> np.ndarray:
+        return np.array(COLORS[name], dtype=float)
+
+    if isinstance(look, Look):
+        second = _individual_second(look, size, position, res)[..., None]
+        return colour(look.color) * (1 - second) + colour(look.second) * second
+    u, v = _object_coordinates(size, position, res)
+    along = u * np.cos(look.angle) + v * np.sin(look.angle)
+    if look.texture == "side":
+        region = along > look.param
+    elif look.texture == "band":
+        region = np.abs(along - look.param) < BAND_HALF_WIDTH
+    else:  # cap: a disc centred on the outline's unit circle
+        region = (u - np.cos(look.angle)) ** 2 + (v - np.sin(look.angle)) ** 2 < look.param ** 2
+    marks = np.zeros((res, res), dtype=bool)
+    for mu, mv in look.marks:
+        marks |= (u - mu) ** 2 + (v - mv) ** 2 < MARK_RADIUS ** 2
+    fill = np.where(region[..., None], colour(look.second), colour(look.color))
+    return np.where(marks[..., None], colour(look.mark), fill)
+
+
+def _individual_second(look: Look, size: str, position: str, res: int) -> np.ndarray:
+    """1 where a world v2 individual shows its second colour, in the object's own coordinates."""
+    u, v = _object_coordinates(size, position, res)
     along = u * np.cos(look.angle) + v * np.sin(look.angle)
     if look.texture == "stripes":  # narrow stripes of the second colour (a third of each period)
         return ((along * look.param * 2) % 1.0 < 0.34).astype(float)
@@ -255,11 +425,9 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     canvas = np.ones((res, res, 3)) * np.array(BACKGROUNDS[scene.background], dtype=float)
     for obj in scene.objects:
         if obj.individual is not None:
-            look = individual_look(obj.individual)
+            look = individual_look(obj.individual, obj.looks)
             mask = np.asarray(_individual_mask(look, obj.size, obj.position, res), dtype=float) / 255.0
-            second = _individual_second(look, obj.size, obj.position, res)[..., None]
-            fill = np.array(COLORS[look.color], dtype=float) * (1 - second) + np.array(COLORS[look.second],
-                                                                                    dtype=float) * second
+            fill = _individual_fill(look, obj.size, obj.position, res)
         else:
             mask = np.asarray(_shape_mask(obj.shape, obj.size, obj.position, res), dtype=float) / 255.0
             base = np.array(COLORS[obj.color], dtype=float)
@@ -278,28 +446,42 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     return img
 
 
-def _describe(obj: Obj, rng: random.Random, detail: float) -> str:
+def _describe(obj: Obj, rng: random.Random, detail: float, options: WorldOptions, coded: list[int]) -> str:
+    """One object's words; a toy whose class word is the look code appends its seed to `coded`."""
     words = []
     if rng.random() < detail:
         words.append(obj.size)
     if obj.pattern in PATTERNS and obj.pattern != "solid" and rng.random() < 0.8:
         words.append(obj.pattern)
-    if obj.individual is None or rng.random() < 0.7:  # a toy's main colour is named most of the time
+    toy = obj.individual is not None
+    adjective, clause = "", ""
+    if toy and options.look_words and rng.random() < options.look_words:  # lever 2a: part of its look in words
+        adjective, clause = look_description(individual_look(obj.individual, obj.looks), rng)
+    if adjective:
+        words.append(adjective)
+    if not toy or rng.random() < 0.7:  # a toy's main colour is named most of the time
         words.append(obj.color)  # a named shape's colour and shape are always named: the model must learn them
     name = individual_names().get(obj.individual) if obj.individual in NAMED_INDIVIDUALS else None
     if name is not None and rng.random() < 0.8:  # a named toy is called by its name most of the time
         words.append(name)
-    words.append(obj.shape)
+    if toy and options.look_code and rng.random() < options.look_code:  # lever 2c: called by its look's code
+        words.append(LOOK_CODE_WORD)
+        coded.append(obj.individual)
+    else:
+        words.append(obj.shape)
+    if clause:
+        words.append(clause)
     text = " ".join(words)
     if rng.random() < detail * 0.7:
         text += f" on the {obj.position}" if obj.position != "center" else " in the center"
     return text
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
-    """A caption naming some of the scene's attributes, in varied wording; never names an `UNNAMED` value."""
+def coded_caption(scene: Scene, rng: random.Random, options: WorldOptions = WORLD_V2) -> tuple[str, list[int]]:
+    """`caption`, and the seeds of the toys the caption calls by `LOOK_CODE_WORD`, in the order it says them."""
+    coded: list[int] = []
     detail = rng.uniform(0.2, 1.0)
-    parts = [_describe(o, rng, detail) for o in scene.objects]
+    parts = [_describe(o, rng, detail, options, coded) for o in scene.objects]
     body = f"a {parts[0]}" if len(parts) == 1 else f"a {parts[0]} and a {parts[1]}"
     if len(parts) == 2 and rng.random() < 0.3 and all(o.individual is None for o in scene.objects):
         body = f"two shapes, a {parts[0]} and a {parts[1]}"
@@ -309,7 +491,13 @@ def caption(scene: Scene, rng: random.Random) -> str:
         body = rng.choice([f"a {scene.style} picture of {body}", f"{body} in {scene.style} style"])
     elif rng.random() < 0.3:
         body = rng.choice([f"a picture of {body}", f"a photo of {body}", body])
-    return body
+    return body, coded
+
+
+def caption(scene: Scene, rng: random.Random, options: WorldOptions = WORLD_V2) -> str:
+    """A caption naming some of the scene's attributes, in varied wording; never names an `UNNAMED` value. With
+    `options` (world v3's levers), toys' descriptions may also say part of their look, or use the look code."""
+    return coded_caption(scene, rng, options)[0]
 
 
 def sample_dataset(n: int, seed: int = 0, size: int = 64, training: bool = True):

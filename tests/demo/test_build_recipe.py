@@ -95,3 +95,39 @@ def test_a_build_leaves_the_thread_count_as_it_found_it(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_world_v3_build_continues_build_5_with_new_words_and_the_look_code(tmp_path, demo_model_dir):
+    """Continuing a build whose tokenizer lacks the levers' words (issue 28's pilots): the embedding table is resized
+    for the new tokenizer, every old word keeps its row, a new word starts at its near word's row (or the words'
+    mean), and the saved look-code word is the codes' centre; the build records its world for the evaluation."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from studio.demo.tokenizer import build_clip_tokenizer
+    from studio.demo.vocab import demo_words
+    from studio.demo.world import LOOK_CODE_WORD, LOOK_WORDS, WorldOptions
+
+    assert set(build.NEW_WORD_INIT) == set(LOOK_WORDS) | {LOOK_CODE_WORD}  # every word a lever adds has its start
+    options = WorldOptions(looks="coarse", look_words=0.5, look_code=0.5)
+    tokenizer = build_clip_tokenizer(demo_words(options=options), tmp_path / "tokenizer")
+    encoder, _ = build.warm_start(demo_model_dir, tokenizer)
+    old = CLIPTextModel.from_pretrained(demo_model_dir / "text_encoder").get_input_embeddings().weight
+    old_vocab = CLIPTokenizer.from_pretrained(demo_model_dir / "tokenizer").get_vocab()
+    rows, vocab = encoder.get_input_embeddings().weight, tokenizer.get_vocab()
+    assert rows.shape[0] == len(tokenizer) > old.shape[0]
+    assert torch.equal(rows[vocab["red</w>"]], old[old_vocab["red</w>"]])
+    assert torch.equal(rows[vocab["stripes</w>"]], old[old_vocab["striped</w>"]])
+    assert torch.equal(rows[vocab[f"{LOOK_CODE_WORD}</w>"]], old[old_vocab["toy</w>"]])
+    assert torch.equal(rows[vocab["round</w>"]], old[old_vocab["circle</w>"]])
+    words = [i for token, i in old_vocab.items() if token.endswith("</w>") and len(token) > len("x</w>")]
+    assert torch.allclose(rows[vocab["long</w>"]], old[words].mean(0))  # no near word: the earlier words' mean
+
+    out = build.build(tmp_path / "v3", minutes=5, seed=3, n_images=24, unet_steps=2, snapshot_minutes=0, batch=4,
+                      ceiling_pictures=0, vae_dir=demo_model_dir / "vae", init_from=demo_model_dir, threads=1,
+                      toy_rate=1.0, options=options)
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["world"] == 3 and log["world_options"] == {"looks": "coarse", "look_words": 0.5, "look_code": 0.5}
+    saved = ModelManager().load(out).pipe
+    word = saved.tokenizer.convert_tokens_to_ids(f"{LOOK_CODE_WORD}</w>")
+    centre = torch.tensor(log["look_code"]["center"])
+    assert torch.allclose(saved.text_encoder.get_input_embeddings().weight[word], centre)
