@@ -103,9 +103,12 @@ class LibraryEntry:
 
     @property
     def prompt_text(self) -> str:
-        """What a concept picker writes into a prompt: the word itself, or `<lora:name:1>` for a LoRA (A1111 inserts
-        a LoRA's tag at weight 1 too)."""
-        return f"<lora:{self.lora.name}:1>" if self.lora is not None else self.token
+        """What a concept picker writes into a prompt: the word itself; for a word+LoRA file (pivotal tuning) its
+        words, which bring its LoRA (`ConceptLibrary.resolve`); `<lora:name:1>` for a LoRA alone (A1111 inserts a
+        LoRA's tag at weight 1 too)."""
+        if self.lora is None:
+            return self.token
+        return " ".join(word.token for word in self.lora.words) or f"<lora:{self.lora.name}:1>"
 
 
 @dataclass
@@ -191,6 +194,7 @@ class ConceptLibrary:
         self._sessions: dict[str, dict[str, Concept]] = {}
         self._by_token: dict[str, Path] = {}     # token -> the file that wins it
         self._loras_by_name: dict[str, Path] = {}  # LoRA name (file stem) -> the file that wins it
+        self._lora_words: dict[str, Path] = {}   # word a LoRA file carries (pivotal tuning) -> that LoRA file
         self._parts: set[Path] = set()           # words files of pivotal pairs, listed with their LoRA file
         self._session_loras: dict[str, dict[str, LoraFile]] = {}
         self._shadowed: dict[Path, Path] = {}    # losing duplicate -> winner
@@ -282,7 +286,7 @@ class ConceptLibrary:
 
         Words and LoRA names are apart (a prompt writes `cat` and `<lora:cat>`). The words file of a diffusers
         pivotal pair belongs to its LoRA file's entry (`_pivotal_parts`), not to an entry of its own."""
-        self._by_token, self._loras_by_name, self._shadowed = {}, {}, {}
+        self._by_token, self._loras_by_name, self._lora_words, self._shadowed = {}, {}, {}, {}
         self._parts = _pivotal_parts(self._files)
         order = sorted(self._files, key=lambda p: (len(p.relative_to(self.root).parts), p.relative_to(self.root).as_posix()))
         for path in order:
@@ -294,6 +298,8 @@ class ConceptLibrary:
             winner = index.get(key)
             if winner is None:
                 index[key] = path
+                for word in cached.lora.words if cached.lora is not None else ():
+                    self._lora_words.setdefault(word.token, path)  # the first LoRA file in this order wins a word
             else:
                 self._shadowed[path] = winner
 
@@ -366,12 +372,13 @@ class ConceptLibrary:
     # ------------------------------------------------------------------------------------------------ reading
 
     def entries(self, encoder_dims: dict[str, int] | None = None, session: str | None = None, *,
-                family: str | None = None, model_name: str = "") -> list[LibraryEntry]:
+                model_name: str = "") -> list[LibraryEntry]:
         """Every file (unreadable ones with their error) and this session's concepts, with fits/reason for the model.
 
-        `encoder_dims` judges words (their widths); `family` (the loaded model's, `LoadedModel.family`) judges LoRA
-        files by `studio.engine.lora.check_loras_fit`, the check a request makes, and `model_name` names the model in
-        its reason. Without them everything is listed as fitting."""
+        `encoder_dims` (the loaded model's, `LoadedModel.encoder_dims`) judges words by their widths (`check_fits`)
+        and LoRA files by `studio.engine.lora.check_loras_fit`: the checks a request makes, so what is listed as
+        fitting is what generation takes. `model_name` names the model in a reason. Without `encoder_dims`
+        everything is listed as fitting."""
         with self._lock:
             self.refresh()
             session_concepts = self._session(session) if session is not None else {}
@@ -381,7 +388,7 @@ class ConceptLibrary:
                 fits, reason = self._fit(concept, encoder_dims, where=f"session concept {token!r}")
                 rows.append(LibraryEntry(None, token, concept, fits, reason, session))
             for name, lora in sorted(session_loras.items()):
-                fits, reason = _lora_fit(lora, encoder_dims, family, model_name)
+                fits, reason = _lora_fit(lora, encoder_dims, model_name)
                 rows.append(LibraryEntry(None, name, None, fits, reason, session, lora))
             for path in sorted(self._files, key=lambda p: p.relative_to(self.root).as_posix()):
                 cached = self._files[path]
@@ -400,7 +407,7 @@ class ConceptLibrary:
                     rows.append(LibraryEntry(path, token, concept, False, reason, None, lora))
                     continue
                 if lora is not None:
-                    fits, reason = _lora_fit(lora, encoder_dims, family, model_name)
+                    fits, reason = _lora_fit(lora, encoder_dims, model_name)
                     if fits and token in session_loras:
                         reason = "this session has its own LoRA with this name, which is used instead"
                 else:
@@ -421,24 +428,45 @@ class ConceptLibrary:
         return True, ""
 
     def get(self, token: str, session: str | None = None) -> Concept:
-        """The concept for `token`: this session's own first, then the library's; ConceptError when unknown."""
+        """The concept for `token`: this session's own first, then the library's; ConceptError when unknown.
+
+        The word of a word+LoRA file (pivotal tuning) is no concept on its own: its vectors were learned with its
+        LoRA, and a prompt that writes it gets both (`resolve`). Asked for here, the error says so."""
         with self._lock:
             if self.watching:
                 self._catch_up()
-            found = self._lookup(token, session)
+            found = self._lookup_word(token, session)
             if found is None:  # a miss only: a full scan finds what no event told of (e.g. on a network share)
                 self.refresh()
-                found = self._lookup(token, session)
+                found = self._lookup_word(token, session)
             if found is None:
                 raise ConceptError(f"no concept named {token!r} in the shared library or this session: check the "
                                    "spelling, or train or import it first")
-            return found
+            concept, lora = found
+            if lora is not None:
+                raise ConceptError(f"{token!r} is the word of the LoRA {lora.name} ({lora.path.name}) and works only "
+                                   f"with it: write {token} in a prompt, which applies the LoRA too")
+            return concept
 
-    def _lookup(self, token: str, session: str | None) -> Concept | None:
-        if session is not None and token in self._session(session):
-            return self._sessions[session][token]
-        path = self._by_token.get(token)
-        return self._files[path].concept if path is not None else None
+    def _lookup_word(self, word: str, session: str | None) -> tuple[Concept, LoraFile | None] | None:
+        """The concept a prompt's `word` names and the LoRA file it comes with (None for a word alone): this
+        session's words, then the words its LoRA files carry, then the library's in the same order."""
+        if session is not None:
+            mine = self._session(session)
+            if word in mine:
+                return mine[word], None
+            for lora in self._session_loras.get(session, {}).values():
+                carried = next((w for w in lora.words if w.token == word), None)
+                if carried is not None:
+                    return carried, lora
+        path = self._by_token.get(word)
+        if path is not None:
+            return self._files[path].concept, None
+        path = self._lora_words.get(word)
+        if path is not None:
+            lora = self._files[path].lora
+            return next(((w, lora) for w in lora.words if w.token == word), None)
+        return None
 
     def lora(self, name: str, session: str | None = None) -> LoraFile:
         """The LoRA file a prompt names as `<lora:name>`: this session's own first, then the library's (by file stem,
@@ -472,8 +500,10 @@ class ConceptLibrary:
         """What `prompt` names: the concepts whose token occurs in it as a whole word
         (`studio.engine.prompts.split_concept_words`, the rule the prompt encoder places them by), in order of first
         use, then a `(LoraFile, weight)` for each `<lora:name:weight>` tag (`split_lora_tags`, the rule `generate`
-        reads tags by), in the order written: the items `GenerateRequest(concepts=...)` takes. A tag that names no
-        LoRA of the library or `session` raises LoraError (a UserError).
+        reads tags by), in the order written, then `(LoraFile, 1.0)` for each LoRA file whose word the prompt writes
+        without a tag for it (pivotal tuning: the word brings the weights learned with it; a tag sets their weight,
+        and the file is named once): the items `GenerateRequest(concepts=...)` takes. A tag that names no LoRA of
+        the library or `session` raises LoraError (a UserError).
 
         Costs a few dict look-ups per prompt word (one per place the word could end), whatever the library size;
         while watching, no file-system call unless an event came since the last read. Whether a concept fits the
@@ -483,12 +513,26 @@ class ConceptLibrary:
         text, tags = split_lora_tags(prompt)  # words inside a tag (<lora:cat:1>) are no concept words
         with self._lock:
             self._catch_up()
-            found: dict[str, Concept] = {}
-            for part in split_concept_words(text, lambda word: self._lookup(word, session)):
+            carried_by: dict[int, LoraFile] = {}  # id of a word a LoRA file carries -> that file
+
+            def lookup(word: str) -> Concept | None:
+                found = self._lookup_word(word, session)
+                if found is None:
+                    return None
+                if found[1] is not None:
+                    carried_by[id(found[0])] = found[1]
+                return found[0]
+
+            words: dict[str, Concept] = {}
+            for part in split_concept_words(text, lookup):
                 if isinstance(part, Concept):
-                    found.setdefault(part.token, part)
+                    words.setdefault(part.token, part)
             loras = [(self.lora(name, session), weight) for name, weight in tags]
-            return [*found.values(), *loras]
+            for word in words.values():
+                lora = carried_by.get(id(word))
+                if lora is not None and not any(lora is named for named, _ in loras):
+                    loras.append((lora, 1.0))
+            return [*words.values(), *loras]
 
     # ------------------------------------------------------------------------------------------------ writing
 
@@ -796,10 +840,12 @@ def _is_concept_file_name(name: str) -> bool:
     return suffix in READ_SUFFIXES and not (suffix in IMAGE_SUFFIXES and stem.lower().endswith(".preview"))
 
 
-def _token_of(cached: _CachedFile) -> str | None:
-    if cached.lora is not None:
-        return f"<lora:{cached.lora.name}>"  # a name apart from every word: a file turned LoRA is re-indexed
-    return cached.concept.token if cached.concept is not None else None
+def _token_of(cached: _CachedFile) -> tuple[str, ...] | None:
+    """What a file is indexed by: its word, or its LoRA name and the words it carries (a retrained pivotal file with
+    another word is re-indexed)."""
+    if cached.lora is not None:  # a name apart from every word: a file turned LoRA is re-indexed
+        return (f"<lora:{cached.lora.name}>", *(word.token for word in cached.lora.words))
+    return (cached.concept.token,) if cached.concept is not None else None
 
 
 def _read_file(path: Path, stamp: tuple) -> _CachedFile:
@@ -819,14 +865,15 @@ def _read_file(path: Path, stamp: tuple) -> _CachedFile:
         return _CachedFile(stamp, None, str(exc))
 
 
-def _lora_fit(lora: LoraFile, encoder_dims: dict[str, int] | None, family: str | None,
-              model_name: str) -> tuple[bool, str]:
-    """Whether a LoRA file fits the loaded model, and why not: its weights by the check every request makes
-    (`check_loras_fit`), the words it carries by their widths (`check_fits`)."""
+def _lora_fit(lora: LoraFile, encoder_dims: dict[str, int] | None, model_name: str) -> tuple[bool, str]:
+    """Whether a LoRA file fits the model with `encoder_dims` (None: any model), and why not: its weights by the
+    check every request makes (`check_loras_fit`), the words it carries by their widths (`check_fits`, the prompt
+    encoder's check)."""
+    if encoder_dims is None:
+        return True, ""
     try:
-        if family is not None:
-            check_loras_fit([(lora, 1.0)], family, model_name or family_of(encoder_dims or {})[1])
-        for word in lora.words if encoder_dims is not None else ():
+        check_loras_fit([(lora, 1.0)], encoder_dims, model_name or family_of(encoder_dims)[1])
+        for word in lora.words:
             check_fits(word, encoder_dims, where=f"{lora.path.name}, bundled word {word.token!r}")
     except (LoraError, ConceptMismatchError) as exc:
         return False, str(exc)

@@ -481,7 +481,7 @@ def test_falls_back_to_the_periodic_scan_where_events_cannot_be_had(tmp_path, mo
 
 # ----------------------------------------------------------------------------------------------------- LoRA files
 
-SD1_MODEL = dict(encoder_dims=SD1, family="sd1", model_name="tiny-sd1")
+SD1_MODEL = dict(encoder_dims=SD1, model_name="tiny-sd1")
 
 
 def write_lora(path: Path, cross_width: int, *, rank: int = 4, seed: int = 0,
@@ -550,7 +550,7 @@ def test_a_diffusers_pivotal_pair_is_one_entry(tmp_path):
     write_lora(root / "pet.safetensors", 2048)
     save_file({"clip_l": vectors(768, n=2), "clip_g": vectors(1280, n=2)}, root / "pet_emb.safetensors")
     library = ConceptLibrary(root, watch=False)
-    entry, = library.entries({"text_encoder": 768, "text_encoder_2": 1280}, family="sdxl")
+    entry, = library.entries({"text_encoder": 768, "text_encoder_2": 1280})
     assert (entry.token, entry.kind, entry.fits) == ("pet", "word+lora", True), entry.reason
     assert [w.token for w in entry.lora.words] == ["<s0><s1>"]
     library.delete("pet")
@@ -609,8 +609,8 @@ def test_request_for_carries_the_loras_of_the_prompt_with_their_weights(tmp_path
     fields = dict(prompt="a <toy> cat <lora:ink:0.6> <lora:toy:0.3>", negative_prompt="blurry <nothing>", seed=1)
     req, unknown = request_for(fields, library, "s")
     assert [(lora.name, weight) for lora, weight in req.loras] == [("ink", 0.6), ("toy", 0.3)]
-    assert [c.token for c in req.concepts] == ["cat", "<toy>"]
-    assert unknown == ["<nothing>"]  # the bundled word is known through its LoRA
+    assert [c.token for c in req.concepts] == ["<toy>", "cat"]  # the bundled word is a word of the prompt
+    assert unknown == ["<nothing>"]
     req, _ = request_for(dict(prompt="a cat", negative_prompt=""), library, "s")
     assert req.loras == [] and [c.token for c in req.concepts] == ["cat"]
     with pytest.raises(LoraError, match="negative prompt"):

@@ -3,7 +3,9 @@ text (or image) to picture.
 
 A `--concept` file is a word (an embedding) or a LoRA (with any words it bundles); a LoRA is applied with its weight
 (default 1.0; 0 gives the picture without it), and a `<lora:stem:w>` tag in the prompt names it by its stem and sets
-its weight, as in A1111. `--lora FILE[:WEIGHT]` is the same as `--concept` for a LoRA file."""
+its weight, as in A1111. `--lora FILE[:WEIGHT]` is the same as `--concept` for a LoRA file. A pivotal concept (`studio
+train --method pivotal`) is one thing: its LoRA file, or the `<stem>_emb.safetensors` words file beside it, gives the
+word and the LoRA learned with it, so `--prompt "<w> on a black background"` needs no tag."""
 
 from __future__ import annotations
 
@@ -107,6 +109,7 @@ def concept_uses(prompt: str, concept_specs: list[str], lora_specs: list[str]) -
     for flag, specs in (("--concept", concept_specs), ("--lora", lora_specs)):
         for spec in specs:
             path, weight = _file_and_weight(spec, flag)
+            path = _pivotal_lora_beside(path) or path  # a pivotal pair's words file stands for the pair
             if flag == "--concept" and not is_lora_file(path):
                 if weight not in (None, 1.0):
                     raise UserError(f"--concept {spec}: {path.name} is a word, and a weight applies to a LoRA only; "
@@ -122,3 +125,14 @@ def concept_uses(prompt: str, concept_specs: list[str], lora_specs: list[str]) -
         if name not in loras:
             raise LoraError(f"<lora:{name}> in --prompt names no LoRA file; add --concept {name}.safetensors")
     return words, list(loras.values())
+
+
+def _pivotal_lora_beside(words_file: Path) -> Path | None:
+    """`x.safetensors` when `words_file` is `x_emb.safetensors`, the words file of the diffusers pivotal pair x
+    (`studio.engine.lora.pivotal_embeddings`): its word was learned with that LoRA and comes with it; else None."""
+    from studio.engine.lora import is_lora_file, pivotal_embeddings
+
+    if not words_file.stem.endswith("_emb"):
+        return None
+    lora_path = words_file.with_name(words_file.stem.removesuffix("_emb") + words_file.suffix)
+    return lora_path if is_lora_file(lora_path) and pivotal_embeddings(lora_path) == words_file else None

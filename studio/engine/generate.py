@@ -24,7 +24,7 @@ from PIL import Image, PngImagePlugin
 
 from studio.engine.concepts import Concept
 from studio.engine.files import atomic_write
-from studio.engine.lora import LoraFile, check_loras_fit, lora_family, loras_applied
+from studio.engine.lora import LoraFile, check_loras_fit, loras_applied
 from studio.engine.memory import mode_in_effect, oom_guard
 from studio.engine.pictures import MAX_SIDE, SIDE_STEP, scaled, side_limits, working_size
 from studio.engine.prompts import split_lora_tags
@@ -167,7 +167,7 @@ def validate(model, req: GenerateRequest) -> tuple[int, int]:
         raise ValueError(f"preview_every must be 0 (no previews) or a number of steps, not {req.preview_every}")
     if not 0.0 <= req.strength <= 1.0:
         raise ValueError(f"strength must be between 0 and 1, not {req.strength}")
-    check_loras_fit(req.loras, lora_family(model), model.name)
+    check_loras_fit(req.loras, model.encoder_dims, model.name)
     lora_weights(req)
     native = native_size(model)
     check_size(req.width or None, req.height or None, native, model.name)  # 0 or None: the native size

@@ -318,18 +318,21 @@ def _pivotal_words(path: Path) -> list[Concept]:
 # -------------------------------------------------------------------------------------------------------- applying
 
 
-def lora_family(model) -> str:
-    """The family a LoRA must be made for to fit `model` (a LoadedModel): named by its text encoders' widths, the
-    rule `LoraFile.families` follows. Not `model.family`, which names the architecture: the demo model is SD 1.x's
-    architecture with a 128-wide encoder, and an SD 1.5 LoRA does not fit it."""
-    from studio.engine.model_facts import encoder_dims
+def lora_family(encoder_dims: dict[str, int]) -> str:
+    """The family a LoRA must be made for to fit a model whose text encoders have these widths
+    (`LoadedModel.encoder_dims`): named by the widths, the rule `LoraFile.families` follows. Not
+    `LoadedModel.family`, which names the architecture: the demo model is SD 1.x's architecture with a 128-wide
+    encoder, and an SD 1.5 LoRA does not fit it."""
+    return family_of(encoder_dims)[0]
 
-    return family_of(encoder_dims(model.pipe))[0]
 
+def check_loras_fit(loras: list[tuple[LoraFile, float]], encoder_dims: dict[str, int], model_name: str) -> None:
+    """Refuse, before any work, a LoRA made for another model family than the one a model with `encoder_dims` takes
+    (`lora_family`), and one with no UNet part (text-encoder parts are not applied yet: see `LoraCache._load`).
 
-def check_loras_fit(loras: list[tuple[LoraFile, float]], family: str, model_name: str) -> None:
-    """Refuse, before any work, a LoRA made for another model family than `family` (the loaded model's, by
-    `lora_family`), and one with no UNet part (text-encoder parts are not applied yet: see `LoraCache._load`)."""
+    The one rule of whether a LoRA fits: requests (`generate`, `loras_applied`) and the library's listing (its fits
+    column, the concept pickers) all ask it with the model's encoder widths, so they cannot disagree."""
+    family = lora_family(encoder_dims)
     for lora, _weight in loras:
         if "unet" not in lora.modules:
             raise LoraError(f"{lora.path.name}: a text-encoder-only LoRA; the studio applies the UNet part of a LoRA "
@@ -475,7 +478,7 @@ def loras_applied(model, loras: list[tuple[LoraFile, float]]):
     if not loras:
         yield
         return
-    check_loras_fit(loras, lora_family(model), model.name)
+    check_loras_fit(loras, model.encoder_dims, model.name)
     unet, cache = model.pipe.unet, model.lora_cache
     # ---- shared state changed from here: the UNet's adapters (loaded, evicted) and which are active ----
     try:

@@ -125,11 +125,14 @@ class Sessions:
 
 def request_for(fields: dict, library: ConceptLibrary, session_id: str) -> tuple[GenerateRequest, list[str]]:
     """The engine request for a form's fields, with the concepts its prompt and negative prompt name and the LoRAs
-    its prompt's `<lora:name:w>` tags name (`ConceptLibrary.resolve`), and the words written like concepts (`<...>`)
-    that name none: the model reads those as plain text, which the user should hear.
+    its prompt names (`ConceptLibrary.resolve`: its `<lora:name:w>` tags, and the LoRA that comes with a pivotal
+    word), and the words written like concepts (`<...>`) that name none: the model reads those as plain text, which
+    the user should hear.
 
     A tag naming no LoRA raises LoraError; so does one in the negative prompt, where `generate` reads no tags (a
-    LoRA changes the model for the whole picture, not one prompt), rather than leaving it there as plain text."""
+    LoRA changes the model for the whole picture, not one prompt), rather than leaving it there as plain text. For
+    the same reason a pivotal word in the negative prompt gives its vectors there, and its LoRA only when the prompt
+    names it too."""
     prompt, negative = fields["prompt"], fields.get("negative_prompt", "")
     negative_tags = split_lora_tags(negative)[1]
     if negative_tags:
@@ -137,7 +140,8 @@ def request_for(fields: dict, library: ConceptLibrary, session_id: str) -> tuple
         raise LoraError(f"<lora:{name}> is in the negative prompt: a LoRA changes the whole picture, so write its "
                         f"tag in the prompt (<lora:{name}:-0.5> to push away from it)")
     concepts = library.resolve(prompt, session_id)
-    concepts += [c for c in library.resolve(negative, session_id) if not any(c is known for known in concepts)]
+    concepts += [c for c in library.resolve(negative, session_id)
+                 if isinstance(c, Concept) and not any(c is known for known in concepts)]
     words = [c for c in concepts if isinstance(c, Concept)]
     words += [word for item in concepts if isinstance(item, tuple) for word in item[0].words]  # bundled words
     known = {word.token for word in words}

@@ -1,7 +1,8 @@
 """Concept pickers: every dropdown that offers concepts, refreshed together whenever the concepts change.
 
-A picker lists words and LoRA files alike; its value is what goes into the prompt, the word or A1111's
-`<lora:name:1>` tag (`Studio.concept_choices`).
+A picker lists every kind alike (words, per-layer words, LoRA files, word+LoRA files from pivotal tuning) that fits
+the loaded model by the checks a request makes; its value is what goes into the prompt: the word (a pivotal file's
+word, which brings its LoRA) or A1111's `<lora:name:1>` tag (`Studio.concept_choices`).
 
 Tabs create their dropdowns through `ConceptPickers.dropdown` and hand over the events that change the concepts
 (train, import, rename, delete, loading another model) with `after`; `wire` then chains one refresh after each of

@@ -128,13 +128,14 @@ class Studio:
 
     def entries(self, session: str) -> list[LibraryEntry]:
         """Library files and this session's concepts (words and LoRAs), each with whether it fits the loaded model
-        and why not."""
+        and why not: judged by the model's encoder widths, by the checks a request makes."""
         model = self.model
-        return self.library.entries(model.encoder_dims, session, family=model.family, model_name=model.name)
+        return self.library.entries(model.encoder_dims, session, model_name=model.name)
 
     def concept_choices(self, session: str) -> list[tuple[str, str]]:
-        """A concept picker's (label, value) choices: every concept this session can use with the loaded model; the
-        value is what picking it writes into the prompt (`LibraryEntry.prompt_text`: a word, or `<lora:name:1>`)."""
+        """A concept picker's (label, value) choices: every concept of every kind this session can use with the
+        loaded model; the value is what picking it writes into the prompt (`LibraryEntry.prompt_text`: a word, a
+        pivotal file's word, which brings its LoRA, or `<lora:name:1>`)."""
         return [(entry.token if entry.kind == "word" else f"{entry.token} ({entry.kind})", entry.prompt_text)
                 for entry in self.entries(session) if entry.fits]
 
