@@ -1,4 +1,10 @@
-"""Start Concept Studio: `python launch.py [--model M] [--concepts DIR] [--host H] [--port P] [--share]`."""
+"""Start Concept Studio: `python launch.py [--model M] [--concepts DIR] [--host H] [--port P] [--share]
+[--admin-token TOKEN] [--models name=source,...]`.
+
+Switching the model (and its memory mode, and the CLIP model of an evaluation) is the operator's
+(`studio/ui/operator.py`): on 127.0.0.1 the studio's own page may, without a secret; served to others (another
+--host, --share, a Space) only with --admin-token (or STUDIO_ADMIN_TOKEN), and then among the --models only.
+"""
 
 from __future__ import annotations
 
@@ -28,12 +34,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", default="auto", choices=MEMORY_MODES,
                         help="memory mode (see studio/engine/memory.py); auto chooses by free GPU memory")
     parser.add_argument("--low-vram", action="store_true", help="same as --memory low-vram")
+    parser.add_argument("--admin-token", default=os.environ.get("STUDIO_ADMIN_TOKEN"),
+                        help="the operator's secret (default: $STUDIO_ADMIN_TOKEN, which other users of this machine "
+                             "cannot read in its process list): with it the Model tab may switch the model for "
+                             "everyone; without it only a studio on 127.0.0.1 may, from its own page")
+    parser.add_argument("--models", default=os.environ.get("STUDIO_MODELS"),
+                        help="the models to switch between, name=source pairs (an empty source: the built-in demo; "
+                             "e.g. demo=,sd15=stable-diffusion-v1-5/stable-diffusion-v1-5) or a file of name=source "
+                             "lines (default: $STUDIO_MODELS, else the demo and --model)")
     args = parser.parse_args(argv)
 
     from studio.engine.memory import apply_preset
     from studio.engine.models import LoadOptions, ModelError, ModelManager
     from studio.library import ConceptLibrary
     from studio.ui.app import build_app
+    from studio.ui.operator import Operator, parse_models
+
+    try:
+        operator = Operator.for_server(args.host, args.share, args.admin_token, parse_models(args.models), args.model)
+    except (OSError, ValueError) as exc:
+        print(f"launch.py: {exc}", file=sys.stderr)
+        return 2
 
     memory = "low-vram" if args.low_vram else args.memory
     if memory == "auto" and os.environ.get("SPACES_ZERO_GPU"):
@@ -52,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         if not library.watching:
             print(f"Concept library: no file-system events ({library.watch_error}); rescanning every "
                   f"{library.refresh_interval:g} s instead")
-        app = build_app(manager, library, memory_mode=memory, work_dir=data / "work")
+        print("Model switching: " + ("this machine's page (127.0.0.1)" if operator.local else
+                                     "the operator, with the token" if operator.switching else "off"))
+        app = build_app(manager, library, memory_mode=memory, work_dir=data / "work", operator=operator)
         # Gradio refuses bigger uploads before writing them to disk: pictures are capped far lower by
         # studio.engine.pictures, and the largest files people upload here, LoRAs and embeddings, stay below it.
         app.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD)

@@ -34,6 +34,7 @@ SMOOTHING = 10  # steps in the running mean drawn over the raw loss, which jumps
 # trainer takes every `stop_every` steps (stop when learned), on a fixed draw, so it falls only as the word learns.
 LOSS_SERIES, MEAN_SERIES, SCORE_SERIES = "loss", f"mean of {SMOOTHING}", "held-back score"
 STATUS_EVERY_S = 0.25  # at most four snapshots a second: a browser need not redraw on every step
+MODELS_FOLDER = "models"  # in a session's folder: its fine-tuned model folders, which the Model tab lists
 
 
 # What a run learns (`Trainer.run`'s result): a word (ti), a LoRA file (pivotal, with its word in `.words`; lora),
@@ -169,7 +170,7 @@ def training_snapshots(model, session: Session, files: list[str], cfg: TrainConf
     # A fresh flag: a run closed early keeps its own, set, one (clearing a shared flag would let it run on).
     flag = session.fresh_cancel_flag("train")
     # A model folder (dreambooth: `out` is the folder itself) goes beside the concept files, never over them.
-    out = (session.folder / "models" / file_stem(cfg.token) if METHOD_CLASSES[cfg.method].writes_folder
+    out = (session.folder / MODELS_FOLDER / file_stem(cfg.token) if METHOD_CLASSES[cfg.method].writes_folder
            else session.folder / "concepts")
     trainer = Trainer(model, cfg, [Path(f) for f in files], out)
     run = TrainingRun(trainer, flag).start()
@@ -191,8 +192,10 @@ def keep_concept(library: ConceptLibrary, session: Session, snapshot: TrainingSn
     tab, since a model is not a concept a prompt can switch on."""
     learned = snapshot.concept
     if isinstance(learned, Path):
-        return (f"{snapshot.status}\nThe fine-tuned model is in {learned}: load that folder in the Model tab, then "
-                f"write {snapshot.subject} in a prompt, e.g. “a photo of {snapshot.subject}”.")
+        # Named, never by its path: that holds the server's folders and the session id.
+        return (f"{snapshot.status}\nThe fine-tuned model “{learned.name}” is kept in this session: pick "
+                f"“{learned.name} (trained in this session)” in the Model tab where this studio lets you switch "
+                f"models, then write {snapshot.subject} in a prompt, e.g. “a photo of {snapshot.subject}”.")
     if isinstance(learned, LoraFile):
         name = library.add_session_lora(session.id, learned.path).name
         what = "its word" if learned.words else "the phrase it learned"

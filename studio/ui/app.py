@@ -4,19 +4,18 @@
 Endpoints (gradio_client `api_name`): generate, variations, cancel, read_png, train, cancel_training,
 training_progress, style_transfer, cancel_style, compose, cancel_compose, inpaint, cancel_inpaint, evaluate_concept,
 cancel_evaluation, compare_methods, library, import_concepts, export_concept, rename_concept, delete_concept,
-save_concept, preview_concept, load_model, set_memory_mode.
+save_concept, preview_concept, load_model, set_memory_mode (those two are the operator's: `studio.ui.operator`).
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 import gradio as gr
 
 from studio.engine.models import ModelManager
 from studio.library import ConceptLibrary
+from studio.ui.operator import Operator
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import Studio
 from studio.ui.tabs.compose import build_compose_tab
@@ -28,34 +27,23 @@ from studio.ui.tabs.model import build_model_tab, describe
 from studio.ui.tabs.style import build_style_tab
 from studio.ui.tabs.train import build_train_tab
 
-__all__ = ["Studio", "build_app"]
+__all__ = ["Operator", "Studio", "build_app"]
 
 
-def browser_secret(sessions_dir: Path) -> str:
-    """The key that encrypts the session id in browsers' localStorage, made once and kept (0600) with the sessions,
-    so that ids stay readable across restarts of the server."""
-    path = sessions_dir / ".browser-secret"
-    if not path.is_file():
-        sessions_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path.with_name(f".{path.name}.{os.getpid()}.tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(32))
-        os.replace(path.with_name(f".{path.name}.{os.getpid()}.tmp"), path)
-    return path.read_text().strip()
-
-
-# Where a browser keeps its session id (localStorage); the secret that encrypts it lives beside the sessions.
+# Where a browser keeps its signed session id (localStorage; see Studio.attach).
 SESSION_STORAGE_KEY = "concept-studio-session"
 PIXEL_ART_STYLE = "<style>.pixel-art img { image-rendering: pixelated; object-fit: contain; }</style>"
 
 
 def build_app(manager: ModelManager, library: ConceptLibrary, memory_mode: str = "auto",
-              work_dir: Path | None = None) -> gr.Blocks:
+              work_dir: Path | None = None, operator: Operator | None = None) -> gr.Blocks:
     """The whole studio over an already-created manager (with a model loaded) and library.
 
     `memory_mode` is the mode `manager`'s options were made with (launch.py --memory), shown on the Model tab.
     `work_dir`: the sessions' pictures and training files (default: a new temporary folder).
+    `operator`: who may switch the model, its memory mode and the evaluation's CLIP model (default: nobody).
     """
+    operator = operator or Operator()
     studio = Studio(manager, library, memory_mode=memory_mode, **({"work_dir": Path(work_dir)} if work_dir else {}))
     pickers = ConceptPickers(studio)
     with gr.Blocks(title="Concept Studio") as app:
@@ -63,7 +51,7 @@ def build_app(manager: ModelManager, library: ConceptLibrary, memory_mode: str =
         # Small pictures (the demo model draws 64 px) are shown whole and scaled up with nearest-neighbour.
         gr.HTML("", head=PIXEL_ART_STYLE, padding=False, apply_default_css=False)
         browser_session = gr.BrowserState(None, storage_key=SESSION_STORAGE_KEY,
-                                          secret=browser_secret(library.sessions_dir))
+                                          secret=studio.browser_storage_secret())
         with gr.Tab("Generate"):
             build_generate_tab(studio, pickers)
         with gr.Tab("Train"):
@@ -77,13 +65,13 @@ def build_app(manager: ModelManager, library: ConceptLibrary, memory_mode: str =
         with gr.Tab("Library"):
             build_library_tab(studio, pickers)
         with gr.Tab("Evaluate"):
-            build_evaluate_tab(studio, pickers)
+            build_evaluate_tab(studio, pickers, operator)
         with gr.Tab("Model"):
-            info = build_model_tab(studio, pickers)
+            info = build_model_tab(studio, pickers, operator)
         # The page's session first (its browser's id, so a reload finds its concepts), then what depends on it.
         attached = app.load(studio.attach, browser_session, browser_session, api_visibility="private")
         pickers.wire(attached)
-        app.load(lambda: describe(studio), None, info, api_visibility="private")
+        app.load(lambda: describe(studio, operator), None, info, api_visibility="private")
         app.unload(studio.detach)
     app.queue(default_concurrency_limit=1)
     return app

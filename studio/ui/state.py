@@ -4,14 +4,18 @@ Per-user state lives in the engine's `studio.engine.session.Session` (cancel fla
 thumbnails) and the library's session concepts; the shared library folder is visible to all. Every generation of
 every tab goes through `Studio.stream` (the streamed run of `studio.engine.session.generation_updates`).
 
-A browser's session is a random id kept in its localStorage (`gr.BrowserState`, see `Studio.attach`), so a page
-reload finds its concepts again; a gradio_client `Client` is its own session (Gradio's session hash). Session
-concepts are also kept on disk (`ConceptLibrary.sessions_dir`) until they have not been used for SESSION_DAYS.
+A browser's session is a random id that its localStorage keeps signed (`gr.BrowserState`, see `Studio.attach`), so
+a page reload finds its concepts again and nobody else can: a bare or forged id gets a new session. A gradio_client
+`Client` is its own session, named by its Gradio session hash in a namespace no browser id is in (`client_session`).
+Session concepts are also kept on disk (`ConceptLibrary.sessions_dir`) until they have not been used for SESSION_DAYS.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import html
+import os
 import secrets
 import tempfile
 from contextlib import closing, contextmanager
@@ -36,6 +40,29 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError)
 
 # A browser's session concepts are kept this long after its last visit.
 SESSION_DAYS = 7
+# Gradio session hashes are chosen by clients: their sessions carry this mark, which no browser id (hex) has.
+CLIENT_SESSION_PREFIX = "api-"
+
+
+def client_session(session_hash: str) -> str:
+    """The session of a client that holds no browser session (a gradio_client `Client`): its Gradio session hash,
+    marked, so that no hash a client picks can name a browser's session."""
+    return f"{CLIENT_SESSION_PREFIX}{session_hash}"
+
+
+def session_signing_key(sessions_dir: Path) -> bytes:
+    """The key that signs browsers' session ids, made once and kept (0600) with the sessions, so that a browser's
+    signed id stays good across restarts. It never leaves the server, unlike gr.BrowserState's `secret`, which Gradio
+    sends to every page (the browser decrypts its localStorage with it)."""
+    path = sessions_dir / ".session-key"
+    if not path.is_file():
+        sessions_dir.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32))
+        os.replace(temporary, path)
+    return path.read_bytes().strip()
 
 
 @contextmanager
@@ -44,6 +71,8 @@ def as_user_errors(request: gr.Request | None = None) -> Iterator[None]:
     as one gr.Error line written for `request`'s client (see `user_error`); anything else keeps its traceback."""
     try:
         yield
+    except gr.Error:
+        raise  # already one line, written for its client (a gr.Error is a ValueError too)
     except Cancelled as exc:
         raise user_error(f"Cancelled: {exc}", request) from exc
     except USER_ERRORS as exc:
@@ -81,11 +110,13 @@ class Studio:
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="concept-studio-")))
     sessions: Sessions = field(init=False)
     _browsers: dict[str, str] = field(default_factory=dict)  # Gradio session hash -> the browser's session id
+    _signing_key: bytes = field(default=b"", repr=False)  # signs browsers' session ids (session_signing_key)
 
     def __post_init__(self) -> None:
         self.sessions = Sessions(self.work_dir)
         if self.library.sessions_dir is None:  # a library made without one keeps session concepts beside our work
             self.library.sessions_dir = self.work_dir / ".sessions"  # no session folder is hidden
+        self._signing_key = session_signing_key(self.library.sessions_dir)
         # The one step of a generation that needs the GPU, decorated for ZeroGPU (studio.ui.gpu). There it runs in a
         # forked worker: it takes plain values and yields plain data, and every change to shared state stays out here.
         self.on_device = gpu_task(self.render_streamed)
@@ -95,29 +126,49 @@ class Studio:
         return self.manager.current or self.manager.load(None)
 
     def session_of(self, request: gr.Request | None) -> str:
-        """The session id a request belongs to: its browser's (after `attach`), else Gradio's session hash."""
-        hash_ = getattr(request, "session_hash", None) or ANONYMOUS
-        return self._browsers.get(hash_, hash_)
+        """The session id a request belongs to: its browser's (after `attach`), else its client's (`client_session`)."""
+        hash_ = getattr(request, "session_hash", None)
+        if not hash_:
+            return ANONYMOUS
+        return self._browsers.get(hash_) or client_session(hash_)
 
     def session(self, request: gr.Request | None) -> Session:
         """The engine session a request belongs to."""
         return self.sessions.get(self.session_of(request))
 
-    def attach(self, request: gr.Request | None, browser_id: object) -> str:
-        """Tie a page (its session hash) to the session id its browser keeps; a new id when it has none (or one that
-        this studio could not have made). Returns the id for the browser to keep."""
-        session = session_key(browser_id) or secrets.token_urlsafe(24)
+    def attach(self, request: gr.Request | None, browser_value: object) -> str:
+        """Tie a page (its session hash) to the session its browser keeps, as `id.signature`: the signature proves
+        that this server gave the id to that browser, so a bare id, or one signed by anyone else, gets a new session
+        instead. Returns the signed id for the browser to keep (the page's BrowserState)."""
+        session = self.verified_session(browser_value) or secrets.token_hex(16)  # hex: never a client's ("api-")
         hash_ = getattr(request, "session_hash", None)
         if hash_:
             self._browsers[hash_] = session
         self.library.expire_sessions(SESSION_DAYS * 86400)
-        return session
+        return f"{session}.{self._signature(session)}"
+
+    def verified_session(self, browser_value: object) -> str | None:
+        """The session id in a browser's `id.signature`, None unless the signature is this server's (checked in
+        constant time)."""
+        session, _, signature = str(browser_value or "").partition(".")
+        if session_key(session) is None or session.startswith(CLIENT_SESSION_PREFIX):
+            return None
+        expected = self._signature(session).encode("ascii")
+        return session if hmac.compare_digest(signature.encode("utf-8", "replace"), expected) else None
+
+    def _signature(self, session: str) -> str:
+        return hmac.new(self._signing_key, session.encode("ascii"), hashlib.sha256).hexdigest()
+
+    def browser_storage_secret(self) -> str:
+        """gr.BrowserState's `secret`, which Gradio sends to every page: derived one way from the signing key, so it
+        tells nothing about that key, and stable, so that a browser reads its id back after a restart."""
+        return hmac.new(self._signing_key, b"gr.BrowserState secret", hashlib.sha256).hexdigest()
 
     def detach(self, request: gr.Request | None) -> None:
         """A page closed (or reloaded): free what its session holds in memory once no other page uses it. Its
         concepts stay on disk, so the next page of the same browser finds them."""
-        hash_ = getattr(request, "session_hash", None) or ANONYMOUS
-        session = self._browsers.pop(hash_, hash_)
+        session = self.session_of(request)
+        self._browsers.pop(getattr(request, "session_hash", None) or "", None)
         if session not in self._browsers.values():
             self.forget_session(session)
 

@@ -68,8 +68,8 @@ def test_nothing_to_score_against_says_what_to_configure(demo_server):
     client = Client(demo_server[0], verbose=False)
     with pytest.raises(Exception, match="has no ground truth.*purple-star.*CLIP model"):
         evaluate(client, "<no-truth>")
-    with pytest.raises(Exception, match="could not load the CLIP model 'no/such-clip'"):
-        evaluate(client, "<no-truth>", clip="no/such-clip")
+    with pytest.raises(Exception, match="'no/such-clip' is not a CLIP model this studio offers"):
+        evaluate(client, "<no-truth>", clip="no/such-clip")  # the operator's to name (test_operator_roles)
     about, table, _ = evaluate(client, "<no-truth>", ground_truth="purple-star")  # the server kept running
     assert table["data"][0][0] == "reconstruction" and "ground truth of purple-star" in about
 

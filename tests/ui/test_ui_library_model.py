@@ -11,8 +11,13 @@ from PIL import Image
 from studio.engine.concepts import Concept, save_concept
 from studio.engine.models import ModelManager
 from studio.library import ConceptLibrary
+from studio.ui.app import build_app
+from studio.ui.operator import Operator
 from studio.ui.state import Studio
 from studio.ui.tabs.model import describe
+from ui_server import launch
+
+OPERATOR_TOKEN = "the-operators-own-secret"
 
 
 def png_parameters(path) -> str:
@@ -105,22 +110,30 @@ def test_two_users_saving_one_word_never_replace_each_other_and_errors_read_as_w
         (root / name).unlink()
 
 
-def test_memory_mode_reloads_the_model_with_its_settings_and_bad_input_is_explained(studio_server):
-    url, manager, _ = studio_server
-    client = Client(url, verbose=False)
-    info = client.predict("low-vram", api_name="/set_memory_mode")
-    assert "low-vram" in info and "Family **sd1**" in info
-    assert manager.options.vae_slicing and manager.options.attention_slicing
-    assert manager.current.pipe.vae.use_slicing and manager.current.pipe.vae.use_tiling
-    assert generate(client, "a red circle").startswith("a red circle")
-    client.predict("fast", api_name="/set_memory_mode")
-    assert not manager.current.pipe.vae.use_slicing
+def test_memory_mode_reloads_the_model_with_its_settings_and_bad_input_is_explained(tiny_model_dirs, tmp_path):
+    """Through a studio whose operator gave a token (memory mode and models are the operator's: test_operator_roles)
+    and listed a model that is not there."""
+    manager = ModelManager()
+    manager.load(tiny_model_dirs["sd1"])
+    operator = Operator(token=OPERATOR_TOKEN, models={"tiny": str(tiny_model_dirs["sd1"]), "gone": "not/a/model/path"})
+    app = build_app(manager, ConceptLibrary(tmp_path), operator=operator)
+    client = Client(launch(app), verbose=False)
+    try:
+        info = client.predict("low-vram", OPERATOR_TOKEN, api_name="/set_memory_mode")
+        assert "low-vram" in info and "Family **sd1**" in info
+        assert manager.options.vae_slicing and manager.options.attention_slicing
+        assert manager.current.pipe.vae.use_slicing and manager.current.pipe.vae.use_tiling
+        assert generate(client, "a red circle").startswith("a red circle")
+        client.predict("fast", OPERATOR_TOKEN, api_name="/set_memory_mode")
+        assert not manager.current.pipe.vae.use_slicing
 
-    with pytest.raises(Exception, match="not in the list of choices"):
-        client.predict("huge", api_name="/set_memory_mode")
-    with pytest.raises(Exception, match="no model at"):
-        client.predict("not/a/model/path", api_name="/load_model")
-    assert generate(client, "a red circle").startswith("a red circle")
+        with pytest.raises(Exception, match="not in the list of choices"):
+            client.predict("huge", OPERATOR_TOKEN, api_name="/set_memory_mode")
+        with pytest.raises(Exception, match="no model at"):  # the operator's own list: the operator is told
+            client.predict("gone", OPERATOR_TOKEN, api_name="/load_model")
+        assert generate(client, "a red circle").startswith("a red circle")
+    finally:
+        app.close()
 
 
 def test_the_model_text_says_the_demo_is_loaded(tiny_model_dirs, tmp_path):
@@ -139,11 +152,12 @@ def test_a_closed_page_frees_memory_and_its_browser_finds_its_concepts_again(tin
     manager.load(tiny_model_dirs["sd1"])
     studio = Studio(manager, ConceptLibrary(tmp_path / "lib"), work_dir=tmp_path / "work")
     pages = {name: SimpleNamespace(session_hash=name, headers={}) for name in ("page-a", "page-b", "page-a2")}
-    browser_a = studio.attach(pages["page-a"], None)  # a new browser: a new id
-    browser_b = studio.attach(pages["page-b"], "../../not-an-id")  # an id we could not have made: a new one
-    assert browser_a != browser_b and "/" not in browser_b
+    kept_a = studio.attach(pages["page-a"], None)  # a new browser: a new id, signed, for it to keep
+    kept_b = studio.attach(pages["page-b"], "../../not-an-id")  # an id we could not have made: a new one
+    browser_a, browser_b = studio.session_of(pages["page-a"]), studio.session_of(pages["page-b"])
+    assert browser_a != browser_b and kept_a.startswith(f"{browser_a}.") and kept_b.startswith(f"{browser_b}.")
+    assert "/" not in kept_b
     for page, session in (("page-a", browser_a), ("page-b", browser_b)):
-        assert studio.session_of(pages[page]) == session
         studio.library.add_session_concept(session, Concept("<c>", {"text_encoder": torch.zeros(1, 768)}, {}))
         studio.session(pages[page]).thumbnails["<c>"] = tmp_path / "c.png"
         studio.session(pages[page]).training = object()
@@ -152,6 +166,6 @@ def test_a_closed_page_frees_memory_and_its_browser_finds_its_concepts_again(tin
     assert list(studio.sessions) == [browser_b]  # its thumbnails, training view and flags went with it
     assert studio.sessions.get(browser_b).thumbnails == {"<c>": tmp_path / "c.png"}
     assert browser_a not in studio.library._sessions  # memory freed
-    assert studio.attach(pages["page-a2"], browser_a) == browser_a  # the reloaded page of browser A
+    assert studio.attach(pages["page-a2"], kept_a) == kept_a  # the reloaded page of browser A
     assert studio.concept_choices(studio.session_of(pages["page-a2"])) == [("<c>", "<c>")]
     assert studio.sessions.get("../../x").folder.parent == (tmp_path / "work").resolve()

@@ -92,7 +92,8 @@ def test_each_methods_result_ends_where_the_sessions_prompts_find_it(studio, con
     *_, (status, download) = list(runs)
     if method == "dreambooth":  # the size said before training is what it wrote
         folder = studio.sessions.get(session).folder / "models" / "box"
-        assert download is None and f"The fine-tuned model is in {folder}" in status and "Model tab" in status
+        assert download is None and "The fine-tuned model “box” is kept in this session" in status
+        assert "“box (trained in this session)” in the Model tab" in status and str(folder) not in status
         assert (folder / "model_index.json").is_file() and "“a photo of <box> toy”" in status
         assert f"about {human_size(tensor_bytes(folder))}: the UNet" in said and "in float32" in said
         return

@@ -13,6 +13,7 @@ from studio.engine.concepts import Concept
 from studio.engine.models import ModelManager
 from studio.library import ConceptLibrary
 from studio.ui.app import build_app
+from studio.ui.state import client_session
 from ui_server import UNetCalls
 
 
@@ -134,7 +135,7 @@ def test_every_concept_picker_is_refreshed_after_training_import_and_delete(tiny
         assert refresh, f"no picker refresh after /{endpoint}"
         assert {p._id for p in pickers} <= {o._id for o in refresh[0].outputs}, endpoint
 
-    library.add_session_concept("s1", Concept("<mine>", {"text_encoder": torch.zeros(1, 768)}, {}))
+    library.add_session_concept(client_session("s1"), Concept("<mine>", {"text_encoder": torch.zeros(1, 768)}, {}))
     updates = refresh[0].fn(gr.Request(session_hash="s1"))
     def values(update):  # choices are (label, what goes into the prompt) pairs
         return [choice[1] if isinstance(choice, (tuple, list)) else choice for choice in update["choices"]]

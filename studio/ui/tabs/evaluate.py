@@ -35,6 +35,7 @@ from studio.evaluation.scoring import ConceptScores, score_concept
 from studio.evaluation.stats import Estimate
 from studio.training.config import METHODS
 from studio.ui.gpu import TRAIN_SECONDS, gpu_task
+from studio.ui.operator import Operator
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import as_user_errors, Studio, user_error
 
@@ -43,6 +44,10 @@ AUTO, NONE = "auto (the set whose word it is)", "none"
 EVALUATE_SECONDS = 300  # ZeroGPU time for one evaluation: 16 prompts x a few seeds on a real model
 # The paper's variants that are no method of their own (a method's name is a variant too: those are in Methods).
 PAPER_VARIANTS = tuple(v for v in VARIANTS if v not in METHODS and not v.endswith("-all-steps"))  # those: benchmarks
+# The CLIP models anyone may have an evaluation load: none, or the smaller of the paper's two (ViT-B/32, 0.6 GB; its
+# ViT-L/14 is 1.7 GB). Any other hub id or folder is the operator's (a local studio's own page): loading one reads
+# the server's disk or the hub for everyone's memory.
+CLIP_CHOICES = [("none", ""), ("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch32")]
 
 
 def shown(est: Estimate | None, signed: bool = False) -> str:
@@ -162,6 +167,15 @@ def evaluate(studio: Studio, on_device, session: str, token: str | None, cfg_fie
     return summary(scores, studio.model.name), table(scores), grid
 
 
+def clip_source_for(operator: Operator, clip_source: str | None, request: gr.Request | None = None) -> str:
+    """The CLIP model an evaluation may load: one of CLIP_CHOICES, or anything on a local studio's own page."""
+    clip_source = (clip_source or "").strip()
+    if clip_source in [value for _, value in CLIP_CHOICES] or operator.owns_page(request):
+        return clip_source
+    raise user_error(f"{clip_source[:80]!r} is not a CLIP model this studio offers: pick one of "
+                     f"{', '.join(value or label for label, value in CLIP_CHOICES)}", request)
+
+
 def methods_compared(studio: Studio, demo: DemoWorld, session: str, methods: list[str], set_names: list[str],
                      cfg: EvalConfig, progress=None) -> dict:
     """Train `methods` (methods or the paper's variants: `VARIANTS`) on the bundled sets named and score them on the
@@ -236,9 +250,10 @@ def compare(studio: Studio, on_device, session: str, methods: list[str] | None, 
             chart)
 
 
-def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
-    """Concept, samples, CLIP model and advanced settings; `/evaluate_concept` and `/cancel_evaluation` endpoints."""
-    clips, demo = ClipCache(), DemoWorld()
+def build_evaluate_tab(studio: Studio, pickers: ConceptPickers, operator: Operator | None = None) -> None:
+    """Concept, samples, CLIP model and advanced settings; `/evaluate_concept` and `/cancel_evaluation` endpoints.
+    `operator`: whether this page may name any CLIP model (a local studio's own page) or only CLIP_CHOICES."""
+    clips, demo, operator = ClipCache(), DemoWorld(), operator or Operator()
 
     # 1. Handlers: adapters from the form to the functions above.
     def score(session: str, token: str, cfg: ScoreConfig, ground_truth: str, files: list[str], clip_source: str,
@@ -262,7 +277,8 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
             request: gr.Request, progress=gr.Progress()):
         cfg_fields = dict(samples=samples, steps=steps, seed=seed, kind=kind, plain_words=plain_words)
         return evaluate(studio, on_device, studio.session_of(request), token, cfg_fields, ground_truth,
-                        [str(f) for f in files or []], clip_source, request, progress)
+                        [str(f) for f in files or []], clip_source_for(operator, clip_source, request), request,
+                        progress)
 
     def cancel(request: gr.Request) -> None:
         studio.session(request).cancel("evaluate")
@@ -278,8 +294,10 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers) -> None:
         with gr.Column():
             token = pickers.dropdown("Concept", custom=True, elem_id="evaluate-concept")  # API clients name any word
             samples = gr.Slider(1, 8, value=2, step=1, label="Pictures per prompt")
-            clip_source = gr.Textbox(label="CLIP model (optional: hub id or folder)",
-                                     placeholder="openai/clip-vit-base-patch32")
+            # Custom values reach `clip_source_for`, which refuses them (one line) unless this is a local page.
+            clip_source = gr.Dropdown(CLIP_CHOICES, value="", allow_custom_value=True,
+                                      label="CLIP model (optional" + ("; or type a hub id or folder)" if operator.local
+                                                                      else ")"))
             with gr.Accordion("Advanced", open=False):
                 ground_truth = gr.Dropdown([AUTO, *list_concept_sets(), NONE], value=AUTO,
                                            label="Ground truth for the judge (bundled concept set)")

@@ -26,10 +26,22 @@ HEADERS = ["token", "vectors", "fits", "reason", "source", "trained on", "steps"
 EXPORT_SUFFIX = {"studio": ".safetensors", "diffusers": ".safetensors", "kohya": ".safetensors", "a1111": ".pt"}
 
 
-def row(entry: LibraryEntry) -> list:
-    """One table row; `reason` says why a file does not fit (or cannot be read), empty when it fits. A LoRA's row
-    (token: its name, as `<lora:name>` writes it) gives its rank, its families and the vectors of its words."""
-    source = str(entry.path) if entry.path else "this session"
+def source_of(entry: LibraryEntry, root: Path) -> str:
+    """Where an entry is from as users may read it: its path inside the shared library folder (`root`), or "this
+    session"; never a server path."""
+    if entry.path is None:
+        return "this session"
+    try:
+        return entry.path.relative_to(root).as_posix()
+    except ValueError:  # a file outside the folder (none should be): its name only
+        return entry.path.name
+
+
+def row(entry: LibraryEntry, root: Path) -> list:
+    """One table row; `reason` says why a file does not fit (or cannot be read), empty when it fits; `source` is the
+    file inside the library folder `root` (`source_of`). A LoRA's row (token: its name, as `<lora:name>` writes it)
+    gives its rank, its families and the vectors of its words."""
+    source = source_of(entry, root)
     lora = entry.lora
     if lora is not None:
         vectors = sum(word.n_vectors for word in lora.words) or ""
@@ -64,11 +76,13 @@ def thumbnail(studio: Studio, entry: LibraryEntry, session: str) -> Path | None:
     return entry.path if entry.path.suffix.lower() in IMAGE_SUFFIXES else None
 
 
-def details(entry: LibraryEntry | None) -> str:
-    """Markdown about one entry: where it is from, its shape, what it was trained on, and whether it fits."""
+def details(entry: LibraryEntry | None, root: Path) -> str:
+    """Markdown about one entry: where it is from (`source_of`, inside the library folder `root`), its shape, what it
+    was trained on, and whether it fits."""
     if entry is None:
         return "Pick a concept to see what it is."
-    lines = [f"`{entry.token}` — " + (f"`{entry.path}`" if entry.path else "this session only (not saved)")]
+    where = f"`{source_of(entry, root)}`" if entry.path else "this session only (not saved)"
+    lines = [f"`{entry.token}` — {where}"]
     if entry.lora is not None:
         lora = entry.lora
         parts = ", ".join(f"{part}: {sum(n.values())} layers" for part, n in lora.targets.items())
@@ -101,7 +115,7 @@ def find(studio: Studio, token: str, session: str, request: gr.Request | None = 
 
 def rows(studio: Studio, session: str) -> list[list]:
     """The table: every concept the session sees."""
-    return [row(e) for e in studio.entries(session)]
+    return [row(e, studio.library.root) for e in studio.entries(session)]
 
 
 def gallery(studio: Studio, session: str) -> list[tuple[str, str]]:
@@ -116,7 +130,8 @@ def gallery(studio: Studio, session: str) -> list[tuple[str, str]]:
 
 def show(studio: Studio, session: str, token: str | None) -> str:
     """The details of the picked concept (a prompt to pick one when it is none)."""
-    return details(next((e for e in studio.entries(session) if e.token == (token or "").strip()), None))
+    return details(next((e for e in studio.entries(session) if e.token == (token or "").strip()), None),
+                   studio.library.root)
 
 
 def import_files(studio: Studio, session: str, files: list | None) -> tuple[str, list[list]]:

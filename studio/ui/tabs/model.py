@@ -1,86 +1,153 @@
-"""Model tab: which base model is loaded (the built-in demo by default), how to load a real one, and the memory
-mode it runs in."""
+"""Model tab: which base model is loaded (the built-in demo by default), switching to another and the memory mode
+it runs in. Switching changes every user's pictures, so it is an operator action (`studio.ui.operator`): the choices
+are the operator's list (and the models this session fine-tuned), by name; only a local studio's own page may also
+type a hub id, folder or file."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import gradio as gr
 
 from studio.engine.memory import MEMORY_MODES, PRESETS, apply_preset
+from studio.training.run import MODELS_FOLDER
+from studio.ui.operator import Operator
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import as_user_errors, Studio, user_error
 
-HOW_TO_LOAD = """\
-**Load a real model** by typing one of these and pressing *Load*:
+TRAINED = "trained:"  # a choice's value prefix for a model fine-tuned in this session (no listed name has a ':')
+HOW_TO_TYPE = """\
+**Pick a model** from the list or, since this studio runs for this machine only, **type one** into the box, then
+press *Load*:
 - a Hugging Face hub id, e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5` or
   `stabilityai/stable-diffusion-xl-base-1.0` (downloaded once; needs network access),
 - a diffusers model folder on this machine (the one holding `model_index.json`),
 - a single checkpoint file, e.g. `/models/dreamshaper_8.safetensors` (`.ckpt` works too).
 
-Leave the box empty and press *Load* to go back to the built-in demo model.
-Concepts only fit the model family they were trained on (SD 1.x: 768 wide, SD 2.x: 1024, SDXL: 768 + 1280)."""
+Leave the box empty and press *Load* to go back to the built-in demo model."""
+FIT = "Concepts only fit the model family they were trained on (SD 1.x: 768 wide, SD 2.x: 1024, SDXL: 768 + 1280)."
 MODES_HELP = "\n".join(f"- **{name}**: {p.explanation}" for name, p in PRESETS.items()) + \
     "\n- **auto**: chosen by free GPU memory (on a CPU: fast)."
 
 
-def describe(studio: Studio) -> str:
-    """What is loaded: the built-in demo (and what it can draw) or the model's source, with device and memory mode."""
+def how_to_switch(operator: Operator) -> str:
+    """What the tab says about switching on this studio: off, the operator's (with the token), or the local page's."""
+    if operator.local:
+        return f"{HOW_TO_TYPE}\n\n{FIT}"
+    if operator.token is not None:
+        return ("**Switching the model changes it for every user of this studio.** Pick one of the operator's "
+                f"models, give the operator token and press *Load*. {FIT}")
+    return ("**Switching models is off on this server**: the model and its memory mode change every user's pictures, "
+            "so its operator chooses them (`launch.py --admin-token TOKEN --models name=source,...`).")
+
+
+def describe(studio: Studio, operator: Operator | None = None) -> str:
+    """What is loaded: the built-in demo (and what it can draw) or the model's name (the operator's, else its file or
+    folder name: never a server path), with device and memory mode."""
     m = studio.model
     if m.is_demo:
         what = ("**The built-in demo model is loaded**: a tiny Stable Diffusion trained in minutes on a world of "
                 "coloured shapes (circles, squares, stars... in colours, patterns and styles). It draws that world "
                 "only, which is enough to train and try concepts on a CPU.")
     else:
-        what = f"**Loaded:** `{m.source}`."
+        what = f"**Loaded:** `{(operator.name_of(m.source) if operator else None) or m.name}`."
     family = (f"**{m.family}** architecture with its own {m.encoder_dims['text_encoder']}-wide text encoder: concept "
               f"files made for real SD 1.x/2.x/SDXL models need that model" if m.is_demo else f"**{m.family}**")
     return (f"{what}\n\nFamily {family}, {m.device} / {str(m.dtype).replace('torch.', '')}, "
             f"attention {m.attention}. Memory mode: {studio.describe_memory()}")
 
 
-def load_model(studio: Studio, source: str | None) -> str:
-    """Load `source` (empty: the demo) in the current memory mode; the new info text."""
+def trained_models(studio: Studio, session: str) -> dict[str, Path]:
+    """The model folders this session fine-tuned (dreambooth), by name; a write still under way is not one yet."""
+    folder = studio.sessions.get(session).folder / MODELS_FOLDER
+    if not folder.is_dir():
+        return {}
+    return {p.name: p for p in sorted(folder.iterdir())
+            if not p.name.startswith(".") and (p / "model_index.json").is_file()}
+
+
+def model_choices(studio: Studio, operator: Operator, session: str) -> list[tuple[str, str]]:
+    """The Model tab's (label, value) choices for `session`: the operator's names, then its own fine-tuned models."""
+    return [(name, name) for name in operator.models] + [
+        (f"{name} (trained in this session)", f"{TRAINED}{name}") for name in trained_models(studio, session)]
+
+
+def model_source(studio: Studio, operator: Operator, session: str, choice: str | None,
+                 request: gr.Request | None = None) -> str | None:
+    """The source a choice stands for (None: the demo): a listed name, a model this session fine-tuned, or, on a
+    local studio's own page only, whatever was typed."""
+    choice = (choice or "").strip()
+    if choice in operator.models:
+        return operator.models[choice] or None
+    trained = trained_models(studio, session) if choice.startswith(TRAINED) else {}
+    if choice[len(TRAINED):] in trained:
+        return str(trained[choice[len(TRAINED):]])
+    if operator.owns_page(request):
+        return choice or None
+    raise user_error(f"{choice[:80]!r} is not one of this studio's models: pick one of "
+                     f"{', '.join(operator.models) or 'none'}", request)
+
+
+def load_model(studio: Studio, operator: Operator, session: str, choice: str | None, token: str | None = None,
+               request: gr.Request | None = None) -> str:
+    """Switch every user to the model `choice` names, in the current memory mode (an operator action); the new info
+    text."""
+    operator.check(request, token)
+    source = model_source(studio, operator, session, choice, request)
     options = apply_preset(studio.memory_mode, studio.manager.options)
-    with as_user_errors():
-        studio.manager.load((source or "").strip() or None, options)
-    return describe(studio)
+    with as_user_errors(request):
+        studio.manager.load(source, options)
+    return describe(studio, operator)
 
 
-def set_memory_mode(studio: Studio, mode: str) -> str:
-    """Reload the current model with the mode's options (cached weights are read again from disk); the info text."""
+def set_memory_mode(studio: Studio, operator: Operator, mode: str, token: str | None = None,
+                    request: gr.Request | None = None) -> str:
+    """Reload the current model with the mode's options (cached weights are read again from disk; an operator
+    action); the info text."""
+    operator.check(request, token)
     try:
         options = apply_preset(mode, studio.manager.options)
     except ValueError as exc:
-        raise user_error(exc) from exc
+        raise user_error(exc, request) from exc
     current = studio.model
-    with as_user_errors():
+    with as_user_errors(request):
         studio.manager.load(current.source, options)
     studio.manager.options = options
     studio.memory_mode = mode
-    return describe(studio)
+    return describe(studio, operator)
 
 
-def build_model_tab(studio: Studio, pickers: ConceptPickers) -> gr.Markdown:
-    """Model source and memory mode; endpoints `/load_model` and `/set_memory_mode`. Returns the info text, which
-    the app fills on page load with `describe`."""
-    # 1. Handlers.
-    def switch(source: str) -> str:
-        return load_model(studio, source)
+def build_model_tab(studio: Studio, pickers: ConceptPickers, operator: Operator | None = None) -> gr.Markdown:
+    """What is loaded, the model choices, the operator token and the memory mode; endpoints `/load_model` (model,
+    operator_token) and `/set_memory_mode` (mode, operator_token), which refuse whoever may not switch. Returns the
+    info text, which the app fills on page load with `describe`."""
+    operator = operator or Operator()
 
-    def apply_mode(mode: str) -> str:
-        return set_memory_mode(studio, mode)
+    # 1. Handlers. The token is optional for API clients, so that a client of the one-argument endpoints is told
+    # why it is refused rather than that an argument is missing.
+    def switch(model: str, operator_token: str | None = None, request: gr.Request = None) -> str:
+        return load_model(studio, operator, studio.session_of(request), model, operator_token, request)
 
-    # 2. Layout.
+    def apply_mode(mode: str, operator_token: str | None = None, request: gr.Request = None) -> str:
+        return set_memory_mode(studio, operator, mode, operator_token, request)
+
+    # 2. Layout: the controls stay in sight where switching is off, greyed out, beside the line that says why.
     info = gr.Markdown()
-    gr.Markdown(HOW_TO_LOAD)
+    gr.Markdown(how_to_switch(operator))
     with gr.Row():
-        source = gr.Textbox(label="Model (hub id, folder or .safetensors file; empty: the demo)", scale=3)
-        load = gr.Button("Load", variant="primary")
+        # Custom values reach the handler, which refuses them (one line) unless this is a local studio's own page.
+        model = gr.Dropdown([(name, name) for name in operator.models], value=None, allow_custom_value=True,
+                            label="Model", interactive=operator.switching, scale=3)
+        load = gr.Button("Load", variant="primary", interactive=operator.switching)
+    token = gr.Textbox(label="Operator token", type="password", visible=operator.token is not None)
     with gr.Row():
-        mode = gr.Radio(list(MEMORY_MODES), value=studio.memory_mode, label="Memory mode", scale=3)
-        apply = gr.Button("Apply to the loaded model")
+        mode = gr.Radio(list(MEMORY_MODES), value=studio.memory_mode, label="Memory mode", scale=3,
+                        interactive=operator.switching)
+        apply = gr.Button("Apply to the loaded model", interactive=operator.switching)
     gr.Markdown(MODES_HELP)
 
     # 3. Wiring.
-    pickers.after(load.click(switch, source, info, api_name="load_model", concurrency_id="gpu"))
-    pickers.after(apply.click(apply_mode, mode, info, api_name="set_memory_mode", concurrency_id="gpu"))
+    pickers.view(model, lambda session: gr.update(choices=model_choices(studio, operator, session)))
+    pickers.after(load.click(switch, [model, token], info, api_name="load_model", concurrency_id="gpu"))
+    pickers.after(apply.click(apply_mode, [mode, token], info, api_name="set_memory_mode", concurrency_id="gpu"))
     return info
