@@ -1,4 +1,4 @@
-"""`studio concepts inspect FILE [--json]`, `studio concepts convert FILE --to FORMAT OUT` and
+"""`studio concepts inspect FILE [--json]`, `studio concepts convert FILE --to FORMAT OUT [--overwrite]` and
 `studio concepts export FILE --format diffusers|kohya --out OUT [--overwrite]`.
 
 `inspect` reads embeddings (kind "word"), per-layer words (kind "xti", with their layer count) and LoRA files (kind
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from studio.engine.concepts import FORMATS, load_concept, save_concept
 from studio.engine.concepts import family_of
+from studio.engine.files import check_new_output, write_new_files
 from studio.engine.lora import LoraFile, is_lora_file, load_lora
 from studio.engine.lora_export import EXPORT_FORMATS, export_lora
 from studio.engine.xti import XtiConcept
@@ -38,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--to", required=True, choices=FORMATS, dest="format")
     convert.add_argument("out", type=Path)
     convert.add_argument("--token", help="trigger word to use instead of the file name")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT (and its pair file) if it exists")
     convert.set_defaults(func=run)
 
     export = actions.add_parser("export", help="write a LoRA file (and its bundled words) in diffusers' or kohya's "
@@ -58,9 +60,13 @@ def run(args: argparse.Namespace) -> int:
         return run_export(args)
     if args.action == "inspect" and is_lora_file(args.file):
         return inspect_lora(load_lora(args.file), as_json=args.json)
+    if args.action == "convert":
+        check_new_output(args.out, overwrite=args.overwrite, option="OUT")  # before any reading
     concept = load_concept(args.file, token=args.token)
     if args.action == "convert":
-        written = save_concept(concept, args.out, format=args.format)
+        # The writer names some files itself (a suffix added, SDXL's `_2` pair): each is checked before it lands.
+        written = write_new_files(args.out, lambda path: save_concept(concept, path, format=args.format),
+                                  overwrite=args.overwrite, option="OUT")
         pair = args.format == "diffusers" and "text_encoder_2" in concept.vectors
         extra = f" (+ {written.stem}_2{written.suffix})" if pair else ""
         print(f"wrote {written}{extra}: {args.format} form of {concept.token!r}, {concept.n_vectors} vector(s)")
@@ -128,6 +134,7 @@ def inspect_lora(lora: LoraFile, as_json: bool) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Write a LoRA file in another form, inside the folder of `--out`."""
+    check_new_output(args.out, overwrite=args.overwrite)  # a folder is never replaced by a file, even so
     if args.file.is_file() and not is_lora_file(args.file):
         raise LoraError(f"{args.file.name}: not a LoRA file (no LoRA weights); `export` writes LoRA files, "
                         "`studio concepts convert FILE --to FORMAT OUT` writes embeddings")

@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-compliance", action="store_true", help="only the concept scores")
     p.add_argument("--skip-concepts", action="store_true", help="only base prompt compliance")
     p.add_argument("--work-dir", type=Path, help="keep the trained concept files here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out or --chart file")
     p.set_defaults(func=run)
 
 
@@ -93,10 +94,14 @@ def run(args: argparse.Namespace) -> int:
     from diffusers.utils import logging as diffusers_logging
 
     from studio.demo.evaluate import DemoJudge, DemoWorld
+    from studio.engine.files import check_new_output
     from studio.evaluation.report import format_table, write_json
     from studio.evaluation.runner import run_evaluation
 
     cfg = config_from_args(args)
+    for out in (args.out, args.chart):  # checked before the run's minutes, not after
+        if out is not None:
+            check_new_output(out, overwrite=args.overwrite, option="--out" if out is args.out else "--chart")
     diffusers_logging.set_verbosity_error()  # one safety-checker notice per generation would bury the table
     results = run_evaluation(args.model, DemoJudge(), DemoWorld(), cfg, args.work_dir,
                              progress=lambda m: print(m, flush=True), methods=args.methods, variants=args.variants,

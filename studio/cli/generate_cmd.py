@@ -41,22 +41,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--memory", default="fast", choices=MEMORY_MODES,
                    help="memory mode (studio.engine.memory): fast (default), balanced, low-vram, or auto (by free "
                         "GPU memory)")
-    p.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (several: -1, -2 ... appended)")
+    p.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (several: -1, -2 ... appended); "
+                                                                     "an existing one is kept unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output PNGs")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from studio.engine.files import check_new_output
     from studio.engine.generate import GenerateRequest, check_seed, check_size, generate, save_png
     from studio.engine.memory import apply_preset, memory_settings, preset
     from studio.engine.models import ModelManager
     from studio.engine.pictures import open_picture
 
-    # 1. What can be checked without a model, before one is loaded: sizes no model draws at, seeds, the pictures.
+    # 1. What can be checked without a model, before one is loaded: sizes no model draws at, seeds, the pictures,
+    #    outputs that would replace a file.
     check_size(args.width, args.height)
     check_seed(args.seed, args.batch)
     init_image = open_picture(args.init_image, what=f"--init-image {args.init_image}") if args.init_image else None
     mask = open_picture(args.mask, what=f"--mask {args.mask}") if args.mask else None
     concepts, loras = concept_uses(args.prompt, args.concept, args.lora)
+    for out in out_paths(args.out, args.batch):
+        check_new_output(out, overwrite=args.overwrite)
     # 2. The model.
     mode = preset(args.memory)  # `auto` resolves to one of the named modes here, once
     print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explanation}")
@@ -75,11 +81,15 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
 
         result = generate(model, req, on_step=on_step)
-    for k, (image, seed) in enumerate(zip(result.images, result.seeds)):
-        out = args.out if len(result.images) == 1 else args.out.with_name(f"{args.out.stem}-{k + 1}{args.out.suffix}")
+    for out, image, seed in zip(out_paths(args.out, len(result.images)), result.images, result.seeds):
         save_png(image, out)
         print(f"{out} (seed {seed})")
     return 0
+
+
+def out_paths(out: Path, count: int) -> list[Path]:
+    """Where `count` pictures go: `out` itself for one, else `out` with -1, -2 ... appended to its stem."""
+    return [out] if count == 1 else [out.with_name(f"{out.stem}-{k + 1}{out.suffix}") for k in range(count)]
 
 
 def _file_and_weight(spec: str, flag: str) -> tuple[Path, float | None]:

@@ -79,7 +79,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW for the weights (CUDA)")
     p.add_argument("--out", type=Path, default=Path("."),
                    help="folder for the concept files, or the final file itself when it ends in .safetensors "
-                        "(dreambooth: the model folder)")
+                        "(dreambooth: the model folder); an existing file or model folder is kept (exit 2 before "
+                        "training) unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs of the same names (a model folder only if the studio wrote it)")
     p.set_defaults(func=run)
 
 
@@ -88,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from studio.engine.models import ModelManager
     from studio.training import TrainConfig, Trainer
     from studio.training.config import lite
+    from studio.training.trainer import check_train_output
 
     try:
         lr, schedule = float(args.lr), "constant"
@@ -111,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         lite(cfg)
     if args.save_precision:
         cfg.save_precision = args.save_precision
+    # Before the model loads: a run never ends by failing to write, nor replaces what was not asked to be replaced.
+    check_train_output(cfg, args.images, args.out, overwrite=args.overwrite)
     # Under `accelerate launch`, each process loads the model on its own device (cuda:<local rank>, or the CPU)
     # and only the main one prints.
     import torch
@@ -139,5 +145,6 @@ def run(args: argparse.Namespace) -> int:
     # Out of memory ends the run with a `failed` line naming the mode to switch to (the last good vectors saved),
     # then the one-line error of `studio.cli.main`, exit code 2.
     with tqdm(total=cfg.steps, desc=f"training {cfg.token}", disable=not processes.is_main_process) as bar:
-        Trainer(model, cfg, args.images, args.out).run(on_event if processes.is_main_process else None)
+        Trainer(model, cfg, args.images, args.out, overwrite=args.overwrite).run(
+            on_event if processes.is_main_process else None)
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ from typing import Callable, Iterator
 import torch
 
 from studio.engine.concepts import Concept, load_concept
+from studio.engine.files import OutputError, check_folder, check_new_output
+from studio.engine.lora import pivotal_embeddings
 from studio.engine.memory import is_out_of_memory, oom_advice, release_memory
 from studio.engine.model_facts import encoders_of
 from studio.engine.names import file_stem, inside
@@ -141,6 +144,90 @@ def _by_picture(image_words: dict[str, torch.nn.Parameter]) -> list[dict[str, to
     return [pictures[i] for i in sorted(pictures)]
 
 
+def image_token(token: str, index: int) -> str:
+    """The word of picture `index` in a run with per-image tokens ("a photo of S* with S_i")."""
+    return f"<{file_stem(token)}-image{index}>"
+
+
+@dataclass(frozen=True)
+class TrainOutput:
+    """Where a run writes: `folder`, and `stem`, the name its files are made from (`<stem>.safetensors` and
+    `<stem>-stepN.safetensors` checkpoints; dreambooth: the model folders `<stem>`, `<stem>-stepN`)."""
+
+    folder: Path
+    stem: str
+
+
+def check_train_output(config: TrainConfig, images, out: Path | str, *, overwrite: bool = False) -> TrainOutput:
+    """Where a run of `config` on `images` writes, given `out` (a folder, a `.safetensors` file; dreambooth: the
+    model folder), checked before any work (`studio train` calls it before loading the model); a UserError
+    (OutputError, TrainError) says what the run would destroy and what to do.
+
+    Every output of the run goes through `studio.engine.files.check_new_output`: the final file, the `--save-every`
+    checkpoints, pivotal's diffusers words file, the per-image words kept. A plain file where a folder goes is
+    refused always, an existing output unless `overwrite` (a folder then only if the studio wrote it). A run that
+    resumes from its own final file or checkpoint, in its folder, continues that run and replaces its files. A
+    diffusers LoRA (lora) beside a words file that would be read as its words is refused, as `export_lora` refuses it.
+    """
+    from studio.training.methods import METHOD_CLASSES
+    from studio.training.methods.lora import LoraWeights
+
+    method = METHOD_CLASSES[config.method]
+    out = Path(out)
+    names_a_file = out.suffix.lower() == ".safetensors"
+    # 1. The folder and the stem.
+    if method.writes_folder:
+        if names_a_file:
+            raise TrainError(f"{out.name}: dreambooth writes a model folder; give --out a folder path")
+        output = TrainOutput(out.parent, out.name)
+    elif names_a_file:
+        output = TrainOutput(out.parent, out.stem)
+    else:
+        output = TrainOutput(out, file_stem(config.token))
+    check_folder(output.folder)
+
+    # 2. What the run writes: the final file (or folder) and the checkpoints; the files beside them.
+    final = inside(output.folder, method.file_name(output.stem))
+    saved_at = range(config.save_every, config.steps, config.save_every) if config.save_every else ()
+    results = [final] + [inside(output.folder, method.file_name(f"{output.stem}-step{step}")) for step in saved_at]
+    files = []
+    words = pivotal_embeddings(final)
+    if issubclass(method, LoraWeights) and config.lora_format == "diffusers" and words is not None:
+        if not method.learns_word:
+            raise OutputError(f"{words.name} beside {final.name} would be read as this LoRA's words (diffusers' "
+                              "pivotal form): move it away, or give --out another path")
+        files.append(words)
+    if config.per_image_tokens and config.keep_image_words:
+        kept = check_folder(inside(output.folder, f"{output.stem}-image-words"))
+        files += [inside(kept, f"{file_stem(image_token(config.token, i))}.safetensors")
+                  for i in range(len(find_images(images)))]
+
+    # 3. Each checked; a run that continues its own files in place replaces them.
+    overwrite = overwrite or _resumes_in_place(config, output, method)
+    for path in results:
+        earlier_run = state_path(path).is_file() and path.exists() and path.is_dir() == method.writes_folder
+        if earlier_run and not overwrite:  # one that can be continued rather than replaced
+            raise OutputError(f"{path} already exists, from an earlier run: pass --resume {path} (and more --steps) "
+                              "to continue it, --overwrite to replace it, or give --out another path")
+        check_new_output(path, overwrite=overwrite, folder=method.writes_folder, marker=method.folder_marker)
+    for path in files:
+        check_new_output(path, overwrite=overwrite)
+    return output
+
+
+def _resumes_in_place(config: TrainConfig, output: TrainOutput, method) -> bool:
+    """Whether the run resumes from its own final file or a checkpoint of it in its folder (`--resume` continues
+    a run where it writes)."""
+    if not config.resume:
+        return False
+    checkpoint = find_checkpoint(config.resume, config.token)
+    if checkpoint.parent.resolve() != output.folder.resolve():
+        return False
+    names = {method.file_name(output.stem)} | {method.file_name(f"{output.stem}-step{n}")
+                                               for n in re.findall(r"-step(\d+)", checkpoint.name)}
+    return checkpoint.name in names
+
+
 # Divergence beyond NaN: a vector this many times the norm of the embedding table's largest row has left the space
 # the text encoder was trained on. Shared SD 1.5 embeddings that work reach 44x the vocabulary's typical norm
 # (0.39): SingleInsert's 43.95, dgtlv2's 10.5 (../shared/compat); a learning rate of 1e6 reaches 5.7e6 in a few
@@ -154,27 +241,21 @@ class Trainer:
     `out` is a folder (the final file is `<word>.safetensors` in it, the word made file-safe by
     `studio.engine.names.file_stem`) or a `.safetensors` path, which is then the final file; checkpoints are written
     beside it as `<stem>-stepN.safetensors`. For `dreambooth`, `out` is the model folder to write (checkpoints
-    `<folder>-stepN` beside it).
+    `<folder>-stepN` beside it). `check_train_output` checks it here, before any work: a plain file where a folder
+    goes and a folder the studio did not write are never replaced; other existing outputs are replaced only with
+    `overwrite` (True, the default, serves the studio's own work folders; `studio train` passes its --overwrite).
     """
 
-    def __init__(self, model, config: TrainConfig, images, out: Path | str):
+    def __init__(self, model, config: TrainConfig, images, out: Path | str, *, overwrite: bool = True):
         from studio.training.methods import method_for
 
         self.model = model
         self.config = config
         self.paths = find_images(images)
+        output = check_train_output(config, self.paths, out, overwrite=overwrite)
+        self.out_dir, self.file_stem = output.folder, output.stem
         self.method = method_for(self)
         self._accelerator = None  # set by run()
-        out = Path(out)
-        names_a_file = out.suffix.lower() == ".safetensors"
-        if self.method.writes_folder:
-            if names_a_file:
-                raise TrainError(f"{out.name}: dreambooth writes a model folder; give --out a folder path")
-            self.out_dir, self.file_stem = out.parent, out.name
-        elif names_a_file:
-            self.out_dir, self.file_stem = out.parent, out.stem
-        else:
-            self.out_dir, self.file_stem = out, file_stem(config.token)
 
     @property
     def class_word(self) -> str:
@@ -211,9 +292,6 @@ class Trainer:
 
         count = max(n for n, start in progressive_schedule(self.config.progressive) if step > start)
         return {k: v[..., :count, :] for k, v in vectors.items()}
-
-    def _image_token(self, index: int) -> str:
-        return f"<{file_stem(self.config.token)}-image{index}>"
 
     def _save(self, kept: LastGood, step: int, stem: str, state: TrainState | None = None) -> Path:
         """Write the method's file (or folder) `stem`, with its resume sidecar when `state` is given (else none is
@@ -410,7 +488,7 @@ class Trainer:
         run_box: list[_Run] = []
 
         # The per-image words hold their Parameters themselves (no view of them), so they serve every batch.
-        others = [Concept(self._image_token(i), words, {}) for i, words in enumerate(_by_picture(image_words))]
+        others = [Concept(image_token(cfg.token, i), words, {}) for i, words in enumerate(_by_picture(image_words))]
 
         def encode(prompts: list[str]):
             run = run_box[0]
@@ -491,7 +569,7 @@ class Trainer:
 
         def prompt_of(i: int) -> str:
             picture = i // (2 if cfg.flip else 1)
-            said = f"{phrase} with {self._image_token(picture)}" if run.image_words else phrase
+            said = f"{phrase} with {image_token(cfg.token, picture)}" if run.image_words else phrase
             return _filled(run.images[picture].caption or run.rng.choice(run.templates), said)
 
         x0, prompts, noise, t = self._draw(run, run.latents, cfg.batch_size, prompt_of)
@@ -673,7 +751,7 @@ class Trainer:
 
         folder = inside(self.out_dir, f"{self.file_stem}-image-words")
         for i, words in enumerate(_by_picture(run.image_words)):
-            token = self._image_token(i)
+            token = image_token(self.config.token, i)
             vectors = {key: v.detach().cpu().clone() for key, v in words.items()}
             meta = {**self.method.meta(step), "picture": run.images[i].path.name}
             save_concept(Concept(token, vectors, meta), inside(folder, f"{file_stem(token)}.safetensors"))

@@ -17,6 +17,7 @@ class Method:
     summary = ""  # one line for the UI and help: what learns, what is written, what to write in a prompt
     learns_word = True  # the new word's vectors learn and the prompts say the word (ti, pivotal)
     writes_folder = False  # the result is a model folder (dreambooth), else one .safetensors file
+    folder_marker: str | None = None  # a file the method writes into each folder it makes: what --overwrite replaces
     default_unet_lr: float | None = None  # the weights' learning rate when the config gives none
 
     def __init__(self, trainer) -> None:
@@ -98,8 +99,9 @@ class Method:
 
     # ---- what is saved -------------------------------------------------------------------------------------------
 
-    def file_name(self, stem: str) -> str:
-        return stem if self.writes_folder else f"{stem}.safetensors"
+    @classmethod
+    def file_name(cls, stem: str) -> str:
+        return stem if cls.writes_folder else f"{stem}.safetensors"
 
     def meta(self, step: int) -> dict[str, str]:
         cfg = self.config

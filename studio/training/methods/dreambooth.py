@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from studio.engine.concepts import Concept
+from studio.engine.files import check_new_output, replace_folder
 from studio.training.methods.base import Method
 
 FOLDER_MODE = 0o755  # as `mkdir` makes folders under the usual umask
@@ -25,6 +26,9 @@ class DreamBooth(Method):
     save_dtype = torch.float32  # the learned UNet is written as it learned (fp32 master weights), whatever the model's
     learns_word = False
     writes_folder = True
+    # The run's facts (word, prompt, base model, steps) in every model folder it writes; a folder holding it is one
+    # the studio wrote, which --overwrite (and --resume) may replace.
+    folder_marker = "studio_training.json"
     # diffusers' train_dreambooth.py uses 5e-6 on SD 1.5 for ~400 steps at batch 1; the demo model's UNet is 45x
     # smaller and its pictures 64 px (measured in docs/benchmarks.md, "Weight-tuning methods").
     default_unet_lr = 1e-4
@@ -53,7 +57,9 @@ class DreamBooth(Method):
         return f"{self.config.token} {self.trainer.class_word}".strip()
 
     def save(self, path: Path, word: Concept | None, weights, step: int) -> Path:
-        """The base pipeline with the learned UNet, as a diffusers folder, written beside and renamed into place."""
+        """The base pipeline with the learned UNet, as a diffusers folder, written beside and swapped into place
+        (`replace_folder`); what was at `path` is replaced only if the studio wrote it (the trainer checked that
+        before training; checked again here, since the folder may have changed meanwhile)."""
         pipe = self.model.pipe
         unet = self._unet
         components = {**pipe.components, "unet": unet}
@@ -62,16 +68,10 @@ class DreamBooth(Method):
         tmp.chmod(FOLDER_MODE)  # mkdtemp makes it 0700
         try:
             type(pipe)(**components).save_pretrained(tmp, safe_serialization=True)
-            (tmp / "studio_training.json").write_text(json.dumps({**self.meta(step), "token": self.config.token,
-                                                                   "prompt": self.phrase()}, indent=1))
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                path.rename(old)
-            tmp.rename(path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            (tmp / self.folder_marker).write_text(json.dumps({**self.meta(step), "token": self.config.token,
+                                                              "prompt": self.phrase()}, indent=1))
+            check_new_output(path, overwrite=True, folder=True, marker=self.folder_marker)
+            replace_folder(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
