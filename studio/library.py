@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import errno
 import hashlib
-import inspect
+import logging
 import os
 import shutil
 import stat
@@ -50,11 +51,14 @@ from studio.engine.concepts import (
     load_concept,
     save_concept,
 )
+from studio.engine.containers import failing_closed
 from studio.engine.files import atomic_write
 from studio.engine.lora import LORA_SUFFIXES, LoraFile, check_loras_fit, is_lora_file, load_lora
 from studio.engine.names import check_word, file_stem, inside, session_key
 from studio.engine.prompts import split_concept_words, split_lora_tags
 from studio.errors import LoraError, UserError
+
+log = logging.getLogger(__name__)
 
 # What a save does when the word (or its file) is already in the shared library.
 IF_TAKEN = ("refuse", "replace", "keep both")
@@ -240,12 +244,16 @@ class ConceptLibrary:
 
     def _scan(self, top: Path | None = None) -> dict[Path, tuple]:
         """Every concept file under `top` (the root by default) with its stamp: (mtime_ns, size, inode) of the file
-        (and its `_2` half).
+        (and its `_2` half); a symbolic link the library does not follow (`_link_stamp`) with a stamp that
+        says why, so that it is listed once as unreadable with its reason.
 
         The inode too: an atomic rewrite (os.replace) of the same size within one mtime tick is still seen.
         One directory listing per folder and one stat per file (1,000 files: a few ms).
         """
         found: dict[Path, tuple] = {}
+        root = os.path.realpath(self.root)
+        if top is not None and top != self.root and top.is_symlink():
+            return found  # a linked folder: its parent's scan lists the link with its reason
         folders = [self.root if top is None else top]
         while folders:
             folder = folders.pop()
@@ -257,7 +265,9 @@ class ConceptLibrary:
             stamps = {}
             for entry in entries:
                 try:
-                    if entry.is_dir():
+                    if entry.is_symlink() and (stamp := _link_stamp(Path(entry.path), root)) is not None:
+                        stamps[entry.name] = stamp
+                    elif entry.is_dir():
                         folders.append(Path(entry.path))
                     elif _is_concept_file_name(entry.name):
                         info = entry.stat()
@@ -277,7 +287,7 @@ class ConceptLibrary:
             reindex |= self._update(self._scan(folder), [p for p in self._files if str(p).startswith(inside)])
         if files:
             affected = {touched for path in files for touched in _entries_touched_by(path)}
-            reindex |= self._update(_stamp_files(affected), affected, written=files)
+            reindex |= self._update(_stamp_files(affected, self.root), affected, written=files)
         if reindex:
             self._index_tokens()
 
@@ -681,13 +691,14 @@ class ConceptLibrary:
         """Copy a concept file (a word, or a LoRA file with its pivotal words file) into the library after checking that
         it reads; refuses to overwrite a file."""
         source = Path(path)
-        if is_second_half(source):  # asked for x_2 of a diffusers SDXL pair: import the pair through x
-            source = companion_of(source)
-        # Validate first: a bad file never enters the library.
-        if is_lora_file(source):
-            sources = [source] + _pivotal_words_file(load_lora(source))
-        else:
-            sources = [source] + _second_half(source, load_concept(source))
+        # Validate first, failing closed: a bad or hostile file never enters the library, and is refused in one line.
+        with failing_closed(source, ConceptError, "concept or LoRA file"):
+            if is_second_half(source):  # asked for x_2 of a diffusers SDXL pair: import the pair through x
+                source = companion_of(source)
+            if is_lora_file(source):
+                sources = [source] + _pivotal_words_file(load_lora(source))
+            else:
+                sources = [source] + _second_half(source, load_concept(source))
         with self._lock:
             targets = [inside(self.root, file_stem(src.stem) + src.suffix.lower()) for src in sources]
             for target in targets:
@@ -851,16 +862,26 @@ def _token_of(cached: _CachedFile) -> tuple[str, ...] | None:
 def _read_file(path: Path, stamp: tuple) -> _CachedFile:
     """A library file read as a LoRA (`load_lora`) or as a word (`load_concept`), or the one-line reason it reads as
     neither. A .safetensors file is told apart by its key names alone (`is_lora_file`), so no file is read twice;
-    other containers are tried as a word first, the common case in an A1111 embeddings folder."""
+    other containers are tried as a word first, the common case in an A1111 embeddings folder.
+
+    Fails closed: whatever reading raises (a hostile file's RecursionError, MemoryError, a library's RuntimeError)
+    is the entry's reason, never the listing's failure (`failing_closed`). A link the library does not follow
+    (`_link_stamp`) is not read; its reason is logged once, when it appears, and listed."""
+    if stamp[:1] == (_LINK_NOT_FOLLOWED,):
+        reason = f"{path.name}: {stamp[1]}"
+        log.warning("concept library: skipped %s: %s", path, stamp[1])
+        return _CachedFile(stamp, None, reason)
     try:
-        if path.suffix.lower() == ".safetensors" and is_lora_file(path):
-            return _CachedFile(stamp, None, "", load_lora(path))
-        try:
-            return _CachedFile(stamp, load_concept(path), "")
-        except ConceptError:
-            if path.suffix.lower() in LORA_SUFFIXES and path.suffix.lower() != ".safetensors" and is_lora_file(path):
+        with failing_closed(path, ConceptError, "concept or LoRA file"):
+            if path.suffix.lower() == ".safetensors" and is_lora_file(path):
                 return _CachedFile(stamp, None, "", load_lora(path))
-            raise
+            try:
+                return _CachedFile(stamp, load_concept(path), "")
+            except ConceptError:
+                pickled = path.suffix.lower() in LORA_SUFFIXES and path.suffix.lower() != ".safetensors"
+                if pickled and is_lora_file(path):
+                    return _CachedFile(stamp, None, "", load_lora(path))
+                raise
     except UserError as exc:  # ConceptError, LoraError: the file's own reason
         return _CachedFile(stamp, None, str(exc))
 
@@ -917,7 +938,8 @@ def _listed(folder: Path | str, stamps: dict[str, tuple], names: Iterable[str]) 
             continue
         stem, suffix = os.path.splitext(name)
         path = Path(folder, name)
-        if stem.endswith("_2") and stem[:-2] + suffix in stamps and is_second_half(path):
+        pair = stem.endswith("_2") and _followed(stamps, stem[:-2] + suffix) and _followed(stamps, name)
+        if pair and is_second_half(path):
             continue
         # A file's stamp covers its partners: a changed `_2` half or pivotal words file re-reads it.
         found[path] = stamps[name] + stamps.get(_half_name(name), ()) + stamps.get(_emb_name(name), ())
@@ -937,17 +959,21 @@ def _entries_touched_by(path: Path) -> list[Path]:
     return touched
 
 
-def _stamp_files(paths: Iterable[Path]) -> dict[Path, tuple]:
-    """What `_scan` would find of just these files: those that exist, with their stamps, by one stat of each (and
-    of its `_2` half and `_emb` words file)."""
+def _stamp_files(paths: Iterable[Path], root: Path) -> dict[Path, tuple]:
+    """What `_scan` would find of just these files of the library at `root`: those that exist, with their stamps,
+    by one stat of each (and of its `_2` half and `_emb` words file); a link not followed with its reason."""
     names_by_folder: dict[Path, set[str]] = {}
     for path in paths:
         names_by_folder.setdefault(path.parent, set()).add(path.name)
     found: dict[Path, tuple] = {}
+    real_root = os.path.realpath(root)
     for folder, names in names_by_folder.items():
         stamps = {}
         for name in names | {_half_name(name) for name in names} | {_emb_name(name) for name in names}:
             try:
+                if os.path.islink(folder / name) and (stamp := _link_stamp(folder / name, real_root)) is not None:
+                    stamps[name] = stamp
+                    continue
                 info = os.stat(folder / name)
             except (FileNotFoundError, NotADirectoryError):
                 continue
@@ -955,6 +981,53 @@ def _stamp_files(paths: Iterable[Path]) -> dict[Path, tuple]:
                 stamps[name] = (info.st_mtime_ns, info.st_size, info.st_ino)
         found.update(_listed(folder, stamps, names))
     return found
+
+
+# The first item of the stamp of a symbolic link the library does not follow: its reason is the second.
+_LINK_NOT_FOLLOWED = "link not followed"
+
+
+def _link_stamp(link: Path, real_root: str) -> tuple | None:
+    """The stamp of a symbolic link under the library folder (`real_root`, resolved) that the library does not
+    follow: `(_LINK_NOT_FOLLOWED, reason, mtime_ns, inode)` of the link itself; None for one it reads as the file it
+    names (a concept file inside the library) or passes over (a link to something else, under another name).
+
+    Links to folders are never followed: one inside the library names a folder listed from where it is (following
+    it would list each file twice, and `ln -s . loop` forever), one outside leads where the library does not reach.
+    Nor links to files outside the library, links that loop, and links to nothing under a concept file's name."""
+    try:
+        target = os.path.realpath(link, strict=True)
+    except OSError as exc:  # ELOOP: a link that loops; FileNotFoundError: its target is missing
+        if exc.errno == errno.ELOOP:
+            reason = "a symbolic link that loops; not followed"
+        elif _is_concept_file_name(link.name):
+            reason = "a symbolic link to nothing (its target is missing)"
+        else:
+            return None
+    else:
+        inside_library = os.path.commonpath([target, real_root]) == real_root
+        where = os.path.realpath(link.parent)  # the folder the link is in
+        if os.path.isdir(target):
+            if os.path.commonpath([target, where]) == target:
+                reason = "a symbolic link back to a folder it is in (a loop); not followed"
+            elif inside_library:
+                rel = Path(os.path.relpath(target, real_root)).as_posix()
+                reason = f"a symbolic link to the library's folder {rel}/, listed from there; not followed"
+            else:
+                reason = "a symbolic link to a folder outside the library folder; not followed"
+        elif not _is_concept_file_name(link.name):
+            return None
+        elif inside_library:
+            return None
+        else:
+            reason = "a symbolic link to a file outside the library folder; not followed"
+    info = os.lstat(link)
+    return (_LINK_NOT_FOLLOWED, reason, info.st_mtime_ns, info.st_ino)
+
+
+def _followed(stamps: dict[str, tuple], name: str) -> bool:
+    """Whether `name` is in `stamps` as a file the library reads (not a link it does not follow)."""
+    return name in stamps and stamps[name][:1] != (_LINK_NOT_FOLLOWED,)
 
 
 def _start_observer(handler: _FolderEvents):
@@ -968,9 +1041,8 @@ def _start_observer(handler: _FolderEvents):
     if Observer.__name__ not in _EVENT_OBSERVERS:
         raise OSError(f"watchdog offers no file-system events here, only its {Observer.__name__}")
     observer = Observer()
+    # Links to folders are not followed (watchdog's default), as `_scan` does not follow them (`_link_stamp`).
     options = {"recursive": True, "event_filter": list(_WATCHED_EVENTS)}
-    if "follow_symlink" in inspect.signature(observer.schedule).parameters:  # watchdog 7+ (older: their default)
-        options["follow_symlink"] = True  # _scan follows links to sub-folders, so the watch does too
     try:
         observer.schedule(handler, str(handler.watched), **options)
         observer.start()

@@ -112,21 +112,23 @@ def concept_uses(prompt: str, concept_specs: list[str], lora_specs: list[str]) -
     A tag naming no LoRA, a weight that is not a number or is given to a word, or a `--lora` file that is not a LoRA
     is a `UserError`."""
     from studio.engine.concepts import load_concept
+    from studio.engine.containers import failing_closed
     from studio.engine.lora import is_lora_file, load_lora
     from studio.engine.prompts import split_lora_tags
 
     words, loras = [], {}
     for flag, specs in (("--concept", concept_specs), ("--lora", lora_specs)):
         for spec in specs:
-            path, weight = _file_and_weight(spec, flag)
-            path = _pivotal_lora_beside(path) or path  # a pivotal pair's words file stands for the pair
-            if flag == "--concept" and not is_lora_file(path):
-                if weight not in (None, 1.0):
-                    raise UserError(f"--concept {spec}: {path.name} is a word, and a weight applies to a LoRA only; "
-                                    "leave the weight out")
-                words.append(load_concept(path))
-                continue
-            lora = load_lora(path)
+            with failing_closed(spec, UserError, f"{flag} file"):  # whatever reading a file raises: one line
+                path, weight = _file_and_weight(spec, flag)
+                path = _pivotal_lora_beside(path) or path  # a pivotal pair's words file stands for the pair
+                if flag == "--concept" and not is_lora_file(path):
+                    if weight not in (None, 1.0):
+                        raise UserError(f"--concept {spec}: {path.name} is a word, and a weight applies to a LoRA "
+                                        "only; leave the weight out")
+                    words.append(load_concept(path))
+                    continue
+                lora = load_lora(path)
             if lora.name in loras:
                 raise LoraError(f"{flag} {spec}: a second file named {lora.name!r}; <lora:{lora.name}> would be "
                                 "ambiguous")

@@ -10,8 +10,12 @@ A `Concept` is a trigger word plus one float tensor `[n_vectors, dim]` per text 
   `{"TORCHTENSOR": nested lists}`).
 
 Safety: `.pt`/`.bin` are opened only with `torch.load(weights_only=True)`; a pickle holding anything but tensors and
-plain containers is refused, never executed. The trigger word follows A1111: the file name stem (for PNG/WebP: the
-name stored inside), unless the caller passes `token=`; the name stored inside is kept in `meta["stored_name"]`.
+plain containers is refused, never executed. Every file's size is checked from its container before it is read
+(`studio.engine.containers`: zip entries, the safetensors header, the picture's header, the JSON's depth), against
+`MAX_EMBEDDING_BYTES`; whatever a reader still raises becomes a one-line `ConceptError` (`failing_closed`).
+
+The trigger word follows A1111: the file name stem (for PNG/WebP: the name stored inside), unless the caller passes
+`token=`; the name stored inside is kept in `meta["stored_name"]`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import base64
 import binascii
 import importlib.metadata
 import io
-import json
 import os
 import pickle
 import re
@@ -33,6 +36,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
+from studio.engine.containers import (
+    MAX_EMBEDDING_BYTES,
+    MAX_EMBEDDING_TEXT_BYTES,
+    check_file_size,
+    check_zip,
+    failing_closed,
+    load_json,
+    safetensors_header,
+    size_text,
+)
 from studio.engine.files import atomic_write
 from studio.engine.names import WordError, check_word, file_stem
 from studio.errors import UserError
@@ -140,13 +153,19 @@ def load_concept(path: str | os.PathLike, token: str | None = None) -> Concept:
     """Read a concept file in any known form (.safetensors/.pt/.bin/.png/.webp).
 
     The token is `token` when given, else the file name stem (A1111's rule; for PNG/WebP, A1111 uses the stored name). For a diffusers SDXL pair
-    `<stem>.safetensors` + `<stem>_2.safetensors`, either file loads both. Raises `ConceptError` with the reason.
+    `<stem>.safetensors` + `<stem>_2.safetensors`, either file loads both. Raises `ConceptError` with the reason,
+    whatever went wrong in reading (`failing_closed`).
     """
     path = Path(path)
+    with failing_closed(path, ConceptError, "concept file"):
+        return _load_concept(path, token)
+
+
+def _load_concept(path: Path, token: str | None) -> Concept:
     suffix = path.suffix.lower()
 
-    # 1. Raw dict (+ safetensors metadata) from the container.
-    data, metadata = read_container(path, READ_SUFFIXES, ConceptError, "concept files")
+    # 1. Raw dict (+ safetensors metadata) from the container, its size checked first.
+    data, metadata = read_container(path, READ_SUFFIXES, ConceptError, "concept file", MAX_EMBEDDING_BYTES)
 
     # 2. Which layout, which vectors. A per-layer word (XTI / P+) is its own type, read by studio.engine.xti.
     from studio.engine import xti  # imported here: xti builds on this module
@@ -210,23 +229,30 @@ def _named_after(stem: str, stored_name: str, source_format: str) -> bool:
     return stored_name != stem and file_stem(stored_name) == stem
 
 
-def read_container(path: Path, suffixes: tuple[str, ...], error: type[Exception], what: str) -> tuple[object, dict]:
+def read_container(path: Path, suffixes: tuple[str, ...], error: type[UserError], what: str,
+                   max_bytes: int) -> tuple[object, dict]:
     """The raw content of a weights file and its safetensors metadata ({} for others), by the one set of safe rules:
-    safetensors as they are, `.pt`/`.bin` only through the weights-only unpickler, PNG/WebP through their text chunk.
-    `error` (with `what`, e.g. "concept files") for a missing file or a suffix outside `suffixes`."""
+    sizes checked from the container against `max_bytes` before anything is inflated or mapped
+    (`studio.engine.containers`), then safetensors as they are, `.pt`/`.bin` only through the weights-only
+    unpickler, PNG/WebP through their text chunk. `error` (with `what`, e.g. "concept file") for a missing file, a
+    suffix outside `suffixes` or a container over its cap."""
     if not path.is_file():
         raise error(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix not in suffixes:
-        raise error(f"{path.name}: unsupported file type {suffix!r}; {what} are {', '.join(suffixes)}")
+        raise error(f"{path.name}: unsupported file type {suffix!r}; {what}s are {', '.join(suffixes)}")
+    check_file_size(path, max_bytes, what, error)
     if suffix == ".safetensors":
+        safetensors_header(path, error)
         return _read_safetensors(path)
     if suffix in (".pt", ".bin"):
+        check_zip(path, max_bytes, what, error)
         return _read_torch(path), {}
     return _read_image(path), {}
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata; its header has passed `safetensors_header` (`read_container`)."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
@@ -294,17 +320,34 @@ def _with_plain_string_to_param(data: object, path: Path) -> object:
 
 
 def _read_image(path: Path) -> dict:
-    """A1111's PNG/WebP form: base64 of JSON in an `sd-ti-embedding` text chunk."""
+    """A1111's PNG/WebP form: base64 of JSON in an `sd-ti-embedding` text chunk. Only the header and the chunks
+    before the pixels are read (Image.open is lazy), never the pixels: the size the header claims is refused over
+    the pictures' pixel cap, the text over MAX_EMBEDDING_TEXT_BYTES, the JSON over its depth."""
     from PIL import Image, UnidentifiedImageError
 
+    from studio.engine.pictures import MAX_PICTURE_PIXELS
+
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=("PNG", "WEBP")) as image:
+            width, height = image.size
             chunk = image.info.get("sd-ti-embedding")
+    except Image.DecompressionBombError as exc:  # Pillow's own refusal from the header, at twice its pixel limit
+        raise ConceptError(f"{path.name}: refused: a picture of too many pixels ({exc}); an embedding picture is a "
+                           "card of a few hundred pixels") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ConceptError(f"{path.name}: not a readable image ({exc})") from None
+    if width * height > MAX_PICTURE_PIXELS:
+        raise ConceptError(f"{path.name}: refused: its header claims {width}x{height} pixels, more than the "
+                           f"{MAX_PICTURE_PIXELS:,} a picture may have; an embedding picture is a card of a few "
+                           "hundred pixels")
     if chunk is None:
         raise ConceptError(f"{path.name}: no 'sd-ti-embedding' text chunk; this image carries no embedding we can "
                            "read (A1111's pixel-hidden form is not supported: export the .pt instead)")
+    if not isinstance(chunk, str):
+        raise ConceptError(f"{path.name}: its 'sd-ti-embedding' chunk is not text")
+    if len(chunk) > MAX_EMBEDDING_TEXT_BYTES:
+        raise ConceptError(f"{path.name}: refused: its 'sd-ti-embedding' chunk is {size_text(len(chunk))}, more than "
+                           f"the {size_text(MAX_EMBEDDING_TEXT_BYTES)} an embedding's text has")
 
     def tensors_back(obj: dict) -> object:
         # A1111 writes each tensor as {"TORCHTENSOR": nested lists}; JSON floats are float32 values, exact in float64.
@@ -313,9 +356,10 @@ def _read_image(path: Path) -> dict:
         return obj
 
     try:
-        return json.loads(base64.b64decode(chunk), object_hook=tensors_back)
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise ConceptError(f"{path.name}: the 'sd-ti-embedding' chunk is not valid base64 JSON ({exc})") from None
+        text = base64.b64decode(chunk)
+    except (binascii.Error, ValueError) as exc:
+        raise ConceptError(f"{path.name}: the 'sd-ti-embedding' chunk is not valid base64 ({exc})") from None
+    return load_json(text, path, ConceptError, "its 'sd-ti-embedding' chunk", object_hook=tensors_back)
 
 
 def _interpret(data: object, path: Path) -> tuple[dict[str, torch.Tensor], str | None, str, dict[str, str]]:
@@ -377,10 +421,12 @@ def is_second_half(path: Path) -> bool:
     keys, widths = [], []
     for file in (partner, path):
         try:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                keys.append(list(handle.keys()))
-                widths.append(handle.get_slice(keys[-1][0]).get_shape()[-1] if len(keys[-1]) == 1 else 0)
-        except (SafetensorError, OSError):
+            with failing_closed(file, ConceptError, "concept file"):
+                tensors, _ = safetensors_header(file, ConceptError)
+                keys.append(list(tensors))
+                shape = tensors[keys[-1][0]]["shape"] if len(keys[-1]) == 1 else []
+                widths.append(shape[-1] if shape else 0)
+        except UserError:  # unreadable: listed on its own, with its reason
             return False
     known = {"emb_params", "string_to_param", *_SDXL_KEYS}
     return (len(keys[0]) == 1 and keys[0] == keys[1] and keys[0][0] not in known
@@ -396,7 +442,8 @@ def _read_diffusers_pair(path: Path, partner: Path, vectors: dict[str, torch.Ten
                          stored_name: str | None) -> dict[str, torch.Tensor] | None:
     """Join a diffusers SDXL pair when the partner is a one-key file for the same token; else None."""
     try:
-        other, _ = _read_safetensors(partner)
+        with failing_closed(partner, ConceptError, "concept file"):
+            other, _ = read_container(partner, (".safetensors",), ConceptError, "concept file", MAX_EMBEDDING_BYTES)
     except ConceptError:
         return None
     if list(other) != [stored_name]:

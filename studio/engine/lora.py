@@ -2,7 +2,11 @@
 
 `load_lora(path)` returns a `LoraFile`: the weights as a state dict in the form diffusers' `load_lora_weights` takes,
 what they touch (UNet, text encoders; attention or other layers), their rank, the model families they fit, and any
-words bundled in the file as `Concept`s. Key names are converted by diffusers' own code
+words bundled in the file as `Concept`s. What a file may not be is refused first, each with one line naming the file
+and the problem: a container over `MAX_LORA_BYTES` (checked before it is read, `studio.engine.containers`), a
+non-finite weight, a down/up pair whose ranks disagree, a rank over `MAX_LORA_RANK`, adapter metadata that is not what
+it claims; whatever a reader still raises becomes a `LoraError` (`failing_closed`). `check_lora_layers` checks the
+pairs against the layers of the model they are applied to. Key names are converted by diffusers' own code
 (`StableDiffusionLoraLoaderMixin.lora_state_dict`, which calls `_maybe_map_sgm_blocks_to_diffusers` and
 `_convert_non_diffusers_lora_to_diffusers`), so the studio reads exactly what diffusers loads. LyCORIS variants that
 are not plain low-rank pairs (LoHa, LoKr, IA3, DoRA, full diffs) are refused with a `LoraError` naming the variant.
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
+import math
 import os
 import re
 import warnings
@@ -24,12 +28,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from studio.engine.concepts import _FAMILY_BY_DIMS, _SDXL_KEYS, Concept, family_of, read_container
-from studio.errors import LoraError
+from studio.engine.containers import MAX_LORA_BYTES, failing_closed, load_json, reason_of, safetensors_header
+from studio.errors import LoraError, UserError
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".bin")
 PARTS = ("unet", "text_encoder", "text_encoder_2")  # diffusers pipeline attribute names, as in the state dict keys
@@ -56,9 +64,20 @@ _WHAT_TO_DO = ("the studio applies plain LoRA (down/up pairs) only; re-export it
                "(kohya's or diffusers' LoRA format)")
 
 # The down matrix of one LoRA pair, in each key form that `load_lora_weights` reads after conversion: peft
-# (`lora_A`), diffusers' attention-processor forms (`to_q_lora.down`, `.lora.down`, `lora_linear_layer.down`).
-_DOWN_KEY = re.compile(r"^(?P<module>.+?)(?:\.lora_A|\.lora\.down|_lora\.down|\.lora_linear_layer\.down)"
-                       r"(?:\.[A-Za-z0-9_]+)?\.weight$")
+# (`lora_A`), diffusers' attention-processor forms (`to_q_lora.down`, `.lora.down`, `lora_linear_layer.down`); the
+# up matrix of each form (`_UP_OF`), the down marker swapped for its up marker.
+_DOWN_KEY = re.compile(r"^(?P<module>.+?)(?P<marker>\.lora_A|\.lora\.down|_lora\.down|\.lora_linear_layer\.down)"
+                       r"(?P<adapter>\.[A-Za-z0-9_]+)?\.weight$")
+_UP_OF = {".lora_A": ".lora_B", ".lora.down": ".lora.up", "_lora.down": "_lora.up",
+          ".lora_linear_layer.down": ".lora_linear_layer.up"}
+_UP_KEY = re.compile(r"(\.lora_B|\.lora\.up|_lora\.up|\.lora_linear_layer\.up)(\.[A-Za-z0-9_]+)?\.weight$")
+# The largest rank read. Trainers offer up to 1024 (kohya's network_dim, diffusers' --rank) and no shared LoRA we
+# know passes 256; at a layer's own width a pair is no longer low-rank, and a larger one only costs memory.
+MAX_LORA_RANK = 1024
+# kohya's metadata that describes the network, by what each must parse as; A1111 and kohya's tools read them.
+# Older kohya versions write "None" for an alpha or a dim they did not set.
+_KOHYA_NETWORK_METADATA = {"ss_network_dim": ("an integer", int), "ss_network_alpha": ("a number", float),
+                           "ss_network_args": ("a JSON object", None)}
 _CROSS_KEY_VALUE = re.compile(r"attn2(\.processor)?\.to_[kv]$")
 _ENCODER_QUERY = re.compile(r"self_attn\.(q_proj|to_q)$")
 
@@ -116,20 +135,22 @@ def _is_attention(module: str) -> bool:
 def is_lora_file(path: str | os.PathLike) -> bool:
     """Whether a file holds LoRA-like weights (also the LyCORIS variants `load_lora` refuses) rather than a word.
 
-    Reads only the key names of a .safetensors file; a .pt/.bin is read through the weights-only unpickler.
+    Reads only the header of a .safetensors file (`safetensors_header`; False when it is unreadable, and the
+    embedding reader gives the one-line reason); a .pt/.bin is read through the weights-only unpickler, its size
+    checked first, and a `LoraError` when it cannot be.
     """
     path = Path(path)
-    if path.suffix.lower() not in LORA_SUFFIXES or not path.is_file():
-        return False
-    if path.suffix.lower() == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                keys = list(handle.keys())
-        except (SafetensorError, OSError, ValueError):
-            return False  # the embedding reader gives the one-line reason
-    else:
-        data, _ = read_container(path, LORA_SUFFIXES, LoraError, "LoRA files")
-        keys = list(data) if isinstance(data, dict) else []
+    with failing_closed(path, LoraError, "LoRA file"):
+        if path.suffix.lower() not in LORA_SUFFIXES or not path.is_file():
+            return False
+        if path.suffix.lower() == ".safetensors":
+            try:
+                keys = list(safetensors_header(path, LoraError)[0])
+            except UserError:
+                return False
+        else:
+            data, _ = read_container(path, LORA_SUFFIXES, LoraError, "LoRA file", MAX_LORA_BYTES)
+            keys = list(data) if isinstance(data, dict) else []
     return any(_looks_like_lora_key(str(k)) for k in keys)
 
 
@@ -143,14 +164,24 @@ def load_lora(path: str | os.PathLike, unet_config: object | None = None) -> Lor
 
     `unet_config` (a UNet's `.config`) places the blocks of an SDXL kohya file written with sgm names
     (`input_blocks_4_1_…`); without it, SDXL base's layout is assumed. Raises `LoraError` for a LyCORIS variant the
-    studio does not apply and for a file that holds no LoRA weights; `ConceptError` for a bad bundled word.
+    studio does not apply, a file that holds no LoRA weights or fails a check (see the module's docstring), and any
+    failure to read it; `ConceptError` for a bad bundled word.
     """
     path = Path(path)
+    with failing_closed(path, LoraError, "LoRA file"):
+        return _load_lora(path, unet_config)
 
-    # 1. Raw tensors from the container (the embedding reader's rules: safetensors, or weights-only pickles).
-    data, metadata = read_container(path, LORA_SUFFIXES, LoraError, "LoRA files")
+
+def _load_lora(path: Path, unet_config: object | None) -> LoraFile:
+    # 1. Raw tensors from the container (the embedding reader's rules: sizes first, safetensors, weights-only pickles).
+    data, metadata = read_container(path, LORA_SUFFIXES, LoraError, "LoRA file", MAX_LORA_BYTES)
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise LoraError(f"{path.name}: not a LoRA file (expected a flat dict of tensors)")
+    for key, tensor in data.items():  # a NaN or Inf weight draws a black picture (or one of noise)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LoraError(f"{path.name}: {key!r} holds NaN or infinite values (a training run that diverged); "
+                            "use an earlier checkpoint of this LoRA")
+    _check_kohya_metadata(metadata, path)
 
     # 2. Refuse what is not a plain down/up pair, by name, before any conversion drops or mangles it.
     for key in data:
@@ -168,15 +199,16 @@ def load_lora(path: str | os.PathLike, unet_config: object | None = None) -> Lor
     if weights and all(k.startswith(KOHYA_PREFIXES) for k in weights):
         source_format = "kohya"
         weights = _from_kohya(weights, path, unet_config)
-    modules, ranks, shapes = _pairs(weights)
+    modules, ranks, shapes = _pairs(weights, path)
     if not modules:
         listed = ", ".join(sorted(data)[:6])
         raise LoraError(f"{path.name}: neither a LoRA nor an embedding file (no LoRA down/up pairs; keys: {listed}); "
                         "LoRA files hold unet.…lora_A/lora_B (diffusers) or lora_unet_….lora_down/lora_up (kohya)")
 
+    adapter_metadata = _adapter_metadata(metadata, weights, path)
     return LoraFile(path=path, state_dict=weights, source_format=source_format, ranks=tuple(sorted(ranks)),
                     modules=modules, families=_families(shapes), size_bytes=path.stat().st_size, words=words,
-                    adapter_metadata=_adapter_metadata(metadata, path), mtime_ns=path.stat().st_mtime_ns,
+                    adapter_metadata=adapter_metadata, mtime_ns=path.stat().st_mtime_ns,
                     phrase=str((metadata or {}).get(PHRASE_KEY, "")))
 
 
@@ -197,7 +229,9 @@ def _from_kohya(weights: dict[str, torch.Tensor], path: Path, unet_config: objec
             down, alpha = weights.get(f"{name}.lora_down.weight"), weights.get(f"{name}.alpha")
             if down is None:
                 raise LoraError(f"{path.name}: {key!r} has no matching lora_down; the file is incomplete, re-export it")
-            if alpha is not None:
+            if alpha is not None and alpha.numel() != 1:
+                raise LoraError(f"{path.name}: {name}.alpha holds {alpha.numel()} values, not one; re-export it")
+            if alpha is not None and down.dim() >= 1 and down.shape[0] > 0:
                 tensor = tensor * (float(alpha) / down.shape[0])
         folded[key] = tensor
     if unet_config is None and any("input_blocks" in k or "output_blocks" in k for k in folded):
@@ -210,30 +244,118 @@ def _from_kohya(weights: dict[str, torch.Tensor], path: Path, unet_config: objec
     return state_dict
 
 
-def _adapter_metadata(metadata: dict[str, str], path: Path) -> dict[str, object]:
+def _adapter_metadata(metadata: dict[str, str], weights: dict[str, torch.Tensor], path: Path) -> dict[str, object]:
+    """diffusers' `lora_adapter_metadata`: a JSON object of peft LoraConfig fields per part ("unet.r", ...). What
+    `load_lora_adapter` builds a LoraConfig from, so each part's is built here first, and checked against the ranks
+    of `weights`: a field of the wrong type, one peft does not know or a rank the weights do not have is one line
+    now rather than a traceback when the LoRA is applied."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
     stored = metadata.get(LORA_ADAPTER_METADATA_KEY)
     if stored is None:
         return {}
-    try:
-        found = json.loads(stored)
-    except ValueError:
-        found = None
+    where = f"its {LORA_ADAPTER_METADATA_KEY!r} metadata"
+    found = load_json(stored, path, LoraError, where)
     if not isinstance(found, dict):
-        raise LoraError(f"{path.name}: its {LORA_ADAPTER_METADATA_KEY!r} is not a JSON object; re-save the LoRA")
+        raise LoraError(f"{path.name}: {where} is not a JSON object; re-save the LoRA")
+    for part in PARTS:
+        config = _part_config(found, part)
+        if config:
+            _check_ranks(_lora_config(config, part, path), part, weights, path)
     return found
 
 
-def _pairs(weights: dict[str, torch.Tensor]) -> tuple[dict[str, list[str]], set[int], dict[str, tuple[int, ...]]]:
-    """(part -> module names, the ranks, module -> down-matrix shape) of the down/up pairs in diffusers keys."""
+def _part_config(adapter_metadata: dict[str, object], part: str) -> dict[str, object]:
+    """The LoraConfig fields of one part, as `load_lora_adapter(prefix=part)` takes them out of the metadata."""
+    return {key.removeprefix(f"{part}."): value for key, value in adapter_metadata.items()
+            if key.startswith(f"{part}.")}
+
+
+def _lora_config(config: dict[str, object], part: str, path: Path) -> LoraConfig:
+    """peft's LoraConfig of one part's metadata, its numbers checked by type and range first (LoraConfig checks
+    neither); LoraError naming the field."""
+    from peft import LoraConfig
+
+    def bad(field: str, wanted: str) -> LoraError:
+        return LoraError(f"{path.name}: its adapter metadata's {part}.{field} is {config[field]!r:.60}, not "
+                         f"{wanted}; re-save the LoRA")
+
+    def is_number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if "r" in config and not (type(config["r"]) is int and 1 <= config["r"] <= MAX_LORA_RANK):
+        raise bad("r", f"a rank from 1 to {MAX_LORA_RANK}")
+    if "lora_alpha" in config and not is_number(config["lora_alpha"]):
+        raise bad("lora_alpha", "a number")
+    for field, check, wanted in (("rank_pattern", lambda v: type(v) is int and 1 <= v <= MAX_LORA_RANK,
+                                  f"a map of ranks from 1 to {MAX_LORA_RANK}"),
+                                 ("alpha_pattern", is_number, "a map of numbers")):
+        value = config.get(field)
+        if value is not None and not (isinstance(value, dict) and all(check(v) for v in value.values())):
+            raise bad(field, wanted)
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise bad("target_modules", "a module name or a list of them")
+    if config.get("use_dora"):
+        raise LoraError(f"{path.name}: its adapter metadata says DoRA ({part}.use_dora); {_WHAT_TO_DO}")
+    try:
+        return LoraConfig(**config)
+    except Exception as exc:  # noqa: BLE001 - LoraConfig's own checks raise TypeError, ValueError and others
+        raise LoraError(f"{path.name}: its adapter metadata for {part} is no LoRA config peft accepts "
+                        f"({reason_of(exc)}); re-save the LoRA") from None
+
+
+def _check_ranks(config: LoraConfig, part: str, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """With metadata, peft builds each pair of `part` at the rank its LoraConfig names (`r`, or `rank_pattern`'s), not
+    at the file's, so a rank of the weights that it does not name would fail as a size mismatch when applied."""
+    named = {config.r, *(config.rank_pattern or {}).values()}
+    ranks = {int(tensor.shape[0]) for key, tensor in weights.items()
+             if _DOWN_KEY.match(key) and _part_of(key) == part}
+    if not ranks <= named:
+        raise LoraError(f"{path.name}: its adapter metadata gives {part} rank(s) {sorted(named)}, but its weights "
+                        f"have rank(s) {sorted(ranks)}; re-save the LoRA")
+
+
+def _part_of(key: str) -> str:
+    """The part ("unet", "text_encoder", "text_encoder_2") a diffusers key belongs to; an unprefixed key is the
+    UNet's (diffusers' older attention-processor form), as in `_pairs`."""
+    part = key.partition(".")[0]
+    return part if part in PARTS else "unet"
+
+
+def _check_kohya_metadata(metadata: dict[str, str], path: Path) -> None:
+    """kohya's `ss_network_*` metadata, where present, must be what it says (see `_KOHYA_NETWORK_METADATA`)."""
+    for key, (wanted, parse) in _KOHYA_NETWORK_METADATA.items():
+        value = metadata.get(key)
+        if value is None or value == "None":
+            continue
+        try:
+            ok = isinstance(load_json(value, path, LoraError, key), dict) if parse is None else (
+                math.isfinite(parse(value)))
+        except (LoraError, ValueError):
+            ok = False
+        if not ok:
+            raise LoraError(f"{path.name}: its kohya metadata {key} is {value!r:.60}, not {wanted}; the file is "
+                            "damaged, re-export it")
+
+
+def _pairs(weights: dict[str, torch.Tensor],
+           path: Path) -> tuple[dict[str, list[str]], set[int], dict[str, tuple[int, ...]]]:
+    """(part -> module names, the ranks, module -> down-matrix shape) of the down/up pairs in diffusers keys, each
+    pair checked on its own (no model needed): an up for every down and a down for every up, linear (2-D) or
+    convolution (4-D, up 1x1) matrices, the down's rank the up's, and a rank from 1 to MAX_LORA_RANK."""
     modules: dict[str, list[str]] = {}
     ranks: set[int] = set()
     shapes: dict[str, tuple[int, ...]] = {}
+    ups = set()
     for key, tensor in weights.items():
         found = _DOWN_KEY.match(key)
         if found is None:
             continue
+        up_key = f"{found['module']}{_UP_OF[found['marker']]}{found['adapter'] or ''}.weight"
+        _check_pair(key, tensor, up_key, weights.get(up_key), path)
+        ups.add(up_key)
         module = found["module"]
         part, _, _ = module.partition(".")
         if part not in PARTS:  # an unprefixed UNet file (diffusers' older attention-processor form)
@@ -241,7 +363,27 @@ def _pairs(weights: dict[str, torch.Tensor]) -> tuple[dict[str, list[str]], set[
         modules.setdefault(part, []).append(module.removeprefix(f"{part}."))
         ranks.add(int(tensor.shape[0]))
         shapes[module] = tuple(tensor.shape)
+    orphan = next((key for key in weights if _UP_KEY.search(key) and key not in ups), None)
+    if orphan is not None:
+        raise LoraError(f"{path.name}: {orphan!r} has no down matrix to go with it; the file is incomplete, "
+                        "re-export it")
     return {part: sorted(modules[part]) for part in PARTS if part in modules}, ranks, shapes
+
+
+def _check_pair(down_key: str, down: torch.Tensor, up_key: str, up: torch.Tensor | None, path: Path) -> None:
+    if up is None:
+        raise LoraError(f"{path.name}: {down_key!r} has no up matrix ({up_key!r}); the file is incomplete, "
+                        "re-export it")
+    shapes = f"down {list(down.shape)}, up {list(up.shape)}"
+    if down.dim() not in (2, 4) or up.dim() != down.dim() or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
+        raise LoraError(f"{path.name}: the pair {down_key!r} is neither a linear nor a convolution pair ({shapes}); "
+                        "the file is damaged, re-export it")
+    if down.shape[0] != up.shape[1]:
+        raise LoraError(f"{path.name}: the pair {down_key!r} has mismatched ranks ({shapes}: the down's first size "
+                        "must be the up's second); the file is damaged, re-export it")
+    if not 1 <= down.shape[0] <= MAX_LORA_RANK:
+        raise LoraError(f"{path.name}: the pair {down_key!r} has rank {down.shape[0]}; the studio reads ranks 1 to "
+                        f"{MAX_LORA_RANK}")
 
 
 def _families(shapes: dict[str, tuple[int, ...]]) -> tuple[str, ...]:
@@ -303,8 +445,7 @@ def _pivotal_words(path: Path) -> list[Concept]:
     if embeddings is None:
         return []
     read = load_concept(embeddings)
-    with safe_open(str(embeddings), "pt") as f:
-        named = (f.metadata() or {}).get(WORD_KEY)
+    named = safetensors_header(embeddings, LoraError)[1].get(WORD_KEY)
     token = "".join(f"<s{k}>" for k in range(read.n_vectors))
     if named:
         check_word(named, f"the word in {embeddings.name}")
@@ -341,6 +482,56 @@ def check_loras_fit(loras: list[tuple[LoraFile, float]], encoder_dims: dict[str,
             made_for = "/".join(lora.families) or "an unknown family"
             raise LoraError(f"{lora.path.name}: a LoRA for {made_for}, but the model {model_name} is {family}; "
                             f"load a {made_for} model or pick a {family} LoRA")
+
+
+def check_lora_layers(lora: LoraFile, unet: torch.nn.Module, model_name: str) -> None:
+    """Refuse, before it is loaded, a LoRA whose UNet pairs do not fit the layers of `unet` they name: a layer the
+    UNet does not have or that is neither linear nor a convolution, a pair of the other kind, or a down matrix whose
+    input width (or kernel) or an up matrix whose output width is not the layer's. One line naming the file, the
+    layer and both shapes; what peft would otherwise end in as a size-mismatch traceback, half loaded. The keys are
+    read as `load_lora_adapter` reads them (`convert_unet_state_dict_to_peft`)."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    weights = {key.removeprefix("unet."): tensor for key, tensor in _unet_part(lora).items()}
+    if weights and "lora_A" not in next(iter(weights)):
+        weights = convert_unet_state_dict_to_peft(weights)
+    for key, down in weights.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removesuffix(".lora_A.weight")
+        up = weights.get(f"{name}.lora_B.weight")
+        if up is None:  # none such after `_pairs`' checks on reading; peft would drop a lone half
+            continue
+        layer = _unet_layer(unet, name)
+        if layer is None:
+            raise LoraError(f"{lora.path.name}: it changes layer {name}, which {model_name} does not have; the LoRA "
+                            "was made for another model")
+        if isinstance(layer, torch.nn.Linear):
+            kind, sizes, kernel = "linear", (layer.in_features, layer.out_features), ()
+        elif isinstance(layer, torch.nn.Conv2d):
+            kind, sizes, kernel = "convolution", (layer.in_channels, layer.out_channels), tuple(layer.kernel_size)
+        else:
+            raise LoraError(f"{lora.path.name}: it changes layer {name} of {model_name}, a {type(layer).__name__}; a "
+                            "LoRA changes linear and convolution layers only")
+        fits = (down.dim() == up.dim() == (2 if kind == "linear" else 4) and down.shape[1] == sizes[0]
+                and up.shape[0] == sizes[1] and tuple(down.shape[2:]) == kernel)
+        if not fits:
+            raise LoraError(f"{lora.path.name}: layer {name} of {model_name} is a {kind} layer from {sizes[0]} to "
+                            f"{sizes[1]} features{f' (kernel {list(kernel)})' if kernel else ''}, but the LoRA's "
+                            f"pair there is down {list(down.shape)}, up {list(up.shape)}; the LoRA was made for "
+                            "another model, or is damaged")
+
+
+def _unet_layer(unet: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    """The UNet's module `name` (the layer itself when peft wraps it); None when there is none. A name of diffusers'
+    attention-processor form (`attn1.processor.to_q`) names the projection of that attention."""
+    for candidate in (name, name.replace(".processor.", ".")):
+        try:
+            module = unet.get_submodule(candidate)
+        except AttributeError:
+            continue
+        return getattr(module, "base_layer", module)
+    return None
 
 
 def adapter_name(lora: LoraFile) -> str:
@@ -438,8 +629,10 @@ class LoraCache:
         self._layers = None
         with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the cache's design
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            unet.load_lora_adapter(_unet_part(lora), prefix="unet", adapter_name=name,
-                                   metadata=lora.adapter_metadata or None, _pipeline=pipe)  # the pipeline: offload hooks
+            # Metadata only when it has the UNet's config: load_lora_adapter would build a default one from the rest.
+            metadata = lora.adapter_metadata if _part_config(lora.adapter_metadata, "unet") else None
+            unet.load_lora_adapter(_unet_part(lora), prefix="unet", adapter_name=name, metadata=metadata,
+                                   _pipeline=pipe)  # the pipeline: its offload hooks
         self.sizes[name] = _adapter_bytes(self.layers(unet), name)
         return name
 
@@ -480,6 +673,8 @@ def loras_applied(model, loras: list[tuple[LoraFile, float]]):
         return
     check_loras_fit(loras, model.encoder_dims, model.name)
     unet, cache = model.pipe.unet, model.lora_cache
+    for lora, _weight in loras:
+        check_lora_layers(lora, unet, model.name)
     # ---- shared state changed from here: the UNet's adapters (loaded, evicted) and which are active ----
     try:
         names = cache.use(model.pipe, [lora for lora, _weight in loras])
