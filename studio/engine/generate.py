@@ -26,6 +26,7 @@ from studio.engine.concepts import Concept
 from studio.engine.files import atomic_write
 from studio.engine.lora import LoraFile, check_loras_fit, loras_applied
 from studio.engine.memory import mode_in_effect, oom_guard
+from studio.engine.models import pipeline_over
 from studio.engine.pictures import MAX_SIDE, SIDE_STEP, scaled, side_limits, working_size
 from studio.engine.prompts import split_lora_tags
 from studio.engine.xti import has_layer_words, per_layer_attention, pipeline_kwargs_with_layers
@@ -293,7 +294,7 @@ def _request_pipeline(model, req: GenerateRequest, keep_x0: bool):
     view = {"txt2img": lambda: model.pipe, "img2img": model.img2img, "inpaint": model.inpaint}[req.mode]()
     scheduler = _scheduler_for(view, req.scheduler)
     denoised = _keep_x0_prediction(scheduler) if keep_x0 else {"x0": None}
-    pipe = view.__class__(**{**view.components, "scheduler": scheduler})
+    pipe = pipeline_over(view, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe, denoised
 

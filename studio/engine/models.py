@@ -7,7 +7,11 @@ configs of `LoadOptions.config`; see `studio.engine.single_file`), or a hub id (
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
+import re
+import socket
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -21,6 +25,9 @@ from studio.engine.prompts import PromptEncoder
 from studio.errors import ModelError
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo-model"
+# The studio runs no safety checker: the demo model has none, and on SD 1.x/2.x it is a 1.2 GB classifier that would
+# black out pictures. Saying both at load keeps diffusers from printing its paragraph-long warning for each pipeline.
+NO_SAFETY_CHECKER = {"safety_checker": None, "requires_safety_checker": False}
 
 
 @dataclass(frozen=True)
@@ -97,8 +104,7 @@ class LoadedModel:
                        ("sdxl", "img2img"): StableDiffusionXLImg2ImgPipeline,
                        ("sdxl", "inpaint"): StableDiffusionXLInpaintPipeline}
             cls = classes[("sdxl" if self.family == "sdxl" else "sd", kind)]
-            # Built from the same component objects: no parameter is copied.
-            self._views[kind] = cls.from_pipe(self.pipe)
+            self._views[kind] = pipeline_over(self.pipe, cls)
         return self._views[kind]
 
     def img2img(self):
@@ -106,6 +112,67 @@ class LoadedModel:
 
     def inpaint(self):
         return self._view("inpaint")
+
+
+def pipeline_over(pipe, cls=None, **replace):
+    """A pipeline of class `cls` (default: `pipe`'s own) over `pipe`'s modules, with the modules in `replace` swapped
+    in. No weight is copied or cast (diffusers' `from_pipe` casts every module to float32 unless given a dtype), and
+    the constructor flags that `pipe.components` leaves out (`requires_safety_checker`,
+    `force_zeros_for_empty_prompt`) come from `pipe.config`, so the new pipeline behaves as `pipe` does."""
+    cls = cls or type(pipe)
+    takes = inspect.signature(cls.__init__).parameters
+    modules = {name: module for name, module in pipe.components.items() if name in takes}
+    flags = {name: value for name, value in pipe.config.items()
+             if name in takes and name not in modules and not name.startswith("_")}
+    return cls(**{**modules, **flags, **replace})
+
+
+def _from_pretrained(src: str, dtype: torch.dtype):
+    """A diffusers folder or hub id, without its safety checker (`NO_SAFETY_CHECKER`) where the pipeline has one."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import hf_hub_download
+
+    index = Path(src) / "model_index.json"  # the pipeline's components
+    if not index.is_file():
+        index = Path(hf_hub_download(src, "model_index.json"))
+    extra = NO_SAFETY_CHECKER if "safety_checker" in json.loads(index.read_text()) else {}
+    return DiffusionPipeline.from_pretrained(src, dtype=dtype, **extra)
+
+
+def whole_sentences(text: str, limit: int = 300) -> str:
+    """`text` on one line, cut after the last sentence that ends within `limit` characters (its first sentence
+    whole when that one is longer): library messages run to paragraphs, and a message cut mid-word reads as broken."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    ends = [match.end() for match in re.finditer(r"[.!?](?=\s)", text)]
+    within = [end for end in ends if end <= limit]
+    return text[:within[-1]] if within else text[:ends[0]] if ends else text
+
+
+def _hub_unreachable(exc: BaseException) -> bool:
+    """True when `exc` came from a file that is not in the Hugging Face cache while the hub could not be reached
+    (HF_HUB_OFFLINE, or no network): diffusers falls back to the cache, so the model is not (fully) cached."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (LocalEntryNotFoundError, ConnectionError, socket.gaierror)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _load_failure(src: str, exc: Exception) -> str:
+    """One whole message for a model that did not load: what to do for a hub id that could not be fetched, else the
+    library's own words, cut at a sentence end."""
+    from studio.engine.single_file import hub_offline
+
+    if not Path(src).exists() and _hub_unreachable(exc):
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub cannot be reached"
+        return (f"could not load {src!r}: it is not in the local Hugging Face cache and {why}. Download it once with "
+                f"the network on (`hf download {src}`), or pass a local diffusers folder or .safetensors/.ckpt file")
+    return f"could not load {src!r}: {exc.__class__.__name__}: {whole_sentences(str(exc))}"
 
 
 class ModelManager:
@@ -136,8 +203,6 @@ class ModelManager:
             return model
 
     def _load(self, src: str, opts: LoadOptions, is_demo: bool) -> LoadedModel:
-        from diffusers import DiffusionPipeline
-
         device = pick_device(opts.device)
         dtype = pick_dtype(opts.dtype, device)
         path = Path(src)
@@ -150,20 +215,17 @@ class ModelManager:
             elif path.is_dir():
                 if not (path / "model_index.json").is_file():
                     raise ModelError(f"{path} is not a diffusers model folder (no model_index.json)")
-                pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=dtype)
+                pipe = _from_pretrained(src, dtype)
             elif src.count("/") == 1 and not src.startswith((".", "/")):
-                pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=dtype)
+                pipe = _from_pretrained(src, dtype)
             else:
                 raise ModelError(f"no model at {src!r}: give a diffusers folder, a .safetensors/.ckpt file or a hub id")
         except ModelError:
             raise
         except Exception as exc:  # noqa: BLE001 - library errors become one readable message
-            hint = " (HF_HUB_OFFLINE is set: pass a local folder or file instead)" if os.environ.get("HF_HUB_OFFLINE") else ""
-            raise ModelError(f"could not load {src!r}: {exc.__class__.__name__}: {str(exc)[:300]}{hint}") from exc
+            raise ModelError(_load_failure(src, exc)) from exc
         if not encoders_of(pipe) or not hasattr(pipe, "unet"):
             raise ModelError(f"{src!r} is not a Stable Diffusion model (no text encoder / UNet)")
-        if hasattr(pipe, "safety_checker"):
-            pipe.safety_checker = None
         pipe.set_progress_bar_config(disable=True)
         attention = self._apply_options(pipe, opts, device)
         return LoadedModel(src, detect_family(pipe), device, dtype, pipe, attention, is_demo)
@@ -195,13 +257,14 @@ class ModelManager:
         # 2. Find the component configs (a local folder, or the hub cache) before diffusers tries the network.
         config = resolve_config(info, opts.config, path.name)
         # 3. Build the pipeline class of that family; diffusers opens .ckpt files with weights_only=True too.
-        cls = StableDiffusionXLPipeline if info.family == "sdxl" else StableDiffusionPipeline
+        cls, extra = ((StableDiffusionXLPipeline, {}) if info.family == "sdxl"
+                      else (StableDiffusionPipeline, NO_SAFETY_CHECKER))
         try:
             return cls.from_single_file(str(path), config=config, torch_dtype=dtype,
-                                        local_files_only=hub_offline() or Path(config).is_dir())
+                                        local_files_only=hub_offline() or Path(config).is_dir(), **extra)
         except Exception as exc:  # noqa: BLE001 - library errors become one readable message
             # diffusers' shape-mismatch advice (ignore_mismatched_sizes) would load random weights: leave it out.
-            detail = str(exc).split(" If you want to instead overwrite")[0][:300]
+            detail = whole_sentences(str(exc).split(" If you want to instead overwrite")[0]).rstrip(".")
             raise ModelError(
                 f"could not build {path.name} ({info.description}) with the configs of {config}: "
                 f"{exc.__class__.__name__}: {detail}. The config must be a diffusers model of the same "

@@ -14,7 +14,7 @@ lands on the added token rather than the end of the prompt. We always pool at th
 Prompt weighting follows AUTOMATIC1111: `(word:1.3)`, `(word)` = x1.1, `[word]` = /1.1, `\\(` for a literal
 bracket (`parse_prompt_weights`). Each token's final hidden state is multiplied by its weight, then the whole
 embedding is rescaled so its mean equals the unweighted mean (A1111's "Original" emphasis). A concept token takes the
-weight of the text around it, on every one of its vectors. compel (installed) was considered and not used: it reads
+weight of the text around it, on every one of its vectors. compel was considered and not used: it reads
 `(word)1.3` / `word++` rather than A1111's syntax, weights by interpolating from the empty prompt rather than
 A1111's scale-and-rescale, and runs the text encoder from token ids, so concepts would have to be added to the
 shared tokenizer and embedding table. A prompt without weighting syntax encodes exactly as before.
