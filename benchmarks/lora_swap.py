@@ -105,7 +105,7 @@ def main() -> None:
     walks_ms = median_ms(whole_unet_walks, args.switches)
     adapter_mib = [size / 2**20 for size in model.lora_cache.sizes.values()]
     model.lora_cache.budget_bytes = 0
-    model.lora_cache.evict(pipe.unet)  # empty the UNet for diffusers' turn
+    model.lora_cache.evict(pipe)  # empty the UNet (and text encoders) for diffusers' turn
 
     # 3. diffusers, both adapters loaded once: `set_adapters` per switch.
     for name, folder in zip("ab", folders):

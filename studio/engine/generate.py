@@ -2,9 +2,10 @@
 
 The mode follows from the request: an `init_image` makes it img2img, an `init_image` and a `mask` inpainting,
 neither text-to-image. Concepts are per-request data passed to the prompt encoder; the shared pipeline, its
-scheduler and its embedding table are never changed. LoRAs are applied to the shared UNet only for the length of
-the request, under the model's lock, and turned off again in `finally` (`studio.engine.lora.loras_applied`); so are
-the wrapped attention processors that give per-layer words (XTI) their layers (`studio.engine.xti`).
+scheduler and its embedding table are never changed. LoRAs are applied to the shared UNet and text encoders only for
+the length of the request (its prompt's encoding and its denoising), under the model's lock, and turned off again in
+`finally` (`studio.engine.lora.loras_applied`); so are the wrapped attention processors that give per-layer words
+(XTI) their layers (`studio.engine.xti`).
 """
 
 from __future__ import annotations
@@ -353,24 +354,26 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
             raise Cancelled("cancelled before it started")
         # 2. Pipeline for this request: the mode's view with its own scheduler, sharing every module.
         pipe, denoised = _request_pipeline(model, req, keep_x0=bool(req.preview_every and on_step is not None))
-        # 3. Prompt embeddings with this request's concepts (and, for per-layer words, one set per cross-attention
-        # layer in `cross_attention_kwargs`: studio.engine.xti).
-        prompt = split_lora_tags(req.prompt)[0]  # `<lora:…>` tags name weights, not words
-        kwargs = pipeline_kwargs_with_layers(model.encoder, pipe.unet, prompt, req.negative_prompt, req.concepts,
-                                             req.batch, req.guidance)
-        # 4. One generator per image, so image k equals a single run with seed + k.
-        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        call = dict(kwargs, num_inference_steps=req.steps, guidance_scale=req.guidance, generator=generators,
-                    num_images_per_prompt=1,
-                    callback_on_step_end=_step_end(model, req, (width, height), denoised, on_step, cancel),
-                    **_mode_arguments(req, width, height))
-        # 5. Denoise. Out of memory: the memory is freed and the error names the mode to switch to; the model
-        # stays loaded and usable.
-        # The request's LoRAs, and the processors that give per-layer words their layers, are on the shared UNet
-        # only inside this block (taken off in their `finally`).
-        with loras_applied(model, lora_weights(req)), oom_guard(mode_in_effect(model.pipe)), \
-                per_layer_attention(pipe.unet, enabled=has_layer_words(req.concepts)), torch.inference_mode():
-            images = pipe(**call).images
+        # The request's LoRAs are on the shared UNet and text encoders from here to the end of step 5 (taken off in
+        # `finally`): a LoRA's text-encoder part changes the prompt embeddings, so they are encoded inside it.
+        with loras_applied(model, lora_weights(req)):
+            # 3. Prompt embeddings with this request's concepts (and, for per-layer words, one set per
+            # cross-attention layer in `cross_attention_kwargs`: studio.engine.xti).
+            prompt = split_lora_tags(req.prompt)[0]  # `<lora:…>` tags name weights, not words
+            kwargs = pipeline_kwargs_with_layers(model.encoder, pipe.unet, prompt, req.negative_prompt, req.concepts,
+                                                 req.batch, req.guidance)
+            # 4. One generator per image, so image k equals a single run with seed + k.
+            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+            call = dict(kwargs, num_inference_steps=req.steps, guidance_scale=req.guidance, generator=generators,
+                        num_images_per_prompt=1,
+                        callback_on_step_end=_step_end(model, req, (width, height), denoised, on_step, cancel),
+                        **_mode_arguments(req, width, height))
+            # 5. Denoise. Out of memory: the memory is freed and the error names the mode to switch to; the model
+            # stays loaded and usable. The processors that give per-layer words their layers are on the shared UNet
+            # only inside this block (taken off in their `finally`).
+            with oom_guard(mode_in_effect(model.pipe)), \
+                    per_layer_attention(pipe.unet, enabled=has_layer_words(req.concepts)), torch.inference_mode():
+                images = pipe(**call).images
     # 6. The parameters, A1111's way, in each picture.
     texts = [infotext(req, s, width, height, model.name) for s in seeds]
     for image, text in zip(images, texts):

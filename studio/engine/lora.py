@@ -11,9 +11,10 @@ pairs against the layers of the model they are applied to. Key names are convert
 `_convert_non_diffusers_lora_to_diffusers`), so the studio reads exactly what diffusers loads. LyCORIS variants that
 are not plain low-rank pairs (LoHa, LoKr, IA3, DoRA, full diffs) are refused with a `LoraError` naming the variant.
 
-`loras_applied(model, loras)` applies LoRA files to a loaded model's shared UNet for the length of a `with` block (one
-request, under the model's lock) and turns them off again in `finally`; the adapters stay loaded in the model's
-`LoraCache` (least recently used out first, bounded by memory). See docs/architecture.md, "LoRA per request".
+`loras_applied(model, loras)` applies LoRA files to a loaded model's shared UNet and text encoders for the length of a
+`with` block (one request, under the model's lock, around the prompt's encoding and the denoising) and turns them off
+again in `finally`; the adapters stay loaded in the model's `LoraCache` (least recently used out first, bounded by
+memory). See docs/architecture.md, "LoRA per request".
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 import os
 import re
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -469,65 +470,71 @@ def lora_family(encoder_dims: dict[str, int]) -> str:
 
 def check_loras_fit(loras: list[tuple[LoraFile, float]], encoder_dims: dict[str, int], model_name: str) -> None:
     """Refuse, before any work, a LoRA made for another model family than the one a model with `encoder_dims` takes
-    (`lora_family`), and one with no UNet part (text-encoder parts are not applied yet: see `LoraCache._load`).
+    (`lora_family`), and one with a part for a text encoder the model does not have.
 
     The one rule of whether a LoRA fits: requests (`generate`, `loras_applied`) and the library's listing (its fits
     column, the concept pickers) all ask it with the model's encoder widths, so they cannot disagree."""
     family = lora_family(encoder_dims)
     for lora, _weight in loras:
-        if "unet" not in lora.modules:
-            raise LoraError(f"{lora.path.name}: a text-encoder-only LoRA; the studio applies the UNet part of a LoRA "
-                            "only, so it would change nothing")
         if family not in lora.families:
             made_for = "/".join(lora.families) or "an unknown family"
             raise LoraError(f"{lora.path.name}: a LoRA for {made_for}, but the model {model_name} is {family}; "
                             f"load a {made_for} model or pick a {family} LoRA")
+        missing = sorted(part for part in lora.modules if part != "unet" and part not in encoder_dims)
+        if missing:
+            raise LoraError(f"{lora.path.name}: it changes {' and '.join(missing)}, which the model {model_name} "
+                            f"does not have; pick a LoRA made for {family}")
 
 
-def check_lora_layers(lora: LoraFile, unet: torch.nn.Module, model_name: str) -> None:
-    """Refuse, before it is loaded, a LoRA whose UNet pairs do not fit the layers of `unet` they name: a layer the
-    UNet does not have or that is neither linear nor a convolution, a pair of the other kind, or a down matrix whose
-    input width (or kernel) or an up matrix whose output width is not the layer's. One line naming the file, the
-    layer and both shapes; what peft would otherwise end in as a size-mismatch traceback, half loaded. The keys are
-    read as `load_lora_adapter` reads them (`convert_unet_state_dict_to_peft`)."""
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-
-    weights = {key.removeprefix("unet."): tensor for key, tensor in _unet_part(lora).items()}
-    if weights and "lora_A" not in next(iter(weights)):
-        weights = convert_unet_state_dict_to_peft(weights)
-    for key, down in weights.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        name = key.removesuffix(".lora_A.weight")
-        up = weights.get(f"{name}.lora_B.weight")
-        if up is None:  # none such after `_pairs`' checks on reading; peft would drop a lone half
-            continue
-        layer = _unet_layer(unet, name)
-        if layer is None:
-            raise LoraError(f"{lora.path.name}: it changes layer {name}, which {model_name} does not have; the LoRA "
-                            "was made for another model")
-        if isinstance(layer, torch.nn.Linear):
-            kind, sizes, kernel = "linear", (layer.in_features, layer.out_features), ()
-        elif isinstance(layer, torch.nn.Conv2d):
-            kind, sizes, kernel = "convolution", (layer.in_channels, layer.out_channels), tuple(layer.kernel_size)
-        else:
-            raise LoraError(f"{lora.path.name}: it changes layer {name} of {model_name}, a {type(layer).__name__}; a "
-                            "LoRA changes linear and convolution layers only")
-        fits = (down.dim() == up.dim() == (2 if kind == "linear" else 4) and down.shape[1] == sizes[0]
-                and up.shape[0] == sizes[1] and tuple(down.shape[2:]) == kernel)
-        if not fits:
-            raise LoraError(f"{lora.path.name}: layer {name} of {model_name} is a {kind} layer from {sizes[0]} to "
-                            f"{sizes[1]} features{f' (kernel {list(kernel)})' if kernel else ''}, but the LoRA's "
-                            f"pair there is down {list(down.shape)}, up {list(up.shape)}; the LoRA was made for "
-                            "another model, or is damaged")
+def check_lora_layers(lora: LoraFile, unet: torch.nn.Module, model_name: str,
+                      text_encoders: dict[str, torch.nn.Module] | None = None) -> None:
+    """Refuse, before it is loaded, a LoRA whose pairs do not fit the layers they name, in `unet` and in
+    `text_encoders` (part -> module, `lora_modules`): a layer the model does not have or that is neither linear nor a
+    convolution, a pair of the other kind, or a down matrix whose input width (or kernel) or an up matrix whose output
+    width is not the layer's. One line naming the file, the layer and both shapes; what peft would otherwise end in as
+    a size-mismatch traceback, half loaded. The keys are read as they are loaded (`peft_parts`, and for a text encoder
+    `text_encoder_weights`)."""
+    parts = {"unet": (unet, peft_parts(lora).get("unet", {}))}
+    for part, encoder in (text_encoders or {}).items():
+        if part in lora.modules:
+            parts[part] = (encoder, text_encoder_weights(lora, part, encoder))
+    for part, (module, weights) in parts.items():
+        where = model_name if part == "unet" else f"{model_name}'s {part}"
+        for key, down in weights.items():
+            if key.endswith(".lora_A.weight"):
+                name = key.removesuffix(".lora_A.weight")
+                up = weights.get(f"{name}.lora_B.weight")
+                if up is not None:  # none such after `_pairs`' checks on reading; peft would drop a lone half
+                    _check_layer_pair(lora, _model_layer(module, name), name, down, up, where)
 
 
-def _unet_layer(unet: torch.nn.Module, name: str) -> torch.nn.Module | None:
-    """The UNet's module `name` (the layer itself when peft wraps it); None when there is none. A name of diffusers'
+def _check_layer_pair(lora: LoraFile, layer: torch.nn.Module | None, name: str, down: torch.Tensor, up: torch.Tensor,
+                      where: str) -> None:
+    if layer is None:
+        raise LoraError(f"{lora.path.name}: it changes layer {name}, which {where} does not have; the LoRA "
+                        "was made for another model")
+    if isinstance(layer, torch.nn.Linear):
+        kind, sizes, kernel = "linear", (layer.in_features, layer.out_features), ()
+    elif isinstance(layer, torch.nn.Conv2d):
+        kind, sizes, kernel = "convolution", (layer.in_channels, layer.out_channels), tuple(layer.kernel_size)
+    else:
+        raise LoraError(f"{lora.path.name}: it changes layer {name} of {where}, a {type(layer).__name__}; a "
+                        "LoRA changes linear and convolution layers only")
+    fits = (down.dim() == up.dim() == (2 if kind == "linear" else 4) and down.shape[1] == sizes[0]
+            and up.shape[0] == sizes[1] and tuple(down.shape[2:]) == kernel)
+    if not fits:
+        raise LoraError(f"{lora.path.name}: layer {name} of {where} is a {kind} layer from {sizes[0]} to "
+                        f"{sizes[1]} features{f' (kernel {list(kernel)})' if kernel else ''}, but the LoRA's "
+                        f"pair there is down {list(down.shape)}, up {list(up.shape)}; the LoRA was made for "
+                        "another model, or is damaged")
+
+
+def _model_layer(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    """`model`'s module `name` (the layer itself when peft wraps it); None when there is none. A name of diffusers'
     attention-processor form (`attn1.processor.to_q`) names the projection of that attention."""
     for candidate in (name, name.replace(".processor.", ".")):
         try:
-            module = unet.get_submodule(candidate)
+            module = model.get_submodule(candidate)
         except AttributeError:
             continue
         return getattr(module, "base_layer", module)
@@ -547,7 +554,74 @@ def _path_digest(path: Path) -> str:
 def _unet_part(lora: LoraFile) -> dict[str, torch.Tensor]:
     """The UNet keys of its state dict, all prefixed `unet.` (an older unprefixed file is UNet-only)."""
     return {(key if key.startswith("unet.") else f"unet.{key}"): tensor for key, tensor in lora.state_dict.items()
-            if not key.startswith(("text_encoder.", "text_encoder_2."))}
+            if _part_of(key) == "unet"}
+
+
+def peft_parts(lora: LoraFile) -> dict[str, dict[str, torch.Tensor]]:
+    """part -> its keys in peft form (`….lora_A.weight`), unprefixed, converted the way diffusers converts them when
+    it loads each part (`load_lora_adapter` for the UNet, `_load_lora_into_text_encoder` for the text encoders)."""
+    from diffusers.utils.state_dict_utils import (StateDictType, convert_state_dict_to_diffusers,
+                                                  convert_state_dict_to_peft, convert_unet_state_dict_to_peft)
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in lora.state_dict.items():
+        part = _part_of(key)
+        parts.setdefault(part, {})[key.removeprefix(f"{part}.")] = tensor.detach().to("cpu").contiguous()
+    for part, tensors in parts.items():
+        if all(".lora_A." in k or ".lora_B." in k for k in tensors):
+            continue
+        if part == "unet":
+            parts[part] = convert_unet_state_dict_to_peft(tensors)
+        else:
+            # Named explicitly: diffusers guesses the old form (`to_q_lora.down`, what its kohya converter writes for
+            # a text encoder) only from a `to_out_lora` key, so a text-encoder LoRA without out_proj would be refused
+            # as "Could not automatically infer state dict type".
+            old = any("_lora.down." in k or "_lora.up." in k for k in tensors)
+            tensors = convert_state_dict_to_diffusers(tensors, StateDictType.DIFFUSERS_OLD if old else None)
+            parts[part] = convert_state_dict_to_peft(tensors, StateDictType.DIFFUSERS)
+    return {part: parts[part] for part in PARTS if part in parts}
+
+
+def text_encoder_weights(lora: LoraFile, part: str, text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`lora`'s pairs for the text encoder `part`, in peft form, each module named as `text_encoder` names it.
+
+    kohya, A1111 and older diffusers files name a CLIP text encoder's layers from `text_model.`
+    (`text_model.encoder.layers.0.self_attn.q_proj`); transformers >= 5.6 made `CLIPTextModel` flat
+    (`encoder.layers.0.…`), and `CLIPTextModelWithProjection` keeps `text_projection` beside them. Each module is
+    looked up as written, without `text_model.` and with it; one found under none keeps its name, for
+    `check_lora_layers` to refuse."""
+    names = {name for name, _ in text_encoder.named_modules()}
+    return {_module_named(key, names): tensor for key, tensor in peft_parts(lora).get(part, {}).items()}
+
+
+def _module_named(key: str, names: set[str]) -> str:
+    """`key` (`<module>.lora_A.weight`, or a bare module name) with its module named as in `names`."""
+    module, marker, rest = key.partition(".lora_")
+    for candidate in (module, module.removeprefix("text_model."), f"text_model.{module}"):
+        if candidate in names:
+            return f"{candidate}{marker}{rest}"
+    return key
+
+
+def _text_encoder_config(lora: LoraFile, part: str, weights: dict[str, torch.Tensor], names: set[str]) -> LoraConfig:
+    """The peft LoraConfig of the text-encoder part `part`, as diffusers builds it (`_create_lora_config`): the part's
+    saved config where the file has one, else each module's rank with lora_alpha = rank (scale 1: kohya's alpha / rank
+    is folded into the weights on reading). Its targets are the modules of `weights` (`text_encoder_weights`) by their
+    full names, and the pattern keys of a saved config are named as the text encoder `names` its modules."""
+    from peft import LoraConfig
+
+    ranks = {key.removesuffix(".lora_A.weight"): int(t.shape[0]) for key, t in weights.items()
+             if key.endswith(".lora_A.weight")}
+    saved = _part_config(lora.adapter_metadata, part)
+    if saved:
+        fields = dict(saved)
+        for pattern in ("rank_pattern", "alpha_pattern"):
+            fields[pattern] = {_module_named(k, names): v for k, v in (saved.get(pattern) or {}).items()}
+    else:
+        r = Counter(ranks.values()).most_common(1)[0][0]
+        differ = {module: rank for module, rank in ranks.items() if rank != r}
+        fields = dict(r=r, lora_alpha=r, rank_pattern=differ, alpha_pattern=differ)
+    return LoraConfig(**dict(fields, target_modules=sorted(ranks), inference_mode=True))
 
 
 # What a LoRA cache may hold by default: 512 MiB of adapter tensors, a tenth of SDXL's fp16 UNet (5.1 GB) and a
@@ -557,20 +631,27 @@ def _unet_part(lora: LoraFile) -> dict[str, torch.Tensor]:
 DEFAULT_LORA_CACHE_BYTES = 512 * 2**20
 
 
+def lora_modules(pipe) -> dict[str, torch.nn.Module]:
+    """The modules of `pipe` a LoRA's parts change, by part (`PARTS`: the UNet and the text encoders it has)."""
+    return {part: module for part in PARTS if (module := getattr(pipe, part, None)) is not None}
+
+
 @dataclass
 class LoraCache:
-    """The LoRA adapters loaded in one model's UNet, least recently used first, bounded by their tensors' bytes.
+    """The LoRA adapters loaded in one model's UNet and text encoders, least recently used first, bounded by their
+    tensors' bytes.
 
     One per loaded model (`LoadedModel.lora_cache`), used under the model's lock only. An adapter is loaded once and
-    kept (a swap then costs a few flag changes, not a load); when the adapters pass `budget_bytes`, the least recently
-    used ones that the request at hand does not need are deleted from the UNet (`unet.delete_adapters`) before it
-    runs. An adapter the request needs is never evicted, so one request whose LoRAs alone pass the budget still runs;
-    the next request evicts them first.
+    kept (a swap then costs a few flag changes, not a load), each part of the file into its module under the same
+    adapter name; when the adapters pass `budget_bytes`, the least recently used ones that the request at hand does
+    not need are deleted from every module before it runs. An adapter the request needs is never evicted, so one
+    request whose LoRAs alone pass the budget still runs; the next request evicts them first.
     """
 
     budget_bytes: int = DEFAULT_LORA_CACHE_BYTES
     sizes: OrderedDict[str, int] = field(default_factory=OrderedDict)  # adapter name -> bytes, least recent first
-    # The UNet's peft layers, found once after each load or delete: a whole-UNet walk costs more than a swap may.
+    # The peft layers of the UNet and the text encoders, found once after each load or delete: a walk of every module
+    # costs more than a swap may.
     _layers: list | None = None
 
     @property
@@ -578,17 +659,17 @@ class LoraCache:
         return sum(self.sizes.values())
 
     def use(self, pipe, loras: list[LoraFile]) -> list[str]:
-        """The adapter names of `loras` in `pipe.unet`, each loaded if it is not cached, marked most recently used,
-        then the least recently used others evicted until the cache fits its budget."""
+        """The adapter names of `loras` in `pipe`, each loaded if it is not cached, marked most recently used, then
+        the least recently used others evicted until the cache fits its budget."""
         names = []
         for lora in loras:
             name = self._load(pipe, lora)
             self.sizes.move_to_end(name)
             names.append(name)
-        self.evict(pipe.unet, keep=set(names))
+        self.evict(pipe, keep=set(names))
         return names
 
-    def evict(self, unet, keep: set[str] = frozenset()) -> list[str]:
+    def evict(self, pipe, keep: set[str] = frozenset()) -> list[str]:
         """Delete least recently used adapters, never one in `keep`, until the cache fits `budget_bytes`; the names
         deleted. Call it between requests (under the model's lock), when no adapter is in use."""
         evicted = []
@@ -596,58 +677,107 @@ class LoraCache:
             if self.total_bytes <= self.budget_bytes:
                 break
             if name not in keep:
-                self._delete(unet, [name])
+                self._delete(pipe, [name])
                 evicted.append(name)
         return evicted
 
-    def layers(self, unet) -> list:
-        """The UNet's peft layers (`BaseTunerLayer`), the ones a swap switches."""
+    def layers(self, pipe) -> list:
+        """The peft layers (`BaseTunerLayer`) of `pipe`'s UNet and text encoders, the ones a swap switches."""
         if self._layers is None:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
-            self._layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
+            self._layers = [layer for module in lora_modules(pipe).values() for layer in module.modules()
+                            if isinstance(layer, BaseTunerLayer)]
         return self._layers
 
     def _load(self, pipe, lora: LoraFile) -> str:
-        """Load `lora`'s UNet part into `pipe.unet` as a peft adapter, unless it is there; a stale adapter of the
-        same path (the file changed on disk since) is deleted first."""
-        unet, name = pipe.unet, adapter_name(lora)
-        loaded = set(getattr(unet, "peft_config", None) or {})
+        """Load each part of `lora` into its module of `pipe` as a peft adapter, unless it is there; a stale adapter
+        of the same path (the file changed on disk since) is deleted first."""
+        name, modules = adapter_name(lora), lora_modules(pipe)
+        loaded = {adapter for module in modules.values() for adapter in (getattr(module, "peft_config", None) or {})}
         if name in loaded:
             if name not in self.sizes:  # loaded by other code than the cache's: counted from now on
-                self.sizes[name] = _adapter_bytes(self.layers(unet), name)
+                self.sizes[name] = _adapter_bytes(self.layers(pipe), name)
             return name
         stale = [other for other in loaded if other.startswith(_path_digest(lora.path) + "_") and other != name]
         if stale:
-            self._delete(unet, stale)
-        skipped = sorted({part for part in lora.modules if part != "unet"})
-        if skipped:
-            # diffusers loads text-encoder LoRAs through transformers' `load_adapter`, which needs a newer peft than
-            # the one installed; the UNet part is most of a LoRA's effect, so the file is used rather than refused.
-            warnings.warn(f"{lora.path.name}: its {' and '.join(skipped)} part is skipped; the studio applies the "
-                          "UNet part of a LoRA only", stacklevel=5)
+            self._delete(pipe, stale)
         self._layers = None
         with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the cache's design
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            # Metadata only when it has the UNet's config: load_lora_adapter would build a default one from the rest.
-            metadata = lora.adapter_metadata if _part_config(lora.adapter_metadata, "unet") else None
-            unet.load_lora_adapter(_unet_part(lora), prefix="unet", adapter_name=name, metadata=metadata,
-                                   _pipeline=pipe)  # the pipeline: its offload hooks
-        self.sizes[name] = _adapter_bytes(self.layers(unet), name)
+            for part, module in modules.items():
+                if part not in lora.modules:
+                    continue
+                with _grad_flags_kept(module):  # peft marks the base weights frozen: they are shared, keep them
+                    if part == "unet":
+                        _load_unet_part(pipe, lora, name)
+                    else:
+                        _load_text_encoder_part(module, lora, part, name)
+        self.sizes[name] = _adapter_bytes(self.layers(pipe), name)
         return name
 
-    def _delete(self, unet, names: list[str]) -> None:
+    def _delete(self, pipe, names: list[str]) -> None:
+        from peft.functional import delete_adapter
+
         self._layers = None
         with warnings.catch_warnings():  # peft: "was active which is now deleted"; all are disabled between requests
             warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-            unet.delete_adapters(names)
+            for part, module in lora_modules(pipe).items():
+                held = [name for name in names if name in (getattr(module, "peft_config", None) or {})]
+                if held and part == "unet":
+                    module.delete_adapters(held)
+                elif held:
+                    # What diffusers' `delete_adapters` does for a transformers model (`delete_adapter_layers`), by
+                    # peft's public function: transformers' own `delete_adapter` refuses peft < 0.22.
+                    for name in held:
+                        delete_adapter(module, name, prefix="lora_")
+                        module.peft_config.pop(name)
+                    if not module.peft_config:
+                        del module.peft_config
         for name in names:
             self.sizes.pop(name, None)
 
 
+def _load_unet_part(pipe, lora: LoraFile, name: str) -> None:
+    """The UNet part by diffusers' own loader (`load_lora_adapter`, what `load_lora_weights` calls)."""
+    # Metadata only when it has the UNet's config: load_lora_adapter would build a default one from the rest.
+    metadata = lora.adapter_metadata if _part_config(lora.adapter_metadata, "unet") else None
+    pipe.unet.load_lora_adapter(_unet_part(lora), prefix="unet", adapter_name=name, metadata=metadata,
+                                _pipeline=pipe)  # the pipeline: its offload hooks
+
+
+def _load_text_encoder_part(text_encoder: torch.nn.Module, lora: LoraFile, part: str, name: str) -> None:
+    """A text-encoder part by peft's public functions (`peft.functional`: `inject_adapter_in_model`, then
+    `set_peft_model_state_dict`), what transformers' `load_adapter` does inside diffusers' `load_lora_weights`, with
+    the config diffusers builds (`_text_encoder_config`). Not through transformers' wrapper: its model-level adapter
+    methods (`add_adapter`, `set_adapter`, `delete_adapter`) refuse peft < 0.22 with transformers 5, which diffusers'
+    loading does not need; peft's functions work on any torch module."""
+    from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
+
+    names = {module_name for module_name, _ in text_encoder.named_modules()}
+    weights = text_encoder_weights(lora, part, text_encoder)
+    inject_adapter_in_model(_text_encoder_config(lora, part, weights, names), text_encoder, adapter_name=name)
+    result = set_peft_model_state_dict(text_encoder, weights, adapter_name=name)
+    unexpected = [key for key in getattr(result, "unexpected_keys", ()) if ".lora_" in key]
+    if unexpected:  # none after `check_lora_layers`; a half-loaded adapter must not stay
+        raise LoraError(f"{lora.path.name}: {len(unexpected)} weights of its {part} part found no layer "
+                        f"({unexpected[0]}); the LoRA was made for another model")
+
+
+@contextlib.contextmanager
+def _grad_flags_kept(module: torch.nn.Module):
+    """Each existing parameter of `module` keeps its `requires_grad` across the block (new ones keep theirs)."""
+    flags = [(param, param.requires_grad) for param in module.parameters()]
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
 def _adapter_bytes(layers: list, name: str) -> int:
-    """The bytes of adapter `name`'s tensors in the UNet (lora_A, lora_B, ... of every peft layer), in the dtype
-    and on the device the UNet holds them: what evicting it frees."""
+    """The bytes of adapter `name`'s tensors in the UNet and text encoders (lora_A, lora_B, ... of every peft layer),
+    in the dtype and on the device each module holds them: what evicting it frees."""
     total = 0
     for layer in layers:
         for attribute in layer.adapter_layer_names:
@@ -661,35 +791,40 @@ def _adapter_bytes(layers: list, name: str) -> int:
 
 @contextlib.contextmanager
 def loras_applied(model, loras: list[tuple[LoraFile, float]]):
-    """Apply `loras` (file, weight) to `model`'s shared UNet for the `with` block; turn every adapter off in `finally`.
+    """Apply `loras` (file, weight) to `model`'s shared UNet and text encoders for the `with` block; turn every
+    adapter off in `finally`.
 
-    Call it under `model.lock`: the UNet is shared by every request. An adapter once loaded stays in the UNet
-    (`model.lora_cache`, keyed by path and mtime, bounded by memory) but is disabled outside the block, where the UNet
-    computes exactly what it computed before any LoRA was loaded (tests/engine/test_lora_runtime.py checks the
-    pictures bit for bit). With no LoRA nothing is touched.
+    Call it under `model.lock`, around the prompt's encoding and the denoising both: the modules are shared by every
+    request, and a LoRA's text-encoder part changes the prompt embeddings. An adapter once loaded stays in its modules
+    (`model.lora_cache`, keyed by path and mtime, bounded by memory) but is disabled outside the block, where they
+    compute exactly what they computed before any LoRA was loaded (tests/engine/test_lora_runtime.py and
+    test_lora_text_encoder.py check the pictures bit for bit). With no LoRA nothing is touched.
     """
     if not loras:
         yield
         return
     check_loras_fit(loras, model.encoder_dims, model.name)
-    unet, cache = model.pipe.unet, model.lora_cache
+    cache, modules = model.lora_cache, lora_modules(model.pipe)
+    text_encoders = {part: module for part, module in modules.items() if part != "unet"}
     for lora, _weight in loras:
-        check_lora_layers(lora, unet, model.name)
-    # ---- shared state changed from here: the UNet's adapters (loaded, evicted) and which are active ----
+        check_lora_layers(lora, modules["unet"], model.name, text_encoders)
+    # ---- shared state changed from here: the adapters of the UNet and text encoders (loaded, evicted), which are
+    # active ----
     try:
         names = cache.use(model.pipe, [lora for lora, _weight in loras])
         weights: dict[str, float] = {}  # the same file named twice adds its weights, one adapter
         for name, (_lora, weight) in zip(names, loras):
             weights[name] = weights.get(name, 0.0) + float(weight)
-        # What `unet.set_adapters(names, weights)` + `unet.enable_lora()` do, on the cached list of peft layers:
-        # each of those calls walks all of the UNet's modules to find them (benchmarks/lora_swap.py times both).
-        for layer in cache.layers(unet):
+        # What `pipe.set_adapters(names, weights)` + `enable_lora()` do (one weight per LoRA for the UNet and the text
+        # encoders alike), on the cached list of peft layers: each of those calls walks all of the modules to find
+        # them (benchmarks/lora_swap.py times both). A layer without one of the adapters skips it.
+        for layer in cache.layers(model.pipe):
             layer.set_adapter(list(weights))
             for name, weight in weights.items():
                 layer.set_scale(name, weight)
             layer.enable_adapters(True)
         yield
     finally:
-        for layer in cache.layers(unet):  # `unet.disable_lora()`, on the same list
+        for layer in cache.layers(model.pipe):  # `pipe.disable_lora()`, on the same list
             layer.enable_adapters(False)
     # ---- end of shared state change ----

@@ -5,12 +5,12 @@
   `<stem>_emb.safetensors` beside it with `clip_l` (and `clip_g` for SDXL), which `load_lora` reads back as one
   concept with the word "<s0><s1>…".
 - "kohya": `lora_unet_…` / `lora_te_…` (SDXL `lora_te1_`/`lora_te2_`) with `.lora_down.weight`/`.lora_up.weight`/
-  `.alpha`, named by diffusers' `convert_state_dict_to_kohya`; words bundled in the same file as A1111 does
-  (`bundle_emb.<word>.string_to_param.*`, SDXL `bundle_emb.<word>.clip_l`/`.clip_g`).
+  `.alpha` (a float tensor, as kohya writes it), named by diffusers' `convert_state_dict_to_kohya`; words bundled in
+  the same file as A1111 does (`bundle_emb.<word>.string_to_param.*`, SDXL `bundle_emb.<word>.clip_l`/`.clip_g`).
 
-Both forms compute what the studio applies: `export_lora` then `load_lora` gives the same UNet output
-(tests/engine/test_lora_export.py). Files are written atomically, never over an existing file unless asked, and only
-inside the folder given.
+Both forms compute what the studio applies: `export_lora` then `load_lora` gives the same UNet and text-encoder
+outputs (tests/engine/test_lora_export.py). Files are written atomically, never over an existing file unless asked,
+and only inside the folder given.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from safetensors.torch import save as safetensors_save
 
 from studio.engine.concepts import Concept
 from studio.engine.files import atomic_write
-from studio.engine.lora import BUNDLE_PREFIX, PARTS, WORD_KEY, LoraFile, pivotal_embeddings
+from studio.engine.lora import BUNDLE_PREFIX, WORD_KEY, LoraFile, peft_parts, pivotal_embeddings
 from studio.engine.names import inside
 from studio.errors import LoraError
 
@@ -97,32 +97,6 @@ def export_lora(lora: LoraFile, folder: str | os.PathLike, name: str, format: st
 # ------------------------------------------------------------------------------------------------------ weights
 
 
-def _peft_parts(lora: LoraFile) -> dict[str, dict[str, torch.Tensor]]:
-    """part -> its keys in peft form (`….lora_A.weight`), unprefixed, converted the way diffusers converts them when
-    it loads each part (`load_lora_adapter` for the UNet, `_load_lora_into_text_encoder` for the text encoders)."""
-    from diffusers.utils.state_dict_utils import (StateDictType, convert_state_dict_to_diffusers,
-                                                  convert_state_dict_to_peft, convert_unet_state_dict_to_peft)
-
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in lora.state_dict.items():
-        part, _, rest = key.partition(".")
-        if part not in PARTS:  # an unprefixed UNet file (diffusers' older attention-processor form)
-            part, rest = "unet", key
-        parts.setdefault(part, {})[rest] = tensor.detach().to("cpu").contiguous()
-    for part, tensors in parts.items():
-        if all(".lora_A." in k or ".lora_B." in k for k in tensors):
-            continue
-        if part == "unet":
-            parts[part] = convert_unet_state_dict_to_peft(tensors)
-        else:
-            # Named explicitly: diffusers guesses the old form (`to_q_lora.down`) only from a `to_out_lora` key, so a
-            # text-encoder LoRA without out_proj would be refused as "Could not automatically infer state dict type".
-            old = any("_lora.down." in k or "_lora.up." in k for k in tensors)
-            tensors = convert_state_dict_to_diffusers(tensors, StateDictType.DIFFUSERS_OLD if old else None)
-            parts[part] = convert_state_dict_to_peft(tensors, StateDictType.DIFFUSERS)
-    return {part: parts[part] for part in PARTS if part in parts}
-
-
 def _part_metadata(lora: LoraFile, part: str) -> dict[str, object] | None:
     """The peft LoraConfig diffusers saved for `part` (`"unet.r"` -> `"r"`), or None."""
     found = {key.removeprefix(f"{part}."): value for key, value in lora.adapter_metadata.items()
@@ -157,7 +131,7 @@ def _kohya_weights(lora: LoraFile) -> dict[str, torch.Tensor]:
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
     folded: dict[str, torch.Tensor] = {}
-    for part, tensors in _peft_parts(lora).items():
+    for part, tensors in peft_parts(lora).items():
         extra = sorted(k for k in tensors if not k.endswith((".lora_A.weight", ".lora_B.weight")))
         if extra:
             raise LoraError(f"{lora.path.name}: {extra[0]!r} has no place in kohya's form (lora_down/lora_up/alpha "
@@ -172,6 +146,11 @@ def _kohya_weights(lora: LoraFile) -> dict[str, torch.Tensor]:
                 key = f"text_model.{key}"  # transformers 5's flat CLIPTextModel; see _CLIP_TOP_LEVEL
             folded[f"{part}.{key}"] = tensor
     kohya = convert_state_dict_to_kohya(folded)
+    # diffusers' converter writes each alpha as an integer tensor; kohya's scripts write a float one, in the dtype they
+    # save the pair in, and A1111's and ComfyUI's readers take it as a float.
+    for key in [key for key in kohya if key.endswith(".alpha")]:
+        down = kohya[key.removesuffix(".alpha") + ".lora_down.weight"]
+        kohya[key] = kohya[key].to(down.dtype if down.is_floating_point() else torch.float32)
     if "text_encoder_2" in lora.modules or "sdxl" in lora.families:
         return kohya
     # One text encoder (SD 1.x/2.x): A1111 and kohya's own scripts call it `lora_te_`; diffusers' converter names
@@ -184,7 +163,7 @@ def _save_diffusers(lora: LoraFile, path: Path) -> None:
     """`save_lora_weights` of the pipeline class that has every part of `lora`, into `path` exactly."""
     from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
-    parts = _peft_parts(lora)
+    parts = peft_parts(lora)
     saver = StableDiffusionXLLoraLoaderMixin if "text_encoder_2" in parts else StableDiffusionLoraLoaderMixin
     arguments = {}
     for part, tensors in parts.items():

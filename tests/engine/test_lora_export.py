@@ -2,20 +2,19 @@
 
 The LoRAs are made in the test as in test_lora_files.py (peft on a tiny random SD1/SDXL pipeline, saved by diffusers'
 `save_lora_weights`; kohya names by diffusers' `convert_state_dict_to_kohya`). What these tests guard: a file written
-in either form computes what its source computes (the UNet output as the studio applies it, and as diffusers'
-own `load_lora_weights(file)` applies it), a scale kept in diffusers' adapter metadata or in kohya's alphas is not
-lost on the way, bundled words survive both forms, and no export overwrites a file or leaves its folder unasked.
+in either form computes what its source computes (the UNet and text-encoder outputs as the studio applies it, and
+as diffusers' own `load_lora_weights(file)` applies it), a scale kept in diffusers' adapter metadata or in kohya's
+alphas is not lost on the way, bundled words survive both forms, and no export overwrites a file or leaves its folder
+unasked.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
-from test_lora_files import (PIPELINES, RANK, TEXT_ATTENTION, TEXT_ENCODER_LORAS_LOAD, UNET_ATTENTION,
+from test_lora_files import (PIPELINES, RANK, TEXT_ATTENTION, UNET_ATTENTION,
                              add_random_lora, fresh_pipe, kohya_form)
 
 from studio.cli import main
@@ -80,10 +79,8 @@ def unet_output(pipe) -> torch.Tensor:
 
 def studio_output(model, lora) -> torch.Tensor:
     """The UNet output with `lora` applied by the studio (`loras_applied`, weight 1)."""
-    with warnings.catch_warnings():  # "its text_encoder part is skipped": the UNet part is what is compared
-        warnings.simplefilter("ignore", UserWarning)
-        with model.lock, loras_applied(model, [(lora, 1.0)]):
-            return unet_output(model.pipe)
+    with model.lock, loras_applied(model, [(lora, 1.0)]):
+        return unet_output(model.pipe)
 
 
 def diffusers_output(tiny_model_dirs, family: str, path) -> torch.Tensor:
@@ -167,13 +164,37 @@ def test_text_encoder_parts_take_kohya_names_and_come_back_unchanged(family, enc
         torch.testing.assert_close(back[key], tensor, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.skipif(not TEXT_ENCODER_LORAS_LOAD, reason="transformers loads text-encoder LoRAs only with a newer peft")
+def text_encoder_outputs(pipe) -> list[torch.Tensor]:
+    """Each text encoder's last hidden state for one fixed row of token ids."""
+    ids = torch.arange(1, 9).unsqueeze(0)
+    with torch.no_grad():
+        return [getattr(pipe, name)(ids).last_hidden_state for name in ("text_encoder", "text_encoder_2")
+                if getattr(pipe, name, None) is not None]
+
+
 @pytest.mark.parametrize("form", ["diffusers", "kohya"])
-def test_files_with_text_encoder_parts_load_in_diffusers(form, loras, tiny_model_dirs, tmp_path):
+def test_files_with_text_encoder_parts_load_in_diffusers_and_give_its_encoder_outputs(form, loras, models,
+                                                                                      tiny_model_dirs, tmp_path):
+    """Guards the text-encoder half of an export: both forms load in diffusers with every part, and the studio's
+    text encoders with the exported file compute what diffusers' do with the source file."""
     written = export_lora(load_lora(loras["sdxl"]["full"]), tmp_path, "full", form).path
     pipe = fresh_pipe(tiny_model_dirs, "sdxl")
     pipe.load_lora_weights(str(written.parent), weight_name=written.name)
     assert pipe.get_list_adapters().keys() >= {"unet", "text_encoder", "text_encoder_2"}
+
+    reference = fresh_pipe(tiny_model_dirs, "sdxl")
+    before = text_encoder_outputs(reference)
+    reference.load_lora_weights(str(loras["sdxl"]["full"]))
+    expected = text_encoder_outputs(reference)
+    model = models["sdxl"]
+    with model.lock, loras_applied(model, [(load_lora(written), 1.0)]):
+        ours = text_encoder_outputs(model.pipe)
+    for k, (got, want, plain) in enumerate(zip(ours, expected, before)):
+        assert not torch.equal(want, plain), f"text encoder {k + 1}: the LoRA changed nothing, the test shows nothing"
+        assert_same(got, want)
+    if form == "kohya":  # kohya writes each alpha as a float; A1111 and ComfyUI read it as one
+        alphas = [t for key, t in load_file(written).items() if key.endswith(".alpha")]
+        assert alphas and all(t.is_floating_point() and t.dim() == 0 for t in alphas)
 
 
 # ------------------------------------------------------------------------------------------------------- words

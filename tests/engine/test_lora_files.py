@@ -7,16 +7,13 @@ A1111 bundle; a LoHa file. What `load_lora` returns must be what diffusers' own 
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-from packaging.version import Version
 from peft import LoraConfig, inject_adapter_in_model
-from transformers.integrations.peft import MIN_PEFT_VERSION
 from safetensors.torch import load_file, save_file
 
 from studio.cli import main
@@ -29,36 +26,29 @@ RANK = 4
 
 PIPELINES = {"sd1": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 
-# diffusers loads text-encoder LoRAs through transformers' `load_adapter`, which refuses a peft older than its
-# minimum (transformers 5: peft 0.22; the newest on the registry here is 0.21.2). UNet LoRAs load through diffusers'
-# own peft code and are checked everywhere; the text-encoder parts wherever transformers accepts the installed peft.
-TEXT_ENCODER_LORAS_LOAD = Version(importlib.metadata.version("peft")) >= Version(MIN_PEFT_VERSION)
-
 
 def fresh_pipe(tiny_model_dirs, family: str):
     return PIPELINES[family].from_pretrained(tiny_model_dirs[family])
 
 
-def add_random_lora(model, targets: list[str], seed: int) -> dict[str, torch.Tensor]:
+def add_random_lora(model, targets: list[str], seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
     """A peft LoRA injected into `model` with random (non-zero) A and B; returns its peft state dict
     (`….lora_A.weight`, as `get_peft_model_state_dict` gives it). Injected by peft itself rather than by
-    transformers' `add_adapter`, which refuses the installed peft (see TEXT_ENCODER_LORAS_LOAD)."""
+    transformers' `add_adapter`, which refuses peft < 0.22 with transformers 5 (peft 0.21.2 is installed)."""
     inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets), model)
     generator = torch.Generator().manual_seed(seed)
     layers = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
                 layers[name.replace(".default", "")] = param.detach().clone()
     return layers
 
 
 def load_in_diffusers(pipe, state_dict: dict[str, torch.Tensor]) -> None:
-    """`pipe.load_lora_weights` on the state dict: all of it where transformers accepts the installed peft, else the
-    UNet part (see TEXT_ENCODER_LORAS_LOAD)."""
-    if not TEXT_ENCODER_LORAS_LOAD:
-        state_dict = {key: tensor for key, tensor in state_dict.items() if key.startswith("unet.")}
+    """`pipe.load_lora_weights` on the state dict, all of its parts (the text encoders' too: diffusers loads them
+    with the installed peft 0.21.2 and transformers 5.25)."""
     pipe.load_lora_weights(state_dict)
 
 
@@ -128,12 +118,9 @@ def test_diffusers_sdxl_lora_reports_both_encoders_and_family_sdxl_and_loads_in_
     assert lora.families == ("sdxl",)
     pipe = fresh_pipe(tiny_model_dirs, "sdxl")
     load_in_diffusers(pipe, lora.state_dict)
-    expected = {"unet", "text_encoder", "text_encoder_2"} if TEXT_ENCODER_LORAS_LOAD else {"unet"}
-    assert pipe.get_list_adapters().keys() >= expected
+    assert pipe.get_list_adapters().keys() >= {"unet", "text_encoder", "text_encoder_2"}
 
 
-@pytest.mark.skipif(not TEXT_ENCODER_LORAS_LOAD, reason=f"transformers loads text-encoder LoRAs only with "
-                                                        f"peft >= {MIN_PEFT_VERSION}")
 def test_text_encoder_parts_of_a_kohya_file_load_in_diffusers(sd1_lora, tiny_model_dirs, tmp_path):
     path = tmp_path / "kohya.safetensors"
     save_file(kohya_form(sd1_lora), path)

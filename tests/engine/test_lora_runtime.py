@@ -152,18 +152,25 @@ def test_a_lora_is_loaded_once_and_a_changed_file_replaces_its_old_adapter(sd1, 
     assert adapter_name(changed) in loaded and adapter_name(first) not in loaded, "the stale adapter was kept"
 
 
-def test_text_encoder_parts_are_skipped_with_a_warning(sd1, lora_files, tmp_path):
+def test_a_text_encoder_part_named_from_text_model_is_applied_too(sd1, lora_files, tmp_path):
+    """Guards the text-encoder half (it used to be skipped): a pair named as kohya and transformers 4 name CLIP's
+    layers (`text_model.encoder.…`) finds the layer of transformers 5's flat CLIPTextModel and changes the picture;
+    tests/engine/test_lora_text_encoder.py compares such pictures with diffusers'."""
     from safetensors.torch import load_file, save_file
 
     path = tmp_path / "with_te.safetensors"
     weights = load_file(lora_files["a"])
-    weights["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.randn(RANK, 32)
-    weights["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.randn(32, RANK)
+    width = sd1.pipe.text_encoder.config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    weights["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.randn(
+        RANK, width, generator=generator)
+    weights["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.randn(
+        width, RANK, generator=generator)
     save_file(weights, path)
-    lora = load_lora(path)
-    with pytest.warns(UserWarning, match="with_te.safetensors: its text_encoder part is skipped"):
-        with_te = _picture(sd1, [(lora, 1.0)])
-    assert np.array_equal(with_te, _picture(sd1, [(load_lora(lora_files["a"]), 1.0)]))
+    with_te = _picture(sd1, [(load_lora(path), 1.0)])
+    assert not np.array_equal(with_te, _picture(sd1, [(load_lora(lora_files["a"]), 1.0)]))
+    assert "encoder.layers.0.self_attn.q_proj" in {name for name, module in sd1.pipe.text_encoder.named_modules()
+                                                   if hasattr(module, "lora_A")}
 
 
 def test_concurrent_requests_with_and_without_a_lora_never_see_each_other(sd1, lora_files):
