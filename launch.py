@@ -18,7 +18,9 @@ MAX_UPLOAD = "512mb"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from studio.engine.jobs import QueueLimits
     from studio.engine.memory import MEMORY_MODES
+    from studio.engine.session import DiskLimits
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the built-in demo)")
@@ -34,6 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", default="auto", choices=MEMORY_MODES,
                         help="memory mode (see studio/engine/memory.py); auto chooses by free GPU memory")
     parser.add_argument("--low-vram", action="store_true", help="same as --memory low-vram")
+    # What one user may hold of a shared studio (studio.ui.state.StudioLimits).
+    parser.add_argument("--max-train-steps", type=int,
+                        help="the most steps one training run may take (default: by the model's size: 2000 on the "
+                             "demo, 1000 on SD 1.x/2.x, 500 on SDXL)")
+    parser.add_argument("--user-running-jobs", type=int, default=QueueLimits.running,
+                        help="jobs one user may have running on the device (default: %(default)s)")
+    parser.add_argument("--user-waiting-jobs", type=int, default=QueueLimits.waiting,
+                        help="jobs one user may have waiting for the device; more are refused (default: %(default)s)")
+    parser.add_argument("--device-jobs", type=int, default=QueueLimits.slots,
+                        help="jobs on the device at once (default: %(default)s; more on ZeroGPU, a GPU per call)")
+    parser.add_argument("--session-quota-mb", type=int, default=DiskLimits.quota_bytes // 10**6,
+                        help="disk one user's session may fill: its pictures, training files, uploads and concepts "
+                             "(default: %(default)s MB)")
     parser.add_argument("--admin-token", default=os.environ.get("STUDIO_ADMIN_TOKEN"),
                         help="the operator's secret (default: $STUDIO_ADMIN_TOKEN, which other users of this machine "
                              "cannot read in its process list): with it the Model tab may switch the model for "
@@ -50,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     from studio.ui.app import build_app
     from studio.ui.operator import Operator, parse_models
 
+    try:
+        limits = user_limits(args)
+    except ValueError as exc:
+        print(f"launch.py: {exc}", file=sys.stderr)
+        return 2
     try:
         operator = Operator.for_server(args.host, args.share, args.admin_token, parse_models(args.models), args.model)
     except (OSError, ValueError) as exc:
@@ -75,11 +95,25 @@ def main(argv: list[str] | None = None) -> int:
                   f"{library.refresh_interval:g} s instead")
         print("Model switching: " + ("this machine's page (127.0.0.1)" if operator.local else
                                      "the operator, with the token" if operator.switching else "off"))
-        app = build_app(manager, library, memory_mode=memory, work_dir=data / "work", operator=operator)
+        app = build_app(manager, library, memory_mode=memory, work_dir=data / "work", operator=operator,
+                        limits=limits)
         # Gradio refuses bigger uploads before writing them to disk: pictures are capped far lower by
         # studio.engine.pictures, and the largest files people upload here, LoRAs and embeddings, stay below it.
         app.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD)
     return 0
+
+
+def user_limits(args: argparse.Namespace):
+    """The StudioLimits of the options; ValueError naming a value out of range."""
+    from studio.engine.jobs import QueueLimits
+    from studio.ui.state import StudioLimits
+
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError(f"--max-train-steps must be at least 1, not {args.max_train_steps}")
+    if args.session_quota_mb < 1:
+        raise ValueError(f"--session-quota-mb must be at least 1, not {args.session_quota_mb}")
+    queue = QueueLimits(slots=args.device_jobs, running=args.user_running_jobs, waiting=args.user_waiting_jobs)
+    return StudioLimits(queue, args.max_train_steps, args.session_quota_mb * 10**6)
 
 
 if __name__ == "__main__":

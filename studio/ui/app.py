@@ -1,5 +1,5 @@
 """The Gradio studio: one tab per file in `studio/ui/tabs/`, thin handlers over the engine; engine errors become
-`gr.Error` at the edge. Heavy work shares one queue (`concurrency_id="gpu"`, one job at a time).
+`gr.Error` at the edge. Heavy work takes turns on the device, round-robin between users (`studio.ui.turns`).
 
 Endpoints (gradio_client `api_name`): generate, variations, cancel, read_png, train, cancel_training,
 training_progress, style_transfer, cancel_style, compose, cancel_compose, inpaint, cancel_inpaint, evaluate_concept,
@@ -17,7 +17,7 @@ from studio.engine.models import ModelManager
 from studio.library import ConceptLibrary
 from studio.ui.operator import Operator
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import Studio
+from studio.ui.state import Studio, StudioLimits
 from studio.ui.tabs.compose import build_compose_tab
 from studio.ui.tabs.evaluate import build_evaluate_tab
 from studio.ui.tabs.generate import build_generate_tab
@@ -36,15 +36,18 @@ PIXEL_ART_STYLE = "<style>.pixel-art img { image-rendering: pixelated; object-fi
 
 
 def build_app(manager: ModelManager, library: ConceptLibrary, memory_mode: str = "auto",
-              work_dir: Path | None = None, operator: Operator | None = None) -> gr.Blocks:
+              work_dir: Path | None = None, operator: Operator | None = None,
+              limits: StudioLimits | None = None) -> gr.Blocks:
     """The whole studio over an already-created manager (with a model loaded) and library.
 
     `memory_mode` is the mode `manager`'s options were made with (launch.py --memory), shown on the Model tab.
     `work_dir`: the sessions' pictures and training files (default: a new temporary folder).
     `operator`: who may switch the model, its memory mode and the evaluation's CLIP model (default: nobody).
+    `limits`: what one user may hold (their share of the device's line, a run's steps, their disk quota).
     """
     operator = operator or Operator()
-    studio = Studio(manager, library, memory_mode=memory_mode, **({"work_dir": Path(work_dir)} if work_dir else {}))
+    studio = Studio(manager, library, memory_mode=memory_mode, limits=limits or StudioLimits(),
+                    **({"work_dir": Path(work_dir)} if work_dir else {}))
     pickers = ConceptPickers(studio)
     with gr.Blocks(title="Concept Studio") as app:
         gr.Markdown("# Concept Studio\nTeach the model a new word from a few pictures, then use it in any prompt.")

@@ -8,6 +8,11 @@ A browser's session is a random id that its localStorage keeps signed (`gr.Brows
 a page reload finds its concepts again and nobody else can: a bare or forged id gets a new session. A gradio_client
 `Client` is its own session, named by its Gradio session hash in a namespace no browser id is in (`client_session`).
 Session concepts are also kept on disk (`ConceptLibrary.sessions_dir`) until they have not been used for SESSION_DAYS.
+
+A shared studio bounds what one user holds (`StudioLimits`, launch.py's options): heavy jobs take turns on the device
+from `Studio.scheduler` (round-robin between sessions, a few jobs each: `studio.ui.turns`), a training run's steps are
+capped (`Studio.train_step_limit`), and each session's files have a quota and expire with its concepts
+(`studio.engine.session.DiskLimits`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import html
 import os
 import secrets
 import tempfile
+import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +32,12 @@ from typing import Iterator
 import gradio as gr
 
 from studio.engine.generate import RANDOM_SEED, Cancelled, GenerateRequest
+from studio.engine.jobs import FairScheduler, QueueLimits, check_train_steps, train_step_limit
 from studio.engine.memory import preset
 from studio.engine.models import LoadedModel, ModelManager
 from studio.engine.names import session_key
-from studio.engine.session import ANONYMOUS, GenerationUpdate, Session, Sessions, generation_updates, request_for
+from studio.engine.session import (ANONYMOUS, DiskLimits, GenerationUpdate, Session, Sessions, SpentFiles,
+                                   generation_updates, remove_temp_leftovers, request_for)
 from studio.errors import UserError
 from studio.library import ConceptLibrary, LibraryEntry
 from studio.ui.gpu import gpu_task
@@ -99,23 +107,47 @@ def is_api_client(request: gr.Request | None) -> bool:
     return headers.get("x-gradio-user") == "api"
 
 
+# How often a running studio looks for expired sessions (at a job's start): their age is counted in days.
+EXPIRE_EVERY_S = 600.0
+
+
+@dataclass(frozen=True)
+class StudioLimits:
+    """What one user may hold of a shared studio (launch.py's options): their share of the device's line, a training
+    run's steps (None: by the model's size, `studio.engine.jobs.TRAIN_STEP_LIMITS`) and their session's disk quota."""
+
+    queue: QueueLimits = field(default_factory=QueueLimits)
+    max_train_steps: int | None = None
+    session_quota_bytes: int = DiskLimits.quota_bytes
+
+
 @dataclass
 class Studio:
     """The state the handlers share. `memory_mode` is the mode the current model was loaded in; `sessions` are the
-    engine sessions (their folders under `work_dir`)."""
+    engine sessions (their folders under `work_dir`); `scheduler` the line for the device their heavy jobs take
+    turns in (`studio.ui.turns`)."""
 
     manager: ModelManager
     library: ConceptLibrary
     memory_mode: str = "auto"
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="concept-studio-")))
+    limits: StudioLimits = field(default_factory=StudioLimits)
     sessions: Sessions = field(init=False)
+    scheduler: FairScheduler = field(init=False)
+    spent_uploads: SpentFiles = field(default_factory=SpentFiles)  # uploads used up, deleted after a grace
+    _expired_at: float | None = field(default=None, repr=False)  # when `expire_sessions` last looked
     _browsers: dict[str, str] = field(default_factory=dict)  # Gradio session hash -> the browser's session id
     _signing_key: bytes = field(default=b"", repr=False)  # signs browsers' session ids (session_signing_key)
 
     def __post_init__(self) -> None:
-        self.sessions = Sessions(self.work_dir)
         if self.library.sessions_dir is None:  # a library made without one keeps session concepts beside our work
             self.library.sessions_dir = self.work_dir / ".sessions"  # no session folder is hidden
+        # Each session's files (its folder here and its concepts in the library) share one quota and expire together.
+        self.scheduler = FairScheduler(self.limits.queue)
+        disk = DiskLimits(self.limits.session_quota_bytes, SESSION_DAYS * 86400.0)
+        self.sessions = Sessions(self.work_dir, disk, self.scheduler, elsewhere=[self.library.sessions_dir])
+        remove_temp_leftovers(self.library.sessions_dir)  # what killed writes left; nothing writes there yet
+        self.expire_sessions()
         self._signing_key = session_signing_key(self.library.sessions_dir)
         # The one step of a generation that needs the GPU, decorated for ZeroGPU (studio.ui.gpu). There it runs in a
         # forked worker: it takes plain values and yields plain data, and every change to shared state stays out here.
@@ -176,6 +208,25 @@ class Studio:
         """Drop what a session keeps in memory: its concepts (their files stay), training run, thumbnails and flags."""
         self.library.drop_session(session)
         self.sessions.forget(session)
+
+    def expire_sessions(self) -> None:
+        """Delete what sessions unused for SESSION_DAYS kept (their folders and concepts), at most every
+        EXPIRE_EVERY_S: at start and then at jobs' starts, so that sessions of API clients, which never load a page,
+        expire too."""
+        now = time.monotonic()
+        if self._expired_at is not None and now - self._expired_at < EXPIRE_EVERY_S:
+            return
+        self._expired_at = now
+        self.sessions.expire()
+        self.library.expire_sessions(self.sessions.disk.keep_s)
+
+    def train_step_limit(self) -> int:
+        """The most steps a training run may take on the loaded model (launch.py --max-train-steps, else by size)."""
+        return train_step_limit(self.model, self.limits.max_train_steps)
+
+    def check_train_steps(self, steps, what: str = "Steps") -> None:
+        """TrainStepsError (one line) when a run of `steps` would pass `train_step_limit`."""
+        check_train_steps(int(steps), self.train_step_limit(), what)
 
     def entries(self, session: str) -> list[LibraryEntry]:
         """Library files and this session's concepts (words and LoRAs), each with whether it fits the loaded model

@@ -67,3 +67,51 @@ def test_eight_users_at_once_get_their_own_results_and_an_oversized_job_is_refus
         own = {0: "<load-train-0>", 1: "<load-train-1>", 2: "<load-import-2>", 3: "<load-import-3>"}.get(k)
         assert {t for t in tokens if t.startswith("<load-")} == ({own} if own else set()), (k, tokens)
     assert [p for p in root.iterdir() if p.name.startswith("load")] == []
+
+
+def test_a_client_with_twenty_queued_jobs_holds_up_nobody_while_six_others_work(studio_server, concept_pictures):
+    """Guards issue 23: one scripted client queued 20 jobs and the next user waited behind all of them (rank 18 of
+    19). Now it gets its share (one running, two waiting; the rest refused in one line), and each other user waits
+    behind at most the flood's job that ran when theirs came and one more per round of the line."""
+    import threading
+    import time
+
+    url, _, _ = studio_server
+    flood, others = Client(url, verbose=False), [Client(url, verbose=False) for _ in range(6)]
+    ended: dict[str, float] = {}  # job -> when it ended (time.monotonic(); one clock: the server runs in this process)
+    lock = threading.Lock()
+
+    def timed(name: str, work):
+        def run():
+            started = time.monotonic()
+            try:
+                return started, work()
+            finally:
+                with lock:
+                    ended[name] = time.monotonic()
+        return run
+
+    def flood_job(k: int):
+        return flood.predict("a red circle", "", k, 20, 7.5, "euler_a", 32, 32, 1, api_name="/generate")
+
+    def other_job(k: int):
+        if k < 2:  # two train, four generate
+            return others[k].predict([handle_file(p) for p in concept_pictures], f"<flooded-{k}>", "toy", "object", 1,
+                                     3, 0.005, 2, 0, api_name="/train")
+        return generate(others[k], f"a photo of a blue square {k}")
+
+    with ThreadPoolExecutor(26) as pool:
+        floods = [pool.submit(timed(f"flood-{k}", lambda k=k: flood_job(k))) for k in range(20)]
+        theirs = [pool.submit(timed(f"other-{k}", lambda k=k: other_job(k))) for k in range(6)]
+        refusals = [f.exception(timeout=JOB_LIMIT_S) for f in floods]
+        works = [f.result(timeout=JOB_LIMIT_S) for f in theirs]
+
+    assert sum("You already have a job waiting" in str(exc) for exc in refusals if exc is not None) == 17
+    flood_ends = [ended[f"flood-{k}"] for k, exc in enumerate(refusals) if exc is None]
+    assert len(flood_ends) == 3
+    for k, (started, _) in enumerate(works):
+        behind = sum(started < end < ended[f"other-{k}"] for end in flood_ends)
+        # At most the flood's job that ran when this one came (or ended while it was on its way to the server) and
+        # the one of the round of the line this one is in; first come, first served put it behind all three.
+        assert behind <= 2, f"user {k} waited behind {behind} of the flood's jobs"
+    assert all("is ready" in works[k][1][0] for k in (0, 1))

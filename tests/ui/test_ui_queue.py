@@ -1,6 +1,7 @@
-"""The shared GPU queue through a real server: cancel of a running generation returns promptly and the server keeps
-serving; two clients at once both get their own, correct pictures."""
+"""The device's line through a real server: every model endpoint takes its turn in it, cancel of a running generation
+returns promptly and the server keeps serving; two clients at once both get their own, correct pictures."""
 
+import inspect
 import re
 
 import numpy as np
@@ -10,23 +11,26 @@ from PIL import Image
 from studio.engine.generate import GenerateRequest, generate
 from ui_server import UNetCalls, wait_until_running
 
-GPU_ENDPOINTS = ("generate", "train", "style_transfer", "compose", "inpaint", "preview_concept", "load_model",
-                 "set_memory_mode")
+GPU_ENDPOINTS = ("generate", "variations", "train", "style_transfer", "compose", "inpaint", "preview_concept",
+                 "evaluate_concept", "compare_methods", "load_model", "set_memory_mode")
 
 
-def test_every_model_endpoint_waits_in_the_one_gpu_queue(tiny_model_dirs, tmp_path):
+def test_every_model_endpoint_takes_its_turn_in_the_studios_line(tiny_model_dirs, tmp_path):
     from studio.engine.models import ModelManager
     from studio.library import ConceptLibrary
     from studio.ui.app import build_app
+    from studio.ui.turns import WAITING_ROOM
 
     manager = ModelManager()
     manager.load(tiny_model_dirs["sd1"])
     app = build_app(manager, ConceptLibrary(tmp_path))
     by_name = {fn.api_name: fn for fn in app.fns.values()}
-    assert {name: by_name[name].concurrency_id for name in GPU_ENDPOINTS} == {name: "gpu" for name in GPU_ENDPOINTS}
-    # ... which runs one job at a time: the endpoints keep the app's default limit, and that is 1.
-    assert {by_name[name].concurrency_limit for name in GPU_ENDPOINTS} == {"default"}
-    assert app._queue.default_concurrency_limit == 1
+    # Gradio lets up to WAITING_ROOM of them into their handlers (one queue for them all) ...
+    assert {name: (by_name[name].concurrency_id, by_name[name].concurrency_limit) for name in GPU_ENDPOINTS} == {
+        name: ("gpu", WAITING_ROOM) for name in GPU_ENDPOINTS}
+    # ... where each waits for its turn on the device without a thread (studio.ui.turns.in_turn), one job at a time.
+    assert all(inspect.iscoroutinefunction(by_name[name].fn) or inspect.isasyncgenfunction(by_name[name].fn)
+               for name in GPU_ENDPOINTS)
 
 
 def test_cancel_stops_a_running_generation_within_a_step_and_the_server_keeps_serving(studio_server):

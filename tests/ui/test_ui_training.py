@@ -97,7 +97,7 @@ def test_cancel_training_stops_within_a_step_with_the_vectors_so_far(studio_serv
     url, manager, _ = studio_server
     client = Client(url, verbose=False)
     with UNetCalls(manager.current.pipe, training_only=True) as unet:
-        job = client.submit([handle_file(p) for p in concept_pictures], "<stopped>", "toy", "object", 1, 3000, 0.005,
+        job = client.submit([handle_file(p) for p in concept_pictures], "<stopped>", "toy", "object", 1, 2000, 0.005,
                             1, 0, api_name="/train")
         deadline = time.monotonic() + 60  # a failure bound only: the wait is for the first reported loss
         while not any("loss" in (out[0] or "") for out in job.outputs()):

@@ -7,6 +7,7 @@ import gradio as gr
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import Studio
 from studio.ui.tabs.generate import generation_canceller
+from studio.ui.turns import GPU_EVENT, in_turn
 
 
 def fill_template(template: str, a: str, b: str) -> str:
@@ -40,6 +41,7 @@ def build_compose_tab(studio: Studio, pickers: ConceptPickers) -> None:
     grid = gr.Gallery(label="Grid over seeds", columns=4, height=320)
 
     # 3. Wiring.
-    composed = go.click(run, [a, b, template, seeds], grid, api_name="compose", concurrency_id="gpu")
+    composed = go.click(in_turn(studio, run, "generate"), [a, b, template, seeds], grid, api_name="compose",
+                        **GPU_EVENT)
     stop.click(generation_canceller(studio), None, None, api_name="cancel_compose", concurrency_limit=None,
                cancels=[composed])

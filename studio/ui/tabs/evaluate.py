@@ -38,6 +38,7 @@ from studio.ui.gpu import TRAIN_SECONDS, gpu_task
 from studio.ui.operator import Operator
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import as_user_errors, Studio, user_error
+from studio.ui.turns import GPU_EVENT, in_turn
 
 HEADERS = ["measure", "with the word", "with plain words", "margin (word − plain)", "what it compares"]
 AUTO, NONE = "auto (the set whose word it is)", "none"
@@ -349,10 +350,15 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers, operator: Operat
                                          interactive=False, elem_id="evaluate-methods-chart")
 
     # 3. Wiring.
-    evaluated = start.click(run, [token, samples, clip_source, ground_truth, kind, plain_words, steps, seed, files],
-                            [about, scores, grid], api_name="evaluate_concept", concurrency_id="gpu")
+    evaluated = start.click(in_turn(studio, run, "evaluate", uploads=("files",)),
+                            [token, samples, clip_source, ground_truth, kind, plain_words, steps, seed, files],
+                            [about, scores, grid], api_name="evaluate_concept", **GPU_EVENT)
     stop.click(cancel, None, None, api_name="cancel_evaluation", concurrency_limit=None, cancels=[evaluated])
-    compared = compare_start.click(run_methods, [methods, method_sets, train_steps, method_images, method_steps,
-                                                 method_seed, variants], [methods_about, methods_table, methods_chart],
-                                   api_name="compare_methods", concurrency_id="gpu")
+    def admit_methods(form: dict) -> None:  # before the job waits: each of its runs within the step limit
+        studio.check_train_steps(form["train_steps"], "Training steps per method")
+
+    compared = compare_start.click(in_turn(studio, run_methods, "evaluate", check=admit_methods),
+                                   [methods, method_sets, train_steps, method_images, method_steps, method_seed,
+                                    variants], [methods_about, methods_table, methods_chart],
+                                   api_name="compare_methods", **GPU_EVENT)
     compare_stop.click(cancel, None, None, api_visibility="private", concurrency_limit=None, cancels=[compared])

@@ -16,6 +16,7 @@ import gradio as gr
 from studio.engine.generate import SCHEDULERS, read_infotext
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import as_user_errors, seed_or_random, size_or_native, Studio, user_error
+from studio.ui.turns import GPU_EVENT, consumed, in_turn
 
 VARIATION_SEEDS = 4  # pictures "a photo of <concept>" over this many seeds (seed, seed + 1, ...)
 VARIATION_PROMPT = "a photo of {}"  # the paper's simplest object template
@@ -101,6 +102,10 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
                                   request)
         yield from gallery_stream(studio, fields, session, request, progress)
 
+    def read_parameters(path):
+        with consumed(studio, path):  # read once: Gradio's copy goes
+            return read_png(path)
+
     # 2. Layout.
     gr.Markdown("Write a prompt; any concept word from the library (e.g. `<my-cat>`) is used automatically, and a "
                 "LoRA by its tag, `<lora:name:0.8>` (name: the file's stem). "
@@ -129,12 +134,14 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
         gallery = gr.Gallery(label="Results", columns=4, height=420)
 
     # 3. Wiring.
-    generated = go.click(run, [prompt, negative, seed, steps, guidance, scheduler, width, height, count], gallery,
-                         api_name="generate", concurrency_id="gpu")
-    varied = vary.click(variations, [picked, seed, steps, guidance, scheduler, width, height], gallery,
-                        api_name="variations", concurrency_id="gpu")
-    # The flag stops a running generation within one step; `cancels` also takes this browser's job off the queue
-    # while it still waits there (and closes a running one, which sets the flag too).
+    sampler = [seed, steps, guidance, scheduler, width, height]
+    generated = go.click(in_turn(studio, run, "generate"), [prompt, negative, *sampler, count], gallery,
+                         api_name="generate", **GPU_EVENT)
+    varied = vary.click(in_turn(studio, variations, "generate"), [picked, *sampler], gallery, api_name="variations",
+                        **GPU_EVENT)
+    # The flag stops a running generation within one step and takes this session's waiting ones out of line;
+    # `cancels` also ends this browser's events (and closes a running one, which sets the flag too).
     stop.click(generation_canceller(studio), None, None, api_name="cancel", concurrency_limit=None,
                cancels=[generated, varied])
-    png.upload(read_png, png, [prompt, negative, seed, steps, guidance, scheduler, width, height], api_name="read_png")
+    png.upload(read_parameters, png, [prompt, negative, seed, steps, guidance, scheduler, width, height],
+               api_name="read_png")

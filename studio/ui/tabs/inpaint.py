@@ -10,6 +10,7 @@ from studio.engine.pictures import PictureError, fit_to_model, open_picture, sca
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import Studio, user_error
 from studio.ui.tabs.generate import concept_inserter, generation_canceller
+from studio.ui.turns import GPU_EVENT, in_turn
 
 
 def picture_and_mask(value: dict | None) -> tuple[Image.Image, Image.Image]:
@@ -46,6 +47,9 @@ def build_inpaint_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Picture with a brushed mask and a prompt; the `/inpaint` endpoint returns [original, result]."""
     # 1. Handlers.
     def run(value, prompt, strength, request: gr.Request, progress=gr.Progress()):
+        # Decoded here as Gradio would: the event skips its preprocessing, so the uploads' paths are known and
+        # `in_turn` deletes them once the job ends.
+        value = editor.preprocess(editor.data_model.model_validate(value)) if value else None
         return inpaint(studio, studio.session_of(request), value, prompt, strength, request, progress)
 
     # 2. Layout.
@@ -61,6 +65,7 @@ def build_inpaint_tab(studio: Studio, pickers: ConceptPickers) -> None:
         stop = gr.Button("Cancel")
 
     # 3. Wiring.
-    inpainted = go.click(run, [editor, prompt, strength], result, api_name="inpaint", concurrency_id="gpu")
+    inpainted = go.click(in_turn(studio, run, "generate", consumes=("value",)), [editor, prompt, strength], result,
+                         api_name="inpaint", preprocess=False, **GPU_EVENT)
     stop.click(generation_canceller(studio), None, None, api_name="cancel_inpaint", concurrency_limit=None,
                cancels=[inpainted])

@@ -20,6 +20,7 @@ from studio.engine.names import file_stem, inside
 from studio.library import LibraryEntry
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import USER_ERRORS, as_user_errors, Studio, user_error
+from studio.ui.turns import GPU_EVENT, consumed, in_turn
 
 # The first seven columns are an embedding's; kind, rank and size come after, so a client's column indices hold.
 HEADERS = ["token", "vectors", "fits", "reason", "source", "trained on", "steps", "kind", "rank", "size"]
@@ -310,7 +311,11 @@ def wire_concept_list(studio: Studio, pickers: ConceptPickers, ui: SimpleNamespa
         return event.row_value[0]
 
     def import_uploads(files, request: gr.Request):
-        return import_files(studio, studio.session_of(request), files)
+        session = studio.session_of(request)
+        with consumed(studio, files):  # the session keeps its own copy of what it takes; Gradio's goes, refused too
+            with as_user_errors(request):
+                studio.sessions.get(session).make_room(sum(Path(f).stat().st_size for f in files or []))
+            return import_files(studio, session, files)
 
     def export(token, fmt, request: gr.Request):
         return export_concept(studio, studio.session_of(request), token, fmt, request)
@@ -366,7 +371,8 @@ def wire_saving(studio: Studio, pickers: ConceptPickers, ui: SimpleNamespace) ->
         chosen.then(hidden, None, ui.taken, api_visibility="private")
         pickers.after(chosen)
     ui.keep_theirs.click(hidden, None, ui.taken, api_visibility="private")
-    ui.preview.click(preview, ui.token, ui.thumbs, api_name="preview_concept", concurrency_id="gpu")
+    ui.preview.click(in_turn(studio, preview, "generate"), ui.token, ui.thumbs, api_name="preview_concept",
+                     **GPU_EVENT)
 
 
 def build_library_tab(studio: Studio, pickers: ConceptPickers) -> None:

@@ -14,6 +14,7 @@ from studio.training.run import MODELS_FOLDER
 from studio.ui.operator import Operator
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import as_user_errors, Studio, user_error
+from studio.ui.turns import GPU_EVENT, in_turn
 
 TRAINED = "trained:"  # a choice's value prefix for a model fine-tuned in this session (no listed name has a ':')
 HOW_TO_TYPE = """\
@@ -148,6 +149,11 @@ def build_model_tab(studio: Studio, pickers: ConceptPickers, operator: Operator 
 
     # 3. Wiring.
     pickers.view(model, lambda session: gr.update(choices=model_choices(studio, operator, session)))
-    pickers.after(load.click(switch, [model, token], info, api_name="load_model", concurrency_id="gpu"))
-    pickers.after(apply.click(apply_mode, [mode, token], info, api_name="set_memory_mode", concurrency_id="gpu"))
+    # Operator actions take the device alone once the jobs on it end; one who may not is refused before waiting.
+    def allowed(form: dict) -> None:
+        operator.check(form["request"], form["operator_token"])
+
+    switch, apply_mode = (in_turn(studio, fn, "model", check=allowed, exclusive=True) for fn in (switch, apply_mode))
+    pickers.after(load.click(switch, [model, token], info, api_name="load_model", **GPU_EVENT))
+    pickers.after(apply.click(apply_mode, [mode, token], info, api_name="set_memory_mode", **GPU_EVENT))
     return info

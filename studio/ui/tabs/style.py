@@ -11,6 +11,7 @@ from studio.engine.pictures import PictureError, fit_to_model, open_picture
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import Studio, seed_or_random, user_error
 from studio.ui.tabs.generate import concept_inserter, generation_canceller
+from studio.ui.turns import GPU_EVENT, in_turn
 
 
 def style_transfer(studio: Studio, session: str, content: dict | None, prompt: str, strength, seed,
@@ -56,8 +57,9 @@ def build_style_tab(studio: Studio, pickers: ConceptPickers) -> None:
         stop = gr.Button("Cancel")
 
     # 3. Wiring.
-    transfer = go.click(run, [content, prompt, strength, seed], result, api_name="style_transfer",
-                        concurrency_id="gpu", preprocess=False)
-    # The flag stops a running transfer within one step; `cancels` also takes a job still waiting off the queue.
+    # The content picture moves into the session (Gradio's copy goes), where the next transfer of it finds it.
+    transfer = go.click(in_turn(studio, run, "generate", uploads=("content",)), [content, prompt, strength, seed],
+                        result, api_name="style_transfer", preprocess=False, **GPU_EVENT)
+    # The flag stops a running transfer within one step and takes a waiting one out of line.
     stop.click(generation_canceller(studio), None, None, api_name="cancel_style", concurrency_limit=None,
                cancels=[transfer])

@@ -33,6 +33,7 @@ from studio.training.run import (LOSS_SERIES, MEAN_SERIES, SCORE_SERIES, SMOOTHI
 from studio.ui.gpu import TRAIN_SECONDS, gpu_task
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import as_user_errors, for_client, Studio
+from studio.ui.turns import GPU_EVENT, in_turn
 from studio.ui.tabs.library import human_size
 
 POLL_EVERY_S = 1.0  # the loss plot and previews are re-read this often while training
@@ -274,6 +275,17 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
         yield from train_stream(studio, on_device, studio.session_of(request), [str(f) for f in files], cfg,
                                 request, progress)
 
+    def admit(form: dict) -> None:
+        """Before the run waits for the device: refuse now what would be refused then (no pictures, more steps than
+        the studio allows, a model folder its session has no room for)."""
+        if not form["files"]:
+            raise gr.Error("Upload at least one picture of your concept.")
+        studio.check_train_steps(form["steps"])
+        method = METHOD_CLASSES.get(form["method"] or "ti")
+        if method is not None and method.writes_folder:
+            sizes = model_folder_bytes(studio.model.pipe, {"unet": DreamBooth.save_dtype})
+            studio.session(form["request"]).make_room(sum(sizes.values()))
+
     def explain(method: str) -> str:
         return method_info(studio, method)
 
@@ -292,7 +304,10 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
     ui.method.change(explain, ui.method, ui.method_info, api_visibility="private", show_progress="hidden")
     ui.start.click(lambda: gr.Timer(active=True), None, ui.timer, api_visibility="private", concurrency_limit=None)
     form = [ui.files, *(getattr(ui, name) for name in FORM)]
-    trained = ui.start.click(train, form, [ui.status, ui.result], api_name="train", concurrency_id="gpu",
+    # The pictures are copied into the session (Gradio's are used up); while the run waits, the status line says
+    # its place.
+    queued_train = in_turn(studio, train, "train", uploads=("files",), check=admit, waiting=lambda text: (text, None))
+    trained = ui.start.click(queued_train, form, [ui.status, ui.result], api_name="train", **GPU_EVENT,
                              show_progress_on=ui.result)  # the bar sits on the download box; the status stays readable
     live = [ui.plot, ui.previews, ui.timer]
     trained.then(poll_and_stop, None, live, api_visibility="private", show_progress="hidden")
@@ -300,8 +315,8 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
     # Public too: API clients read (loss plot, previews) of their session's latest run as data.
     ui.timer.tick(poll, None, [ui.plot, ui.previews], api_name="training_progress", concurrency_limit=None,
                   show_progress="hidden")
-    # The flag stops a running training within one step; `cancels` also takes this browser's job off the GPU queue
-    # while it still waits there.
+    # The flag stops a running training within one step and takes a waiting one out of line; `cancels` also ends
+    # this browser's event.
     stopped = ui.stop.click(cancel, None, [ui.status, ui.result], api_name="cancel_training", concurrency_limit=None,
                             cancels=[trained])
     stopped.then(poll_and_stop, None, live, api_visibility="private", show_progress="hidden")
