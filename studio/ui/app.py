@@ -32,7 +32,10 @@ __all__ = ["Operator", "Studio", "build_app"]
 
 # Where a browser keeps its signed session id (localStorage; see Studio.attach).
 SESSION_STORAGE_KEY = "concept-studio-session"
-PIXEL_ART_STYLE = "<style>.pixel-art img { image-rendering: pixelated; object-fit: contain; }</style>"
+# `.pixel-art`: components whose pictures may be smaller than their frame (the demo model draws 64 px). Gradio's own
+# rules (`.thumbnails img { object-fit: cover }`) are more specific than a class selector, hence !important.
+PIXEL_ART_STYLE = ("<style>.pixel-art img, .pixel-art canvas { image-rendering: pixelated !important; "
+                   "object-fit: contain !important; }</style>")
 
 
 def build_app(manager: ModelManager, library: ConceptLibrary, memory_mode: str = "auto",

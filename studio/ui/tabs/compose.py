@@ -38,7 +38,8 @@ def build_compose_tab(studio: Studio, pickers: ConceptPickers) -> None:
     with gr.Row():
         go = gr.Button("Compose", variant="primary")
         stop = gr.Button("Cancel")
-    grid = gr.Gallery(label="Grid over seeds", columns=4, height=320)
+    grid = gr.Gallery(label="Grid over seeds", columns=4, height=320, object_fit="contain", elem_id="compose-grid",
+                      elem_classes=["pixel-art"])
 
     # 3. Wiring.
     composed = go.click(in_turn(studio, run, "generate"), [a, b, template, seeds], grid, api_name="compose",

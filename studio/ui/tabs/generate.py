@@ -131,7 +131,9 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
                 vary = gr.Button(f"Variations ({VARIATION_SEEDS} seeds)")
                 stop = gr.Button("Cancel")
             png = gr.File(label="Read parameters from a PNG", file_types=[".png"])
-        gallery = gr.Gallery(label="Results", columns=4, height=420)
+        # Two columns: four results fit the column whole at a 1400-px window (four columns cut off the fourth).
+        gallery = gr.Gallery(label="Results", columns=2, height=420, object_fit="contain", elem_id="generate-results",
+                             elem_classes=["pixel-art"])
 
     # 3. Wiring.
     sampler = [seed, steps, guidance, scheduler, width, height]

@@ -13,6 +13,12 @@ from studio.ui.tabs.generate import concept_inserter, generation_canceller
 from studio.ui.turns import GPU_EVENT, in_turn
 
 
+def brush_radius(side: int) -> int:
+    """The editor's starting brush radius, in the picture's pixels, for a picture `side` pixels wide: 1/16 of it.
+    Gradio's "auto" is 25 px whatever the picture, a brush that covers a 64-px picture in one stroke."""
+    return max(2, side // 16)
+
+
 def picture_and_mask(value: dict | None) -> tuple[Image.Image, Image.Image]:
     """The picture and a black/white mask (white: redraw) from an ImageMask value; gr.Error when either is missing."""
     if not value or value.get("background") is None:
@@ -55,8 +61,12 @@ def build_inpaint_tab(studio: Studio, pickers: ConceptPickers) -> None:
     # 2. Layout.
     gr.Markdown("Brush over the part to redraw, then describe what goes there.")
     with gr.Row():
-        editor = gr.ImageMask(label="Picture and mask", type="pil", format="png")
-        result = gr.Gallery(label="Original / result", columns=2, height=320)
+        editor = gr.ImageMask(label="Picture and mask", type="pil", format="png", elem_id="inpaint-editor",
+                              brush=gr.Brush(default_size=brush_radius(native_size(studio.model)),
+                                             colors=["#000000"], color_mode="fixed"),
+                              elem_classes=["pixel-art"])
+        result = gr.Gallery(label="Original / result", columns=2, height=320, object_fit="contain",
+                            elem_id="inpaint-result", elem_classes=["pixel-art"])
     prompt = gr.Textbox(label="Prompt", value="a blue star")
     concept_inserter(pickers, prompt)
     strength = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Strength")

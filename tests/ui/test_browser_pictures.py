@@ -1,0 +1,90 @@
+"""The demo model's 64-px pictures, seen in a real browser at 1400x900: whole, scaled up, sharp, none cut off.
+
+Guards the grey bars and blurs of issue 29 (3): a 64-px result smoothed into a blur or drawn larger than its frame
+(only background shows), the fourth result cut off, the uploaded content picture collapsed to a strip."""
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from studio.engine.models import ModelManager
+from studio.library import ConceptLibrary
+from studio.ui.app import build_app
+from ui_server import launch
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian chromium is not installed")]
+SMALLEST_SHOWN_PX = 128  # a 64-px picture drawn at least twice its size
+
+
+@pytest.fixture
+def page(demo_model_dir, tmp_path):
+    """A chromium page at 1400x900 on a fresh studio over the demo model (it draws 64-px pictures)."""
+    from playwright.sync_api import sync_playwright
+
+    manager = ModelManager()
+    manager.load(demo_model_dir)
+    app = build_app(manager, ConceptLibrary(tmp_path / "lib"))
+    url = launch(app)
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url)
+            yield page
+            browser.close()
+    finally:
+        app.close()
+
+
+def assert_shown_whole_and_sharp(picture, frame) -> None:
+    """`picture` (an img) is drawn at least SMALLEST_SHOWN_PX wide, inside `frame`, with nearest-neighbour, and its
+    pixels on screen are not one flat colour (the background of a picture drawn larger than its frame)."""
+    box, outer = picture.bounding_box(), frame.bounding_box()
+    assert box["width"] >= SMALLEST_SHOWN_PX and box["height"] >= SMALLEST_SHOWN_PX, box
+    assert box["x"] >= outer["x"] - 1 and box["x"] + box["width"] <= outer["x"] + outer["width"] + 1, (box, outer)
+    rendering = picture.evaluate("img => [getComputedStyle(img).imageRendering, getComputedStyle(img).objectFit]")
+    assert rendering == ["pixelated", "contain"], rendering
+    shown = np.asarray(Image.open(io.BytesIO(picture.screenshot())).convert("RGB")).astype(int)
+    assert np.ptp(shown.reshape(-1, 3), axis=0).max() > 30, "the picture shows as one flat colour"
+
+
+@pytest.mark.slow
+def test_four_demo_results_fit_the_gallery_whole_and_sharp(page):
+    from playwright.sync_api import expect
+
+    page.get_by_label("Steps").first.fill("2")
+    page.get_by_role("button", name="Generate").click()
+    pictures = page.locator("#generate-results img[src*='file=']")
+    expect(pictures).to_have_count(4, timeout=60000)
+    page.screenshot(path=str(ARTIFACTS / "pictures-generate.png"))
+    for k in range(4):
+        assert_shown_whole_and_sharp(pictures.nth(k), page.locator("#generate-results"))
+
+
+@pytest.mark.slow
+def test_uploaded_content_picture_is_shown_large_and_the_brush_fits_the_picture(page, tmp_path):
+    from playwright.sync_api import expect
+
+    arr = np.full((64, 64, 3), 240, np.uint8)
+    arr[16:48, 16:48] = (200, 40, 40)
+    Image.fromarray(arr).save(tmp_path / "small.png")
+    page.get_by_role("tab", name="Style transfer").click()
+    page.locator("#style-content input[type=file]").set_input_files(str(tmp_path / "small.png"))
+    content = page.locator("#style-content img").first
+    expect(content).to_be_visible(timeout=20000)
+    page.screenshot(path=str(ARTIFACTS / "pictures-style.png"))
+    assert_shown_whole_and_sharp(content, page.locator("#style-content"))
+
+    # The brush starts at 1/16 of the model's side: 4 px on a 64-px picture, not Gradio's 25.
+    config = page.evaluate("() => window.gradio_config")
+    editor = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "inpaint-editor")
+    assert editor["props"]["brush"]["default_size"] == 4
