@@ -7,7 +7,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1
-# Then: run(command="bash benchmarks/gpu_build.sh 8", carry=[".whl"], timeout_s=600)
+# Then: run(command="bash benchmarks/gpu_build.sh 8 [BUILD OPTIONS...]", carry=[".whl"], timeout_s=600)
 # and here: cat /work/.device/.../demo-model.tar.part-* | tar -x -C /tmp/gpu && studio eval --model
 # /tmp/gpu/demo-model --held-out 12 --seed 3 --prompts 80 (the CPU evaluates: the figures stay comparable).
 #
@@ -17,12 +17,13 @@
 # the CPU it cost colour and did not clearly help position (docs/demo-model.md, session 9).
 set -euo pipefail
 MINUTES=${1:-8}
+shift || true  # the rest: extra build options, e.g. a world v3 lever: --look-code 1.0
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 python3 -m studio.demo.build --out /tmp/gpu/demo-model --vae assets/demo-model/vae --init-from assets/demo-model \
     --noise-offset 0.1 --toy-rate 0.5 --named-rate 0.6 --batch 256 --lr 5e-4 \
-    --minutes "$MINUTES" --snapshot-minutes 0 --device cuda 2>&1 | tee "$OUT/build.log" | grep -v "^unet step [0-9]*[1-9]00 "
+    --minutes "$MINUTES" --snapshot-minutes 0 --device cuda "$@" 2>&1 | tee "$OUT/build.log" | grep -v "^unet step [0-9]*[1-9]00 "
 tar -C /tmp/gpu -cf /tmp/gpu/demo-model.tar demo-model
 split -b 15M /tmp/gpu/demo-model.tar "$OUT/demo-model.tar.part-"
 ls -l "$OUT"
