@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
         check_new_output(out, overwrite=args.overwrite)
     # 2. The model.
     mode = preset(args.memory)  # `auto` resolves to one of the named modes here, once
-    print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explanation}")
     model = ModelManager(apply_preset(mode.name)).load(args.model)
+    print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explain(model.device)}")
     settings = memory_settings(model.pipe)
     print("memory settings on", model.device.type + ":", ", ".join(f"{k.replace('_', ' ')} {'on' if v else 'off'}"
                                                                     for k, v in settings.items()))

@@ -98,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         lr, schedule = 0.005, args.lr
     mode = preset(args.memory)  # `auto` resolves here, once, by free GPU memory
-    print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explanation}")
     cfg = TrainConfig(args.token, init_text=args.init, n_vectors=args.vectors, steps=args.steps, learning_rate=lr,
                       lr_schedule=schedule, batch_size=args.batch, template=args.template,
                       resolution=args.resolution, flip=not args.no_flip, save_every=args.save_every, seed=args.seed,
@@ -131,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
         options = LoadOptions(device=str(processes.device))
     model = ModelManager().load(args.model, options)
+    print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explain(model.device)}")
 
     def on_event(event) -> None:
         if event.kind == "step":

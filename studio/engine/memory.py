@@ -24,6 +24,15 @@ class MemoryPreset:
     gradient_checkpointing: bool = False  # training
     offload_frozen_after_caching: bool = False  # training: VAE and text encoder leave the GPU once latents are cached
 
+    def explain(self, device: torch.device | str) -> str:
+        """What this mode does for a model on `device`, naming that device: the modes trade speed for GPU memory,
+        so on the CPU (or Apple's MPS) the explanation says where the model runs instead of promising a GPU."""
+        kind = torch.device(device).type
+        if kind == "cuda":
+            return self.explanation
+        return (f"everything runs on the {kind.upper()} (no CUDA GPU); the memory modes trade speed for GPU memory, "
+                "so here they change little.")
+
 
 PRESETS: dict[str, MemoryPreset] = {
     "fast": MemoryPreset("fast", "Everything on the GPU with SDPA/xformers attention: fastest, needs the most memory."),

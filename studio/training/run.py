@@ -57,6 +57,7 @@ class TrainingSnapshot:
     concept: Learned | None = None
     path: str | None = None  # the file (dreambooth: the folder) the trainer wrote when it finished or was cancelled
     subject: str = ""  # what names the result in a prompt (the method's phrase): the word, or "<token> <class>"
+    cancelled: bool = False  # the run was cancelled: what it learned is partial, kept as it was at `step`
 
     @property
     def file(self) -> str | None:
@@ -123,8 +124,9 @@ class TrainingRun:
             self.previews = list(event.images)
         if event.kind in ("finished", "cancelled") and event.path is not None:
             self.path = str(event.path)
-        if event.message:
-            self.messages.append(f"{event.kind}: {event.message}")
+        if event.message:  # a message that starts with its kind ("cancelled; ...") is not prefixed twice
+            prefixed = event.message.startswith(event.kind)
+            self.messages.append(event.message if prefixed else f"{event.kind}: {event.message}")
         self.last = event
         self._events.put(event)
 
@@ -146,7 +148,7 @@ class TrainingRun:
         loss = self.last_step.loss if self.last_step is not None and last.kind in ("step", "score") else None
         return TrainingSnapshot(self.status(), step, total, loss, list(self.losses), list(self.scores),
                                 list(self.previews), self.concept if final else None, self.path,
-                                self.trainer.method.phrase())
+                                self.trainer.method.phrase(), cancelled=last is not None and last.kind == "cancelled")
 
     def status(self) -> str:
         """A few lines for the UI: the messages so far (the "finished" one says "converged at step N" when the run
@@ -184,6 +186,13 @@ def training_snapshots(model, session: Session, files: list[str], cfg: TrainConf
     yield run.snapshot(final=True)
 
 
+def kept_as(snapshot: TrainingSnapshot, name: str) -> str:
+    """How the status names what a run kept: ready when it finished, partial when it was cancelled."""
+    if snapshot.cancelled:
+        return f"What it learned by step {snapshot.step} is kept as {name}"
+    return f"{name} is ready"
+
+
 def keep_concept(library: ConceptLibrary, session: Session, snapshot: TrainingSnapshot) -> str:
     """Put what a run's last snapshot learned in the session (with its thumbnail); the status to show.
 
@@ -199,11 +208,11 @@ def keep_concept(library: ConceptLibrary, session: Session, snapshot: TrainingSn
     if isinstance(learned, LoraFile):
         name = library.add_session_lora(session.id, learned.path).name
         what = "its word" if learned.words else "the phrase it learned"
-        ready = (f"<lora:{name}:1> is ready: write it with {what} in any prompt in this session, e.g. "
-                 f"“<lora:{name}:1> a photo of {snapshot.subject}”.")
+        ready = (f"{kept_as(snapshot, f'<lora:{name}:1>')}: write it with {what} in any prompt in this session, "
+                 f"e.g. “<lora:{name}:1> a photo of {snapshot.subject}”.")
     else:
         name = library.add_session_concept(session.id, learned).token
-        ready = f"{name} is ready: write it in any prompt in this session."
+        ready = f"{kept_as(snapshot, name)}: write it in any prompt in this session."
     if snapshot.previews and snapshot.path:
         thumb = Path(snapshot.path).with_suffix(".preview.png")  # A1111's name for a concept's thumbnail
         snapshot.previews[0].save(thumb)

@@ -34,8 +34,11 @@ __all__ = ["Operator", "Studio", "build_app"]
 SESSION_STORAGE_KEY = "concept-studio-session"
 # `.pixel-art`: components whose pictures may be smaller than their frame (the demo model draws 64 px). Gradio's own
 # rules (`.thumbnails img { object-fit: cover }`) are more specific than a class selector, hence !important.
+# `.whole-words`: tables whose headers wrap between words only ("vectors", never "vector s").
 PIXEL_ART_STYLE = ("<style>.pixel-art img, .pixel-art canvas { image-rendering: pixelated !important; "
-                   "object-fit: contain !important; }</style>")
+                   "object-fit: contain !important; } "
+                   ".whole-words th, .whole-words th * { word-break: keep-all !important; "
+                   "overflow-wrap: normal !important; hyphens: none !important; }</style>")
 
 
 def build_app(manager: ModelManager, library: ConceptLibrary, memory_mode: str = "auto",

@@ -242,9 +242,10 @@ class Studio:
                 for entry in self.entries(session) if entry.fits]
 
     def describe_memory(self) -> str:
+        """The memory mode and what it does on the device the model is on."""
         chosen = preset(self.memory_mode)
         auto = f"auto → {chosen.name}" if self.memory_mode == "auto" else chosen.name
-        return f"{auto}: {chosen.explanation}"
+        return f"{auto}: {chosen.explain(self.model.device)}"
 
     def request_for(self, req_fields: dict, session: str) -> GenerateRequest:
         """The engine request for a form's fields, with the concepts its prompts name; a warning for a word written

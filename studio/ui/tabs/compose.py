@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import Studio
+from studio.ui.state import Studio, seed_or_random
 from studio.ui.tabs.generate import generation_canceller
 from studio.ui.turns import GPU_EVENT, in_turn
 
@@ -15,26 +15,31 @@ def fill_template(template: str, a: str, b: str) -> str:
     return template.replace("{A}", (a or "").strip()).replace("{B}", (b or "").strip())
 
 
-def compose(studio: Studio, session: str, a: str, b: str, template: str, seeds,
+def compose(studio: Studio, session: str, a: str, b: str, template: str, seeds, seed=-1,
             request: gr.Request | None = None, progress: gr.Progress | None = None) -> list[str]:
-    """A grid: the template with both words, over seeds 0, 1, ... `seeds` - 1."""
-    return studio.run_generate(dict(prompt=fill_template(template, a, b), batch=int(seeds), seed=0), session,
-                               progress, request)
+    """A grid: the template with both words, one picture per seed from `seed` on (-1: a random first seed)."""
+    for label, word in (("A", a), ("B", b)):
+        if not (word or "").strip():
+            raise gr.Error(f"Concept {label} is empty: pick a concept or type any word (e.g. `mosaic`).")
+    return studio.run_generate(dict(prompt=fill_template(template, a, b), batch=int(seeds),
+                                    seed=seed_or_random(seed)), session, progress, request)
 
 
 def build_compose_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Two concept pickers (any word may be typed too) and a template; the `/compose` endpoint."""
     # 1. Handlers.
-    def run(a, b, template, seeds, request: gr.Request, progress=gr.Progress()):
-        return compose(studio, studio.session_of(request), a, b, template, seeds, request, progress)
+    def run(a, b, template, seeds, seed, request: gr.Request, progress=gr.Progress()):
+        return compose(studio, studio.session_of(request), a, b, template, seeds, seed, request, progress)
 
     # 2. Layout.
     gr.Markdown("Put two concepts in one picture: `{A}` and `{B}` are replaced by the words you pick or type.")
     with gr.Row():
-        a = pickers.dropdown("Concept A", custom=True, value="<my-concept>")
+        a = pickers.dropdown("Concept A", custom=True, value=None)  # none yet: the first one is the user's to train
         b = pickers.dropdown("Concept B", custom=True, value="mosaic")
     template = gr.Textbox(label="Template", value="a {A} in {B} style")
-    seeds = gr.Slider(1, 8, value=4, step=1, label="Seeds")
+    with gr.Row():
+        seeds = gr.Slider(1, 8, value=4, step=1, label="Seeds")
+        seed = gr.Number(label="First seed (-1: random)", value=-1, precision=0)
     with gr.Row():
         go = gr.Button("Compose", variant="primary")
         stop = gr.Button("Cancel")
@@ -42,7 +47,7 @@ def build_compose_tab(studio: Studio, pickers: ConceptPickers) -> None:
                       elem_classes=["pixel-art"])
 
     # 3. Wiring.
-    composed = go.click(in_turn(studio, run, "generate"), [a, b, template, seeds], grid, api_name="compose",
+    composed = go.click(in_turn(studio, run, "generate"), [a, b, template, seeds, seed], grid, api_name="compose",
                         **GPU_EVENT)
     stop.click(generation_canceller(studio), None, None, api_name="cancel_compose", concurrency_limit=None,
                cancels=[composed])

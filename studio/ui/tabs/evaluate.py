@@ -317,6 +317,7 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers, operator: Operat
         with gr.Column():
             about = gr.Markdown(elem_id="evaluate-summary")
             scores = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, elem_id="evaluate-scores",
+                                  elem_classes=["whole-words"],
                                   column_widths=["22%", "15%", "15%", "15%", "33%"])
             grid = gr.Gallery(label="The pictures the scores came from", columns=4, height=420,
                               elem_id="evaluate-grid")
@@ -345,6 +346,7 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers, operator: Operat
             with gr.Column():
                 methods_about = gr.Markdown(elem_id="evaluate-methods-summary")
                 methods_table = gr.Dataframe(headers=METHOD_HEADERS, interactive=False, wrap=True,
+                                             elem_classes=["whole-words"],
                                              elem_id="evaluate-methods-table")
                 methods_chart = gr.Image(label="Identity against prompt fidelity (95% intervals)", type="filepath",
                                          interactive=False, elem_id="evaluate-methods-chart")

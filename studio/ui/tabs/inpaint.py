@@ -8,7 +8,7 @@ from PIL import Image
 from studio.engine.generate import native_size
 from studio.engine.pictures import PictureError, fit_to_model, open_picture, scaled
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import Studio, user_error
+from studio.ui.state import Studio, seed_or_random, user_error
 from studio.ui.tabs.generate import concept_inserter, generation_canceller
 from studio.ui.turns import GPU_EVENT, in_turn
 
@@ -36,14 +36,14 @@ def picture_and_mask(value: dict | None) -> tuple[Image.Image, Image.Image]:
     return picture, mask
 
 
-def inpaint(studio: Studio, session: str, value: dict | None, prompt: str, strength,
+def inpaint(studio: Studio, session: str, value: dict | None, prompt: str, strength, seed=-1,
             request: gr.Request | None = None, progress: gr.Progress | None = None) -> list[str]:
     """[original, result]: the picture at the size the model draws it, and it with the masked part redrawn."""
     picture, mask = picture_and_mask(value)
     picture = fit_to_model(picture, native_size(studio.model))  # the size the model draws it, as the result
     mask = scaled(mask, picture.size)
     paths = studio.run_generate(dict(prompt=prompt, init_image=picture, mask=mask, strength=float(strength),
-                                     seed=0), session, progress, request)
+                                     seed=seed_or_random(seed)), session, progress, request)
     original = studio.sessions.get(session).folder / "original.png"
     picture.save(original)
     return [str(original)] + paths
@@ -52,11 +52,11 @@ def inpaint(studio: Studio, session: str, value: dict | None, prompt: str, stren
 def build_inpaint_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Picture with a brushed mask and a prompt; the `/inpaint` endpoint returns [original, result]."""
     # 1. Handlers.
-    def run(value, prompt, strength, request: gr.Request, progress=gr.Progress()):
+    def run(value, prompt, strength, seed, request: gr.Request, progress=gr.Progress()):
         # Decoded here as Gradio would: the event skips its preprocessing, so the uploads' paths are known and
         # `in_turn` deletes them once the job ends.
         value = editor.preprocess(editor.data_model.model_validate(value)) if value else None
-        return inpaint(studio, studio.session_of(request), value, prompt, strength, request, progress)
+        return inpaint(studio, studio.session_of(request), value, prompt, strength, seed, request, progress)
 
     # 2. Layout.
     gr.Markdown("Brush over the part to redraw, then describe what goes there.")
@@ -70,12 +70,13 @@ def build_inpaint_tab(studio: Studio, pickers: ConceptPickers) -> None:
     prompt = gr.Textbox(label="Prompt", value="a blue star")
     concept_inserter(pickers, prompt)
     strength = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Strength")
+    seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0)
     with gr.Row():
         go = gr.Button("Inpaint", variant="primary")
         stop = gr.Button("Cancel")
 
     # 3. Wiring.
-    inpainted = go.click(in_turn(studio, run, "generate", consumes=("value",)), [editor, prompt, strength], result,
-                         api_name="inpaint", preprocess=False, **GPU_EVENT)
+    inpainted = go.click(in_turn(studio, run, "generate", consumes=("value",)), [editor, prompt, strength, seed],
+                         result, api_name="inpaint", preprocess=False, **GPU_EVENT)
     stop.click(generation_canceller(studio), None, None, api_name="cancel_inpaint", concurrency_limit=None,
                cancels=[inpainted])

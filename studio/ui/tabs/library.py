@@ -208,8 +208,8 @@ def save_to_library(studio: Studio, session: str, token: str, if_taken: str | No
     """Save a session concept to the shared library; the report. `if_taken`: what to do when the word or its file
     is already there ("refuse", "replace", "keep both"); refusing names the file, and the page then asks."""
     entry = find(studio, token, session, request)
-    if entry.path is not None:
-        raise user_error(f"{entry.token} is already in the shared library ({entry.path.name}).", request)
+    if entry.path is not None:  # saved already (a second click): nothing to do, and nothing wrong
+        return f"{entry.token} is saved in the shared library already ({entry.path.name})"
     if entry.lora is not None:  # a LoRA is saved as the file it is; its name is the file's, so none is chosen
         with as_user_errors(request):
             saved_entry = studio.library.import_file(entry.lora.path)
@@ -233,6 +233,15 @@ def taken_question(studio: Studio, session: str, token: str, request: gr.Request
         return ""
     return (f"`{entry.token}` is already in the shared library (`{holder.path.name}`): replace that "
             "file for every user, or keep both (yours gets the next free word)?")
+
+
+def save_or_ask_first(studio: Studio, session: str, token: str, request: gr.Request | None = None) -> tuple:
+    """The page's Save: (report, question box, question). When the word is taken, the replace / keep-both question
+    and no save (and no red error beside the question); else the save and the question folded away."""
+    question = taken_question(studio, session, token, request)
+    if question:
+        return gr.update(), gr.update(visible=True), question
+    return save_to_library(studio, session, token, "refuse", request), hidden(), ""
 
 
 def preview_concept(studio: Studio, session: str, token: str,
@@ -260,7 +269,8 @@ def library_layout() -> SimpleNamespace:
     ui.thumbs = gr.Gallery(label="Thumbnails", columns=6, height=180, allow_preview=False, object_fit="contain",
                            elem_classes=["pixel-art"])
     ui.table = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, elem_id="library-table",
-                            column_widths=["13%", "6%", "5%", "36%", "13%", "9%", "5%", "6%", "3%", "4%"])
+                            column_widths=["13%", "8%", "5%", "29%", "13%", "9%", "6%", "6%", "5%", "6%"],
+                            elem_classes=["whole-words"])
     with gr.Row():
         ui.refresh = gr.Button("Refresh")
         ui.upload = gr.File(label="Import concept files (this session)", file_count="multiple",
@@ -285,6 +295,7 @@ def library_layout() -> SimpleNamespace:
             ui.keep_theirs = gr.Button("Don't save")
     ui.if_taken = gr.Radio(["refuse", "replace", "keep both"], value="refuse", visible=False,
                            label="If the word is already in the shared library")
+    ui.save_api = gr.Button("Save (API)", visible=False)  # `/save_concept`: clients say what to do if taken
     with gr.Group(visible=False, elem_id="library-confirm") as ui.confirm:
         ui.question = gr.Markdown()
         with gr.Row():
@@ -357,19 +368,27 @@ def wire_saving(studio: Studio, pickers: ConceptPickers, ui: SimpleNamespace) ->
             return save_to_library(studio, studio.session_of(request), token, choice, request)
         return save_chosen
 
-    def ask_if_taken(token, request: gr.Request):
-        question = taken_question(studio, studio.session_of(request), token, request)
-        return gr.update(visible=bool(question)), question
+    def save_or_ask(token, request: gr.Request):
+        return save_or_ask_first(studio, studio.session_of(request), token, request)
+
+    def show_picked(token, request: gr.Request):
+        return show(studio, studio.session_of(request), token)
 
     def preview(token, request: gr.Request):
         return preview_concept(studio, studio.session_of(request), token, request)
 
-    pickers.after(ui.keep.click(save, [ui.token, ui.if_taken], ui.report, api_name="save_concept"))
-    ui.keep.click(ask_if_taken, ui.token, [ui.taken, ui.taken_question], api_visibility="private")
+    # One event per click: a taken word asks (no red error beside the question), then the details say where the
+    # concept now is (no longer "this session only").
+    saved = [ui.save_api.click(save, [ui.token, ui.if_taken], ui.report, api_name="save_concept"),
+             ui.keep.click(save_or_ask, ui.token, [ui.report, ui.taken, ui.taken_question],
+                           api_visibility="private")]
     for button, choice in ((ui.replace, "replace"), (ui.keep_both, "keep both")):
         chosen = button.click(save_as(choice), ui.token, ui.report, api_visibility="private")
         chosen.then(hidden, None, ui.taken, api_visibility="private")
-        pickers.after(chosen)
+        saved.append(chosen)
+    for event in saved:
+        event.then(show_picked, ui.token, ui.info, api_visibility="private", show_progress="hidden")
+        pickers.after(event)
     ui.keep_theirs.click(hidden, None, ui.taken, api_visibility="private")
     ui.preview.click(in_turn(studio, preview, "generate"), ui.token, ui.thumbs, api_name="preview_concept",
                      **GPU_EVENT)

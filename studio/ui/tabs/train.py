@@ -194,7 +194,7 @@ def train_layout(studio: Studio) -> SimpleNamespace:
         with gr.Column():
             ui.files = gr.File(label="Pictures", file_count="multiple", file_types=["image"], elem_id="train-pictures")
             ui.token = gr.Textbox(label="New word", value="<my-concept>")
-            ui.init = gr.Textbox(label="Start from the word", value="shape")
+            ui.init = gr.Textbox(label="Start from the word", value="toy")  # the README's `--init toy`
             ui.kind = gr.Radio(["object", "style"], value="object", label="What is it?")
             ui.method = gr.Dropdown([(f"{m}: {METHOD_CLASSES[m].summary.split(':')[0]}", m) for m in METHODS],
                                     value="ti",
