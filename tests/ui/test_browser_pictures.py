@@ -14,12 +14,14 @@ from PIL import Image
 from studio.engine.models import ModelManager
 from studio.library import ConceptLibrary
 from studio.ui.app import build_app
+from studio.ui.tabs.library import HEADERS
 from ui_server import launch
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian chromium is not installed")]
+HEADERS_WORDS = {word for header in HEADERS for word in header.split()}
 SMALLEST_SHOWN_PX = 128  # a 64-px picture drawn at least twice its size
 
 
@@ -46,11 +48,12 @@ def page(demo_model_dir, tmp_path):
 
 
 def assert_shown_whole_and_sharp(picture, frame) -> None:
-    """`picture` (an img) is drawn at least SMALLEST_SHOWN_PX wide, inside `frame`, with nearest-neighbour, and its
-    pixels on screen are not one flat colour (the background of a picture drawn larger than its frame)."""
+    """`picture` (an img) is drawn at least SMALLEST_SHOWN_PX wide, whole inside `frame`, with nearest-neighbour,
+    and its pixels on screen are not one flat colour (the background of a picture drawn larger than its frame)."""
     box, outer = picture.bounding_box(), frame.bounding_box()
     assert box["width"] >= SMALLEST_SHOWN_PX and box["height"] >= SMALLEST_SHOWN_PX, box
     assert box["x"] >= outer["x"] - 1 and box["x"] + box["width"] <= outer["x"] + outer["width"] + 1, (box, outer)
+    assert box["y"] >= outer["y"] - 1 and box["y"] + box["height"] <= outer["y"] + outer["height"] + 1, (box, outer)
     rendering = picture.evaluate("img => [getComputedStyle(img).imageRendering, getComputedStyle(img).objectFit]")
     assert rendering == ["pixelated", "contain"], rendering
     shown = np.asarray(Image.open(io.BytesIO(picture.screenshot())).convert("RGB")).astype(int)
@@ -88,3 +91,53 @@ def test_uploaded_content_picture_is_shown_large_and_the_brush_fits_the_picture(
     config = page.evaluate("() => window.gradio_config")
     editor = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "inpaint-editor")
     assert editor["props"]["brush"]["default_size"] == 4
+
+
+WORD_LINES = """table => [...table.querySelectorAll('th')].flatMap(th => {
+    const words = [], walker = document.createTreeWalker(th, NodeFilter.SHOW_TEXT);
+    while (walker.nextNode()) {
+        const text = walker.currentNode;
+        for (const match of text.textContent.matchAll(/\\S+/g)) {
+            const range = document.createRange();
+            range.setStart(text, match.index);
+            range.setEnd(text, match.index + match[0].length);
+            words.push([match[0], new Set([...range.getClientRects()].map(r => Math.round(r.top))).size]);
+        }
+    }
+    return words;
+})"""
+
+
+@pytest.mark.slow
+def test_library_headers_wrap_between_words_only(page):
+    """Guards "vector s": a header word broken over two lines at a 1400-px window."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Library").click()
+    table = page.locator("#library-table table").first
+    expect(table).to_be_visible(timeout=10000)
+    words = table.evaluate(WORD_LINES)
+    assert {"vectors", "token", "source"} <= {word for word, _ in words}, words
+    assert all(lines == 1 for word, lines in words if word in HEADERS_WORDS), words
+
+
+@pytest.mark.slow
+def test_library_thumbnail_is_shown_whole_and_sharp(page, tmp_path):
+    """Guards the Library's thumbnail drawn far larger than its 180-px frame, so only background shows."""
+    import torch
+    from playwright.sync_api import expect
+
+    from studio.engine.concepts import Concept, save_concept
+
+    torch.manual_seed(0)
+    file = save_concept(Concept("<thumb>", {"text_encoder": torch.randn(1, 128)}, {}), tmp_path / "thumb")
+    page.get_by_role("tab", name="Library").click()
+    page.locator("#library-import input[type=file]").set_input_files([str(file)])
+    expect(page.locator("#library-table")).to_contain_text("<thumb>", timeout=20000)
+    page.get_by_label("Concept", exact=True).fill("<thumb>")
+    page.get_by_label("Concept", exact=True).press("Enter")
+    page.get_by_role("button", name="Make a thumbnail").click()
+    thumbnail = page.locator("#library-thumbs img[src*='file=']").first
+    expect(thumbnail).to_be_visible(timeout=60000)
+    page.screenshot(path=str(ARTIFACTS / "pictures-library.png"))
+    assert_shown_whole_and_sharp(thumbnail, page.locator("#library-thumbs"))

@@ -44,7 +44,7 @@ def build_compose_tab(studio: Studio, pickers: ConceptPickers) -> None:
         go = gr.Button("Compose", variant="primary")
         stop = gr.Button("Cancel")
     grid = gr.Gallery(label="Grid over seeds", columns=4, height=320, object_fit="contain", elem_id="compose-grid",
-                      elem_classes=["pixel-art"])
+                      fit_columns=False, elem_classes=["pixel-art"])
 
     # 3. Wiring.
     composed = go.click(in_turn(studio, run, "generate"), [a, b, template, seeds, seed], grid, api_name="compose",

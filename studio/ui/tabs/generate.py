@@ -133,7 +133,7 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
             png = gr.File(label="Read parameters from a PNG", file_types=[".png"])
         # Two columns: four results fit the column whole at a 1400-px window (four columns cut off the fourth).
         gallery = gr.Gallery(label="Results", columns=2, height=420, object_fit="contain", elem_id="generate-results",
-                             elem_classes=["pixel-art"])
+                             fit_columns=False, elem_classes=["pixel-art"])
 
     # 3. Wiring.
     sampler = [seed, steps, guidance, scheduler, width, height]

@@ -66,7 +66,7 @@ def build_inpaint_tab(studio: Studio, pickers: ConceptPickers) -> None:
                                              colors=["#000000"], color_mode="fixed"),
                               elem_classes=["pixel-art"])
         result = gr.Gallery(label="Original / result", columns=2, height=320, object_fit="contain",
-                            elem_id="inpaint-result", elem_classes=["pixel-art"])
+                            fit_columns=False, elem_id="inpaint-result", elem_classes=["pixel-art"])
     prompt = gr.Textbox(label="Prompt", value="a blue star")
     concept_inserter(pickers, prompt)
     strength = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Strength")

@@ -266,8 +266,10 @@ def library_layout() -> SimpleNamespace:
     gr.Markdown("Concepts in the shared folder and in this session: words (embeddings) and LoRA files, which a "
                 "prompt names as `<lora:name:0.8>`. Files that don't fit the loaded model say why. "
                 "Imported files stay in this session until you save them to the shared library.")
-    ui.thumbs = gr.Gallery(label="Thumbnails", columns=6, height=180, allow_preview=False, object_fit="contain",
-                           elem_classes=["pixel-art"])
+    # fit_columns=False: one thumbnail keeps its 1/8 of the width (Gradio widens it to the whole row, 1200 px in a
+    # 180-px frame); eight columns make ~145-px cells that fit the frame.
+    ui.thumbs = gr.Gallery(label="Thumbnails", columns=8, height=180, allow_preview=False, object_fit="contain",
+                           fit_columns=False, elem_id="library-thumbs", elem_classes=["pixel-art"])
     ui.table = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, elem_id="library-table",
                             column_widths=["13%", "8%", "5%", "29%", "13%", "9%", "6%", "6%", "5%", "6%"],
                             elem_classes=["whole-words"])

@@ -49,7 +49,7 @@ def build_style_tab(studio: Studio, pickers: ConceptPickers) -> None:
         content = gr.Image(label="Content picture", type="filepath", height=320, elem_id="style-content",
                            elem_classes=["pixel-art"])
         result = gr.Gallery(label="Before / after", columns=2, height=320, object_fit="contain",
-                            elem_id="style-result", elem_classes=["pixel-art"])
+                            fit_columns=False, elem_id="style-result", elem_classes=["pixel-art"])
     prompt = gr.Textbox(label="Prompt", value="a picture in mosaic style")
     concept_inserter(pickers, prompt, "Insert a style concept")
     strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength (how much to change)")

@@ -245,8 +245,10 @@ def train_layout(studio: Studio) -> SimpleNamespace:
                                   color_map={LOSS_SERIES: "#93c5fd", MEAN_SERIES: "#ea580c", SCORE_SERIES: "#15803d"},
                                   label=f"Training loss (light blue: each step; orange: mean of the last {SMOOTHING}; "
                                         "green: the held-back score, when stopping once learned)")
-            ui.previews = gr.Gallery(label="Latest preview", columns=2, height=200, elem_id="train-previews",
-                                     object_fit="contain", elem_classes=["pixel-art"])
+            # Three fixed columns (fit_columns=False: one preview is not widened to the whole 580-px row): ~185-px
+            # cells, whole inside the 240-px frame.
+            ui.previews = gr.Gallery(label="Latest preview", columns=3, height=240, elem_id="train-previews",
+                                     object_fit="contain", fit_columns=False, elem_classes=["pixel-art"])
             ui.result = gr.File(label="Learned concept (download)", elem_id="train-result")
     ui.timer = gr.Timer(POLL_EVERY_S, active=False)
     return ui
