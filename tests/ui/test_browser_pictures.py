@@ -141,3 +141,25 @@ def test_library_thumbnail_is_shown_whole_and_sharp(page, tmp_path):
     expect(thumbnail).to_be_visible(timeout=60000)
     page.screenshot(path=str(ARTIFACTS / "pictures-library.png"))
     assert_shown_whole_and_sharp(thumbnail, page.locator("#library-thumbs"))
+
+
+@pytest.mark.slow
+def test_train_preview_is_shown_whole_and_sharp(page, concept_pictures):
+    """Guards the Train tab's "Latest preview": a 64-px picture drawn at 580 px in a 200-px frame (a grey bar)."""
+    from playwright.sync_api import expect
+
+    from test_browser import set_slider
+
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-pictures input[type=file]").set_input_files(concept_pictures)
+    expect(page.locator("#train-pictures").get_by_role("button", name="Remove this file")).to_have_count(3,
+                                                                                                        timeout=20000)
+    page.get_by_text("Advanced").click()
+    for slider, value in (("#train-steps", "4"), ("#train-preview-every", "2")):
+        set_slider(page, slider, value)
+    page.get_by_role("button", name="Train", exact=True).click()
+    preview = page.locator("#train-previews img[src*='file=']").first
+    expect(preview).to_be_visible(timeout=120000)
+    preview.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "pictures-train.png"))
+    assert_shown_whole_and_sharp(preview, page.locator("#train-previews"))
