@@ -207,9 +207,13 @@ def keep_concept(library: ConceptLibrary, session: Session, snapshot: TrainingSn
                 f"models, then write {snapshot.subject} in a prompt, e.g. “a photo of {snapshot.subject}”.")
     if isinstance(learned, LoraFile):
         name = library.add_session_lora(session.id, learned.path).name
-        what = "its word" if learned.words else "the phrase it learned"
-        ready = (f"{kept_as(snapshot, f'<lora:{name}:1>')}: write it with {what} in any prompt in this session, "
-                 f"e.g. “<lora:{name}:1> a photo of {snapshot.subject}”.")
+        if learned.words:  # pivotal: the word brings its LoRA (a <lora:name:w> tag only sets the weight)
+            word = learned.words[0].token
+            ready = (f"{kept_as(snapshot, word)}: write it in any prompt in this session (it brings its LoRA; "
+                     f"<lora:{name}:0.5> sets the weight), e.g. “a photo of {word}”.")
+        else:
+            ready = (f"{kept_as(snapshot, f'<lora:{name}:1>')}: write it with the phrase it learned in any prompt "
+                     f"in this session, e.g. “<lora:{name}:1> a photo of {snapshot.subject}”.")
     else:
         name = library.add_session_concept(session.id, learned).token
         ready = f"{kept_as(snapshot, name)}: write it in any prompt in this session."
