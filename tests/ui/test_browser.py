@@ -2,17 +2,11 @@
 
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 
-from studio.engine.models import ModelManager
-from studio.library import ConceptLibrary
-from studio.ui.app import build_app
-from ui_server import launch
+from ui_server import ARTIFACTS, CHROMIUM, studio_page
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian chromium is not installed")]
 
@@ -20,23 +14,8 @@ pytestmark = [pytest.mark.browser,
 @pytest.fixture
 def page(tiny_model_dirs, tmp_path):
     """A chromium page (1280x1100) open on a fresh studio over the tiny SD1 model and an empty library."""
-    from playwright.sync_api import sync_playwright
-
-    manager = ModelManager()
-    manager.load(tiny_model_dirs["sd1"])
-    app = build_app(manager, ConceptLibrary(tmp_path / "lib"))
-    url = launch(app)
-    ARTIFACTS.mkdir(exist_ok=True)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
-            page = browser.new_page(viewport={"width": 1280, "height": 1100})
-            page.goto(url)
-            yield page
-            browser.close()
-    finally:
-        app.close()
+    with studio_page(tiny_model_dirs["sd1"], tmp_path / "lib", (1280, 1100)) as page:
+        yield page
 
 
 def set_slider(page, slider: str, value: str) -> None:

@@ -14,14 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studio.engine.models import ModelManager
-from studio.library import ConceptLibrary
-from studio.ui.app import build_app
-from ui_server import launch
+from ui_server import ARTIFACTS, CHROMIUM, studio_page
 
-CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[2]
-ARTIFACTS = REPO / "test-artifacts"
 PICTURES = sorted((REPO / "assets" / "concepts" / "toy-plum").glob("*.png"))
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian chromium is not installed"),
@@ -48,24 +43,8 @@ new MutationObserver(() => {
 @pytest.fixture
 def page(demo_model_dir, tmp_path):
     """A chromium page at 1400x900 on a fresh studio over the demo model and an empty shared library."""
-    from playwright.sync_api import sync_playwright
-
-    manager = ModelManager()
-    manager.load(demo_model_dir)
-    app = build_app(manager, ConceptLibrary(tmp_path / "lib"))
-    url = launch(app)
-    ARTIFACTS.mkdir(exist_ok=True)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.add_init_script(RECORD_TOASTS)
-            page.goto(url)
-            yield page
-            browser.close()
-    finally:
-        app.close()
+    with studio_page(demo_model_dir, tmp_path / "lib", (1400, 900), init_script=RECORD_TOASTS) as page:
+        yield page
 
 
 def assert_not_flat(picture, what: str) -> None:

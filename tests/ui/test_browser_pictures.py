@@ -5,20 +5,14 @@ Guards the grey bars and blurs of issue 29 (3): a 64-px result smoothed into a b
 
 import io
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from studio.engine.models import ModelManager
-from studio.library import ConceptLibrary
-from studio.ui.app import build_app
 from studio.ui.tabs.library import HEADERS
-from ui_server import launch
+from ui_server import ARTIFACTS, CHROMIUM, studio_page
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian chromium is not installed")]
 HEADERS_WORDS = {word for header in HEADERS for word in header.split()}
@@ -28,23 +22,8 @@ SMALLEST_SHOWN_PX = 128  # a 64-px picture drawn at least twice its size
 @pytest.fixture
 def page(demo_model_dir, tmp_path):
     """A chromium page at 1400x900 on a fresh studio over the demo model (it draws 64-px pictures)."""
-    from playwright.sync_api import sync_playwright
-
-    manager = ModelManager()
-    manager.load(demo_model_dir)
-    app = build_app(manager, ConceptLibrary(tmp_path / "lib"))
-    url = launch(app)
-    ARTIFACTS.mkdir(exist_ok=True)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(url)
-            yield page
-            browser.close()
-    finally:
-        app.close()
+    with studio_page(demo_model_dir, tmp_path / "lib", (1400, 900)) as page:
+        yield page
 
 
 def assert_shown_whole_and_sharp(picture, frame) -> None:

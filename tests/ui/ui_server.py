@@ -4,9 +4,45 @@ from __future__ import annotations
 
 import socket
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import gradio as gr
 import torch
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright never downloads its own
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"  # screenshots the browser tests leave
+
+
+@contextmanager
+def studio_page(model_dir, library_dir, viewport: tuple[int, int], init_script: str | None = None) -> Iterator:
+    """A chromium page of `viewport` (width, height) open on a fresh studio over the model in `model_dir` and an
+    empty library in `library_dir`; `init_script` runs in the page before the studio's own scripts."""
+    from playwright.sync_api import sync_playwright
+
+    from studio.engine.models import ModelManager
+    from studio.library import ConceptLibrary
+    from studio.ui.app import build_app
+
+    manager = ModelManager()
+    manager.load(model_dir)
+    app = build_app(manager, ConceptLibrary(library_dir))
+    url = launch(app)
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+            if init_script:
+                page.add_init_script(init_script)
+            page.goto(url)
+            yield page
+            browser.close()
+    finally:
+        app.close()
 
 
 def launch(app: gr.Blocks) -> str:
