@@ -52,7 +52,7 @@ from studio.engine.concepts import (
     save_concept,
 )
 from studio.engine.containers import failing_closed
-from studio.engine.files import atomic_write
+from studio.engine.files import atomic_write, remove_temp_leftovers
 from studio.engine.lora import LORA_SUFFIXES, LoraFile, check_loras_fit, is_lora_file, load_lora
 from studio.engine.names import check_word, file_stem, inside, session_key
 from studio.engine.prompts import split_concept_words, split_lora_tags
@@ -192,7 +192,7 @@ class ConceptLibrary:
         self.root.mkdir(parents=True, exist_ok=True)
         self.sessions_dir = Path(sessions_dir) if sessions_dir is not None else None
         self.refresh_interval = refresh_interval
-        remove_stale_temp_files(self.root)
+        remove_temp_leftovers(self.root, older_than_s=STALE_TEMP_S)
         self._lock = threading.RLock()
         self._files: dict[Path, _CachedFile] = {}
         self._sessions: dict[str, dict[str, Concept]] = {}
@@ -821,20 +821,6 @@ def _renamed(concept: Concept, token: str) -> Concept:
     """`concept` under another word (validated); a per-layer word keeps its layers (`dataclasses.replace` keeps its
     class and fields)."""
     return dataclasses.replace(concept, token=token, meta=dict(concept.meta))
-
-
-def remove_stale_temp_files(folder: Path, older_than_s: float = STALE_TEMP_S) -> list[Path]:
-    """Delete the `.<name>.<random>.tmp` files that a killed write left under `folder`; a write still running (younger
-    than `older_than_s`) keeps its own. Returns what was removed."""
-    removed, now = [], time.time()
-    for tmp in folder.rglob(".*.tmp"):
-        try:
-            if tmp.is_file() and now - tmp.stat().st_mtime > older_than_s:
-                tmp.unlink()
-                removed.append(tmp)
-        except FileNotFoundError:  # its writer finished (os.replace) meanwhile
-            continue
-    return removed
 
 
 def _training_state(path: Path) -> Path:

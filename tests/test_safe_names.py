@@ -16,7 +16,8 @@ import torch
 
 from studio.engine.concepts import Concept, ConceptError, load_concept, save_concept
 from studio.engine.names import MAX_WORD_CHARS, WordError, check_word, file_stem, inside
-from studio.library import ConceptExistsError, ConceptLibrary, remove_stale_temp_files
+from studio.engine.files import remove_temp_leftovers
+from studio.library import STALE_TEMP_S, ConceptExistsError, ConceptLibrary
 
 HOSTILE = ["..", "../../x", "/abs", "/etc/passwd", "a/b", "a\\b", "CON", "con.txt", "LPT1", "x" * 300, "a\x00b",
            "ünï-кот-🐱", "two words", "", ".", ".hidden", "<..>", "<../../evil>", "~", "a:b*c?d|e\"f", " <pad> "]
@@ -156,7 +157,7 @@ def test_written_files_are_readable_by_others_and_stale_temp_files_are_cleaned(t
     fresh.write_bytes(b"being written")
     old = time.time() - 7200
     os.utime(stale, (old, old))
-    assert remove_stale_temp_files(tmp_path / "lib") == [stale]
+    assert remove_temp_leftovers(tmp_path / "lib", older_than_s=STALE_TEMP_S) == [stale]
     assert fresh.exists() and not stale.exists()
     ConceptLibrary(tmp_path / "lib")  # a library opened later cleans up too
     assert fresh.exists()

@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -149,3 +150,26 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[Path], object]
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_temp_leftovers(folder: Path, older_than_s: float = 0.0) -> list[Path]:
+    """Delete the hidden `.<name>.<random>.tmp` files and folders under `folder` that a killed write left (an atomic
+    write's temp file, a DreamBooth model written beside its place) and that are older than `older_than_s`; what was
+    removed. 0 at start, when no write of this studio runs; later an hour, so a running write keeps its own."""
+    if not Path(folder).is_dir():
+        return []
+    now, removed = time.time(), []
+    for path in sorted(Path(folder).rglob(".*.tmp")):
+        if any(parent in removed for parent in path.parents):
+            continue
+        try:
+            if now - path.lstat().st_mtime < older_than_s:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:  # its writer finished (os.replace) meanwhile
+            continue
+        removed.append(path)
+    return removed

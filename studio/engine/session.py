@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 from PIL import Image
 
 from studio.engine.concepts import Concept
-from studio.engine.files import atomic_write
+from studio.engine.files import atomic_write, remove_temp_leftovers
 from studio.engine.generate import GenerateRequest, GenerateResult, generate, save_png
 from studio.engine.names import file_stem, inside
 from studio.engine.prompts import split_lora_tags
@@ -280,29 +280,6 @@ def in_model_folder(path: Path, root: Path) -> bool:
     """Whether `path` is inside a folder under `root` that holds a model (`MODEL_MARKER`)."""
     return any((folder / MODEL_MARKER).is_file() for folder in path.parents
                if folder != root and root in folder.parents)
-
-
-def remove_temp_leftovers(folder: Path, older_than_s: float = 0.0) -> list[Path]:
-    """Delete the hidden `.<name>.<random>.tmp` files and folders under `folder` that a killed write left (an atomic
-    write's temp file, a DreamBooth model written beside its place) and that are older than `older_than_s`; what was
-    removed. 0 at start, when no write of this studio runs; later an hour, so a running write keeps its own."""
-    if not Path(folder).is_dir():
-        return []
-    now, removed = time.time(), []
-    for path in sorted(Path(folder).rglob(".*.tmp")):
-        if any(parent in removed for parent in path.parents):
-            continue
-        try:
-            if now - path.lstat().st_mtime < older_than_s:
-                continue
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        except FileNotFoundError:  # its writer finished (os.replace) meanwhile
-            continue
-        removed.append(path)
-    return removed
 
 
 class SpentFiles:

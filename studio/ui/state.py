@@ -31,13 +31,14 @@ from typing import Iterator
 
 import gradio as gr
 
+from studio.engine.files import remove_temp_leftovers
 from studio.engine.generate import RANDOM_SEED, Cancelled, GenerateRequest
 from studio.engine.jobs import FairScheduler, QueueLimits, check_train_steps, train_step_limit
 from studio.engine.memory import preset
 from studio.engine.models import LoadedModel, ModelManager
 from studio.engine.names import session_key
 from studio.engine.session import (ANONYMOUS, DiskLimits, GenerationUpdate, Session, Sessions, SpentFiles,
-                                   generation_updates, remove_temp_leftovers, request_for)
+                                   generation_updates, request_for)
 from studio.errors import UserError
 from studio.library import ConceptLibrary, LibraryEntry
 from studio.ui.gpu import gpu_task

@@ -10,8 +10,9 @@ import time
 import pytest
 
 from studio.engine.jobs import FairScheduler, WAITING
+from studio.engine.files import remove_temp_leftovers
 from studio.engine.session import (EVICT_AFTER_S, UPLOAD_GRACE_S, UPLOADS, DiskLimits, SessionFull, Sessions,
-                                   SpentFiles, remove_temp_leftovers)
+                                   SpentFiles)
 
 DAY = 86400.0
 
