@@ -46,12 +46,12 @@ from studio.engine.concepts import (
     ConceptMismatchError,
     check_fits,
     companion_of,
-    family_of,
     is_second_half,
     load_concept,
     save_concept,
 )
 from studio.engine.containers import failing_closed
+from studio.engine.families import family_of
 from studio.engine.files import atomic_write, remove_temp_leftovers
 from studio.engine.lora import LORA_SUFFIXES, LoraFile, check_loras_fit, is_lora_file, load_lora
 from studio.engine.names import check_word, file_stem, inside, session_key

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from studio.engine.generate import GenerateRequest, generate
 from studio.engine.lora import LoraFile, load_lora
 from studio.engine.models import ModelManager
-from studio.engine.session import request_for
+from studio.jobs.generation import request_for
 from studio.engine.concepts import ConceptError
 from studio.errors import LoraError
 from studio.library import ConceptLibrary
@@ -103,7 +103,7 @@ def test_the_library_judges_a_lora_by_the_rule_generation_refuses_it_by(manager,
     studio = Studio(manager, library, work_dir=tmp_path / "work")
     entry, = [e for e in studio.entries(SESSION) if e.token == "sd15-style"]
     with pytest.raises(LoraError) as refused:
-        generate(demo, GenerateRequest("a toy", loras=[(entry.lora, 1.0)], steps=1))
+        generate(demo, GenerateRequest("a toy", concepts=[(entry.lora, 1.0)], steps=1))
     assert not entry.fits and entry.reason == str(refused.value)
     assert "a LoRA for sd1, but the model" in entry.reason
     assert not any("sd15-style" in label for label, _ in studio.concept_choices(SESSION))
@@ -126,13 +126,13 @@ def test_the_word_alone_resolves_to_its_vectors_and_its_lora(library, trained, f
     (again, (tagged, tag_weight)) = library.resolve(f"{word} <lora:{name}:0.5> on black", session)
     assert again is concept and tagged is lora and tag_weight == 0.5
     req, unknown = request_for(_fields(PROMPT.format(word=word)), library, session)
-    assert unknown == [] and req.concepts == [concept] and req.loras == [(lora, 1.0)]
+    assert unknown == [] and req.words == [concept] and req.loras == [(lora, 1.0)]
 
 
 def test_a_pivotal_word_in_the_negative_prompt_gives_its_vectors_and_not_its_lora(library):
     """A LoRA changes the whole picture, so only the prompt applies it."""
     req, unknown = request_for({**_fields("a red toy"), "negative_prompt": "<plum-piv>"}, library, None)
-    assert [c.token for c in req.concepts] == ["<plum-piv>"] and req.loras == [] and unknown == []
+    assert [c.token for c in req.words] == ["<plum-piv>"] and req.loras == [] and unknown == []
 
 
 def test_the_word_of_a_pivotal_file_is_no_concept_of_its_own(library):
@@ -150,12 +150,12 @@ def test_the_word_draws_what_the_word_and_its_tag_draw_and_not_what_the_word_alo
     tagged, _ = request_for(_fields(f"{word} <lora:{name}:1> on a black background"), library, None)
     picture = _picture(demo, alone)
     assert np.array_equal(picture, _picture(demo, tagged))
-    without_lora = GenerateRequest(PROMPT.format(word=word), concepts=alone.concepts, seed=5, steps=4,
+    without_lora = GenerateRequest(PROMPT.format(word=word), concepts=alone.words, seed=5, steps=4,
                                    preview_every=0)
     assert np.abs(picture - _picture(demo, without_lora)).max() > 0, "the LoRA was not applied"
     # An explicit weight is the weight: once, not added to the word's 1.0.
     half, _ = request_for(_fields(f"{word} <lora:{name}:0.5> on a black background"), library, None)
-    once = GenerateRequest(PROMPT.format(word=word), concepts=alone.concepts, loras=[(alone.loras[0][0], 0.5)],
+    once = GenerateRequest(PROMPT.format(word=word), concepts=[*alone.words, (alone.loras[0][0], 0.5)],
                            seed=5, steps=4, preview_every=0)
     assert np.array_equal(_picture(demo, half), _picture(demo, once))
 
@@ -168,7 +168,7 @@ def test_the_cli_draws_the_word_with_its_lora_and_warns_of_nothing(demo, trained
     word, path = FORMATS[form], trained[form]
     given = [path] + ([path.with_name(f"{path.stem}_emb.safetensors")] if form == "diffusers" else [])
     lora = load_lora(path)
-    expected = _picture(demo, GenerateRequest(PROMPT.format(word=word), loras=[(lora, 1.0)], seed=5, steps=4))
+    expected = _picture(demo, GenerateRequest(PROMPT.format(word=word), concepts=[(lora, 1.0)], seed=5, steps=4))
     for k, concept in enumerate(given):
         out = tmp_path / f"{k}.png"
         done = subprocess.run([sys.executable, "-m", "studio", "generate", "--model", "assets/demo-model",

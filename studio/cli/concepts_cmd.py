@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from studio.engine.concepts import FORMATS, load_concept, save_concept
-from studio.engine.concepts import family_of
+from studio.engine.families import family_of
 from studio.engine.files import check_new_output, write_new_files
 from studio.engine.lora import LoraFile, is_lora_file, load_lora
 from studio.engine.lora_export import EXPORT_FORMATS, export_lora

@@ -71,10 +71,9 @@ def run(args: argparse.Namespace) -> int:
     print("memory settings on", model.device.type + ":", ", ".join(f"{k.replace('_', ' ')} {'on' if v else 'off'}"
                                                                     for k, v in settings.items()))
     # 3. Generate: the request is checked against this model (its sizes) before any memory is taken.
-    req = GenerateRequest(args.prompt, args.negative, concepts, seed=args.seed, steps=args.steps,
+    req = GenerateRequest(args.prompt, args.negative, [*concepts, *loras], seed=args.seed, steps=args.steps,
                           guidance=args.guidance, scheduler=args.scheduler, width=args.width, height=args.height,
-                          batch=args.batch, init_image=init_image, strength=args.strength, mask=mask, preview_every=0,
-                          loras=loras)
+                          batch=args.batch, init_image=init_image, strength=args.strength, mask=mask, preview_every=0)
     with tqdm(total=args.steps, desc="generating") as bar:  # generate() itself turns an OOM into advice
         def on_step(step: int, total: int, _preview) -> None:
             bar.total = total  # img2img/inpaint run only `strength` of the steps
@@ -106,7 +105,7 @@ def _file_and_weight(spec: str, flag: str) -> tuple[Path, float | None]:
 
 def concept_uses(prompt: str, concept_specs: list[str], lora_specs: list[str]) -> tuple[list, list]:
     """The words and the (LoraFile, weight) pairs that `--concept` and `--lora` name; a `<lora:stem:w>` tag in
-    `prompt` must name one of the LoRAs (the engine, `studio.engine.generate.lora_weights`, gives the tag's weight to
+    `prompt` must name one of the LoRAs (the engine, `studio.engine.learned.plan.plan_request`, gives the tag's weight to
     that file).
 
     A tag naming no LoRA, a weight that is not a number or is given to a word, or a `--lora` file that is not a LoRA

@@ -46,34 +46,14 @@ from studio.engine.containers import (
     safetensors_header,
     size_text,
 )
+from studio.engine.families import ENCODER_KEYS, FAMILIES, SDXL_ENCODER_NAMES, family_of
 from studio.engine.files import atomic_write
 from studio.engine.names import WordError, check_word, file_stem
 from studio.errors import UserError
 
-ENCODER_KEYS = ("text_encoder", "text_encoder_2")  # diffusers pipeline attribute names
-
 FORMATS = ("studio", "diffusers", "a1111", "kohya")
 IMAGE_SUFFIXES = (".png", ".webp")
 READ_SUFFIXES = (".safetensors", ".pt", ".bin", *IMAGE_SUFFIXES)
-
-# SDXL files name their encoders after the CLIP models (A1111, kohya).
-_SDXL_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
-
-# Widths of the text encoders in the families we know; used to name a file's likely family in messages.
-_FAMILY_BY_DIMS = {
-    (768,): ("sd1", "SD 1.x"),
-    (1024,): ("sd2", "SD 2.x"),
-    (768, 1280): ("sdxl", "SDXL"),
-    (128,): ("demo", "the built-in demo model"),  # assets/demo-model: SD 1.x's architecture, a 128-wide encoder
-}
-# What loads a model of each family, for the message that says a concept needs another model.
-_HOW_TO_LOAD = {
-    "sd1": "load an SD 1.x model in the Model tab (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, a folder or a "
-           ".safetensors file; CLI: --model)",
-    "sd2": "load an SD 2.x model in the Model tab (e.g. stabilityai/stable-diffusion-2-1; CLI: --model)",
-    "sdxl": "load an SDXL model in the Model tab (e.g. stabilityai/stable-diffusion-xl-base-1.0; CLI: --model)",
-    "demo": "load the built-in demo model (Model tab: leave the box empty and press Load; CLI: no --model)",
-}
 
 # A1111 allows 1-75 vectors per token (a 77-slot CLIP window minus start/end); wider than 8192 is no CLIP we know.
 MAX_VECTORS = 75
@@ -133,11 +113,25 @@ class Concept:
     def shapes(self) -> dict[str, list[int]]:
         return {key: list(t.shape) for key, t in self.vectors.items()}
 
+    # ---- a learned thing (`studio.engine.learned.plan.Learned`) ----
+    tag = None  # no extra-networks tag names a word: its token in the prompt's text does
 
-def family_of(encoder_dims: dict[str, int]) -> tuple[str, str]:
-    """(family id, human name) for a set of encoder widths; ("unknown", "an unknown model") when unfamiliar."""
-    key = tuple(encoder_dims[k] for k in ENCODER_KEYS if k in encoder_dims)
-    return _FAMILY_BY_DIMS.get(key, ("unknown", "an unknown model"))
+    @property
+    def kind(self) -> str:
+        return "word"
+
+    @property
+    def name(self) -> str:
+        return self.token
+
+    def check_fit(self, model) -> None:
+        """Raise `ConceptMismatchError` unless it has vectors of the widths of `model`'s text encoders."""
+        check_fits(self, model.encoder_dims)
+
+    def join(self, plan, weight: float = 1.0) -> None:
+        """Its vectors stand in the prompt's slots wherever its token is written (a weight is written in the
+        prompt, A1111's `(word:1.2)`)."""
+        plan.add_words([self])
 
 
 def _describe(value: object) -> str:
@@ -386,10 +380,10 @@ def _interpret(data: object, path: Path) -> tuple[dict[str, torch.Tensor], str |
         return {"text_encoder": data["clip_l"]}, None, "diffusers-pivotal", extra
 
     if "clip_l" in data or "clip_g" in data:  # SDXL, kohya and A1111
-        missing = [k for k in _SDXL_KEYS if k not in data]
+        missing = [k for k in SDXL_ENCODER_NAMES if k not in data]
         if missing:
             raise ConceptError(f"{path.name}: SDXL file without {missing[0]!r}; it needs both clip_l and clip_g")
-        return {dst: data[src] for src, dst in _SDXL_KEYS.items()}, None, "sdxl", extra
+        return {dst: data[src] for src, dst in SDXL_ENCODER_NAMES.items()}, None, "sdxl", extra
 
     if "emb_params" in data:  # kohya (also the studio's SD1/SD2 canonical form)
         return {"text_encoder": data["emb_params"]}, None, "kohya", extra
@@ -428,7 +422,7 @@ def is_second_half(path: Path) -> bool:
                 widths.append(shape[-1] if shape else 0)
         except UserError:  # unreadable: listed on its own, with its reason
             return False
-    known = {"emb_params", "string_to_param", *_SDXL_KEYS}
+    known = {"emb_params", "string_to_param", *SDXL_ENCODER_NAMES}
     return (len(keys[0]) == 1 and keys[0] == keys[1] and keys[0][0] not in known
             and _is_sdxl_pair(widths[0], widths[1]))
 
@@ -487,14 +481,19 @@ def check_fits(concept: Concept, encoder_dims: dict[str, int], *, where: str = "
     origin = where or concept.meta.get("source_path") or concept.token
     (mine_family, mine_name), model_name = family_of(mine), family_of(encoder_dims)[1]
     missing = [k for k in encoder_dims if k not in mine]
-    clip_names = {dst: src for src, dst in _SDXL_KEYS.items()}
+    clip_names = {dst: src for src, dst in SDXL_ENCODER_NAMES.items()}
     detail = f" (it has no {', '.join(f'{k} ({clip_names[k]})' for k in missing)} vectors)" if missing else ""
     raise ConceptMismatchError(
         f"{origin}: concept {concept.token!r} ({concept.n_vectors} vector(s) of {_widths(mine)}) was trained for "
         f"{mine_name} ({_widths(mine)}) but the model is {model_name} ({_widths(encoder_dims)}){detail}. "
-        f"To use it, {_HOW_TO_LOAD.get(mine_family, f'load a model with {_widths(mine)} text encoders')}; "
+        f"To use it, {_how_to_load(mine_family, mine)}; "
         f"or pick a concept trained for {model_name}."
     )
+
+
+def _how_to_load(family: str, encoder_dims: dict[str, int]) -> str:
+    known = FAMILIES.get(family)
+    return known.how_to_load if known else f"load a model with {_widths(encoder_dims)} text encoders"
 
 
 def _widths(encoder_dims: dict[str, int]) -> str:

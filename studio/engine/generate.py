@@ -1,11 +1,11 @@
 """Generation requests -> images, with their parameters written into each PNG the way A1111 does.
 
 The mode follows from the request: an `init_image` makes it img2img, an `init_image` and a `mask` inpainting,
-neither text-to-image. Concepts are per-request data passed to the prompt encoder; the shared pipeline, its
-scheduler and its embedding table are never changed. LoRAs are applied to the shared UNet and text encoders only for
-the length of the request (its prompt's encoding and its denoising), under the model's lock, and turned off again in
-`finally` (`studio.engine.lora.loras_applied`); so are the wrapped attention processors that give per-layer words
-(XTI) their layers (`studio.engine.xti`).
+neither text-to-image. A request's learned things (words, per-layer words, LoRA files, each with a weight) become
+one plan (`studio.engine.learned.plan`): the words are per-request data passed to the prompt encoder, so the shared
+pipeline, its scheduler and its embedding table are never changed; what the plan does change on the shared modules
+(LoRA adapters on the denoiser and text encoders, the attention processors of per-layer words) is entered in one
+`ExitStack` under the model's lock and undone when it closes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import random
 import re
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,13 +25,13 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from studio.engine.concepts import Concept
+from studio.engine.families import FAMILIES
 from studio.engine.files import atomic_write
-from studio.engine.lora import LoraFile, check_loras_fit, loras_applied
+from studio.engine.learned.plan import RequestPlan, Use, plan_request, uses_of
+from studio.engine.lora import LoraFile, loras_applied
 from studio.engine.memory import mode_in_effect, oom_guard
 from studio.engine.models import pipeline_over
 from studio.engine.pictures import MAX_SIDE, SIDE_STEP, scaled, side_limits, working_size
-from studio.engine.prompts import split_lora_tags
-from studio.engine.xti import has_layer_words, per_layer_attention, pipeline_kwargs_with_layers
 
 # Seeds go to torch.Generator.manual_seed as a 64-bit integer (2**70 gave torch's "Overflow when unpacking long
 # long"); below 2**63 every seed + k of a batch fits a signed 64-bit integer.
@@ -51,15 +52,6 @@ SCHEDULERS: dict[str, tuple[str, dict, str]] = {
 }
 
 
-# Linear latent -> RGB projections of the SD VAEs' 4 latent channels (rows: channels; columns: R, G, B), plus a bias,
-# as fitted by the ComfyUI / A1111 "latent preview" code. SD 2.x shares SD 1.x's VAE.
-LATENT_RGB_FACTORS: dict[str, tuple[list[list[float]], list[float]]] = {
-    "sd1": ([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
-             [-0.2120, -0.2616, -0.7177]], [0.0, 0.0, 0.0]),
-    "sdxl": ([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362],
-              [-0.3165, -0.2492, -0.2188]], [0.1084, -0.0175, -0.0011]),
-}
-LATENT_RGB_FACTORS["sd2"] = LATENT_RGB_FACTORS["sd1"]
 # A VAE decode costs about as much as several UNet steps at full size, so the fallback previews this many times
 # less often than `preview_every` asks.
 VAE_PREVIEW_SLOWDOWN = 2
@@ -73,7 +65,11 @@ class Cancelled(Exception):
 class GenerateRequest:
     prompt: str
     negative_prompt: str = ""
-    concepts: list[Concept] = field(default_factory=list)
+    # Every learned thing the request uses, in one list: a word (`Concept`, `XtiConcept`), a LoRA file (`LoraFile`),
+    # each alone (weight 1.0, A1111's default) or as `(thing, weight)`; held as `Use`s. A `<lora:name:w>` tag in the
+    # prompt names a LoRA of this list by its stem and sets its weight; tags are taken out before encoding. The words
+    # a LoRA file carries (A1111's bundled words, a diffusers pivotal pair's) come with it.
+    concepts: list = field(default_factory=list)
     seed: int | None = None  # None or RANDOM_SEED: a random seed, reported in the result; else 0 <= seed < SEED_LIMIT
     steps: int = 20
     guidance: float = 7.5
@@ -84,27 +80,27 @@ class GenerateRequest:
     init_image: Image.Image | None = None  # drawn at studio.engine.pictures.working_size unless width/height say
     strength: float = 0.75
     mask: Image.Image | None = None
-    preview_every: int = 5  # on_step gets a preview every N steps (0: never); cheap, see LATENT_RGB_FACTORS
-    # (file, weight), applied to the UNet for this request only; 1.0 is A1111's default weight. A `<lora:name:w>` tag
-    # in the prompt names one of these by its stem and sets its weight; tags are taken out before encoding.
-    loras: list[tuple[LoraFile, float]] = field(default_factory=list)
+    preview_every: int = 5  # on_step gets a preview every N steps (0: never); cheap, see ModelFamily.latent_rgb
 
     def __post_init__(self) -> None:
-        """A request may name every concept in `concepts`: a word (`Concept`), a LoRA file (`LoraFile`, weight 1.0)
-        or `(LoraFile, weight)`. LoRAs move to `loras`, and the words a LoRA file carries (A1111's bundled words,
-        a diffusers pivotal pair's) join `concepts`, so a word+LoRA concept is one item."""
-        words: list[Concept] = []
-        loras = list(self.loras)
-        for item in self.concepts:
-            lora, weight = item if isinstance(item, tuple) else (item, 1.0)
-            if isinstance(lora, LoraFile):
-                if not any(lora is known for known, _ in loras):
-                    loras.append((lora, float(weight)))
-            else:
-                words.append(item)
-        for lora, _weight in loras:
-            words.extend(w for w in lora.words if not any(w is known for known in words))
-        self.concepts, self.loras = words, loras
+        self.concepts: list[Use] = uses_of(self.concepts)
+
+    @property
+    def words(self) -> list[Concept]:
+        """Its words: those it names, then those its LoRA files carry."""
+        words = [use.thing for use in self.concepts if isinstance(use.thing, Concept)]
+        carried = [w for use in self.concepts for w in getattr(use.thing, "words", ())]
+        return words + [w for w in carried if not any(w is known for known in words)]
+
+    @property
+    def loras(self) -> list[tuple[LoraFile, float]]:
+        """Its LoRA files with the weights it gives them (a prompt's tag may set another: `plan`)."""
+        return [tuple(use) for use in self.concepts if isinstance(use.thing, LoraFile)]
+
+    @property
+    def plan(self) -> RequestPlan:
+        """What its learned things add to it (`studio.engine.learned.plan`), the prompt parsed once."""
+        return plan_request(self.prompt, self.negative_prompt, self.concepts)
 
     @property
     def mode(self) -> str:
@@ -123,7 +119,7 @@ class GenerateResult:
 def native_size(model) -> int:
     """The side, in pixels, `model` (a LoadedModel) was trained at: 512 for SD1 and SD2-base, 768 for SD2, 1024
     for SDXL."""
-    return model.pipe.unet.config.sample_size * model.pipe.vae_scale_factor
+    return model.denoiser.config.sample_size * model.pipe.vae_scale_factor
 
 
 def check_size(width: int | None, height: int | None, native_side: int | None = None, model_name: str = "") -> None:
@@ -151,11 +147,12 @@ def check_seed(seed: int | None, batch: int = 1) -> None:
                          "for a random one")
 
 
-def validate(model, req: GenerateRequest) -> tuple[int, int]:
-    """Check the request against the model; return (width, height). Errors say what to change.
+def validate(model, req: GenerateRequest) -> tuple[int, int, RequestPlan]:
+    """Check the request against the model; return (width, height) and its plan. Errors say what to change.
 
     Nothing is allocated here, so a request for 100000x100000 is refused before any memory is taken. Whether the
-    concepts fit the model is checked once, by the prompt encoder every request passes (`pipeline_kwargs`)."""
+    words fit the model is checked once, by the prompt encoder every request passes (`pipeline_kwargs`); every
+    other learned thing is checked here (`check_fit`)."""
     if not req.prompt.strip():
         raise ValueError("the prompt is empty: describe what to generate")
     if req.scheduler not in SCHEDULERS:
@@ -169,8 +166,10 @@ def validate(model, req: GenerateRequest) -> tuple[int, int]:
         raise ValueError(f"preview_every must be 0 (no previews) or a number of steps, not {req.preview_every}")
     if not 0.0 <= req.strength <= 1.0:
         raise ValueError(f"strength must be between 0 and 1, not {req.strength}")
-    check_loras_fit(req.loras, model.encoder_dims, model.name)
-    lora_weights(req)
+    plan = req.plan
+    for use in req.concepts:
+        if not isinstance(use.thing, Concept):
+            use.thing.check_fit(model)
     native = native_size(model)
     check_size(req.width or None, req.height or None, native, model.name)  # 0 or None: the native size
     width, height = req.width or native, req.height or native
@@ -183,21 +182,7 @@ def validate(model, req: GenerateRequest) -> tuple[int, int]:
         if req.mask.size != req.init_image.size:
             raise ValueError(f"the mask is {req.mask.size[0]}x{req.mask.size[1]} but the picture is "
                              f"{req.init_image.size[0]}x{req.init_image.size[1]}: draw the mask on this picture")
-    return width, height
-
-
-def lora_weights(req: GenerateRequest) -> list[tuple[LoraFile, float]]:
-    """The request's LoRAs with their weights in effect: a `<lora:name:w>` tag in the prompt sets the weight of the
-    LoRA named `name` (its file's stem); a tag naming none of `req.loras` is refused."""
-    given = {lora.name for lora, _ in req.loras}
-    tagged = {}
-    for name, weight in split_lora_tags(req.prompt)[1]:
-        if name not in given:
-            listed = f" ({', '.join(sorted(given))})" if given else ""
-            raise ValueError(f"<lora:{name}> in the prompt names no LoRA of this request{listed}; add "
-                             f"{name}.safetensors to its LoRAs or take the tag out")
-        tagged[name] = weight
-    return [(lora, tagged.get(lora.name, weight)) for lora, weight in req.loras]
+    return width, height, plan
 
 
 def _scheduler_for(pipe, name: str):
@@ -207,20 +192,24 @@ def _scheduler_for(pipe, name: str):
     return getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
 
 
-def infotext(req: GenerateRequest, seed: int, width: int, height: int, model_name: str) -> str:
-    """The A1111 `parameters` text: prompt, negative prompt, then a line of `Key: value` pairs."""
+def infotext(req: GenerateRequest, seed: int, width: int, height: int, model_name: str,
+             plan: RequestPlan | None = None) -> str:
+    """The A1111 `parameters` text: prompt, negative prompt, then a line of `Key: value` pairs. `plan`: the
+    request's (`req.plan`), when already made."""
+    plan = plan or req.plan
     items = [("Steps", req.steps), ("Sampler", SCHEDULERS[req.scheduler][2]), ("CFG scale", req.guidance),
              ("Seed", seed), ("Size", f"{width}x{height}"), ("Model", model_name)]
     if req.init_image is not None:
         items.append(("Denoising strength", req.strength))
-    if req.concepts:
-        items.append(("Concepts", " ".join(c.token for c in req.concepts)))
-    if req.loras:
-        items.append(("Lora hashes", '"' + ", ".join(f"{lora.name}: {_short_hash(lora)}" for lora, _ in req.loras)
+    if req.words:
+        items.append(("Concepts", " ".join(c.token for c in req.words)))
+    loras = plan.patched(loras_applied)
+    if loras:
+        items.append(("Lora hashes", '"' + ", ".join(f"{lora.name}: {_short_hash(lora)}" for lora, _ in loras)
                       + '"'))
     text = req.prompt
-    tagged = {name for name, _ in split_lora_tags(text)[1]}
-    missing = [f"<lora:{lora.name}:{weight:g}>" for lora, weight in req.loras if lora.name not in tagged]
+    tagged = {name for name, _ in plan.tags}
+    missing = [f"<lora:{lora.name}:{weight:g}>" for lora, weight in loras if lora.name not in tagged]
     if missing:  # A1111 keeps the tags in the prompt: a LoRA given apart from the prompt is written as one
         text = " ".join([text, *missing])
     if req.negative_prompt:
@@ -247,7 +236,7 @@ def preview_method(model) -> str:
 
     The factors fit the VAE that SD 1.x/2.x/XL checkpoints ship with; the demo model's own small VAE, or one whose
     latents are not 4 channels, has no fitted factors, so it is decoded instead."""
-    if model.is_demo or model.family not in LATENT_RGB_FACTORS or model.pipe.vae.config.latent_channels != 4:
+    if model.is_demo or model.spec.latent_rgb is None or model.pipe.vae.config.latent_channels != 4:
         return "vae"
     return "linear"
 
@@ -274,7 +263,7 @@ def _keep_x0_prediction(scheduler) -> dict:
 
 def latent_preview(latents: torch.Tensor, family: str, size: tuple[int, int]) -> Image.Image:
     """The first latent of a batch [B, 4, h, w] as a `size` picture through the family's linear RGB projection."""
-    weights, bias = LATENT_RGB_FACTORS[family]
+    weights, bias = FAMILIES[family].latent_rgb
     rgb = torch.einsum("chw,cr->hwr", latents[0, :4].float().cpu(), torch.tensor(weights)) + torch.tensor(bias)
     pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
     return Image.fromarray(pixels, "RGB").resize(size, Image.BILINEAR)
@@ -343,39 +332,38 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
     `on_step(step, total, preview)` is called after every denoising step; `preview` is a picture of the first image
     of the batch (its current x0 prediction where the scheduler makes one), at the output size, every
     `req.preview_every` steps (the VAE fallback every VAE_PREVIEW_SLOWDOWN times that), else None."""
-    # 1. Check inputs.
-    width, height = validate(model, req)
+    # 1. Check inputs; the plan of what the request's learned things add to it.
+    width, height, plan = validate(model, req)
     random_seed = req.seed is None or req.seed == RANDOM_SEED
     base_seed = random.randrange(2**32 - 1) if random_seed else req.seed  # A1111's range of random seeds
     seeds = [base_seed + k for k in range(req.batch)]
 
-    with model.lock:
+    with model.lock, ExitStack() as stack:
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled before it started")
         # 2. Pipeline for this request: the mode's view with its own scheduler, sharing every module.
         pipe, denoised = _request_pipeline(model, req, keep_x0=bool(req.preview_every and on_step is not None))
-        # The request's LoRAs are on the shared UNet and text encoders from here to the end of step 5 (taken off in
-        # `finally`): a LoRA's text-encoder part changes the prompt embeddings, so they are encoded inside it.
-        with loras_applied(model, lora_weights(req)):
-            # 3. Prompt embeddings with this request's concepts (and, for per-layer words, one set per
-            # cross-attention layer in `cross_attention_kwargs`: studio.engine.xti).
-            prompt = split_lora_tags(req.prompt)[0]  # `<lora:…>` tags name weights, not words
-            kwargs = pipeline_kwargs_with_layers(model.encoder, pipe.unet, prompt, req.negative_prompt, req.concepts,
-                                                 req.batch, req.guidance)
-            # 4. One generator per image, so image k equals a single run with seed + k.
-            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-            call = dict(kwargs, num_inference_steps=req.steps, guidance_scale=req.guidance, generator=generators,
-                        num_images_per_prompt=1,
-                        callback_on_step_end=_step_end(model, req, (width, height), denoised, on_step, cancel),
-                        **_mode_arguments(req, width, height))
-            # 5. Denoise. Out of memory: the memory is freed and the error names the mode to switch to; the model
-            # stays loaded and usable. The processors that give per-layer words their layers are on the shared UNet
-            # only inside this block (taken off in their `finally`).
-            with oom_guard(mode_in_effect(model.pipe)), \
-                    per_layer_attention(pipe.unet, enabled=has_layer_words(req.concepts)), torch.inference_mode():
-                images = pipe(**call).images
+        denoiser = model.spec.denoiser_of(pipe)
+        # 3. The plan's patches (LoRA adapters) are on the shared denoiser and text encoders from here to the end of
+        # the stack: a LoRA's text-encoder part changes the prompt embeddings, so the prompt is encoded inside.
+        plan.enter_patches(model, stack)
+        # 4. Prompt embeddings with the words' vectors in their slots (for per-layer words one set per
+        # cross-attention layer in `cross_attention_kwargs`: studio.engine.xti).
+        kwargs = plan.prompt_kwargs(model, denoiser, req.batch, req.guidance)
+        # One generator per image, so image k equals a single run with seed + k.
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        call = dict(kwargs, num_inference_steps=req.steps, guidance_scale=req.guidance, generator=generators,
+                    num_images_per_prompt=1,
+                    callback_on_step_end=_step_end(model, req, (width, height), denoised, on_step, cancel),
+                    **_mode_arguments(req, width, height))
+        # 5. Denoise, with the plan's attention edits on the shared denoiser. Out of memory: the memory is freed and
+        # the error names the mode to switch to; the model stays loaded and usable.
+        stack.enter_context(oom_guard(mode_in_effect(model.pipe)))
+        plan.enter_attention(denoiser, stack)
+        stack.enter_context(torch.inference_mode())
+        images = pipe(**call).images
     # 6. The parameters, A1111's way, in each picture.
-    texts = [infotext(req, s, width, height, model.name) for s in seeds]
+    texts = [infotext(req, s, width, height, model.name, plan) for s in seeds]
     for image, text in zip(images, texts):
         image.info["parameters"] = text
     return GenerateResult(images, seeds, texts)

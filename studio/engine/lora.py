@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from studio.engine.concepts import _FAMILY_BY_DIMS, _SDXL_KEYS, Concept, family_of, read_container
+from studio.engine.concepts import Concept, read_container
 from studio.engine.containers import MAX_LORA_BYTES, failing_closed, load_json, reason_of, safetensors_header
+from studio.engine.families import FAMILIES, SDXL_ENCODER_NAMES, family_of
 from studio.errors import LoraError, UserError
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ BUNDLE_PREFIX = "bundle_emb."  # A1111 (PR #13568): bundle_emb.<word>.string_to_
 # The UNet's cross-attention key/value input width is the width of the prompt embeddings it was trained on: the text
 # encoder's width (SD 1.x 768, SD 2.x 1024) or both encoders' joined (SDXL 768 + 1280 = 2048). Derived from the one
 # table of encoder widths, so a LoRA and an embedding can never be given a family by two rules.
-_FAMILY_BY_CROSS_WIDTH = {sum(dims): family for dims, (family, _) in _FAMILY_BY_DIMS.items()}
+_FAMILY_BY_CROSS_WIDTH = {sum(f.encoder_widths): f.id for f in FAMILIES.values()}
 
 # LyCORIS and other variants whose weights are not a down/up pair; diffusers' SD loader does not apply them.
 _REFUSED_VARIANTS = (
@@ -117,6 +118,20 @@ class LoraFile:
     def rank(self) -> int:
         """The largest rank of its pairs (most files have one rank)."""
         return max(self.ranks)
+
+    # ---- a learned thing (`studio.engine.learned.plan.Learned`) ----
+    tag = "lora"  # `<lora:name:w>` in a prompt names it and sets its weight
+
+    def check_fit(self, model) -> None:
+        """Raise `LoraError` unless it is made for `model`'s family and text encoders (`check_loras_fit`)."""
+        check_loras_fit([(self, 1.0)], model.encoder_dims, model.name)
+
+    def join(self, plan, weight: float = 1.0) -> None:
+        """Its adapters on the shared denoiser and text encoders at `weight` for the request (`loras_applied`), and
+        the words it carries in the prompt's slots."""
+        plan.patch(loras_applied, self, weight)
+        for word in self.words:
+            word.join(plan, 1.0)
 
     @property
     def targets(self) -> dict[str, dict[str, int]]:
@@ -412,8 +427,8 @@ def _bundled_words(bundle: dict[str, torch.Tensor], path: Path) -> list[Concept]
         word, _, rest = key.removeprefix(BUNDLE_PREFIX).partition(".")
         if rest.startswith("string_to_param"):
             by_word.setdefault(word, {})["text_encoder"] = tensor
-        elif rest in _SDXL_KEYS:
-            by_word.setdefault(word, {})[_SDXL_KEYS[rest]] = tensor
+        elif rest in SDXL_ENCODER_NAMES:
+            by_word.setdefault(word, {})[SDXL_ENCODER_NAMES[rest]] = tensor
         elif rest != "string_to_token":  # A1111 stores the token id too; nobody reads it back
             raise LoraError(f"{path.name}: bundled embedding key {key!r} is none of string_to_param.*, clip_l, "
                             "clip_g; re-export the bundle")

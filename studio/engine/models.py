@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from studio.engine.lora import LoraCache
-from studio.engine.model_facts import detect_family, encoder_dims, encoders_of
+from studio.engine.families import FAMILIES, ModelFamily, detect_family, encoder_dims, encoders_of
 from studio.engine.prompts import PromptEncoder
 from studio.errors import ModelError
 
@@ -93,18 +93,22 @@ class LoadedModel:
 
     @property
     def encoder_dims(self) -> dict[str, int]:
-        """Encoder key -> width (`studio.engine.model_facts.encoder_dims`): what a concept's vectors must match."""
+        """Encoder key -> width (`studio.engine.families.encoder_dims`): what a concept's vectors must match."""
         return encoder_dims(self.pipe)
+
+    @property
+    def spec(self) -> ModelFamily:
+        """The record of this model's architecture (`studio.engine.families`): its denoiser, encoders, pipelines."""
+        return FAMILIES[self.family]
+
+    @property
+    def denoiser(self):
+        """The shared denoising network (the UNet of SD 1.x/2.x/SDXL)."""
+        return self.spec.denoiser_of(self.pipe)
 
     def _view(self, kind: str):
         if kind not in self._views:
-            from diffusers import (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
-                                   StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline)
-            classes = {("sd", "img2img"): StableDiffusionImg2ImgPipeline, ("sd", "inpaint"): StableDiffusionInpaintPipeline,
-                       ("sdxl", "img2img"): StableDiffusionXLImg2ImgPipeline,
-                       ("sdxl", "inpaint"): StableDiffusionXLInpaintPipeline}
-            cls = classes[("sdxl" if self.family == "sdxl" else "sd", kind)]
-            self._views[kind] = pipeline_over(self.pipe, cls)
+            self._views[kind] = pipeline_over(self.pipe, self.spec.pipeline_class(kind))
         return self._views[kind]
 
     def img2img(self):

@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from studio.engine.concepts import ENCODER_KEYS, Concept, check_fits
-from studio.engine.model_facts import detect_family, encoder_width, encoders_of
+from studio.engine.concepts import Concept, check_fits
+from studio.engine.families import ENCODER_KEYS, detect_family, encoder_width, encoders_of
 from studio.engine.names import MAX_WORD_CHARS
 from studio.errors import UserError
 

@@ -38,15 +38,14 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from studio.engine.concepts import (
-    ENCODER_KEYS,
     Concept,
     ConceptError,
     ConceptMismatchError,
     _check_tensor,
     _for_writing,
     _studio_metadata,
-    family_of,
 )
+from studio.engine.families import ENCODER_KEYS, family_of
 from studio.engine.files import atomic_write
 from studio.engine.names import file_stem
 from studio.engine.prompts import EncodedPrompt, PromptEncoder
@@ -172,6 +171,22 @@ class XtiConcept(Concept):
     def vectors_at(self, layer: str) -> dict[str, torch.Tensor]:
         """This layer's `{encoder key: [n_vectors, dim]}`."""
         return self.layer_vectors[self.layers.index(layer)]
+
+    @property
+    def kind(self) -> str:
+        return "xti"
+
+    def check_fit(self, model) -> None:
+        """The widths of a word, and vectors for exactly the cross-attention layers of `model`'s denoiser."""
+        super().check_fit(model)
+        check_layers(self, cross_attention_layers(model.denoiser))
+
+    def join(self, plan, weight: float = 1.0) -> None:
+        """Its mean vectors in the prompt's slots, its layers' own vectors given to each cross-attention layer
+        through the attention processors (`per_layer_attention`, with one prompt encoded per layer)."""
+        plan.add_words([self])
+        plan.encode = pipeline_kwargs_with_layers
+        plan.edit_attention("per-layer words", per_layer_attention)
 
 
 def check_layers(concept: XtiConcept, layers: Sequence[str], *, where: str = "") -> None:

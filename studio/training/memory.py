@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from studio.engine.memory import MemoryPreset, preset as memory_preset
-from studio.engine.model_facts import encoders_of
+from studio.engine.families import encoders_of
 
 
 @dataclass

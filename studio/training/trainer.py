@@ -30,7 +30,7 @@ from studio.engine.concepts import Concept, load_concept
 from studio.engine.files import OutputError, check_folder, check_new_output
 from studio.engine.lora import pivotal_embeddings
 from studio.engine.memory import is_out_of_memory, oom_advice, release_memory
-from studio.engine.model_facts import encoders_of
+from studio.engine.families import encoders_of
 from studio.engine.names import file_stem, inside
 from studio.training.config import TrainConfig, parse_lr_schedule
 from studio.training.data import TrainError, check_captions, encode_latents, find_images, load_images

@@ -212,7 +212,7 @@ def test_a_pair_of_the_wrong_width_for_the_model_is_refused_before_it_is_loaded(
     path = write_lora(tmp_path / "wide.safetensors", weights)
     lora = load_lora(path)  # a file that is consistent on its own
     model = ModelManager().load(str(demo_model_dir))
-    request = GenerateRequest("a toy", steps=2, seed=1, preview_every=0, loras=[(lora, 1.0)])
+    request = GenerateRequest("a toy", steps=2, seed=1, preview_every=0, concepts=[(lora, 1.0)])
     with pytest.raises(LoraError, match=r"^wide.safetensors: layer .*attn1.to_q of .* is a linear layer from \d+ to "
                                         r"\d+ features, but the LoRA's pair there is down \[2, \d+\]"):
         generate(model, request)

@@ -64,7 +64,7 @@ def sd1(tiny_model_dirs):
 
 
 def _picture(model, loras=(), prompt="a photo of a cat", seed=7) -> np.ndarray:
-    req = GenerateRequest(prompt, seed=seed, steps=3, width=64, height=64, preview_every=0, loras=list(loras))
+    req = GenerateRequest(prompt, seed=seed, steps=3, width=64, height=64, preview_every=0, concepts=list(loras))
     return np.array(generate(model, req).images[0])
 
 
@@ -109,7 +109,7 @@ def test_an_sdxl_lora_on_an_sd1_model_is_refused_naming_both(sd1, lora_files):
 
 def test_infotext_keeps_the_tags_and_names_the_hashes(sd1, lora_files):
     a = load_lora(lora_files["a"])
-    req = GenerateRequest("a cat", seed=1, steps=1, width=64, height=64, preview_every=0, loras=[(a, 0.8)])
+    req = GenerateRequest("a cat", seed=1, steps=1, width=64, height=64, preview_every=0, concepts=[(a, 0.8)])
     text = generate(sd1, req).infotexts[0]
     assert text.splitlines()[0] == "a cat <lora:a:0.8>" and 'Lora hashes: "a: ' in text
 

@@ -102,7 +102,7 @@ def studio_draw(model, loras) -> np.ndarray:
 
 def request_picture(model, loras=(), prompt: str = "a photo of a cat") -> np.ndarray:
     """The studio's own request (its prompt encoder, `generate`), as an 8-bit picture."""
-    req = GenerateRequest(prompt, seed=7, steps=3, width=64, height=64, preview_every=0, loras=list(loras))
+    req = GenerateRequest(prompt, seed=7, steps=3, width=64, height=64, preview_every=0, concepts=list(loras))
     return np.array(generate(model, req).images[0])
 
 

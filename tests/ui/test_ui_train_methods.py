@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 
 from studio.engine.models import ModelManager
-from studio.engine.session import request_for
+from studio.jobs.generation import request_for
 from studio.library import ConceptLibrary
 from studio.training.config import METHODS
 from studio.training.methods import METHOD_CLASSES
@@ -100,7 +100,7 @@ def test_each_methods_result_ends_where_the_sessions_prompts_find_it(studio, con
     if method == "xti":  # a word per layer, read back from the session's own file after a restart too
         assert "<box> is ready" in status and download.endswith("box.safetensors")
         req, unknown = request_for({"prompt": "a photo of <box>"}, studio.library, session)
-        (word,) = req.concepts
+        (word,) = req.words
         assert word is studio.library.get("<box>", session) and unknown == []
         studio.library.drop_session(session)
         assert type(studio.library.get("<box>", session)).__name__ == "XtiConcept"
@@ -113,6 +113,6 @@ def test_each_methods_result_ends_where_the_sessions_prompts_find_it(studio, con
     req, unknown = request_for({"prompt": "<lora:box:1> a photo of <box> toy"}, studio.library, session)
     assert [lora.name for lora, _ in req.loras] == ["box"]
     if method == "pivotal":  # its word is a concept of the request; lora's "<box>" is plain text it learned
-        assert [c.token for c in req.concepts] == ["<box>"] and unknown == []
+        assert [c.token for c in req.words] == ["<box>"] and unknown == []
     else:  # lora: "<box>" is plain text of the phrase it learned, which its file names, so no warning
         assert lora.phrase.startswith("<box>") and unknown == []

@@ -2,8 +2,7 @@
 
 import pytest
 
-from studio.engine.concepts import family_of
-from studio.engine.model_facts import detect_family, encoder_dims, encoders_of
+from studio.engine.families import FAMILIES, detect_family, encoder_dims, encoders_of, family_of, family_of_pipe
 from studio.engine.models import ModelManager
 
 WIDTHS = {"sd1": {"text_encoder": 768}, "sd2": {"text_encoder": 1024},
@@ -30,3 +29,15 @@ def test_the_demo_model_has_sd1s_architecture_and_its_own_width(demo_model_dir):
     model = ModelManager().load(None)
     assert model.family == "sd1" and model.encoder_dims == {"text_encoder": 128}
     assert family_of(model.encoder_dims)[0] == "demo"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_each_familys_record_names_its_pipelines_modules(tiny_model_dirs, family):
+    """The record answers what callers used to name by hand: the denoiser, the encoders, the mode's pipeline class."""
+    model = ModelManager().load(tiny_model_dirs[family])
+    record = family_of_pipe(model.pipe)
+    assert record is FAMILIES[family] and record.denoiser_of(model.pipe) is model.pipe.unet
+    assert record.encoder_keys == tuple(WIDTHS[family])
+    assert isinstance(model.pipe, record.pipeline_class("txt2img"))
+    assert isinstance(model.img2img(), record.pipeline_class("img2img"))
+    assert isinstance(model.inpaint(), record.pipeline_class("inpaint"))
