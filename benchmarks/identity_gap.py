@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from studio.demo.build import vae_roundtrip
 from studio.demo.evaluate import DemoJudge, DemoWorld
+from studio.demo.vae import vae_roundtrip
 from studio.engine.models import ModelManager
 from studio.evaluation.config import EvalConfig
 from studio.evaluation.runner import compare_methods

@@ -53,15 +53,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from studio.demo.look_code import LookCode, input_rows_replaced, word_spread
 from studio.demo.tokenizer import build_clip_tokenizer
+from studio.demo.vae import to_tensor as _to_tensor
+from studio.demo.vae import vae_roundtrip
 from studio.demo.vocab import demo_words
 from studio.demo.world import (LOOK_CODE_WORD, LOOKS, NAMED_INDIVIDUALS, TOY, WORLD_V2, WorldOptions, coded_caption,
                                individual_look, render, sample_scene)
@@ -119,11 +119,6 @@ def make_unet() -> UNet2DConditionModel:
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=128, attention_head_dim=8, norm_num_groups=16,
     )
-
-
-def _to_tensor(images) -> torch.Tensor:
-    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
 def render_data(n: int, seed: int, toy_rate: float = TOY_RATE, named_rate: float = 0.0,
@@ -210,19 +205,6 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, log: dict, gen: torch.Gener
             print(f"vae step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
     log["vae_steps"] = steps
     log["vae_seconds"] = round(time.time() - start, 1)
-
-
-def vae_roundtrip(vae) -> Callable[[list[Image.Image]], list[Image.Image]]:
-    """Pictures -> the VAE's reconstructions of them (encode to the latent mean, decode), as pictures."""
-    from diffusers.image_processor import VaeImageProcessor
-
-    def run(pictures):
-        x = _to_tensor([p.convert("RGB") for p in pictures])
-        with torch.no_grad():
-            y = torch.cat([vae.decode(vae.encode(x[i:i + 128]).latent_dist.mean).sample
-                           for i in range(0, len(x), 128)])
-        return VaeImageProcessor().postprocess(y, output_type="pil")
-    return run
 
 
 def vae_ceiling(vae, n: int = 500) -> dict[str, float] | None:
@@ -421,6 +403,52 @@ def min_snr_weights(noise_sched: DDPMScheduler) -> torch.Tensor:
     return torch.clamp(snr, max=5.0) / snr
 
 
+@dataclass
+class _Batch:
+    """One training batch of step 5: caption `which` of picture `idx` as token ids `tok` (a tenth of them emptied,
+    for classifier-free guidance), the picture's latent `x0`, and the noise and timesteps that corrupt it."""
+
+    idx: torch.Tensor
+    which: torch.Tensor
+    tok: torch.Tensor
+    x0: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+
+
+def _draw_batch(latents: torch.Tensor, words: _Captions, gen: torch.Generator, batch: int, *, noise_offset: float,
+                pyramid: tuple[int, float], device: torch.device) -> _Batch:
+    """Draw a `_Batch` from `gen` on the CPU (see `_train_unet`), with offset and pyramid noise when they are on."""
+    idx = torch.randint(0, len(latents), (batch,), generator=gen)
+    which = torch.randint(0, CAPTIONS_PER_PICTURE, (batch,), generator=gen)
+    tok = words.ids[idx, which].clone()
+    tok[torch.rand(batch, generator=gen) < 0.1] = words.empty_ids
+    x0 = latents[idx.to(latents.device)]
+    noise = torch.randn(x0.shape, generator=gen)
+    if pyramid[0]:
+        noise = pyramid_noise(noise, gen, *pyramid)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((batch, x0.shape[1], 1, 1), generator=gen)
+    noise, t = noise.to(device), torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    return _Batch(idx, which, tok, x0, noise, t)
+
+
+def _per_sample_loss(text_encoder, unet, noise_sched: DDPMScheduler, b: _Batch, device: torch.device,
+                     coded: _CodedCaptions | None) -> torch.Tensor:
+    """Each sample's mean squared error of the UNet's prediction (noise, or velocity under v-prediction) given its
+    caption; with `coded`, the look-code words' input embeddings are the toys' codes."""
+    xt = noise_sched.add_noise(b.x0, b.noise, b.t)
+    if coded is None:
+        cond = text_encoder(b.tok.to(device)).last_hidden_state
+    else:
+        where, rows = coded.rows(b.tok, b.idx, b.which)
+        with input_rows_replaced(text_encoder, where, rows):
+            cond = text_encoder(b.tok.to(device)).last_hidden_state
+    v_prediction = noise_sched.config.prediction_type == "v_prediction"
+    target = noise_sched.get_velocity(b.x0, b.noise, b.t) if v_prediction else b.noise
+    return F.mse_loss(unet(xt, b.t, cond).sample, target, reduction="none").mean(dim=(1, 2, 3))
+
+
 def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Captions, log: dict,
                 gen: torch.Generator, snapshot: Callable[[int], None], *, lr: float, batch: int, schedule: str,
                 unet_steps: int | None, budget_left: Callable[[], float], snapshot_minutes: float, t0: float,
@@ -439,7 +467,6 @@ def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Ca
     Every random draw comes from `gen` on the CPU and only then moves to `device` (where the models and `latents`
     are), so a GPU build draws the same batches, noise and timesteps as a CPU build of the same seed."""
     noise_sched = DDPMScheduler(**NOISE_SCHEDULES[schedule])
-    v_prediction = noise_sched.config.prediction_type == "v_prediction"
     weights = min_snr_weights(noise_sched).to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -451,27 +478,9 @@ def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Ca
             return step
         for g in opt.param_groups:
             g["lr"] = lr * _cosine(frac, 0.02)
-        idx = torch.randint(0, len(latents), (batch,), generator=gen)
-        which = torch.randint(0, CAPTIONS_PER_PICTURE, (batch,), generator=gen)
-        tok = words.ids[idx, which].clone()
-        tok[torch.rand(batch, generator=gen) < 0.1] = words.empty_ids
-        x0 = latents[idx.to(latents.device)]
-        noise = torch.randn(x0.shape, generator=gen)
-        if pyramid[0]:
-            noise = pyramid_noise(noise, gen, *pyramid)
-        if noise_offset:
-            noise = noise + noise_offset * torch.randn((batch, x0.shape[1], 1, 1), generator=gen)
-        noise, t = noise.to(device), torch.randint(0, 1000, (batch,), generator=gen).to(device)
-        xt = noise_sched.add_noise(x0, noise, t)
-        if coded is None:
-            cond = text_encoder(tok.to(device)).last_hidden_state
-        else:
-            where, rows = coded.rows(tok, idx, which)
-            with input_rows_replaced(text_encoder, where, rows):
-                cond = text_encoder(tok.to(device)).last_hidden_state
-        target = noise_sched.get_velocity(x0, noise, t) if v_prediction else noise
-        per_sample = F.mse_loss(unet(xt, t, cond).sample, target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * weights[t]).mean()
+        b = _draw_batch(latents, words, gen, batch, noise_offset=noise_offset, pyramid=pyramid, device=device)
+        per_sample = _per_sample_loss(text_encoder, unet, noise_sched, b, device, coded)
+        loss = (per_sample * weights[b.t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -486,6 +495,55 @@ def _train_unet(text_encoder, unet, ema: _EMA, latents: torch.Tensor, words: _Ca
             snapshot(step)
             last_snap = time.time()
             print(f"snapshot saved at step {step}", flush=True)
+
+
+def _recipe_log(*, minutes: float, seed: int, n_images: int, vae_steps: int, batch: int, lr: float, schedule: str,
+                noise_offset: float, init_from: Path | None, toy_rate: float, named_rate: float, names: int,
+                pyramid: tuple[int, float], device: str, options: WorldOptions) -> dict:
+    """training_log.json as a build starts: its settings and the machine; the stages add what they measure."""
+    return {"recipe": 5, "world": 2 if options == WORLD_V2 else 3, "world_options": asdict(options),
+            "toy_rate": toy_rate, "named_rate": named_rate,
+            "names": names, "pyramid_noise": list(pyramid), "schedule": schedule,
+            "noise_offset": noise_offset, "init_from": str(init_from) if init_from else None, "seed": seed,
+            "minutes": minutes, "vae_steps": vae_steps,
+            "n_images": n_images, "batch": batch, "lr": lr,
+            "device": device,
+            "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+                        f"torch {torch.__version__}", "vae_loss": [], "unet_loss": []}
+
+
+def _starting_models(init_from: Path | None, tokenizer) -> tuple[CLIPTextModel, UNet2DConditionModel]:
+    """Step 5's text encoder and UNet before training: an earlier build's (`warm_start`), or fresh ones."""
+    if init_from is not None:
+        return warm_start(init_from, tokenizer)
+    return make_text_encoder(tokenizer), make_unet()
+
+
+def _look_codes(text_encoder, words: _Captions, names: int, looks: str, coded_toys: list[list[list[int]]],
+                log: dict) -> _CodedCaptions:
+    """World v3's lever 2c in step 5: look codes around "toy", as spread as the words are, fixed from here on
+    (the code map goes in the log), and which toy each look-code word of a caption stands for."""
+    table, vocab = text_encoder.get_input_embeddings().weight, words.tokenizer.get_vocab()
+    spread = word_spread(table, [vocab[f"{w}</w>"] for w in demo_words(names)])
+    code = LookCode.fit(looks, table[vocab[f"{TOY}</w>"]], spread)
+    coded = _CodedCaptions.of(code, vocab[f"{LOOK_CODE_WORD}</w>"], coded_toys)
+    log["look_code"] = code.to_json()
+    return coded
+
+
+def _snapshotter(out: Path, vae, words: _Captions, ema: _EMA, coded: _CodedCaptions | None, log: dict,
+                 schedule: str, t0: float) -> Callable[[int], None]:
+    """Step 6 as a function of the step count, which step 5 also calls every `snapshot_minutes`: save the EMA
+    weights as the pipeline folder `out`, with the log as it stands."""
+
+    def snapshot(step: int) -> None:
+        log["unet_steps"], log["seconds"] = step, round(time.time() - t0, 1)
+        if coded is not None:  # typed in a prompt, the look-code word means the average toy: the codes' centre
+            with torch.no_grad():
+                table = ema.copies[0].get_input_embeddings().weight
+                table[coded.word_id] = coded.code.center.to(table)
+        save_pipeline(out, vae, ema.copies[0], words.tokenizer, ema.copies[1], log, schedule)
+    return snapshot
 
 
 def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 4000,
@@ -506,15 +564,9 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
     with _torch_threads(threads or max(1, os.cpu_count() or 1)):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        log = {"recipe": 5, "world": 2 if options == WORLD_V2 else 3, "world_options": asdict(options),
-               "toy_rate": toy_rate, "named_rate": named_rate,
-               "names": names, "pyramid_noise": list(pyramid), "schedule": schedule,
-               "noise_offset": noise_offset, "init_from": str(init_from) if init_from else None, "seed": seed,
-               "minutes": minutes, "vae_steps": vae_steps,
-               "n_images": n_images, "batch": batch, "lr": lr,
-               "device": device,
-               "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-                           f"torch {torch.__version__}", "vae_loss": [], "unet_loss": []}
+        log = _recipe_log(minutes=minutes, seed=seed, n_images=n_images, vae_steps=vae_steps, batch=batch, lr=lr,
+                          schedule=schedule, noise_offset=noise_offset, init_from=init_from, toy_rate=toy_rate,
+                          named_rate=named_rate, names=names, pyramid=pyramid, device=device, options=options)
 
         # 1-2. Data and tokenizer. Training uses all 77 positions, padding included: pipelines pad prompts to 77
         # and the UNet attends to every position, so a model that only ever saw the used prefix meets unfamiliar
@@ -533,30 +585,13 @@ def build(out: Path, minutes: float, seed: int, n_images: int, vae_steps: int = 
               f"{log['vae_reconstruction_l1']}, {time.time() - t0:.0f}s", flush=True)
 
         # 5. Text encoder + UNet, with a snapshot of the EMA weights every `snapshot_minutes`.
-        if init_from is not None:
-            text_encoder, unet = warm_start(init_from, words.tokenizer)
-        else:
-            text_encoder, unet = make_text_encoder(words.tokenizer), make_unet()
-        coded = None
-        if options.look_code:  # lever 2c: codes around "toy", as spread as the words are; fixed from here on
-            table, vocab = text_encoder.get_input_embeddings().weight, words.tokenizer.get_vocab()
-            spread = word_spread(table, [vocab[f"{w}</w>"] for w in demo_words(names)])
-            code = LookCode.fit(options.looks, table[vocab[f"{TOY}</w>"]], spread)
-            coded = _CodedCaptions.of(code, vocab[f"{LOOK_CODE_WORD}</w>"], coded_toys)
-            log["look_code"] = code.to_json()
+        text_encoder, unet = _starting_models(init_from, words.tokenizer)
+        coded = _look_codes(text_encoder, words, names, options.looks, coded_toys, log) if options.look_code else None
         del coded_toys
         where = torch.device(device)  # the UNet stage only: the VAE is trained (or reused) and applied on the CPU
         text_encoder, unet, latents = text_encoder.to(where), unet.to(where), latents.to(where)
         ema = _EMA([text_encoder, unet])
-
-        def snapshot(step: int) -> None:
-            log["unet_steps"], log["seconds"] = step, round(time.time() - t0, 1)
-            if coded is not None:  # typed in a prompt, the look-code word means the average toy: the codes' centre
-                with torch.no_grad():
-                    table = ema.copies[0].get_input_embeddings().weight
-                    table[coded.word_id] = coded.code.center.to(table)
-            save_pipeline(out, vae, ema.copies[0], words.tokenizer, ema.copies[1], log, schedule)
-
+        snapshot = _snapshotter(out, vae, words, ema, coded, log, schedule, t0)
         step = _train_unet(text_encoder, unet, ema, latents, words, log, gen, snapshot, lr=lr, batch=batch,
                            schedule=schedule, unet_steps=unet_steps, snapshot_minutes=snapshot_minutes, t0=t0,
                            noise_offset=noise_offset, pyramid=pyramid, device=where, coded=coded,

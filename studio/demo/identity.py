@@ -8,7 +8,7 @@ style (flat, outline, mosaic, soft) are a positive pair; every other identity in
 batches are built from groups that share a main colour (half of them a texture kind too), so colour alone never
 separates them. Named shapes take part too: the identity of a named object is its (shape, colour, pattern), so a
 bundled "purple-star" set is scored the same way. Views carry what generated pictures have: reconstructions
-through the demo model's VAE (`studio.demo.build.vae_roundtrip`), tinted backgrounds, mild blur, colour shifts.
+through the demo model's VAE (`studio.demo.vae.vae_roundtrip`), tinted backgrounds, mild blur, colour shifts.
 
 How it was measured (`identity.json` -> "quality", re-run with `python -m studio.demo.identity --measure`): on
 individuals from `world.HELD_OUT_INDIVIDUALS` (never trained on), 4 fresh views each, the mean cosine of
@@ -31,7 +31,7 @@ import json
 import random
 import time
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from studio.demo import world
-from studio.demo.judge import JUDGE_DIR, RESOLUTION, load_net, to_batch
+from studio.demo.judge import JUDGE_DIR, RESOLUTION, fp16_round_trip, load_net, to_batch
+from studio.demo.vae import vae_roundtrip
 from studio.engine.files import atomic_write
 
 IDENTITY_DIR = JUDGE_DIR  # shipped beside the attribute judge: the two together are the demo world's evaluator
@@ -161,7 +162,7 @@ def load_demo_vae_roundtrip() -> Transform:
     """The demo model's VAE as a picture -> reconstruction transform (what generated pictures look like)."""
     from diffusers import AutoencoderKL
 
-    from studio.demo.build import DEFAULT_OUT, vae_roundtrip
+    from studio.demo.build import DEFAULT_OUT
 
     vae_dir = DEFAULT_OUT / "vae"
     if not vae_dir.is_dir():
@@ -260,6 +261,71 @@ def nt_xent(z: torch.Tensor, keys: torch.Tensor, temperature: float = TEMPERATUR
     return F.cross_entropy(logits, partner)
 
 
+@dataclass
+class _Identities:
+    """Step 1 of `train`: the identities to train on, their buckets of shared main colour (`by_color`) and of shared
+    main colour and texture kind (`by_kind`), as indices into `objects`, and each one's identity key as a number."""
+
+    objects: list[world.Obj]
+    by_color: dict[str, list[int]]
+    by_kind: dict[tuple[str, str], list[int]]
+    keys: torch.Tensor
+
+
+def _training_identities(rng: random.Random, n_individuals: int) -> _Identities:
+    """`n_individuals` training individuals and every named shape, bucketed (see `_Identities`)."""
+    identities = [world.individual(s) for s in rng.sample(world.TRAINING_INDIVIDUALS, n_individuals)]
+    identities += named_identities()
+    by_color, by_kind = defaultdict(list), defaultdict(list)
+    for i, obj in enumerate(identities):
+        kind = world.individual_look(obj.individual).texture if obj.individual is not None else "named"
+        by_color[obj.color].append(i)
+        by_kind[(obj.color, kind)].append(i)
+    key_index = {k: n for n, k in enumerate(dict.fromkeys(identity_key(o) for o in identities))}
+    keys = torch.tensor([key_index[identity_key(o)] for o in identities])
+    return _Identities(identities, by_color, by_kind, keys)
+
+
+def _render_views(identities: _Identities, views: int, rng: random.Random, *, tint_rate: float,
+                  pair_rate: float, t0: float) -> np.ndarray:
+    """Step 2 of `train`, first part: `views` views per identity, uint8 [identities, views, H, W, 3]."""
+    n = len(identities.objects)
+    pool = np.stack([np.asarray(render_view(o, rng, tint_rate=tint_rate, pair_rate=pair_rate))
+                     for o in identities.objects for _ in range(views)]).reshape(n, views, RESOLUTION, RESOLUTION, 3)
+    print(f"rendered {pool.shape[0] * views} views in {time.time() - t0:.0f}s", flush=True)
+    return pool
+
+
+def _reconstruct_last_views(pool: np.ndarray, vae: Transform, rng: random.Random, vae_rate: float,
+                            t0: float) -> None:
+    """Step 2 of `train`, second part: replace the last view of a share `vae_rate` of the identities in `pool` by
+    its reconstruction through `vae`."""
+    last = pool.shape[1] - 1
+    through_vae = [i for i in range(len(pool)) if rng.random() < vae_rate]
+    for start in range(0, len(through_vae), 256):
+        chunk = through_vae[start:start + 256]
+        recon = vae([Image.fromarray(pool[i, last]) for i in chunk])
+        pool[chunk, last] = np.stack([np.asarray(r) for r in recon])
+    print(f"{len(through_vae)} views through the VAE, {time.time() - t0:.0f}s", flush=True)
+
+
+def _group_batch(identities: _Identities, pool: torch.Tensor, rng: random.Random, gen: torch.Generator, *,
+                 groups: int, group_size: int) -> tuple[list[int], torch.Tensor]:
+    """One batch of step 3: `groups` groups of up to `group_size` identities that share a main colour (every other
+    group: also a texture kind); returns the identities' indices and two augmented views of each, the first views
+    of all of them, then the second ([-1, 1] NCHW)."""
+    idx = []
+    for g in range(groups):
+        if g % 2 == 0:
+            bucket = identities.by_color[rng.choice(list(identities.by_color))]
+        else:
+            bucket = identities.by_kind[rng.choice(list(identities.by_kind))]
+        idx += rng.sample(bucket, min(group_size, len(bucket)))
+    pairs = [rng.sample(range(pool.shape[1]), 2) for _ in idx]
+    x = torch.cat([pool[idx, [p[0] for p in pairs]], pool[idx, [p[1] for p in pairs]]])
+    return idx, _augment(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0, gen)
+
+
 def train(out_dir: Path = IDENTITY_DIR, *, n_individuals: int = 10000, views: int = 3, steps: int = 700,
           groups: int = 8, group_size: int = 16, vae_rate: float = 0.5, tint_rate: float = 0.3,
           pair_rate: float = 0.08, seed: int = 0, threads: int = 1, log_every: int = 50) -> dict:
@@ -273,45 +339,22 @@ def train(out_dir: Path = IDENTITY_DIR, *, n_individuals: int = 10000, views: in
     rng = random.Random(seed)
 
     # 1. The identities: training individuals and every named shape; buckets of shared main colour (and kind).
-    identities = [world.individual(s) for s in rng.sample(world.TRAINING_INDIVIDUALS, n_individuals)]
-    identities += named_identities()
-    by_color, by_kind = defaultdict(list), defaultdict(list)
-    for i, obj in enumerate(identities):
-        kind = world.individual_look(obj.individual).texture if obj.individual is not None else "named"
-        by_color[obj.color].append(i)
-        by_kind[(obj.color, kind)].append(i)
-    key_index = {k: n for n, k in enumerate(dict.fromkeys(identity_key(o) for o in identities))}
-    keys = torch.tensor([key_index[identity_key(o)] for o in identities])
+    identities = _training_identities(rng, n_individuals)
 
     # 2. Render the pool: `views` views per identity; the last view of a share `vae_rate` through the demo VAE.
-    pool = np.stack([np.asarray(render_view(o, rng, tint_rate=tint_rate, pair_rate=pair_rate))
-                     for o in identities for _ in range(views)]).reshape(len(identities), views, RESOLUTION,
-                                                                         RESOLUTION, 3)
-    print(f"rendered {pool.shape[0] * views} views in {time.time() - t0:.0f}s", flush=True)
+    pool = _render_views(identities, views, rng, tint_rate=tint_rate, pair_rate=pair_rate, t0=t0)
     vae = load_demo_vae_roundtrip()
-    through_vae = [i for i in range(len(identities)) if rng.random() < vae_rate]
-    for start in range(0, len(through_vae), 256):
-        chunk = through_vae[start:start + 256]
-        recon = vae([Image.fromarray(pool[i, views - 1]) for i in chunk])
-        pool[chunk, views - 1] = np.stack([np.asarray(r) for r in recon])
-    print(f"{len(through_vae)} views through the VAE, {time.time() - t0:.0f}s", flush=True)
+    _reconstruct_last_views(pool, vae, rng, vae_rate, t0)
     pool_t = torch.from_numpy(pool)
 
     # 3. Train: batches of groups sharing a main colour (half: also a texture kind), two views each; AdamW.
     net = IdentityNet()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    colors, kinds = list(by_color), list(by_kind)
     net.train()
     for step in range(1, steps + 1):
-        idx = []
-        for g in range(groups):
-            bucket = by_color[rng.choice(colors)] if g % 2 == 0 else by_kind[rng.choice(kinds)]
-            idx += rng.sample(bucket, min(group_size, len(bucket)))
-        pairs = [rng.sample(range(views), 2) for _ in idx]
-        x = torch.cat([pool_t[idx, [p[0] for p in pairs]], pool_t[idx, [p[1] for p in pairs]]])
-        x = _augment(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0, gen)
-        loss = nt_xent(net(x), keys[idx])
+        idx, x = _group_batch(identities, pool_t, rng, gen, groups=groups, group_size=group_size)
+        loss = nt_xent(net(x), identities.keys[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -321,9 +364,7 @@ def train(out_dir: Path = IDENTITY_DIR, *, n_individuals: int = 10000, views: in
     train_seconds, train_cpu_seconds = time.time() - t0, time.process_time() - cpu0
 
     # 4. Measure the fp16 round trip (the shipped encoder) on held-out individuals, then save.
-    state = {k: (v.detach().half() if v.dtype.is_floating_point else v.detach()).contiguous()
-             for k, v in net.state_dict().items()}
-    net.load_state_dict({k: v.float() if v.dtype.is_floating_point else v for k, v in state.items()})
+    state = fp16_round_trip(net)
     info = {
         "architecture": {"width": 64, "dim": 128}, "resolution": RESOLUTION, "temperature": TEMPERATURE,
         "training": {"seed": seed, "individuals": n_individuals, "named_identities": len(named_identities()),

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from studio.demo import world
+from studio.demo.vae import vae_roundtrip
 from studio.engine.files import atomic_write
 
 JUDGE_DIR = Path(__file__).resolve().parents[2] / "assets" / "judge"
@@ -391,10 +392,8 @@ def measure_accuracy(judge: Judge, n: int = 2000, seed: int = 12345,
 
 def load_vae_roundtrip(vae_dir: Path | str = VAE_DIR) -> Callable[[list[Image.Image]], list[Image.Image]]:
     """Pictures -> their reconstructions through the VAE at `vae_dir` (the demo model's: what generations decode
-    through), as `studio.demo.build.vae_roundtrip` makes them."""
+    through), as `studio.demo.vae.vae_roundtrip` makes them."""
     from diffusers import AutoencoderKL
-
-    from studio.demo.build import vae_roundtrip
 
     vae_dir = Path(vae_dir)
     if not (vae_dir / "config.json").is_file():
@@ -468,6 +467,62 @@ def _to_pixels(pictures: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(p.convert("RGB")) for p in pictures]))
 
 
+@dataclass
+class _Pool:
+    """The training pictures, rendered once: `pixels` uint8 [N, H, W, 3], each head's target per picture (-1: the
+    head does not apply), each scene's background colour, and the reconstructions of the first `n_vae` pictures."""
+
+    pixels: torch.Tensor
+    targets: dict[str, torch.Tensor]
+    bg_colors: torch.Tensor
+    vae_pixels: torch.Tensor
+    n_vae: int
+
+
+def _render_pool(n_train: int, seed: int, roundtrip: Callable[[list[Image.Image]], list[Image.Image]],
+                 d: Degradations, vae_dir: Path | str, t0: float) -> _Pool:
+    """Step 1 of `train`: render the training pictures once; pass a share of them through the VAE."""
+    scenes = judge_scenes(random.Random(seed), n_train)
+    pixels = _to_pixels([world.render(s, RESOLUTION) for s in scenes])  # uint8 NHWC
+    targets = {name: torch.tensor([t[name] for t in map(_scene_targets, scenes)]) for name in HEADS}
+    bg_colors = torch.tensor([world.BACKGROUNDS[s.background] for s in scenes], dtype=torch.float32)
+    print(f"rendered {n_train} pictures in {time.time() - t0:.0f}s", flush=True)
+    n_vae = int(round(d.vae_share * n_train))
+    chunks = []
+    for i in range(0, n_vae, 1000):
+        clean = [Image.fromarray(a) for a in pixels[i:min(i + 1000, n_vae)].numpy()]
+        chunks.append(_to_pixels(roundtrip(clean)))
+    vae_pixels = torch.cat(chunks) if chunks else pixels[:0]
+    print(f"reconstructed {n_vae} of them through {vae_dir} by {time.time() - t0:.0f}s", flush=True)
+    return _Pool(pixels, targets, bg_colors, vae_pixels, n_vae)
+
+
+def _training_batch(pool: _Pool, batch: int, gen: torch.Generator,
+                    d: Degradations) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw `batch` pool pictures: (their indices, the pictures as shown, [-1, 1] NCHW), a share of those that
+    have a reconstruction shown as it, each degraded as `_augment` says."""
+    idx = torch.randint(0, len(pool.pixels), (batch,), generator=gen)
+    clean = pool.pixels[idx].float()
+    reconstructed = (idx < pool.n_vae) & (torch.rand(batch, generator=gen) < d.vae_rate)
+    if pool.n_vae:
+        through = pool.vae_pixels[idx.clamp(max=pool.n_vae - 1)].float()
+        shown = torch.where(reconstructed.view(-1, 1, 1, 1), through, clean)
+    else:
+        shown = clean
+    # Background: pixels within 6/255 of the scene's background colour in the clean render, edges softened.
+    near = ((clean - pool.bg_colors[idx].view(-1, 1, 1, 3)).abs().amax(-1) < 6).float()[:, None]
+    background = F.avg_pool2d(near, 3, stride=1, padding=1, count_include_pad=False)
+    return idx, _augment(shown.permute(0, 3, 1, 2) / 127.5 - 1.0, background, reconstructed, gen, d)
+
+
+def fp16_round_trip(net: nn.Module) -> dict[str, torch.Tensor]:
+    """`net`'s state in fp16 (floating tensors), with `net` set to those weights: what is saved is what is measured."""
+    state = {k: (v.detach().half() if v.dtype.is_floating_point else v.detach()).contiguous()
+             for k, v in net.state_dict().items()}
+    net.load_state_dict({k: v.float() if v.dtype.is_floating_point else v for k, v in state.items()})
+    return state
+
+
 def train(out_dir: Path = JUDGE_DIR, *, n_train: int = 30000, steps: int = 8000, batch: int = 64, seed: int = 0,
           threads: int = 1, eval_n: int = 2000, log_every: int = 100, vae_dir: Path | str = VAE_DIR,
           degradations: Degradations | None = None) -> dict:
@@ -482,18 +537,7 @@ def train(out_dir: Path = JUDGE_DIR, *, n_train: int = 30000, steps: int = 8000,
     roundtrip = load_vae_roundtrip(vae_dir)  # first: a missing VAE fails before minutes of rendering
 
     # 1. Render the training pictures once; pass a share of them through the VAE.
-    scenes = judge_scenes(random.Random(seed), n_train)
-    pixels = _to_pixels([world.render(s, RESOLUTION) for s in scenes])  # uint8 NHWC
-    targets = {name: torch.tensor([t[name] for t in map(_scene_targets, scenes)]) for name in HEADS}
-    bg_colors = torch.tensor([world.BACKGROUNDS[s.background] for s in scenes], dtype=torch.float32)
-    print(f"rendered {n_train} pictures in {time.time() - t0:.0f}s", flush=True)
-    n_vae = int(round(d.vae_share * n_train))
-    chunks = []
-    for i in range(0, n_vae, 1000):
-        clean = [Image.fromarray(a) for a in pixels[i:min(i + 1000, n_vae)].numpy()]
-        chunks.append(_to_pixels(roundtrip(clean)))
-    vae_pixels = torch.cat(chunks) if chunks else pixels[:0]
-    print(f"reconstructed {n_vae} of them through {vae_dir} by {time.time() - t0:.0f}s", flush=True)
+    pool = _render_pool(n_train, seed, roundtrip, d, vae_dir, t0)
 
     # 2. Train: summed cross-entropy over heads, ignoring heads that do not apply (-1); AdamW, cosine LR.
     net = JudgeNet()
@@ -501,20 +545,10 @@ def train(out_dir: Path = JUDGE_DIR, *, n_train: int = 30000, steps: int = 8000,
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     net.train()
     for step in range(1, steps + 1):
-        idx = torch.randint(0, n_train, (batch,), generator=gen)
-        clean = pixels[idx].float()
-        reconstructed = (idx < n_vae) & (torch.rand(batch, generator=gen) < d.vae_rate)
-        if n_vae:
-            shown = torch.where(reconstructed.view(-1, 1, 1, 1), vae_pixels[idx.clamp(max=n_vae - 1)].float(), clean)
-        else:
-            shown = clean
-        # Background: pixels within 6/255 of the scene's background colour in the clean render, edges softened.
-        near = ((clean - bg_colors[idx].view(-1, 1, 1, 3)).abs().amax(-1) < 6).float()[:, None]
-        background = F.avg_pool2d(near, 3, stride=1, padding=1, count_include_pad=False)
-        x = _augment(shown.permute(0, 3, 1, 2) / 127.5 - 1.0, background, reconstructed, gen, d)
+        idx, x = _training_batch(pool, batch, gen, d)
         logits = net(x)
-        loss = sum(F.cross_entropy(logits[name], targets[name][idx], ignore_index=-1)
-                   for name in HEADS if (targets[name][idx] >= 0).any())
+        loss = sum(F.cross_entropy(logits[name], pool.targets[name][idx], ignore_index=-1)
+                   for name in HEADS if (pool.targets[name][idx] >= 0).any())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -532,9 +566,7 @@ def train(out_dir: Path = JUDGE_DIR, *, n_train: int = 30000, steps: int = 8000,
                      "seconds": round(train_seconds, 1), "torch": torch.__version__},
     }
     # fp16 halves the file; accuracy is measured after the fp16 round trip, so it is the shipped judge's.
-    state = {k: (v.detach().half() if v.dtype.is_floating_point else v.detach()).contiguous()
-             for k, v in net.state_dict().items()}
-    net.load_state_dict({k: v.float() if v.dtype.is_floating_point else v for k, v in state.items()})
+    state = fp16_round_trip(net)
     judge = Judge(net, info)
     info.update(measured(judge, eval_n, roundtrip))
     out_dir.mkdir(parents=True, exist_ok=True)
