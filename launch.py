@@ -18,9 +18,9 @@ MAX_UPLOAD = "512mb"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from studio.engine.jobs import QueueLimits
     from studio.engine.memory import MEMORY_MODES
-    from studio.engine.session import DiskLimits
+    from studio.jobs.fair import QueueLimits
+    from studio.jobs.session import DiskLimits
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the built-in demo)")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def user_limits(args: argparse.Namespace):
     """The StudioLimits of the options; ValueError naming a value out of range."""
-    from studio.engine.jobs import QueueLimits
+    from studio.jobs.fair import QueueLimits
     from studio.ui.state import StudioLimits
 
     if args.max_train_steps is not None and args.max_train_steps < 1:

@@ -30,8 +30,9 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from architectures import build_random_pipeline
-from studio.engine.concepts import Concept, load_concept, save_concept
 from studio.engine.generate import GenerateRequest, generate
+from studio.engine.learned.registry import load_concept, save_concept
+from studio.engine.learned.word import Concept
 from studio.engine.models import LoadedModel
 
 PROMPT = "a photo of <cat-toy> on the beach, detailed"

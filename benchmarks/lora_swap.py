@@ -30,7 +30,8 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig, inject_adapter_in_model
 
 from architectures import _unet, build_random_pipeline
-from studio.engine.lora import load_lora, loras_applied
+from studio.engine.learned.lora import loras_applied
+from studio.engine.learned.lora_files import load_lora
 from studio.engine.models import LoadedModel
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # as in the tests

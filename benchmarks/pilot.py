@@ -46,7 +46,7 @@ from studio.demo.concept_sets import load_concept_set
 from studio.demo.evaluate import DemoJudge, DemoWorld
 from studio.demo.identity import measure
 from studio.demo.look_code import LookCode
-from studio.engine.concepts import Concept
+from studio.engine.learned.word import Concept
 from studio.engine.models import ModelManager
 from studio.evaluation.config import EvalConfig
 from studio.evaluation.drawing import generate_pictures

@@ -33,7 +33,7 @@ from transformers import CLIPTextModel
 
 from architectures import _text_config, build_random_pipeline
 from studio.demo.tokenizer import build_clip_tokenizer
-from studio.engine.concepts import Concept
+from studio.engine.learned.word import Concept
 from studio.engine.prompts import PromptEncoder
 from studio.library import ConceptLibrary
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 
 from studio.demo.judge import Judge
-from studio.engine.concepts import load_concept
 from studio.engine.generate import GenerateRequest, generate
+from studio.engine.learned.registry import load_concept
 from studio.engine.models import ModelManager
 from studio.evaluation.stats import bootstrap_mean
 

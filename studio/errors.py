@@ -20,4 +20,4 @@ class ModelError(UserError, RuntimeError):
 
 class LoraError(UserError):
     """A LoRA file the studio cannot read or does not apply (a LyCORIS variant, a file with no LoRA weights); the
-    message names what the file is and what to do. Raised by `studio.engine.lora`."""
+    message names what the file is and what to do. Raised by `studio.engine.learned.lora_files` and `.lora`."""

@@ -38,22 +38,14 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
-from studio.engine.concepts import (
-    IMAGE_SUFFIXES,
-    READ_SUFFIXES,
-    Concept,
-    ConceptError,
-    ConceptMismatchError,
-    check_fits,
-    companion_of,
-    is_second_half,
-    load_concept,
-    save_concept,
-)
 from studio.engine.containers import failing_closed
-from studio.engine.families import family_of
 from studio.engine.files import atomic_write, remove_temp_leftovers
-from studio.engine.lora import LORA_SUFFIXES, LoraFile, check_loras_fit, is_lora_file, load_lora
+from studio.engine.learned.lora import LoraFile
+from studio.engine.learned.lora_files import LORA_SUFFIXES, is_lora_file, load_lora
+from studio.engine.learned.plan import Learned
+from studio.engine.learned.registry import load_concept, read_learned, save_concept
+from studio.engine.learned.word import Concept, ConceptError, ConceptMismatchError
+from studio.engine.learned.word_files import IMAGE_SUFFIXES, READ_SUFFIXES, companion_of, is_second_half
 from studio.engine.names import check_word, file_stem, inside, session_key
 from studio.engine.prompts import split_concept_words, split_lora_tags
 from studio.errors import LoraError, UserError
@@ -82,28 +74,34 @@ _EVENT_OBSERVERS = ("InotifyObserver", "FSEventsObserver", "WindowsApiObserver")
 
 @dataclass
 class LibraryEntry:
-    """One row of the library listing: a file (or a session concept), whether it fits the model and why not.
+    """One row of the library listing: a learned thing (from a file, or a session's own), whether it fits the model
+    and why not; `thing` None for a file that could not be read (`reason` says why).
 
-    A LoRA file (`lora` set) is listed by its name, the file's stem that `<lora:name:w>` uses (A1111's rule); the
-    words it carries, if any, are `lora.words`, so a word+LoRA file is one entry."""
+    A LoRA file is listed by its name, the file's stem that `<lora:name:w>` uses (A1111's rule); the words it
+    carries, if any, are `lora.words`, so a word+LoRA file is one entry."""
 
     path: Path | None
     token: str
-    concept: Concept | None
+    thing: Learned | None
     fits: bool
     reason: str
     session: str | None
-    lora: LoraFile | None = None
 
     @property
     def kind(self) -> str:
-        """"word", "xti" (a word per layer), "lora" or "word+lora" (`LoraFile.kind`); "" for a file that could not
-        be read."""
-        if self.lora is not None:
-            return self.lora.kind
-        if self.concept is None:
-            return ""
-        return "xti" if getattr(self.concept, "layers", None) else "word"
+        """"word", "xti" (a word per layer), "lora" or "word+lora" (the thing's `kind`); "" for a file that could
+        not be read."""
+        return self.thing.kind if self.thing is not None else ""
+
+    @property
+    def concept(self) -> Concept | None:
+        """The word (or per-layer word) of this entry; None for a LoRA file."""
+        return _word(self.thing)
+
+    @property
+    def lora(self) -> LoraFile | None:
+        """The LoRA file of this entry; None for a word."""
+        return _lora(self.thing)
 
     @property
     def prompt_text(self) -> str:
@@ -118,9 +116,8 @@ class LibraryEntry:
 @dataclass
 class _CachedFile:
     stamp: tuple
-    concept: Concept | None
+    thing: Learned | None  # None: unreadable, `error` says why
     error: str
-    lora: LoraFile | None = None
 
 
 class _FolderEvents(FileSystemEventHandler):
@@ -300,15 +297,14 @@ class ConceptLibrary:
         self._parts = _pivotal_parts(self._files)
         order = sorted(self._files, key=lambda p: (len(p.relative_to(self.root).parts), p.relative_to(self.root).as_posix()))
         for path in order:
-            cached = self._files[path]
-            if path in self._parts or (cached.concept is None and cached.lora is None):
+            thing = self._files[path].thing
+            if path in self._parts or thing is None:
                 continue
-            index, key = ((self._loras_by_name, cached.lora.name) if cached.lora is not None
-                          else (self._by_token, cached.concept.token))
-            winner = index.get(key)
+            index = self._loras_by_name if thing.tag == "lora" else self._by_token
+            winner = index.get(thing.name)
             if winner is None:
-                index[key] = path
-                for word in cached.lora.words if cached.lora is not None else ():
+                index[thing.name] = path
+                for word in getattr(thing, "words", ()):  # the words a LoRA file carries
                     self._lora_words.setdefault(word.token, path)  # the first LoRA file in this order wins a word
             else:
                 self._shadowed[path] = winner
@@ -386,56 +382,44 @@ class ConceptLibrary:
         """Every file (unreadable ones with their error) and this session's concepts, with fits/reason for the model.
 
         `encoder_dims` (the loaded model's, `LoadedModel.encoder_dims`) judges words by their widths (`check_fits`)
-        and LoRA files by `studio.engine.lora.check_loras_fit`: the checks a request makes, so what is listed as
+        and LoRA files by `studio.engine.learned.lora.check_loras_fit`: the checks a request makes, so what is listed as
         fitting is what generation takes. `model_name` names the model in a reason. Without `encoder_dims`
         everything is listed as fitting."""
         with self._lock:
             self.refresh()
             session_concepts = self._session(session) if session is not None else {}
             session_loras = self._session_loras.get(session, {}) if session is not None else {}
-            rows = []
-            for token, concept in sorted(session_concepts.items()):
-                fits, reason = self._fit(concept, encoder_dims, where=f"session concept {token!r}")
-                rows.append(LibraryEntry(None, token, concept, fits, reason, session))
-            for name, lora in sorted(session_loras.items()):
-                fits, reason = _lora_fit(lora, encoder_dims, model_name)
-                rows.append(LibraryEntry(None, name, None, fits, reason, session, lora))
+            rows = [self._session_entry(thing, encoder_dims, model_name, session)
+                    for _, thing in [*sorted(session_concepts.items()), *sorted(session_loras.items())]]
             for path in sorted(self._files, key=lambda p: p.relative_to(self.root).as_posix()):
-                cached = self._files[path]
-                concept, lora = cached.concept, cached.lora
-                if path in self._parts:
-                    continue  # listed with its LoRA file
-                if concept is None and lora is None:
-                    rows.append(LibraryEntry(path, path.stem, None, False, cached.error, None))
-                    continue
-                token = lora.name if lora is not None else concept.token
-                if path in self._shadowed:
-                    winner = self._shadowed[path].relative_to(self.root).as_posix()
-                    what = "LoRA name" if lora is not None else "token"
-                    reason = (f"{what} {token!r} is also used by {winner}, which wins (nearest the library "
-                              "folder, then first by path); rename one of them to use both")
-                    rows.append(LibraryEntry(path, token, concept, False, reason, None, lora))
-                    continue
-                if lora is not None:
-                    fits, reason = _lora_fit(lora, encoder_dims, model_name)
-                    if fits and token in session_loras:
-                        reason = "this session has its own LoRA with this name, which is used instead"
-                else:
-                    fits, reason = self._fit(concept, encoder_dims, where=str(path))
-                    if fits and token in session_concepts:
-                        reason = "this session has its own concept with this token, which is used instead"
-                rows.append(LibraryEntry(path, token, concept, fits, reason, None, lora))
+                if path not in self._parts:  # a pivotal pair's words file is listed with its LoRA file
+                    rows.append(self._file_entry(path, encoder_dims, model_name, session_concepts, session_loras))
             return rows
 
     @staticmethod
-    def _fit(concept: Concept, encoder_dims: dict[str, int] | None, where: str) -> tuple[bool, str]:
-        if encoder_dims is None:
-            return True, ""
-        try:
-            check_fits(concept, encoder_dims, where=where)
-        except ConceptMismatchError as exc:
-            return False, str(exc)
-        return True, ""
+    def _session_entry(thing: Learned, encoder_dims: dict[str, int] | None, model_name: str,
+                       session: str) -> LibraryEntry:
+        fits, reason = _fit(thing, encoder_dims, model_name, f"session concept {thing.name!r}")
+        return LibraryEntry(None, thing.name, thing, fits, reason, session)
+
+    def _file_entry(self, path: Path, encoder_dims: dict[str, int] | None, model_name: str,
+                    session_concepts: dict, session_loras: dict) -> LibraryEntry:
+        cached = self._files[path]
+        thing = cached.thing
+        if thing is None:
+            return LibraryEntry(path, path.stem, None, False, cached.error, None)
+        if path in self._shadowed:
+            winner = self._shadowed[path].relative_to(self.root).as_posix()
+            what = "LoRA name" if thing.tag == "lora" else "token"
+            reason = (f"{what} {thing.name!r} is also used by {winner}, which wins (nearest the library folder, then "
+                      "first by path); rename one of them to use both")
+            return LibraryEntry(path, thing.name, thing, False, reason, None)
+        fits, reason = _fit(thing, encoder_dims, model_name, str(path))
+        own = session_loras if thing.tag == "lora" else session_concepts
+        if fits and thing.name in own:
+            mine = "LoRA with this name" if thing.tag == "lora" else "concept with this token"
+            reason = f"this session has its own {mine}, which is used instead"
+        return LibraryEntry(path, thing.name, thing, fits, reason, None)
 
     def get(self, token: str, session: str | None = None) -> Concept:
         """The concept for `token`: this session's own first, then the library's; ConceptError when unknown.
@@ -471,10 +455,10 @@ class ConceptLibrary:
                     return carried, lora
         path = self._by_token.get(word)
         if path is not None:
-            return self._files[path].concept, None
+            return _word(self._files[path].thing), None
         path = self._lora_words.get(word)
         if path is not None:
-            lora = self._files[path].lora
+            lora = _lora(self._files[path].thing)
             return next(((w, lora) for w in lora.words if w.token == word), None)
         return None
 
@@ -504,7 +488,7 @@ class ConceptLibrary:
             if name in self._session_loras.get(session, {}):
                 return self._session_loras[session][name]
         path = self._loras_by_name.get(name)
-        return self._files[path].lora if path is not None else None
+        return _lora(self._files[path].thing) if path is not None else None
 
     def resolve(self, prompt: str, session: str | None = None) -> list[Concept | tuple[LoraFile, float]]:
         """What `prompt` names: the concepts whose token occurs in it as a whole word
@@ -739,7 +723,7 @@ class ConceptLibrary:
                 raise ConceptError(f"no concept file named {token!r} in the library")
             if new_token in self._by_token:
                 raise ConceptError(f"{new_token!r} is already used by {self._by_token[new_token].name}; pick another name")
-            concept = self._files[old_path].concept
+            concept = _word(self._files[old_path].thing)
             renamed = _renamed(concept, new_token)
             new_path = inside(old_path.parent, file_stem(new_token) + old_path.suffix)
             old_files = [old_path] + _second_half(old_path, concept)
@@ -767,7 +751,7 @@ class ConceptLibrary:
                             f"({self._loras_by_name[new_stem].name}); pick another name")
         moves = [(old_path, inside(old_path.parent, new_stem + old_path.suffix))]
         moves += [(words, inside(words.parent, f"{new_stem}_emb{words.suffix}"))
-                  for words in _pivotal_words_file(self._files[old_path].lora)]
+                  for words in _pivotal_words_file(_lora(self._files[old_path].thing))]
         for _, target in moves:
             if target.exists():
                 raise LoraError(f"{target.name} already exists in the library; pick another name")
@@ -795,10 +779,10 @@ class ConceptLibrary:
             self.refresh()
             path = self._by_token.get(token)
             if path is not None:
-                files = [path] + _second_half(path, self._files[path].concept)
+                files = [path] + _second_half(path, _word(self._files[path].thing))
             elif token in self._loras_by_name:
                 path = self._loras_by_name[token]
-                files = [path] + _pivotal_words_file(self._files[path].lora)
+                files = [path] + _pivotal_words_file(_lora(self._files[path].thing))
             else:
                 raise ConceptError(f"no concept named {token!r} in the library")
             for file in files:
@@ -840,15 +824,17 @@ def _is_concept_file_name(name: str) -> bool:
 def _token_of(cached: _CachedFile) -> tuple[str, ...] | None:
     """What a file is indexed by: its word, or its LoRA name and the words it carries (a retrained pivotal file with
     another word is re-indexed)."""
-    if cached.lora is not None:  # a name apart from every word: a file turned LoRA is re-indexed
-        return (f"<lora:{cached.lora.name}>", *(word.token for word in cached.lora.words))
-    return (cached.concept.token,) if cached.concept is not None else None
+    thing = cached.thing
+    if thing is None:
+        return None
+    if thing.tag is not None:  # a name apart from every word (<lora:name>): a file turned LoRA is re-indexed
+        return (f"<{thing.tag}:{thing.name}>", *(word.token for word in getattr(thing, "words", ())))
+    return (thing.name,)
 
 
 def _read_file(path: Path, stamp: tuple) -> _CachedFile:
-    """A library file read as a LoRA (`load_lora`) or as a word (`load_concept`), or the one-line reason it reads as
-    neither. A .safetensors file is told apart by its key names alone (`is_lora_file`), so no file is read twice;
-    other containers are tried as a word first, the common case in an A1111 embeddings folder.
+    """A library file read as whatever learned thing it holds (`studio.engine.learned.registry.read_learned`), or
+    the one-line reason it reads as none.
 
     Fails closed: whatever reading raises (a hostile file's RecursionError, MemoryError, a library's RuntimeError)
     is the entry's reason, never the listing's failure (`failing_closed`). A link the library does not follow
@@ -858,30 +844,28 @@ def _read_file(path: Path, stamp: tuple) -> _CachedFile:
         log.warning("concept library: skipped %s: %s", path, stamp[1])
         return _CachedFile(stamp, None, reason)
     try:
-        with failing_closed(path, ConceptError, "concept or LoRA file"):
-            if path.suffix.lower() == ".safetensors" and is_lora_file(path):
-                return _CachedFile(stamp, None, "", load_lora(path))
-            try:
-                return _CachedFile(stamp, load_concept(path), "")
-            except ConceptError:
-                pickled = path.suffix.lower() in LORA_SUFFIXES and path.suffix.lower() != ".safetensors"
-                if pickled and is_lora_file(path):
-                    return _CachedFile(stamp, None, "", load_lora(path))
-                raise
+        return _CachedFile(stamp, read_learned(path), "")
     except UserError as exc:  # ConceptError, LoraError: the file's own reason
         return _CachedFile(stamp, None, str(exc))
 
 
-def _lora_fit(lora: LoraFile, encoder_dims: dict[str, int] | None, model_name: str) -> tuple[bool, str]:
-    """Whether a LoRA file fits the model with `encoder_dims` (None: any model), and why not: its weights by the
-    check every request makes (`check_loras_fit`), the words it carries by their widths (`check_fits`, the prompt
-    encoder's check)."""
+def _word(thing: Learned | None) -> Concept | None:
+    """`thing` when it is a word (a per-layer word too), else None."""
+    return thing if isinstance(thing, Concept) else None
+
+
+def _lora(thing: Learned | None) -> LoraFile | None:
+    """`thing` when it is a LoRA file, else None."""
+    return thing if isinstance(thing, LoraFile) else None
+
+
+def _fit(thing: Learned, encoder_dims: dict[str, int] | None, model_name: str, where: str) -> tuple[bool, str]:
+    """Whether `thing` fits the model with `encoder_dims` (None: any model), and why not: by its own `check_fit`,
+    the check every request makes, so what is listed as fitting is what generation takes."""
     if encoder_dims is None:
         return True, ""
     try:
-        check_loras_fit([(lora, 1.0)], encoder_dims, model_name or family_of(encoder_dims)[1])
-        for word in lora.words:
-            check_fits(word, encoder_dims, where=f"{lora.path.name}, bundled word {word.token!r}")
+        thing.check_fit(encoder_dims, model_name, where=where)
     except (LoraError, ConceptMismatchError) as exc:
         return False, str(exc)
     return True, ""
@@ -898,7 +882,7 @@ def _pivotal_words_file(lora: LoraFile | None) -> list[Path]:
 
 def _pivotal_parts(files: dict[Path, _CachedFile]) -> set[Path]:
     """The words files that belong to a LoRA file's entry (`_pivotal_words_file`)."""
-    return {part for cached in files.values() for part in _pivotal_words_file(cached.lora) if part in files}
+    return {part for cached in files.values() for part in _pivotal_words_file(_lora(cached.thing)) if part in files}
 
 
 def _half_name(name: str) -> str:

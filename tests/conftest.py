@@ -48,6 +48,23 @@ def demo_model_dir() -> Path:
     return DEMO_MODEL_DIR
 
 
+@pytest.fixture()
+def pictures(tmp_path) -> Path:
+    """A folder of four small concept pictures, shared by the trainer, resume, memory and training-job tests."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        arr = np.zeros((48, 48, 3), np.uint8)
+        arr[8:40, 8:40] = (200, 40 + 20 * k, 40)
+        arr += rng.integers(0, 20, arr.shape, dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"p{k}.png")
+    return folder
+
+
 # End-to-end modules: a real browser, CLI runs that load and train, training + evaluation, the demo build. They run in
 # CI (the whole suite, ~2.5 min on 2 cores); `pytest -m "not slow"` leaves them out for a quick loop while editing.
 SLOW_MODULES = {"test_browser.py", "test_ui_load.py", "test_cli_generate_train.py", "test_runner.py",

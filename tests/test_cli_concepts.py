@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from studio.engine.concepts import Concept, load_concept, save_concept
+from studio.engine.learned.registry import load_concept, save_concept
+from studio.engine.learned.word import Concept
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from studio.cli import main
-from studio.engine.concepts import Concept, load_concept, save_concept
+from studio.engine.learned.registry import load_concept, save_concept
+from studio.engine.learned.word import Concept
 
 REPO = Path(__file__).resolve().parents[1]
 PICTURES = REPO / "assets" / "concepts" / "toy-ladybug"

@@ -3,7 +3,7 @@
 import pytest
 
 from studio.cli import SUBCOMMANDS, _is_user_error, main
-from studio.engine.concepts import ConceptError, ConceptMismatchError
+from studio.engine.learned.word import ConceptError, ConceptMismatchError
 from studio.engine.memory import OutOfMemory
 from studio.engine.models import ModelError
 from studio.engine.names import WordError

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from studio.engine.concepts import (Concept, ConceptError, ConceptMismatchError, check_fits, load_concept,
-                                    save_concept)
+from studio.engine.learned.registry import load_concept, save_concept
+from studio.engine.learned.word import Concept, ConceptError, ConceptMismatchError, check_fits
 import studio.library
-from studio.engine.session import request_for
 from studio.errors import LoraError, UserError
+from studio.jobs.generation import request_for
 from studio.library import ConceptLibrary
 
 SD1 = {"text_encoder": 768}
@@ -405,8 +405,8 @@ def test_a_change_re_reads_only_that_file(tmp_path, monkeypatch):
     library = ConceptLibrary(tmp_path, refresh_interval=float("inf"))
     assert tokens(library, "c5") == ["c5"]  # the first scan
     loads = []
-    real_load = studio.library.load_concept
-    monkeypatch.setattr(studio.library, "load_concept", lambda path, *a, **k: loads.append(path) or real_load(path, *a, **k))
+    real_read = studio.library.read_learned
+    monkeypatch.setattr(studio.library, "read_learned", lambda path, *a, **k: loads.append(path) or real_read(path, *a, **k))
 
     def no_rescan(*args, **kwargs):
         raise AssertionError("the library rescanned its folder for a change of one file")
@@ -611,9 +611,9 @@ def test_request_for_carries_the_loras_of_the_prompt_with_their_weights(tmp_path
     fields = dict(prompt="a <toy> cat <lora:ink:0.6> <lora:toy:0.3>", negative_prompt="blurry <nothing>", seed=1)
     req, unknown = request_for(fields, library, "s")
     assert [(lora.name, weight) for lora, weight in req.loras] == [("ink", 0.6), ("toy", 0.3)]
-    assert [c.token for c in req.concepts] == ["<toy>", "cat"]  # the bundled word is a word of the prompt
+    assert [c.token for c in req.words] == ["<toy>", "cat"]  # the bundled word is a word of the prompt
     assert unknown == ["<nothing>"]
     req, _ = request_for(dict(prompt="a cat", negative_prompt=""), library, "s")
-    assert req.loras == [] and [c.token for c in req.concepts] == ["cat"]
+    assert req.loras == [] and [c.token for c in req.words] == ["cat"]
     with pytest.raises(LoraError, match="negative prompt"):
         request_for(dict(prompt="a cat", negative_prompt="<lora:ink:1>"), library, "s")

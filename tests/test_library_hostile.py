@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import hostile_files
-from studio.engine.concepts import ConceptError
+from studio.engine.learned.word import ConceptError
 from studio.errors import UserError
 from studio.library import ConceptLibrary
 

@@ -20,11 +20,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from studio.engine.generate import GenerateRequest, generate
-from studio.engine.lora import LoraFile, load_lora
+from studio.engine.learned.lora import LoraFile
+from studio.engine.learned.lora_files import load_lora
+from studio.engine.learned.word import ConceptError
 from studio.engine.models import ModelManager
-from studio.jobs.generation import request_for
-from studio.engine.concepts import ConceptError
 from studio.errors import LoraError
+from studio.jobs.generation import request_for
 from studio.library import ConceptLibrary
 from studio.training import TrainConfig, Trainer
 from studio.ui.state import Studio

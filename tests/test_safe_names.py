@@ -14,9 +14,10 @@ import time
 import pytest
 import torch
 
-from studio.engine.concepts import Concept, ConceptError, load_concept, save_concept
-from studio.engine.names import MAX_WORD_CHARS, WordError, check_word, file_stem, inside
 from studio.engine.files import remove_temp_leftovers
+from studio.engine.learned.registry import load_concept, save_concept
+from studio.engine.learned.word import Concept, ConceptError
+from studio.engine.names import MAX_WORD_CHARS, WordError, check_word, file_stem, inside
 from studio.library import STALE_TEMP_S, ConceptExistsError, ConceptLibrary
 
 HOSTILE = ["..", "../../x", "/abs", "/etc/passwd", "a/b", "a\\b", "CON", "con.txt", "LPT1", "x" * 300, "a\x00b",

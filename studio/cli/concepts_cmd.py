@@ -12,12 +12,14 @@ import argparse
 import json
 from pathlib import Path
 
-from studio.engine.concepts import FORMATS, load_concept, save_concept
 from studio.engine.families import family_of
 from studio.engine.files import check_new_output, write_new_files
-from studio.engine.lora import LoraFile, is_lora_file, load_lora
-from studio.engine.lora_export import EXPORT_FORMATS, export_lora
-from studio.engine.xti import XtiConcept
+from studio.engine.learned.layer_word import XtiConcept
+from studio.engine.learned.lora import LoraFile
+from studio.engine.learned.lora_export import EXPORT_FORMATS, export_lora
+from studio.engine.learned.lora_files import is_lora_file, load_lora
+from studio.engine.learned.registry import load_concept, save_concept
+from studio.engine.learned.word_files import FORMATS
 from studio.errors import LoraError
 
 

@@ -110,9 +110,9 @@ def concept_uses(prompt: str, concept_specs: list[str], lora_specs: list[str]) -
 
     A tag naming no LoRA, a weight that is not a number or is given to a word, or a `--lora` file that is not a LoRA
     is a `UserError`."""
-    from studio.engine.concepts import load_concept
     from studio.engine.containers import failing_closed
-    from studio.engine.lora import is_lora_file, load_lora
+    from studio.engine.learned.lora_files import is_lora_file, load_lora
+    from studio.engine.learned.registry import load_concept
     from studio.engine.prompts import split_lora_tags
 
     words, loras = [], {}
@@ -140,8 +140,8 @@ def concept_uses(prompt: str, concept_specs: list[str], lora_specs: list[str]) -
 
 def _pivotal_lora_beside(words_file: Path) -> Path | None:
     """`x.safetensors` when `words_file` is `x_emb.safetensors`, the words file of the diffusers pivotal pair x
-    (`studio.engine.lora.pivotal_embeddings`): its word was learned with that LoRA and comes with it; else None."""
-    from studio.engine.lora import is_lora_file, pivotal_embeddings
+    (`studio.engine.learned.lora_files.pivotal_embeddings`): its word was learned with that LoRA and comes with it; else None."""
+    from studio.engine.learned.lora_files import is_lora_file, pivotal_embeddings
 
     if not words_file.stem.endswith("_emb"):
         return None

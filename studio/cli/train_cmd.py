@@ -7,16 +7,36 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from tqdm import tqdm
 
 from studio.engine.memory import MEMORY_MODES
 from studio.training.config import LORA_TARGETS, METHODS
 
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+    from studio.engine.memory import MemoryPreset
+    from studio.engine.models import LoadedModel
+    from studio.training import TrainConfig, TrainEvent
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """The `train` subcommand and its options (in this order: `--help` and the usage line list them so)."""
     p = subparsers.add_parser("train", help="learn a concept from 3-20 pictures (Textual Inversion, pivotal, "
                                             "XTI, LoRA, DreamBooth)")
+    _add_run_options(p)
+    _add_variant_options(p)
+    p.add_argument("--gradient-accumulation", type=int, default=1, metavar="N",
+                   help="add up the gradients of N steps' batches before each update")
+    _add_method_options(p)
+    _add_output_options(p)
+    p.set_defaults(func=run)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The pictures, the word, and how the run trains: steps, learning rate, batch, size, seed, resume, memory."""
     p.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the built-in demo)")
     p.add_argument("--images", required=True, type=Path, help="folder of PNG/JPEG/WebP pictures of the concept")
     p.add_argument("--token", required=True, help="the new word, e.g. '<my-cat>'")
@@ -39,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "once the pictures are encoded; auto: by free GPU memory (fast on CPU)")
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
                    help="autocast the frozen model (vectors stay fp32); auto: none on CPU, the model's dtype on GPU")
+
+def _add_variant_options(p: argparse.ArgumentParser) -> None:
+    """The Textual Inversion paper's variants of what the word learns (ti, xti, pivotal)."""
     v = p.add_argument_group("variants", "the Textual Inversion paper's variants (ti, xti, pivotal)")
     v.add_argument("--progressive", metavar="SPEC",
                    help="progressive extension: vectors:step pairs like '1:0,2:400,3:800' (the word ends with the last)")
@@ -53,8 +76,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="score the run every --stop-every steps on a fixed held-back draw and stop once it no longer "
                         "improves (--steps stays the upper bound)")
     v.add_argument("--stop-every", type=int, default=10, metavar="K", help="steps between two scorings")
-    p.add_argument("--gradient-accumulation", type=int, default=1, metavar="N",
-                   help="add up the gradients of N steps' batches before each update")
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """What learns (`--method`) and the options of the methods that learn weights."""
     m = p.add_argument_group("method", "what learns: the word (ti), the word and a UNet LoRA (pivotal), a UNet LoRA "
                                        "for '<token> <class>' (lora, DreamBooth-LoRA), the whole UNet (dreambooth)")
     m.add_argument("--method", choices=METHODS, default="ti")
@@ -77,27 +102,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], help="pivotal/lora weights in the file "
                    "(default fp32; --lite: fp16)")
     m.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW for the weights (CUDA)")
+    m.add_argument("--text-encoder-lora", action="store_true",
+                   help="lora/pivotal: also a LoRA on the text encoders' attention (diffusers' --train_text_encoder), "
+                        "saved in the same file")
+    m.add_argument("--text-encoder-rank", type=int, help="rank of the text-encoder LoRA (default: --rank)")
+    m.add_argument("--text-encoder-lr", type=float,
+                   help="learning rate of the text-encoder LoRA (default: the weights' learning rate)")
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """Where the files go, and whether existing ones may be replaced."""
     p.add_argument("--out", type=Path, default=Path("."),
                    help="folder for the concept files, or the final file itself when it ends in .safetensors "
                         "(dreambooth: the model folder); an existing file or model folder is kept (exit 2 before "
                         "training) unless --overwrite")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs of the same names (a model folder only if the studio wrote it)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train as the options say; 0 once the run has ended and its files are written."""
     from studio.engine.memory import preset
-    from studio.engine.models import ModelManager
-    from studio.training import TrainConfig, Trainer
-    from studio.training.config import lite
+    from studio.training import Trainer
     from studio.training.trainer import check_train_output
+
+    mode = preset(args.memory)  # `auto` resolves here, once, by free GPU memory
+    cfg = _train_config(args, mode)
+    # Before the model loads: a run never ends by failing to write, nor replaces what was not asked to be replaced.
+    check_train_output(cfg, args.images, args.out, overwrite=args.overwrite)
+    model, processes = _load_model(args)
+    print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explain(model.device)}")
+    # Out of memory ends the run with a `failed` line naming the mode to switch to (the last good vectors saved),
+    # then the one-line error of `studio.cli.main`, exit code 2.
+    with tqdm(total=cfg.steps, desc=f"training {cfg.token}", disable=not processes.is_main_process) as bar:
+        Trainer(model, cfg, args.images, args.out, overwrite=args.overwrite).run(
+            _progress_lines(bar) if processes.is_main_process else None)
+    return 0
+
+
+def _train_config(args: argparse.Namespace, mode: MemoryPreset) -> TrainConfig:
+    """The run's TrainConfig from the options, in memory mode `mode` (`--lr`: a number, or an A1111 schedule)."""
+    from studio.training import TrainConfig
+    from studio.training.config import lite
 
     try:
         lr, schedule = float(args.lr), "constant"
     except ValueError:
         lr, schedule = 0.005, args.lr
-    mode = preset(args.memory)  # `auto` resolves here, once, by free GPU memory
     cfg = TrainConfig(args.token, init_text=args.init, n_vectors=args.vectors, steps=args.steps, learning_rate=lr,
                       lr_schedule=schedule, batch_size=args.batch, template=args.template,
                       resolution=args.resolution, flip=not args.no_flip, save_every=args.save_every, seed=args.seed,
@@ -109,17 +159,25 @@ def run(args: argparse.Namespace) -> int:
                       use_8bit_adam=args.use_8bit_adam, lora_format=args.lora_format, progressive=args.progressive,
                       per_image_tokens=args.per_image_tokens, keep_image_words=args.keep_image_words,
                       regularization=args.regularization, keep_norm=args.keep_norm,
-                      stop_when_learned=args.stop_when_learned, stop_every=args.stop_every)
+                      stop_when_learned=args.stop_when_learned, stop_every=args.stop_every,
+                      text_encoder_lora=args.text_encoder_lora, text_encoder_rank=args.text_encoder_rank,
+                      text_encoder_lr=args.text_encoder_lr)
     if args.lite:
         lite(cfg)
     if args.save_precision:
         cfg.save_precision = args.save_precision
-    # Before the model loads: a run never ends by failing to write, nor replaces what was not asked to be replaced.
-    check_train_output(cfg, args.images, args.out, overwrite=args.overwrite)
-    # Under `accelerate launch`, each process loads the model on its own device (cuda:<local rank>, or the CPU)
-    # and only the main one prints.
+    return cfg
+
+
+def _load_model(args: argparse.Namespace) -> tuple[LoadedModel, PartialState]:
+    """The model `--model` names, and this process among those of the run.
+
+    Under `accelerate launch`, each process loads the model on its own device (cuda:<local rank>, or the CPU) and
+    only the main one prints."""
     import torch
     from accelerate import PartialState
+
+    from studio.engine.models import ModelManager
 
     # With no GPU, processes launched by `accelerate launch --multi_gpu` (torch's elastic launcher) join over gloo:
     # accelerate makes that group only when told the run is on the CPU.
@@ -129,10 +187,13 @@ def run(args: argparse.Namespace) -> int:
         from studio.engine.models import LoadOptions
 
         options = LoadOptions(device=str(processes.device))
-    model = ModelManager().load(args.model, options)
-    print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explain(model.device)}")
+    return ModelManager().load(args.model, options), processes
 
-    def on_event(event) -> None:
+
+def _progress_lines(bar: tqdm) -> Callable[[TrainEvent], None]:
+    """The trainer's events as `bar`'s progress and as lines printed above it."""
+
+    def on_event(event: TrainEvent) -> None:
         if event.kind == "step":
             bar.update(1)
             bar.set_postfix(loss=f"{event.loss:.4f}")
@@ -142,9 +203,4 @@ def run(args: argparse.Namespace) -> int:
         elif event.kind in ("warning", "checkpoint", "finished", "failed", "cancelled"):
             tqdm.write(f"{event.kind}: {event.message or event.path}")
 
-    # Out of memory ends the run with a `failed` line naming the mode to switch to (the last good vectors saved),
-    # then the one-line error of `studio.cli.main`, exit code 2.
-    with tqdm(total=cfg.steps, desc=f"training {cfg.token}", disable=not processes.is_main_process) as bar:
-        Trainer(model, cfg, args.images, args.out, overwrite=args.overwrite).run(
-            on_event if processes.is_main_process else None)
-    return 0
+    return on_event

@@ -15,9 +15,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from studio.demo.concept_sets import load_concept_set
-from studio.engine.concepts import load_concept
 from studio.engine.files import atomic_write
 from studio.engine.generate import GenerateRequest, generate
+from studio.engine.learned.registry import load_concept
 from studio.engine.models import ModelManager
 
 PROMPTS = ("a photo of a {}", "a {} on a black background", "two {}", "a {} in mosaic style")

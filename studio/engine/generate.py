@@ -24,11 +24,11 @@ from typing import Callable
 import torch
 from PIL import Image, PngImagePlugin
 
-from studio.engine.concepts import Concept
 from studio.engine.families import FAMILIES
 from studio.engine.files import atomic_write
+from studio.engine.learned.lora import LoraFile, loras_applied
 from studio.engine.learned.plan import RequestPlan, Use, plan_request, uses_of
-from studio.engine.lora import LoraFile, loras_applied
+from studio.engine.learned.word import Concept
 from studio.engine.memory import mode_in_effect, oom_guard
 from studio.engine.models import pipeline_over
 from studio.engine.pictures import MAX_SIDE, SIDE_STEP, scaled, side_limits, working_size
@@ -168,8 +168,8 @@ def validate(model, req: GenerateRequest) -> tuple[int, int, RequestPlan]:
         raise ValueError(f"strength must be between 0 and 1, not {req.strength}")
     plan = req.plan
     for use in req.concepts:
-        if not isinstance(use.thing, Concept):
-            use.thing.check_fit(model)
+        if not isinstance(use.thing, Concept):  # words: by the prompt encoder, which every request passes
+            use.thing.check_fit(model.encoder_dims, model.name)
     native = native_size(model)
     check_size(req.width or None, req.height or None, native, model.name)  # 0 or None: the native size
     width, height = req.width or native, req.height or native
@@ -348,7 +348,7 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
         # the stack: a LoRA's text-encoder part changes the prompt embeddings, so the prompt is encoded inside.
         plan.enter_patches(model, stack)
         # 4. Prompt embeddings with the words' vectors in their slots (for per-layer words one set per
-        # cross-attention layer in `cross_attention_kwargs`: studio.engine.xti).
+        # cross-attention layer in `cross_attention_kwargs`: studio.engine.learned.layer_word).
         kwargs = plan.prompt_kwargs(model, denoiser, req.batch, req.guidance)
         # One generator per image, so image k equals a single run with seed + k.
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]

@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from studio.engine.families import family_of_pipe
 from studio.engine.models import LoadOptions, ModelError
 
 
@@ -80,11 +81,12 @@ def memory_settings(pipe) -> dict[str, bool]:
     """What is really in effect on a loaded pipeline (offload only happens on CUDA), read from its modules."""
     from diffusers.models.attention_processor import SlicedAttnProcessor
 
+    denoiser = family_of_pipe(pipe).denoiser_of(pipe)
     return {
-        "attention_slicing": any(isinstance(p, SlicedAttnProcessor) for p in pipe.unet.attn_processors.values()),
+        "attention_slicing": any(isinstance(p, SlicedAttnProcessor) for p in denoiser.attn_processors.values()),
         "vae_slicing": bool(getattr(pipe.vae, "use_slicing", False)),
         "vae_tiling": bool(getattr(pipe.vae, "use_tiling", False)),
-        "cpu_offload": hasattr(pipe.unet, "_hf_hook"),  # accelerate's offload hooks
+        "cpu_offload": hasattr(denoiser, "_hf_hook"),  # accelerate's offload hooks
     }
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from studio.engine.lora import LoraCache
-from studio.engine.families import FAMILIES, ModelFamily, detect_family, encoder_dims, encoders_of
+from studio.engine.families import FAMILIES, ModelFamily, detect_family, encoder_dims, encoders_of, family_of_pipe
+from studio.engine.learned.lora import LoraCache
 from studio.engine.prompts import PromptEncoder
 from studio.errors import ModelError
 
@@ -77,7 +77,7 @@ class LoadedModel:
     attention: str
     is_demo: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
-    lora_cache: LoraCache = field(default_factory=LoraCache)  # the LoRA adapters in `pipe.unet` (studio.engine.lora)
+    lora_cache: LoraCache = field(default_factory=LoraCache)  # LoRA adapters in the denoiser and text encoders (learned.lora)
     _views: dict = field(default_factory=dict)
     _encoder: PromptEncoder | None = None
 
@@ -228,7 +228,7 @@ class ModelManager:
             raise
         except Exception as exc:  # noqa: BLE001 - library errors become one readable message
             raise ModelError(_load_failure(src, exc)) from exc
-        if not encoders_of(pipe) or not hasattr(pipe, "unet"):
+        if not encoders_of(pipe) or getattr(pipe, family_of_pipe(pipe).denoiser, None) is None:
             raise ModelError(f"{src!r} is not a Stable Diffusion model (no text encoder / UNet)")
         pipe.set_progress_bar_config(disable=True)
         attention = self._apply_options(pipe, opts, device)

@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from studio.engine.concepts import Concept, check_fits
 from studio.engine.families import ENCODER_KEYS, detect_family, encoder_width, encoders_of
+from studio.engine.learned.word import Concept, check_fits
 from studio.engine.names import MAX_WORD_CHARS
 from studio.errors import UserError
 
@@ -295,7 +295,7 @@ class PromptEncoder:
         """Encoder `index` run from `input_embeddings`' output: (prompt embeddings [B, 77, D], pooled [B, P] or None).
 
         Apart from `input_embeddings` so that rows built with different concepts (one per UNet layer,
-        `studio.engine.xti`) go through the text transformer in one batch; each row is encoded on its own."""
+        `studio.engine.learned.layer_word`) go through the text transformer in one batch; each row is encoded on its own."""
         encoder = self.text_encoders[index]
         text_model = getattr(encoder, "text_model", encoder)  # CLIPTextModelWithProjection wraps a CLIPTextModel
         device = inputs.device

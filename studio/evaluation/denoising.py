@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from studio.engine.concepts import Concept
+from studio.engine.learned.word import Concept
 from studio.evaluation.world import BundledSet, World
 from studio.training.data import TrainingImage, encode_latents, load_images
 from studio.training.templates import TEMPLATES

@@ -10,8 +10,8 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
-from studio.engine.concepts import Concept
 from studio.engine.generate import GenerateRequest, generate
+from studio.engine.learned.word import Concept
 from studio.evaluation.config import EvalConfig, ScoreConfig
 
 # on_progress(done, total, what): denoising steps done of all the evaluation's steps, and the prompt being drawn.

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from studio.engine.concepts import Concept
+from studio.engine.learned.word import Concept
 from studio.evaluation.config import EvalConfig
 from studio.evaluation.drawing import Draw, generate_pictures
 from studio.evaluation.prompts import editing_prompts, reconstruction_prompts

@@ -90,30 +90,39 @@ def method_notes(methods: dict[str, Any]) -> list[str]:
             for set_name, r in m["concepts"].items() if "error" in r]
 
 
-def format_table(results: dict[str, Any]) -> str:
-    """The results as plain-text tables: every score as `mean ± half-width of its 95% interval (n=pictures)`."""
+def _conditioning_lines(results: dict[str, Any]) -> list[str]:
+    """The model, the machine, and how much worse the model denoises without its captions."""
     lines = [f"model: {results['source']}  ({results['machine']})"]
     gap = results.get("conditioning_gap")
     if gap:
         lines.append(f"text conditioning: denoising loss {gap['loss_with_captions']:.4f} with captions vs "
                      f"{gap['loss_with_empty_prompt']:.4f} with empty prompts (relative gap {gap['relative_gap']:+.3f})")
-    comp = results.get("compliance")
-    if comp:
-        lines.append(f"\nBase prompt compliance over {comp['prompts']} captions (share of named attributes shown; "
-                     "95% interval over captions):")
-        for key, est in comp.get("per_attribute_ci", {}).items():
-            lines.append(f"  {key:<12}{_est(est)}")
-        lines.append(f"  {'mean':<12}{_est(comp.get('mean_ci')) if comp.get('mean_ci') else round(comp['mean'], 2)}"
-                     f"   every named attribute right {comp['all_named_right']:.2f}")
-        if comp.get("chance_per_attribute"):
-            lines.append("  chance (picture judged against another prompt): "
-                         + "  ".join(f"{k} {v:.2f}" for k, v in comp["chance_per_attribute"].items())
-                         + f"  mean {comp['chance_mean']:.2f}")
-    if "identity" in results and "error" in results["identity"]:
-        lines.append(f"\nidentity not measured: {results['identity']['error']}")
+    return lines
+
+
+def _compliance_lines(comp: dict[str, Any] | None) -> list[str]:
+    """The base model's prompt compliance per attribute and on average, beside chance; none when not measured."""
+    if not comp:
+        return []
+    lines = [f"\nBase prompt compliance over {comp['prompts']} captions (share of named attributes shown; "
+             "95% interval over captions):"]
+    for key, est in comp.get("per_attribute_ci", {}).items():
+        lines.append(f"  {key:<12}{_est(est)}")
+    lines.append(f"  {'mean':<12}{_est(comp.get('mean_ci')) if comp.get('mean_ci') else round(comp['mean'], 2)}"
+                 f"   every named attribute right {comp['all_named_right']:.2f}")
+    if comp.get("chance_per_attribute"):
+        lines.append("  chance (picture judged against another prompt): "
+                     + "  ".join(f"{k} {v:.2f}" for k, v in comp["chance_per_attribute"].items())
+                     + f"  mean {comp['chance_mean']:.2f}")
+    return lines
+
+
+def _pooled_lines(pooled_groups: dict[str, Any]) -> list[str]:
+    """The concepts' scores pooled over the held-out subjects and over the given sets, each where there are any."""
+    lines = []
     for group, label in (("held_out", "held-out subjects (objects no model has seen)"),
                          ("given", "given object sets")):
-        pooled = results.get("pooled", {}).get(group)
+        pooled = pooled_groups.get(group)
         if not pooled:
             continue
         lines.append(f"\nPooled over {len(pooled['subjects'])} {label}: subjects x prompts x pictures, 95% "
@@ -122,23 +131,34 @@ def format_table(results: dict[str, Any]) -> str:
         if "ceiling" in pooled:
             lines.append(f"  {'real pictures (the ceiling)':<40}{_est(pooled['ceiling'])}")
             lines.append(f"  {'identity as a share of the ceiling':<40}{_est(pooled['identity_of_ceiling'])}")
-    concepts = results.get("concepts")
-    if concepts:
-        lines.append("\nTextual Inversion (default settings) vs the best plain prompt, per concept:")
-        for name, r in concepts.items():
-            if "error" in r:
-                lines.append(f"  {name} ({r['kind']}): not evaluated: {r['error']}")
-                continue
-            ti, pl = r["textual_inversion"], r["plain_prompt"]
-            lines.append(f"  {name} ({r['kind']}{', held out' if r.get('held_out') else ''}; plain words "
-                         f"'{r['best_prompt']}'; trained {r['train_steps']} steps in {r['train_seconds']:.0f}s)")
-            lines += _score_rows(ti, pl, r.get("margins", {}), "    ")
-            if "ceiling" in r:
-                lines.append(f"    {'real pictures (the ceiling)':<40}{_est(r['ceiling']['identity'])}")
-            if "color_spread" in ti:
-                lines.append(f"    colour spread: TI {ti['color_spread']['distinct']} colours "
-                             f"(entropy {ti['color_spread']['entropy']:.2f}) vs plain "
-                             f"{pl['color_spread']['distinct']} ({pl['color_spread']['entropy']:.2f})")
+    return lines
+
+
+def _concept_lines(concepts: dict[str, Any] | None) -> list[str]:
+    """Each concept's scores with its word against its best plain prompt, or why it was not evaluated."""
+    if not concepts:
+        return []
+    lines = ["\nTextual Inversion (default settings) vs the best plain prompt, per concept:"]
+    for name, r in concepts.items():
+        if "error" in r:
+            lines.append(f"  {name} ({r['kind']}): not evaluated: {r['error']}")
+            continue
+        ti, pl = r["textual_inversion"], r["plain_prompt"]
+        lines.append(f"  {name} ({r['kind']}{', held out' if r.get('held_out') else ''}; plain words "
+                     f"'{r['best_prompt']}'; trained {r['train_steps']} steps in {r['train_seconds']:.0f}s)")
+        lines += _score_rows(ti, pl, r.get("margins", {}), "    ")
+        if "ceiling" in r:
+            lines.append(f"    {'real pictures (the ceiling)':<40}{_est(r['ceiling']['identity'])}")
+        if "color_spread" in ti:
+            lines.append(f"    colour spread: TI {ti['color_spread']['distinct']} colours "
+                         f"(entropy {ti['color_spread']['entropy']:.2f}) vs plain "
+                         f"{pl['color_spread']['distinct']} ({pl['color_spread']['entropy']:.2f})")
+    return lines
+
+
+def _style_and_composition_lines(results: dict[str, Any]) -> list[str]:
+    """Style transfer per style concept, then composition per pair of learned words."""
+    lines = []
     for name, r in results.get("style_transfer", {}).items():
         ti, pl = r["textual_inversion"], r["plain_prompt"]
         lines.append(f"\nStyle transfer {name} (img2img, strength {r['strength']}): style TI {ti['style_agreement']:.2f}"
@@ -150,6 +170,17 @@ def format_table(results: dict[str, Any]) -> str:
             ti, pl = r["textual_inversion"], r["plain_prompt"]
             lines.append(f"  {name:<40} TI {ti['agreement']:.2f} / {ti['both_present']:.2f}   "
                          f"plain {pl['agreement']:.2f} / {pl['both_present']:.2f}")
+    return lines
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as plain-text tables: every score as `mean ± half-width of its 95% interval (n=pictures)`."""
+    lines = _conditioning_lines(results) + _compliance_lines(results.get("compliance"))
+    if "identity" in results and "error" in results["identity"]:
+        lines.append(f"\nidentity not measured: {results['identity']['error']}")
+    lines += _pooled_lines(results.get("pooled", {}))
+    lines += _concept_lines(results.get("concepts"))
+    lines += _style_and_composition_lines(results)
     if results.get("methods"):
         lines += methods_table(results["methods"])
     if results.get("variants"):

@@ -48,9 +48,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from studio.engine.concepts import Concept
 from studio.engine.generate import Cancelled
-from studio.engine.lora import LoraFile, pivotal_embeddings
+from studio.engine.learned.lora import LoraFile
+from studio.engine.learned.lora_files import pivotal_embeddings
+from studio.engine.learned.word import Concept
 from studio.engine.models import ModelManager
 from studio.engine.names import file_stem
 from studio.evaluation.config import EvalConfig
@@ -434,29 +435,11 @@ def run_evaluation(model_source: str | None, judge: Judge, world: World, cfg: Ev
     #    scored alike; the held-out ones and the others are pooled apart.
     if not cfg.skip_concepts:
         work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="studio-eval-"))
-        sets = world.concept_sets(cfg.concepts) if cfg.concepts or not cfg.held_out else {}
-        held_out = world.held_out_sets(cfg.held_out, cfg.seed, work / "held-out") if cfg.held_out else {}
-        sets.update(held_out)
+        sets, held_out = _concept_sets(world, cfg, work)
         identity = _identity_scorer(world, results, progress)
-        trained: dict[str, Concept] = {}
-        results["concepts"] = {}
-        for name, cs in sets.items():
-            try:
-                results["concepts"][name], trained[name] = evaluate_concept(model, judge, cs, cfg, work, identity,
-                                                                            progress)
-            except (ValueError, TrainError) as exc:  # one unusable set must not cost the scores already taken
-                results["concepts"][name] = {"kind": cs.kind, "error": str(exc)}
-                progress(f"  {name}: skipped: {exc}")
-            results["concepts"][name]["held_out"] = name in held_out
-        by_group = {group: pooled_scores({n: r for n, r in results["concepts"].items() if r["held_out"] == is_held},
-                                         cfg) for group, is_held in (("held_out", True), ("given", False))}
-        results["pooled"] = {group: p for group, p in by_group.items() if p}
-        # TI's scores are the ones just taken: methods and variants pair with them rather than train it again.
-        known = {"ti": {name: {"kind": r["kind"], "error": r["error"]} if "error" in r else
-                        {"kind": r["kind"], **r["textual_inversion"], "subject": r["token"],
-                         "train_seconds": r["train_seconds"], "train_steps": r["train_steps"],
-                         "file_bytes": r["file_bytes"]}
-                        for name, r in results["concepts"].items()}}
+        results["concepts"], trained = _evaluate_concepts(model, judge, sets, held_out, cfg, work, identity, progress)
+        results["pooled"] = _pooled_by_group(results["concepts"], cfg)
+        known = _ti_rows(results["concepts"])
         if methods:
             results["methods"] = compare_methods(model, judge, sets, list(methods), cfg, work / "methods", identity,
                                                  progress, known)
@@ -474,6 +457,50 @@ def run_evaluation(model_source: str | None, judge: Judge, world: World, cfg: Ev
         results["composition"] = composition(model, judge, sets, trained, cfg)
     results["seconds"] = round(time.time() - t0, 1)
     return results
+
+
+def _concept_sets(world: World, cfg: EvalConfig, work: Path) -> tuple[dict[str, BundledSet], dict[str, BundledSet]]:
+    """Step 2's sets: those `cfg` names (or, without held-out subjects, every bundled one) and the held-out subjects
+    (made under `work`); returns all of them and the held-out ones apart."""
+    sets = world.concept_sets(cfg.concepts) if cfg.concepts or not cfg.held_out else {}
+    held_out = world.held_out_sets(cfg.held_out, cfg.seed, work / "held-out") if cfg.held_out else {}
+    sets.update(held_out)
+    return sets, held_out
+
+
+def _evaluate_concepts(model, judge: Judge, sets: dict[str, BundledSet], held_out: dict[str, BundledSet],
+                       cfg: EvalConfig, work: Path, identity: IdentityScorer | None,
+                       progress: Progress) -> tuple[dict[str, Any], dict[str, Concept]]:
+    """`evaluate_concept` on every set, each result marked held out or not; returns the results and the concepts
+    trained. A set that cannot be trained or scored is recorded with the reason, and the others go on."""
+    scores: dict[str, Any] = {}
+    trained: dict[str, Concept] = {}
+    for name, cs in sets.items():
+        try:
+            scores[name], trained[name] = evaluate_concept(model, judge, cs, cfg, work, identity, progress)
+        except (ValueError, TrainError) as exc:  # one unusable set must not cost the scores already taken
+            scores[name] = {"kind": cs.kind, "error": str(exc)}
+            progress(f"  {name}: skipped: {exc}")
+        scores[name]["held_out"] = name in held_out
+    return scores, trained
+
+
+def _pooled_by_group(concepts: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
+    """`pooled_scores` over the held-out subjects and over the given sets, apart; a group with nothing to pool is
+    left out."""
+    by_group = {group: pooled_scores({n: r for n, r in concepts.items() if r["held_out"] == is_held}, cfg)
+                for group, is_held in (("held_out", True), ("given", False))}
+    return {group: p for group, p in by_group.items() if p}
+
+
+def _ti_rows(concepts: dict[str, Any]) -> dict[str, Any]:
+    """`compare_methods`' `known` rows for TI from `evaluate_concept`'s results: TI's scores are the ones just taken,
+    so methods and variants pair with them rather than train it again."""
+    return {"ti": {name: {"kind": r["kind"], "error": r["error"]} if "error" in r else
+                   {"kind": r["kind"], **r["textual_inversion"], "subject": r["token"],
+                    "train_seconds": r["train_seconds"], "train_steps": r["train_steps"],
+                    "file_bytes": r["file_bytes"]}
+                   for name, r in concepts.items()}}
 
 
 def variants_chart(results: dict[str, Any], path: Path) -> Path:

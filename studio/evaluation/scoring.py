@@ -31,7 +31,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from studio.engine.concepts import Concept, check_fits
+from studio.engine.learned.word import Concept, check_fits
 from studio.evaluation.clip import ClipScorer
 from studio.evaluation.config import EvalConfig, ScoreConfig, ScoringError
 from studio.evaluation.drawing import Drawer, OnProgress, Sample

@@ -1,10 +1,8 @@
-"""Textual Inversion training: `Trainer(model, TrainConfig(...), images, out_dir).run(on_event, cancel)`, and a
-session's training job in a background thread (`training_snapshots`, over a `TrainingRun`)."""
+"""Training: `Trainer(model, TrainConfig(...), images, out_dir).run(on_event, cancel)`, one loop for every method (what
+each learns and saves in `methods/`). A session's training job in a background thread is `studio.jobs.training`'s."""
 
 from studio.training.config import TrainConfig
 from studio.training.data import TrainError
 from studio.training.trainer import TrainEvent, Trainer
-from studio.training.run import TrainingRun, TrainingSnapshot, loss_table, training_snapshots
 
-__all__ = ["TrainConfig", "TrainError", "TrainEvent", "Trainer", "TrainingRun", "TrainingSnapshot", "loss_table",
-           "training_snapshots"]
+__all__ = ["TrainConfig", "TrainError", "TrainEvent", "Trainer"]

@@ -66,6 +66,14 @@ class TrainConfig:
     use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (CUDA only) for the weights; the words stay in AdamW
     lora_format: str = "diffusers"  # pivotal/lora file: "diffusers" (load_lora_weights) | "kohya" (A1111 bundle)
     save_precision: str = "fp32"  # pivotal/lora file's weights: "fp32" | "fp16" | "bf16" (kohya's --save_precision)
+    # lora/pivotal: a LoRA on the text encoders' attention projections (q, k, v, out_proj) learns beside the UNet's,
+    # as diffusers' DreamBooth-LoRA and advanced scripts' --train_text_encoder; the prompts are then encoded with
+    # gradients every step (not once). Saved in the same file (text_encoder. / lora_te_ keys).
+    text_encoder_lora: bool = False
+    text_encoder_rank: int | None = None  # None: `rank` (diffusers' scripts give both LoRAs their one --rank)
+    # None: the UNet LoRA's learning rate, as diffusers' SD 1.x train_dreambooth_lora.py trains both at its one
+    # --learning_rate (its SDXL and advanced scripts default to 5e-6 beside the UNet's 1e-4).
+    text_encoder_lr: float | None = None
 
     def __post_init__(self) -> None:
         check_word(self.token, "new word")
@@ -89,6 +97,10 @@ class TrainConfig:
             raise ValueError(f"save precision must be 'fp32', 'fp16' or 'bf16', not {self.save_precision!r}")
         if self.lora_format not in ("diffusers", "kohya"):
             raise ValueError(f"LoRA format must be 'diffusers' or 'kohya', not {self.lora_format!r}")
+        if self.text_encoder_lora and self.method not in ("lora", "pivotal"):
+            raise ValueError(f"a text-encoder LoRA is for the lora and pivotal methods, not {self.method!r}")
+        if self.text_encoder_rank is not None and not 1 <= self.text_encoder_rank <= 1024:
+            raise ValueError(f"text-encoder LoRA rank must be between 1 and 1024, not {self.text_encoder_rank}")
         if self.prior_preservation and self.method not in ("lora", "dreambooth"):
             raise ValueError(f"prior preservation is for the lora and dreambooth methods, not {self.method!r}")
         if (self.progressive or self.per_image_tokens or self.keep_norm) and self.method not in ("ti", "xti", "pivotal"):

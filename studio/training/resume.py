@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from studio.engine.files import atomic_write
+from studio.engine.learned.lora import PARTS
 from studio.training.data import TrainError
 
 STATE_SUFFIX = ".trainstate"
@@ -144,6 +145,23 @@ def check_matches(state: TrainState, checkpoint: Path, *, token: str, base_model
     if state.step >= total_steps:
         raise TrainError(f"{name} has already trained {state.step} steps; ask for more than {state.step} steps "
                          "to continue it")
+
+
+def check_weights(state: TrainState, shapes: dict[str, torch.Size], checkpoint: Path) -> None:
+    """Raise TrainError when the method's weights of this run (`shapes`: name -> shape) are not the ones `state`
+    holds: another rank, other LoRA targets, a text-encoder LoRA on one side only."""
+    held = {name: value.shape for name, value in (state.params or {}).items()
+            if "." in name and name.split(".", 1)[0] in PARTS}  # not the word's vectors ("text_encoder", "image0.…")
+    if held == shapes:
+        return
+    name = checkpoint.name
+    encoders = [any(key.startswith("text_encoder") for key in names) for names in (held, shapes)]
+    if encoders[0] != encoders[1]:
+        with_it = "with" if encoders[0] else "without"
+        raise TrainError(f"{name} was trained {with_it} a text-encoder LoRA: resume it {with_it} --text-encoder-lora")
+    differ = sorted(set(held) ^ set(shapes)) or sorted(k for k in held if held[k] != shapes[k])
+    raise TrainError(f"{name} holds other LoRA weights than this run makes ({differ[0]}): resume it with the --rank, "
+                     "--lora-targets and --text-encoder-rank it was trained with")
 
 
 def restore_rngs(state: TrainState, generator: torch.Generator, data_rng: random.Random) -> None:

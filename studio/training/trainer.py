@@ -26,17 +26,18 @@ from typing import Callable, Iterator
 
 import torch
 
-from studio.engine.concepts import Concept, load_concept
-from studio.engine.files import OutputError, check_folder, check_new_output
-from studio.engine.lora import pivotal_embeddings
-from studio.engine.memory import is_out_of_memory, oom_advice, release_memory
 from studio.engine.families import encoders_of
+from studio.engine.files import OutputError, check_folder, check_new_output
+from studio.engine.learned.lora_files import pivotal_embeddings
+from studio.engine.learned.registry import load_concept
+from studio.engine.learned.word import Concept
+from studio.engine.memory import is_out_of_memory, oom_advice, release_memory
 from studio.engine.names import file_stem, inside
 from studio.training.config import TrainConfig, parse_lr_schedule
 from studio.training.data import TrainError, check_captions, encode_latents, find_images, load_images
 from studio.training.memory import training_memory
-from studio.training.resume import (TrainState, check_matches, find_checkpoint, load_state, restore_rngs, save_state,
-                                    state_path)
+from studio.training.resume import (TrainState, check_matches, check_weights, find_checkpoint, load_state,
+                                    restore_rngs, save_state, state_path)
 from studio.training.templates import TEMPLATES
 
 
@@ -94,7 +95,8 @@ class _Run:
     optimizers: dict[str, torch.optim.Optimizer]  # "word" and/or "weights": each has its own learning rate
     scaler: torch.amp.GradScaler
     accelerator: object  # accelerate.Accelerator
-    denoiser: torch.nn.Module  # _Denoiser, or accelerate's DDP around it
+    denoiser: torch.nn.Module | None  # _Denoiser, or accelerate's DDP around it (`Trainer._denoiser`: set once the
+    # run exists, whose step and vectors its prompts are encoded with)
     generator: torch.Generator  # noise and timesteps
     rng: random.Random  # pictures and templates
     first: int  # the first step still to do
@@ -107,6 +109,7 @@ class _Run:
     norm_target: dict[str, float] = field(default_factory=dict)  # keep_norm: the vocabulary's median row norm
     image_words: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # per-image tokens: "image3.<encoder>"
     step: int = 0  # the step being trained (the progressive schedule's clock)
+    started: float = 0.0  # when the loop began (time.time()): steps per second, the finished event
     held_back: tuple | None = None  # stop when learned: the fixed draw (latents, noise, timesteps, prompts)
     scores: list[tuple[int, float]] = field(default_factory=list)  # (step, score on the held-back draw)
 
@@ -116,13 +119,16 @@ class _Run:
 
 
 class _Denoiser(torch.nn.Module):
-    """What DDP wraps: the UNet that runs and the word's vectors, one forward from noisy latents and prompts to the
-    UNet's prediction (prompts encoded inside, so the vectors' gradients are DDP's to average too)."""
+    """What DDP wraps: the UNet that runs, the word's vectors and the text encoders that learn (a text-encoder LoRA),
+    one forward from noisy latents and prompts to the UNet's prediction (prompts encoded inside, so the gradients of
+    the vectors and of the encoders' LoRA are DDP's to average too)."""
 
-    def __init__(self, unet: torch.nn.Module, vectors: dict[str, torch.nn.Parameter], encode: Callable) -> None:
+    def __init__(self, unet: torch.nn.Module, vectors: dict[str, torch.nn.Parameter], encode: Callable,
+                 encoders: list[torch.nn.Module] = ()) -> None:
         super().__init__()
         self.unet = unet
         self.words = torch.nn.ParameterDict({name.replace(".", "__"): v for name, v in vectors.items()})
+        self.encoders = torch.nn.ModuleList(encoders)
         self._encode = encode  # prompts -> (prompt embeddings, the UNet's extra arguments)
 
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -414,8 +420,9 @@ class Trainer:
         return f"a photo of a {self.class_word}".strip()
 
     def _optimizers(self, vectors, weights) -> dict[str, torch.optim.Optimizer]:
-        """AdamW for the word (no decay: it would pull the vectors to zero) and for the weights (diffusers' 1e-2
-        decay; bitsandbytes' 8-bit AdamW when asked and on CUDA)."""
+        """AdamW for the word (no decay: it would pull the vectors to zero) and one for the weights (diffusers' 1e-2
+        decay; bitsandbytes' 8-bit AdamW when asked and on CUDA), a group per learning rate (the method's
+        `weight_groups`: a text-encoder LoRA has its own)."""
         cfg = self.config
         optimizers = {}
         if vectors:
@@ -432,15 +439,49 @@ class Trainer:
                     raise TrainError("8-bit Adam needs bitsandbytes: pip install bitsandbytes, or train without "
                                      "--use-8bit-adam") from None
                 adam = bitsandbytes.optim.AdamW8bit
-            optimizers["weights"] = adam(weights.values(), lr=self.method.unet_lr(), weight_decay=1e-2)
+            groups = [{**group, "lr": group["initial_lr"]} for group in self.method.weight_groups(weights)]
+            optimizers["weights"] = adam(groups, lr=self.method.unet_lr(), weight_decay=1e-2)
         return optimizers
 
     def _setup(self, savings, emit, resume_from: Path | None, state: TrainState | None,
                autocast: tuple[torch.dtype | None, str], accelerator) -> _Run:
         """Steps 2 and 3 of `run`: the pictures and their latents, the parameters, optimizers and random streams."""
+        from diffusers import DDPMScheduler
+
+        cfg, model = self.config, self.model
+        # 2. Pictures and the latent cache (each picture encoded once, not every step).
+        images, latents, class_latents, resolution = self._pictures(savings, emit)
+
+        # 3. Parameters (the new vectors and the method's weights, in fp32 whatever the model's dtype), optimizers,
+        #    random streams.
+        generator = torch.Generator(model.device).manual_seed(cfg.seed)  # noise and timesteps
+        rng = random.Random(cfg.seed)  # pictures and templates
+        weights = self.method.add_weights()
+        init, vectors = self._start_vectors(state, resume_from, weights)
+        image_words = self._image_words(state, len(images))
+        optimizers = self._optimizers({**vectors, **image_words}, weights)
+        autocast_dtype, precision = autocast  # from _precision()
+        scaler = torch.amp.GradScaler(model.device.type, enabled=precision == "fp16" and model.device.type == "cuda")
+        first = 1 if state is None else self._restore(state, {**vectors, **image_words, **weights}, optimizers,
+                                                      generator, rng, scaler)
+        # A picture's caption is its prompt; "object" / "style" draw one from the paper's lists for pictures
+        # without one ("captions" has none: every picture has a caption, checked above).
+        run = _Run(images=images, latents=latents, templates=TEMPLATES.get(cfg.template, ()), resolution=resolution,
+                   init=init, vectors=vectors, weights=weights, optimizers=optimizers, scaler=scaler,
+                   accelerator=accelerator, denoiser=None, generator=generator, rng=rng, first=first,
+                   lr_at=parse_lr_schedule(cfg.lr_schedule, cfg.learning_rate, cfg.warmup_steps, cfg.steps),
+                   autocast_dtype=autocast_dtype, precision=precision,
+                   noise_scheduler=DDPMScheduler.from_config(model.pipe.scheduler.config), class_latents=class_latents,
+                   image_words=image_words, scores=list(state.scores or []) if state is not None else [])
+        run.denoiser = self._denoiser(run)
+        run.held_back = self._held_back(run) if cfg.stop_when_learned else None
+        return run
+
+    def _pictures(self, savings, emit) -> tuple[list, torch.Tensor, torch.Tensor | None, int]:
+        """Step 2 of `run`: the pictures at the training resolution, their latents (and with prior preservation the
+        class pictures'), each encoded once; then the memory mode may let the VAE go."""
         cfg, model = self.config, self.model
         pipe = model.pipe
-        # 2. Pictures and the latent cache (each picture encoded once, not every step).
         resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         images, warnings = load_images(self.paths, resolution)
         for message in warnings:
@@ -450,65 +491,58 @@ class Trainer:
         latents = encode_latents(pipe.vae, images, cfg.flip, model.device, model.dtype, savings.latent_batch)
         class_latents = self._class_latents(savings, resolution)
         savings.after_latent_cache()
+        return images, latents, class_latents, resolution
 
-        # 3. Parameters (the new vectors and the method's weights, in fp32 whatever the model's dtype), optimizers,
-        #    random streams.
-        generator = torch.Generator(model.device).manual_seed(cfg.seed)  # noise and timesteps
-        rng = random.Random(cfg.seed)  # pictures and templates
-        weights = self.method.add_weights()
+    def _start_vectors(self, state: TrainState | None, resume_from: Path | None,
+                       weights: dict[str, torch.nn.Parameter]) -> tuple[dict[str, torch.Tensor],
+                                                                         dict[str, torch.nn.Parameter]]:
+        """The word's vectors at step 0 (`init`, which `regularization` pulls back towards) and the trainable ones: the
+        init words' in a new run; a resumed run's from its checkpoint, which also puts the method's weights back."""
+        cfg, model = self.config, self.model
         if state is None:
             init = self._init_vectors()
-            start = {k: v.clone() for k, v in init.items()}
-        else:
-            init = {k: v.to(model.device) for k, v in state.init.items()}
-            if state.params:
-                start = {k: state.params[k].to(device=model.device, dtype=torch.float32) for k in init}
-                with torch.no_grad():
-                    for name, param in weights.items():
-                        param.copy_(state.params[name])
-            else:  # a sidecar from before the weight-tuning methods: the vectors are in the concept file
-                saved = load_concept(resume_from, token=cfg.token)
-                start = {k: v.to(device=model.device, dtype=torch.float32) for k, v in saved.vectors.items()}
-        vectors = {k: torch.nn.Parameter(v) for k, v in start.items()}
+            return init, {k: torch.nn.Parameter(v.clone()) for k, v in init.items()}
+        init = {k: v.to(model.device) for k, v in state.init.items()}
+        if state.params:
+            check_weights(state, {name: param.shape for name, param in weights.items()}, resume_from)
+            start = {k: state.params[k].to(device=model.device, dtype=torch.float32) for k in init}
+            with torch.no_grad():
+                for name, param in weights.items():
+                    param.copy_(state.params[name])
+        else:  # a sidecar from before the weight-tuning methods: the vectors are in the concept file
+            saved = load_concept(resume_from, token=cfg.token)
+            start = {k: v.to(device=model.device, dtype=torch.float32) for k, v in saved.vectors.items()}
+        return init, {k: torch.nn.Parameter(v) for k, v in start.items()}
+
+    def _image_words(self, state: TrainState | None, pictures: int) -> dict[str, torch.nn.Parameter]:
+        """Per-image tokens: one vector per picture and encoder ("image<i>.<encoder>"), from the init words' first
+        token (a resumed run's from its checkpoint); none without `per_image_tokens`."""
+        if not self.config.per_image_tokens:
+            return {}
+        plain = self._init_vectors(plain=True)
         image_words = {}
-        if cfg.per_image_tokens:  # one vector per picture, from the init words' first token
-            plain = self._init_vectors(plain=True)
-            for i in range(len(images)):
-                for key, v in plain.items():
-                    name = f"image{i}.{key}"
-                    value = state.params[name] if state is not None and state.params else v[:1]
-                    image_words[name] = torch.nn.Parameter(value.to(device=model.device, dtype=torch.float32).clone())
-        optimizers = self._optimizers({**vectors, **image_words}, weights)
-        autocast_dtype, precision = autocast  # from _precision()
-        scaler = torch.amp.GradScaler(model.device.type, enabled=precision == "fp16" and model.device.type == "cuda")
-        first = 1 if state is None else self._restore(state, {**vectors, **image_words, **weights}, optimizers,
-                                                      generator, rng, scaler)
-        from diffusers import DDPMScheduler
+        for i in range(pictures):
+            for key, v in plain.items():
+                name = f"image{i}.{key}"
+                value = state.params[name] if state is not None and state.params else v[:1]
+                image_words[name] = torch.nn.Parameter(value.to(device=self.model.device, dtype=torch.float32).clone())
+        return image_words
 
-        run_box: list[_Run] = []
-
+    def _denoiser(self, run: _Run) -> torch.nn.Module:
+        """The module the loss runs (`_Denoiser`: prompts encoded with the word of the step, `_active`), inside
+        accelerate's DDP when there are several processes."""
         # The per-image words hold their Parameters themselves (no view of them), so they serve every batch.
-        others = [Concept(image_token(cfg.token, i), words, {}) for i, words in enumerate(_by_picture(image_words))]
+        others = [Concept(image_token(self.config.token, i), words, {})
+                  for i, words in enumerate(_by_picture(run.image_words))]
 
         def encode(prompts: list[str]):
-            run = run_box[0]
-            return self.method.encode(prompts, self._active(vectors, max(run.step, 1)), resolution, others)
+            return self.method.encode(prompts, self._active(run.vectors, max(run.step, 1)), run.resolution, others)
 
-        denoiser = _Denoiser(self.method.unet, {**vectors, **image_words}, encode)
-        if accelerator.num_processes > 1:  # DDP; one process: the module itself (the model manager placed it)
-            denoiser = accelerator.prepare_model(denoiser, device_placement=False)
-        # A picture's caption is its prompt; "object" / "style" draw one from the paper's lists for pictures
-        # without one ("captions" has none: every picture has a caption, checked above).
-        run = _Run(images=images, latents=latents, templates=TEMPLATES.get(cfg.template, ()), resolution=resolution,
-                    init=init, vectors=vectors, weights=weights, optimizers=optimizers, scaler=scaler,
-                    accelerator=accelerator, denoiser=denoiser, generator=generator, rng=rng, first=first,
-                    lr_at=parse_lr_schedule(cfg.lr_schedule, cfg.learning_rate, cfg.warmup_steps, cfg.steps),
-                    autocast_dtype=autocast_dtype, precision=precision,
-                    noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), class_latents=class_latents,
-                    image_words=image_words, scores=list(state.scores or []) if state is not None else [])
-        run_box.append(run)
-        run.held_back = self._held_back(run) if cfg.stop_when_learned else None
-        return run
+        denoiser = _Denoiser(self.method.unet, {**run.vectors, **run.image_words}, encode,
+                             self.method.learning_encoders())
+        if run.accelerator.num_processes > 1:  # DDP; one process: the module itself (the model manager placed it)
+            denoiser = run.accelerator.prepare_model(denoiser, device_placement=False)
+        return denoiser
 
     HELD_BACK = 8  # pictures in stop-when-learned's fixed draw (each latent at least once up to this many)
 
@@ -608,7 +642,7 @@ class Trainer:
         stepping = {"word": True, "weights": self.method.weights_learn(step)}
         for name, optimizer in run.optimizers.items():
             for group in optimizer.param_groups:
-                group["lr"] = lr if name == "word" else self.method.unet_lr() * scale
+                group["lr"] = lr if name == "word" else group["initial_lr"] * scale
         for optimizer in run.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -661,8 +695,6 @@ class Trainer:
             cancel: threading.Event | None = None):
         """Train; emits events to `on_event`; returns what was learned (also written to `out_dir`): a Concept (ti),
         a LoraFile (pivotal, lora) or the model folder's Path (dreambooth)."""
-        from accelerate import Accelerator
-
         emit = on_event or (lambda _e: None)
         cfg, model = self.config, self.model
         pipe = model.pipe
@@ -670,11 +702,7 @@ class Trainer:
         # 1. What to continue from, checked before any work is done; the processes.
         resume_from, state = self._resume_point()
         autocast = self._precision()
-        accelerator = Accelerator(cpu=model.device.type == "cpu", gradient_accumulation_steps=cfg.gradient_accumulation)
-        if cfg.batch_size % accelerator.num_processes:
-            raise TrainError(f"batch {cfg.batch_size} does not split over {accelerator.num_processes} processes: "
-                             f"give --batch a multiple of {accelerator.num_processes}")
-        self._accelerator = accelerator
+        accelerator = self._accelerator = self._processes()
         encoders = [encoder for _, _, encoder in encoders_of(pipe)]
         kept = LastGood()
         with model.lock, training_memory(pipe, cfg.memory) as savings, frozen(pipe.unet, pipe.vae, *encoders), \
@@ -682,50 +710,14 @@ class Trainer:
             try:
                 # 2. Pictures and their latents; 3. parameters, optimizers, random streams.
                 run = self._setup(savings, emit, resume_from, state, autocast, accelerator)
-                first = run.first
-                resumed = f"; resumed from {resume_from.name} at step {first - 1}" if resume_from else ""
-                savings_text = ", ".join(savings.applied) or "none"
-                learns = ", ".join(part for part, have in (("the word", run.vectors), ("the weights", run.weights))
-                                   if have)
-                processes = f"; {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
-                emit(TrainEvent("started", step=first - 1, total=cfg.steps,
-                                message=f"{self.method.name} (learning {learns}): {len(run.images)} pictures, "
-                                        f"{len(run.latents)} latents; memory mode {savings.preset.name} (savings: "
-                                        f"{savings_text}); precision {run.precision}{processes}{resumed}"))
-                norms = self._vocabulary_norms()
-                run.norm_limit = {key: NORM_LIMIT_FACTOR * float(n.max()) for key, n in norms.items()}
-                if cfg.keep_norm:
-                    run.norm_target = {key: float(n.median()) for key, n in norms.items()}
+                emit(self._started(run, savings, resume_from))
+                self._set_norm_limits(run)
 
                 # 4. The loop.
-                kept.snapshot = lambda step: self._state(step, run)
-                self._keep(kept, run, first - 1)
-                started = time.time()
-                last = cfg.steps
-                if run.held_back is not None and not run.scores:
-                    run.scores.append((0, self._score(run)))
-                    emit(TrainEvent("score", step=0, total=cfg.steps, loss=run.scores[-1][1]))
-                for step in range(first, cfg.steps + 1):
-                    if cancel is not None and cancel.is_set():
-                        return self._stop("cancelled", step - 1, kept, emit, resumable=True, message=lambda _file: (
-                            f"cancelled; the state of step {step - 1} saved (resumable)"))
-                    loss, lr = self._step(run, step, kept, emit)
-                    self._keep(kept, run, step)
-                    rate = (step - first + 1) / max(1e-9, time.time() - started)
-                    emit(TrainEvent("step", step=step, total=cfg.steps, loss=loss, lr=lr, steps_per_s=rate,
-                                    eta_s=(cfg.steps - step) / rate))
-                    if run.held_back is not None and step % cfg.stop_every == 0:
-                        run.scores.append((step, self._score(run)))
-                        emit(TrainEvent("score", step=step, total=cfg.steps, loss=run.scores[-1][1]))
-                        if step < cfg.steps and self._learned(run):
-                            last = step
-                            break
-                    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                        path = self._save(kept, step, f"{self.file_stem}-step{step}", kept.snapshot(step))
-                        emit(TrainEvent("checkpoint", step=step, total=cfg.steps, path=path))
-                    if cfg.preview_every and step % cfg.preview_every == 0:
-                        with savings.vae_back():
-                            emit(TrainEvent("preview", step=step, total=cfg.steps, images=self._preview(kept.vectors)))
+                last, cancelled = self._loop(run, savings, kept, emit, cancel)
+                if cancelled:
+                    return self._stop("cancelled", last, kept, emit, resumable=True, message=lambda _file: (
+                        f"cancelled; the state of step {last} saved (resumable)"))
 
                 # 5. The final file (resumable too: a later run can ask for more steps).
                 path = self._save(kept, last, self.file_stem, kept.snapshot(last))
@@ -738,8 +730,79 @@ class Trainer:
             converged = (f"; converged at step {last}: the held-back score improved less than "
                          f"{cfg.stop_threshold:.0%} over the last {cfg.stop_window * cfg.stop_every} steps")
         emit(TrainEvent("finished", step=last, total=cfg.steps, path=path,
-                        message=f"{last - first + 1} steps in {time.time() - started:.1f}s{converged}"))
+                        message=f"{last - run.first + 1} steps in {time.time() - run.started:.1f}s{converged}"))
         return result
+
+    def _processes(self):
+        """accelerate's Accelerator of the run (one process, or each of `accelerate launch`'s), checked to split the
+        batch evenly."""
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        cfg = self.config
+        # A learning text encoder's last layer may take no part in the loss (SDXL's first encoder gives its
+        # penultimate layer), which DDP must be told, as diffusers' SDXL LoRA script does.
+        unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] if self.method.learning_encoders() else []
+        accelerator = Accelerator(cpu=self.model.device.type == "cpu", kwargs_handlers=unused,
+                                  gradient_accumulation_steps=cfg.gradient_accumulation)
+        if cfg.batch_size % accelerator.num_processes:
+            raise TrainError(f"batch {cfg.batch_size} does not split over {accelerator.num_processes} processes: "
+                             f"give --batch a multiple of {accelerator.num_processes}")
+        return accelerator
+
+    def _started(self, run: _Run, savings, resume_from: Path | None) -> TrainEvent:
+        """The `started` event: the method and what learns, the pictures, memory mode, precision and processes."""
+        resumed = f"; resumed from {resume_from.name} at step {run.first - 1}" if resume_from else ""
+        savings_text = ", ".join(savings.applied) or "none"
+        learns = ", ".join(part for part, have in (("the word", run.vectors), ("the weights", run.weights)) if have)
+        processes = run.accelerator.num_processes
+        processes_text = f"; {processes} processes" if processes > 1 else ""
+        return TrainEvent("started", step=run.first - 1, total=self.config.steps,
+                          message=f"{self.method.name} (learning {learns}): {len(run.images)} pictures, "
+                                  f"{len(run.latents)} latents; memory mode {savings.preset.name} (savings: "
+                                  f"{savings_text}); precision {run.precision}{processes_text}{resumed}")
+
+    def _set_norm_limits(self, run: _Run) -> None:
+        """The divergence guard's limit per encoder (NORM_LIMIT_FACTOR x the vocabulary's largest row) and, with
+        keep_norm, the norm the vectors are held at (the median row's)."""
+        norms = self._vocabulary_norms()
+        run.norm_limit = {key: NORM_LIMIT_FACTOR * float(n.max()) for key, n in norms.items()}
+        if self.config.keep_norm:
+            run.norm_target = {key: float(n.median()) for key, n in norms.items()}
+
+    def _loop(self, run: _Run, savings, kept: LastGood, emit, cancel: threading.Event | None) -> tuple[int, bool]:
+        """Step 4 of `run`: the steps from `run.first`, each followed by its event and, when due, a score (stop when
+        learned), a checkpoint and a preview. Returns the last step done and whether a cancel ended the loop."""
+        cfg = self.config
+        kept.snapshot = lambda step: self._state(step, run)
+        self._keep(kept, run, run.first - 1)
+        run.started = time.time()
+        if run.held_back is not None and not run.scores:
+            self._take_score(run, 0, emit)
+        for step in range(run.first, cfg.steps + 1):
+            if cancel is not None and cancel.is_set():
+                return step - 1, True
+            loss, lr = self._step(run, step, kept, emit)
+            self._keep(kept, run, step)
+            rate = (step - run.first + 1) / max(1e-9, time.time() - run.started)
+            emit(TrainEvent("step", step=step, total=cfg.steps, loss=loss, lr=lr, steps_per_s=rate,
+                            eta_s=(cfg.steps - step) / rate))
+            if run.held_back is not None and step % cfg.stop_every == 0:
+                self._take_score(run, step, emit)
+                if step < cfg.steps and self._learned(run):
+                    return step, False
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                path = self._save(kept, step, f"{self.file_stem}-step{step}", kept.snapshot(step))
+                emit(TrainEvent("checkpoint", step=step, total=cfg.steps, path=path))
+            if cfg.preview_every and step % cfg.preview_every == 0:
+                with savings.vae_back():
+                    emit(TrainEvent("preview", step=step, total=cfg.steps, images=self._preview(kept.vectors)))
+        return cfg.steps, False
+
+    def _take_score(self, run: _Run, step: int, emit) -> None:
+        """Score the run on the held-back draw at `step`, keep it and emit it."""
+        run.scores.append((step, self._score(run)))
+        emit(TrainEvent("score", step=step, total=self.config.steps, loss=run.scores[-1][1]))
 
     def _save_image_words(self, run: _Run, step: int) -> None:
         """keep_image_words: each picture's word as a concept file in `<name>-image-words/` (for inspection)."""
@@ -747,7 +810,7 @@ class Trainer:
             return
         if self._accelerator is not None and not self._accelerator.is_main_process:
             return
-        from studio.engine.concepts import save_concept
+        from studio.engine.learned.registry import save_concept
 
         folder = inside(self.out_dir, f"{self.file_stem}-image-words")
         for i, words in enumerate(_by_picture(run.image_words)):

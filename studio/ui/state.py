@@ -1,8 +1,8 @@
 """What every tab shares: the model manager, the concept library, and the way from a request to its session.
 
-Per-user state lives in the engine's `studio.engine.session.Session` (cancel flags, output folder, training run,
-thumbnails) and the library's session concepts; the shared library folder is visible to all. Every generation of
-every tab goes through `Studio.stream` (the streamed run of `studio.engine.session.generation_updates`).
+Per-user state lives in `studio.jobs.session.Session` (cancel flags, output folder, training run, thumbnails) and the
+library's session concepts; the shared library folder is visible to all. Every generation of every tab goes through
+`Studio.stream` (the streamed run of `studio.jobs.generation.generation_updates`).
 
 A browser's session is a random id that its localStorage keeps signed (`gr.BrowserState`, see `Studio.attach`), so
 a page reload finds its concepts again and nobody else can: a bare or forged id gets a new session. A gradio_client
@@ -12,7 +12,7 @@ Session concepts are also kept on disk (`ConceptLibrary.sessions_dir`) until the
 A shared studio bounds what one user holds (`StudioLimits`, launch.py's options): heavy jobs take turns on the device
 from `Studio.scheduler` (round-robin between sessions, a few jobs each: `studio.ui.turns`), a training run's steps are
 capped (`Studio.train_step_limit`), and each session's files have a quota and expire with its concepts
-(`studio.engine.session.DiskLimits`).
+(`studio.jobs.session.DiskLimits`).
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ import gradio as gr
 
 from studio.engine.files import remove_temp_leftovers
 from studio.engine.generate import RANDOM_SEED, Cancelled, GenerateRequest
-from studio.engine.jobs import FairScheduler, QueueLimits, check_train_steps, train_step_limit
 from studio.engine.memory import preset
 from studio.engine.models import LoadedModel, ModelManager
 from studio.engine.names import session_key
-from studio.engine.session import (ANONYMOUS, DiskLimits, GenerationUpdate, Session, Sessions, SpentFiles,
-                                   generation_updates, request_for)
 from studio.errors import UserError
+from studio.jobs.fair import FairScheduler, QueueLimits, check_train_steps, train_step_limit
+from studio.jobs.generation import GenerationUpdate, generation_updates, request_for
+from studio.jobs.session import ANONYMOUS, DiskLimits, Session, Sessions, SpentFiles
 from studio.library import ConceptLibrary, LibraryEntry
 from studio.ui.gpu import gpu_task
 
@@ -115,7 +115,7 @@ EXPIRE_EVERY_S = 600.0
 @dataclass(frozen=True)
 class StudioLimits:
     """What one user may hold of a shared studio (launch.py's options): their share of the device's line, a training
-    run's steps (None: by the model's size, `studio.engine.jobs.TRAIN_STEP_LIMITS`) and their session's disk quota."""
+    run's steps (None: by the model's size, `studio.jobs.fair.TRAIN_STEP_LIMITS`) and their session's disk quota."""
 
     queue: QueueLimits = field(default_factory=QueueLimits)
     max_train_steps: int | None = None

@@ -1,5 +1,5 @@
 """Heavy handlers take turns on the device, and what they were uploaded leaves Gradio's folder: the Gradio side of
-`studio.engine.jobs.FairScheduler` and of a session's disk quota.
+`studio.jobs.fair.FairScheduler` and of a session's disk quota.
 
 Every handler that runs the model is wired as `in_turn(studio, handler, job)` with `**GPU_EVENT`. Gradio lets up to
 WAITING_ROOM such events into their handlers at once (beyond that they wait in Gradio's own queue); each takes a place
@@ -29,9 +29,9 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from studio.engine.generate import Cancelled
-from studio.engine.jobs import CANCELLED, WAITING, Ticket
-from studio.engine.session import UPLOADS
 from studio.errors import UserError
+from studio.jobs.fair import CANCELLED, WAITING, Ticket
+from studio.jobs.session import UPLOADS
 from studio.ui.state import Studio, as_user_errors
 
 # Heavy events inside their handlers at once, waiting or running. Gradio works on at most `max_threads` (40) events
@@ -58,27 +58,40 @@ def in_turn(studio: Studio, handler: Callable, job: str, *, uploads: tuple[str, 
     room on disk. The uploads in the parameters named in `consumes` are read once: used up (`discard`) when the job
     ends, or is refused. `waiting(text)` makes the value a generator handler yields while it waits (the status line of
     /train). `exclusive`: the job runs alone on the device (a model switch)."""
-    signature = inspect.signature(handler)
+    admission = _Admission(studio, job, inspect.signature(handler), uploads, consumes, check, exclusive)
+    if inspect.isgeneratorfunction(handler):
+        return _streaming_in_turn(admission, handler, waiting)
+    return _running_in_turn(admission, handler)
 
-    async def admitted(args: tuple, kwargs: dict) -> tuple[Turn, inspect.BoundArguments]:
+
+class _Admission:
+    """How `in_turn` lets an event of `handler` (whose `signature` it is) into the line: see `in_turn`."""
+
+    def __init__(self, studio: Studio, job: str, signature: inspect.Signature, uploads: tuple[str, ...],
+                 consumes: tuple[str, ...], check: Callable[[dict], None] | None, exclusive: bool) -> None:
+        self.studio, self.job, self.signature, self.exclusive = studio, job, signature, exclusive
+        self.uploads, self.consumes, self.check = uploads, consumes, check
+
+    async def admitted(self, args: tuple, kwargs: dict) -> tuple[Turn, inspect.BoundArguments]:
         """The event's place in line (refusals raise one gr.Error line) and its arguments, uploads taken."""
-        bound = signature.bind(*args, **kwargs)
+        studio = self.studio
+        bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         values = bound.arguments
         request = next((v for v in values.values() if isinstance(v, gr.Request)), None)
         progress = next((v for v in values.values() if isinstance(v, gr.Progress)), None)
-        turn = Turn(studio, job, exclusive, [values.get(name) for name in consumes], request, progress)
+        turn = Turn(studio, self.job, self.exclusive, [values.get(name) for name in self.consumes], request, progress)
         session = studio.session_of(request)
         try:
             with as_user_errors(request):
                 try:
-                    for name in uploads:
+                    for name in self.uploads:
                         values[name] = await anyio.to_thread.run_sync(take_uploads, studio, session, values[name])
                 except BaseException:
-                    discard(studio, *(values[name] for name in uploads))  # a refused upload is used up too
+                    discard(studio, *(values[name] for name in self.uploads))  # a refused upload is used up too
                     raise
-                if check is not None:
-                    await anyio.to_thread.run_sync(check, dict(values))
+                if self.check is not None:
+                    await anyio.to_thread.run_sync(self.check, dict(values))
                 await anyio.to_thread.run_sync(studio.expire_sessions)
                 await anyio.to_thread.run_sync(studio.spent_uploads.sweep)
                 await anyio.to_thread.run_sync(studio.sessions.get(session).make_room)
@@ -88,24 +101,33 @@ def in_turn(studio: Studio, handler: Callable, job: str, *, uploads: tuple[str, 
             raise
         return turn, bound
 
-    if inspect.isgeneratorfunction(handler):
-        @functools.wraps(handler)
-        async def stream_in_turn(*args, **kwargs):
-            turn, bound = await admitted(args, kwargs)
-            try:
-                async for text in turn.queued():
-                    if waiting is not None:
-                        yield waiting(text)
-                async for item in in_threads(handler(*bound.args, **bound.kwargs), turn.start()):
-                    yield item
-            finally:
-                turn.leave()
 
-        return stream_in_turn
+def _streaming_in_turn(admission: _Admission, handler: Callable,
+                       waiting: Callable[[str], object] | None) -> Callable:
+    """A generator `handler` in turn: while its job waits it yields `waiting(text)` (when given), then the
+    handler's items, each computed in a worker thread."""
+
+    @functools.wraps(handler)
+    async def stream_in_turn(*args, **kwargs):
+        turn, bound = await admission.admitted(args, kwargs)
+        try:
+            async for text in turn.queued():
+                if waiting is not None:
+                    yield waiting(text)
+            async for item in in_threads(handler(*bound.args, **bound.kwargs), turn.start()):
+                yield item
+        finally:
+            turn.leave()
+
+    return stream_in_turn
+
+
+def _running_in_turn(admission: _Admission, handler: Callable) -> Callable:
+    """A function `handler` in turn: once its job's turn has come, it runs in a worker thread."""
 
     @functools.wraps(handler)
     async def run_in_turn(*args, **kwargs):
-        turn, bound = await admitted(args, kwargs)
+        turn, bound = await admission.admitted(args, kwargs)
         try:
             await turn.waited()
             ended = turn.start()
@@ -277,7 +299,7 @@ def consumed(studio: Studio, *values) -> Iterator[None]:
 
 def discard(studio: Studio, *values) -> None:
     """The uploads in `values` are used up: Gradio's folder loses them once nobody has uploaded the same bytes for a
-    while (`studio.engine.session.SpentFiles`: another user's upload of them shares their path)."""
+    while (`studio.jobs.session.SpentFiles`: another user's upload of them shares their path)."""
     folder = Path(get_upload_folder()).resolve()
     studio.spent_uploads.add(filter(None, map(upload_path, flatten(values))), folder)
     studio.spent_uploads.sweep()

@@ -13,16 +13,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from studio.engine.concepts import (
-    ENCODER_KEYS,
-    FORMATS,
-    Concept,
-    ConceptError,
-    ConceptMismatchError,
-    check_fits,
-    load_concept,
-    save_concept,
-)
+from studio.engine.families import ENCODER_KEYS
+from studio.engine.learned.registry import load_concept, save_concept
+from studio.engine.learned.word import Concept, ConceptError, ConceptMismatchError, check_fits
+from studio.engine.learned.word_files import FORMATS
 
 SD1 = {"text_encoder": 768}
 SD2 = {"text_encoder": 1024}

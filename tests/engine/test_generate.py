@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from studio.engine.concepts import Concept, ConceptMismatchError
 from studio.engine.generate import Cancelled, GenerateRequest, generate, read_infotext, save_png
+from studio.engine.learned.word import Concept, ConceptMismatchError
 from studio.engine.models import ModelError, ModelManager
 
 

@@ -25,9 +25,11 @@ from safetensors.torch import save_file
 
 import hostile_files
 from studio.cli import main
-from studio.engine.concepts import ConceptError, load_concept
 from studio.engine.containers import MAX_EMBEDDING_BYTES, failing_closed
-from studio.engine.lora import MAX_LORA_RANK, check_lora_layers, load_lora
+from studio.engine.learned.lora import check_lora_layers
+from studio.engine.learned.lora_files import MAX_LORA_RANK, load_lora
+from studio.engine.learned.registry import load_concept
+from studio.engine.learned.word import ConceptError
 from studio.errors import LoraError
 
 REPO = Path(__file__).resolve().parents[2]

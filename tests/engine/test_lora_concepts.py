@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from studio.cli import main
 from studio.engine.generate import GenerateRequest, generate
-from studio.engine.lora import load_lora, loras_applied
+from studio.engine.learned.lora import loras_applied
+from studio.engine.learned.lora_files import load_lora
 from studio.engine.models import ModelManager
 from test_lora_runtime import _unet_lora_file
 
@@ -87,8 +88,8 @@ def test_a_diffusers_pivotal_pair_is_one_concept_prompted_as_in_diffusers(tiny_m
     prompt = "a photo of <s0><s1>"
     model = ModelManager().load(tiny_model_dirs["sd1"])
     req = GenerateRequest(prompt, concepts=[(lora, 1.0)])
-    assert req.loras == [(lora, 1.0)] and req.concepts == lora.words
-    kwargs = model.encoder.pipeline_kwargs(prompt, "", req.concepts, 1, 7.5)
+    assert req.loras == [(lora, 1.0)] and req.words == lora.words
+    kwargs = model.encoder.pipeline_kwargs(prompt, "", req.words, 1, 7.5)
     with model.lock, loras_applied(model, req.loras):
         ours = model.pipe(**kwargs, num_inference_steps=3, height=64, width=64, output_type="np",
                           generator=torch.Generator().manual_seed(5)).images[0]

@@ -1,4 +1,4 @@
-"""Writing LoRA files (studio.engine.lora_export) and `studio concepts export`.
+"""Writing LoRA files (studio.engine.learned.lora_export) and `studio concepts export`.
 
 The LoRAs are made in the test as in test_lora_files.py (peft on a tiny random SD1/SDXL pipeline, saved by diffusers'
 `save_lora_weights`; kohya names by diffusers' `convert_state_dict_to_kohya`). What these tests guard: a file written
@@ -18,8 +18,9 @@ from test_lora_files import (PIPELINES, RANK, TEXT_ATTENTION, UNET_ATTENTION,
                              add_random_lora, fresh_pipe, kohya_form)
 
 from studio.cli import main
-from studio.engine.lora import load_lora, loras_applied
-from studio.engine.lora_export import export_lora
+from studio.engine.learned.lora import loras_applied
+from studio.engine.learned.lora_export import export_lora
+from studio.engine.learned.lora_files import load_lora
 from studio.engine.models import ModelManager
 from studio.engine.names import WordError
 from studio.errors import LoraError

@@ -1,4 +1,4 @@
-"""Reading LoRA files (studio.engine.lora) and `studio concepts inspect` on them.
+"""Reading LoRA files (studio.engine.learned.lora_files) and `studio concepts inspect` on them.
 
 Every file is made in the test from real components: a peft LoRA on a tiny random SD1/SDXL pipeline, saved by
 diffusers' `save_lora_weights`; the same weights under kohya's names (diffusers' `convert_state_dict_to_kohya`); an
@@ -17,7 +17,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 
 from studio.cli import main
-from studio.engine.lora import is_lora_file, load_lora
+from studio.engine.learned.lora_files import is_lora_file, load_lora
 from studio.errors import LoraError, UserError
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]

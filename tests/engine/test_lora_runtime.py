@@ -1,4 +1,4 @@
-"""LoRAs applied per request (studio.engine.lora.loras_applied through `generate`) and `studio generate --lora`.
+"""LoRAs applied per request (studio.engine.learned.lora.loras_applied through `generate`) and `studio generate --lora`.
 
 The LoRAs are made in the test from real components, as in test_lora_files.py: peft's LoRA on the attention of a
 tiny random SD1/SDXL UNet, saved by diffusers' `save_lora_weights`. What these tests guard: a request without LoRA
@@ -20,7 +20,8 @@ from PIL import Image
 
 from studio.cli import main
 from studio.engine.generate import GenerateRequest, generate
-from studio.engine.lora import adapter_name, load_lora, loras_applied
+from studio.engine.learned.lora import adapter_name, loras_applied
+from studio.engine.learned.lora_files import load_lora
 from studio.engine.models import ModelManager
 from studio.errors import LoraError
 

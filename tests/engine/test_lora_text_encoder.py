@@ -1,4 +1,4 @@
-"""Text-encoder parts of LoRA files, applied per request (studio.engine.lora: `LoraCache`, `loras_applied`).
+"""Text-encoder parts of LoRA files, applied per request (studio.engine.learned.lora: `LoraCache`, `loras_applied`).
 
 The LoRAs are made in the test from real components: peft's LoRA on a tiny random pipeline's UNet attention and on
 every linear layer of its text encoders (attention and MLP, as kohya's scripts target them), saved by diffusers'
@@ -24,8 +24,9 @@ from test_lora_files import add_random_lora
 
 from studio.cli import main
 from studio.engine.generate import GenerateRequest, generate
-from studio.engine.lora import adapter_name, load_lora, loras_applied
-from studio.engine.lora_export import export_lora
+from studio.engine.learned.lora import adapter_name, loras_applied
+from studio.engine.learned.lora_export import export_lora
+from studio.engine.learned.lora_files import load_lora
 from studio.engine.models import ModelManager
 from studio.errors import LoraError
 

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from studio.cli import main
-from studio.engine.concepts import ConceptError, load_concept
+from studio.engine.learned.registry import load_concept
+from studio.engine.learned.word import ConceptError
 
 REPO = Path(__file__).resolve().parents[2]
 LAYOUTS = ["with_keys", "without_keys"]

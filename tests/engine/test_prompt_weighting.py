@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from studio.engine.concepts import Concept
+from studio.engine.learned.word import Concept
 from studio.engine.prompts import PromptEncoder, parse_prompt_weights
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from studio.engine.concepts import Concept, ConceptMismatchError, load_concept, save_concept
+from studio.engine.learned.registry import load_concept, save_concept
+from studio.engine.learned.word import Concept, ConceptMismatchError
 from studio.engine.prompts import PromptEncoder
 
 

@@ -17,8 +17,9 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
 
-from studio.engine.concepts import Concept, save_concept
 from studio.engine.generate import GenerateRequest, generate
+from studio.engine.learned.registry import save_concept
+from studio.engine.learned.word import Concept
 from studio.engine.models import LoadOptions, ModelError, ModelManager
 from studio.engine.single_file import (CONFIG_FILE_PATTERNS, DEFAULT_CONFIG_REPOS, export_single_file,
                                        identify_checkpoint, pipeline_to_checkpoint, read_checkpoint_shapes)

@@ -18,11 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from studio.cli import main
-from studio.engine.concepts import Concept, ConceptError, ConceptMismatchError, load_concept, save_concept
 from studio.engine.generate import GenerateRequest, generate
-from studio.engine.lora import load_lora
-from studio.engine.models import ModelManager
-from studio.engine.xti import (
+from studio.engine.learned.layer_word import (
     LAYER_EMBEDS_KWARG,
     LayerPromptProcessor,
     XtiConcept,
@@ -30,6 +27,10 @@ from studio.engine.xti import (
     encode_per_layer,
     per_layer_attention,
 )
+from studio.engine.learned.lora_files import load_lora
+from studio.engine.learned.registry import load_concept, save_concept
+from studio.engine.learned.word import Concept, ConceptError, ConceptMismatchError
+from studio.engine.models import ModelManager
 from studio.library import ConceptLibrary
 from test_lora_runtime import _unet_lora_file
 
@@ -144,7 +145,7 @@ def test_equal_layers_match_the_ordinary_word_within_1e5_before_rounding(demo):
     """On the demo model, pipeline output as floats: batch 2, guidance on, a negative prompt."""
     ti, per_layer = _words(demo)
     pipe = demo.pipe
-    from studio.engine.xti import pipeline_kwargs_with_layers
+    from studio.engine.learned.layer_word import pipeline_kwargs_with_layers
 
     def draw(concept):
         kwargs = pipeline_kwargs_with_layers(demo.encoder, pipe.unet, PROMPT, NEGATIVE, [concept], 2, 7.5)

@@ -17,8 +17,8 @@ from benchmarks.architectures import TINY_WORDS
 from studio.demo.concept_sets import load_concept_set
 from studio.demo.evaluate import DemoJudge
 from studio.demo.tokenizer import build_clip_tokenizer
-from studio.engine.concepts import Concept
 from studio.engine.generate import Cancelled
+from studio.engine.learned.word import Concept
 from studio.engine.models import ModelManager
 from studio.evaluation.clip import ClipScorer
 from studio.evaluation.config import ScoreConfig, ScoringError

@@ -21,9 +21,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from studio.engine.concepts import Concept
 from studio.engine.generate import GenerateRequest, generate
-from studio.engine.lora import LoraFile, loras_applied
+from studio.engine.learned.lora import LoraFile, loras_applied
+from studio.engine.learned.word import Concept
 from studio.engine.models import ModelManager
 from studio.training import TrainConfig, TrainError, Trainer
 from studio.training.config import lite

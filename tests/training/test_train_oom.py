@@ -13,8 +13,8 @@ from diffusers import UNet2DConditionModel
 
 from simulated_oom import OutOfMemoryOnCall
 from studio.cli import main
-from studio.engine.concepts import load_concept
 from studio.engine.generate import GenerateRequest, generate
+from studio.engine.learned.registry import load_concept
 from studio.engine.models import ModelManager
 from studio.training import TrainConfig, TrainError, Trainer
 

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from studio.engine.concepts import load_concept
+from studio.engine.learned.registry import load_concept
 from studio.engine.models import ModelManager
 from studio.training import TrainConfig, TrainError, Trainer
 from studio.training.resume import load_state, save_state, state_path

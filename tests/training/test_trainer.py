@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from studio.engine.concepts import load_concept
+from studio.engine.learned.registry import load_concept
 from studio.engine.models import ModelManager
 from studio.training import TrainConfig, TrainError, Trainer
 from studio.training.config import parse_lr_schedule

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from studio.cli import main
-from studio.engine.concepts import load_concept
 from studio.engine.generate import GenerateRequest, generate
+from studio.engine.learned.layer_word import XtiConcept, cross_attention_layers
+from studio.engine.learned.registry import load_concept
 from studio.engine.models import ModelManager
-from studio.engine.xti import XtiConcept, cross_attention_layers
 from studio.training import TrainConfig, Trainer
 from studio.training.resume import load_state
 

@@ -83,7 +83,8 @@ def test_library_shows_why_a_file_does_not_fit_and_deletes_only_after_confirming
     import torch
     from playwright.sync_api import expect
 
-    from studio.engine.concepts import Concept, save_concept
+    from studio.engine.learned.registry import save_concept
+    from studio.engine.learned.word import Concept
 
     files = [str(save_concept(Concept(token, {"text_encoder": torch.zeros(1, width)}, {}), tmp_path / name))
              for token, width, name in (("<fits>", 768, "fits"), ("<too-wide>", 1024, "too-wide"))]
@@ -119,7 +120,8 @@ def test_session_concepts_outlive_a_page_reload_and_no_other_browser_sees_them(p
     import torch
     from playwright.sync_api import expect
 
-    from studio.engine.concepts import Concept, save_concept
+    from studio.engine.learned.registry import save_concept
+    from studio.engine.learned.word import Concept
 
     file = save_concept(Concept("<kept>", {"text_encoder": torch.zeros(1, 768)}, {}), tmp_path / "kept")
     page.get_by_role("tab", name="Library").click()
@@ -165,7 +167,8 @@ def test_saving_a_word_another_browser_saved_asks_and_keep_both_keeps_both(page,
     import torch
     from playwright.sync_api import expect
 
-    from studio.engine.concepts import Concept, save_concept
+    from studio.engine.learned.registry import save_concept
+    from studio.engine.learned.word import Concept
 
     def import_and_save(p, seed: int) -> None:
         torch.manual_seed(seed)

@@ -106,7 +106,8 @@ def test_library_thumbnail_is_shown_whole_and_sharp(page, tmp_path):
     import torch
     from playwright.sync_api import expect
 
-    from studio.engine.concepts import Concept, save_concept
+    from studio.engine.learned.registry import save_concept
+    from studio.engine.learned.word import Concept
 
     torch.manual_seed(0)
     file = save_concept(Concept("<thumb>", {"text_encoder": torch.randn(1, 128)}, {}), tmp_path / "thumb")

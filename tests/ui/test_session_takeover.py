@@ -13,7 +13,8 @@ import pytest
 import torch
 from gradio_client import Client, handle_file
 
-from studio.engine.concepts import Concept, save_concept
+from studio.engine.learned.registry import save_concept
+from studio.engine.learned.word import Concept
 from studio.engine.models import ModelManager
 from studio.library import ConceptLibrary
 from studio.ui.app import SESSION_STORAGE_KEY, build_app

@@ -15,9 +15,9 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from studio.engine.models import ModelManager
+from studio.jobs.session import UPLOAD_GRACE_S
 from studio.library import ConceptLibrary
 from studio.ui.app import build_app
-from studio.engine.session import UPLOAD_GRACE_S
 from studio.ui.state import SESSION_DAYS, Studio, StudioLimits
 from ui_server import launch
 

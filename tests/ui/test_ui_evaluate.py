@@ -10,7 +10,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from studio.demo.concept_sets import load_concept_set
-from studio.engine.concepts import save_concept
+from studio.engine.learned.registry import save_concept
 from studio.engine.models import ModelManager
 from studio.evaluation.config import EvalConfig
 from studio.evaluation.denoising import initial_concept

@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from studio.engine.concepts import Concept
+from studio.engine.learned.word import Concept
 from studio.engine.memory import PRESETS
 from studio.engine.models import ModelManager
+from studio.jobs.training import kept_as
+from studio.jobs.training_run import TrainingRun, TrainingSnapshot
 from studio.library import ConceptLibrary
-from studio.training.run import TrainingRun, TrainingSnapshot, kept_as
 from studio.training.trainer import TrainEvent
 from studio.ui.app import build_app
 from studio.ui.state import Studio

@@ -12,7 +12,8 @@ from gradio_client import Client
 from gradio_client.utils import Status
 from PIL import Image
 
-from studio.engine.concepts import Concept, save_concept
+from studio.engine.learned.registry import save_concept
+from studio.engine.learned.word import Concept
 from studio.engine.models import ModelManager
 from studio.library import ConceptLibrary
 from studio.ui.app import build_app

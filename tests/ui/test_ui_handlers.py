@@ -1,5 +1,5 @@
 """The tabs' handlers called as plain functions (no server): every tab's pictures come from the one streamed
-generation path, and a session's state lives in its engine Session."""
+generation path, and a session's state lives in its Session (studio.jobs.session), not in the UI."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_style_compose_and_inpaint_go_through_the_streamed_run(studio, tmp_path,
 def test_a_thumbnail_is_kept_in_the_engine_session(studio):
     import torch
 
-    from studio.engine.concepts import Concept
+    from studio.engine.learned.word import Concept
 
     width = studio.model.encoder_dims["text_encoder"]
     studio.library.add_session_concept("s1", Concept("<thumb>", {"text_encoder": torch.zeros(1, width)}, {}))

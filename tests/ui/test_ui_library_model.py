@@ -8,7 +8,8 @@ import torch
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from studio.engine.concepts import Concept, save_concept
+from studio.engine.learned.registry import save_concept
+from studio.engine.learned.word import Concept
 from studio.engine.models import ModelManager
 from studio.library import ConceptLibrary
 from studio.ui.app import build_app

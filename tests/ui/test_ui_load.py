@@ -9,7 +9,8 @@ import torch
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from studio.engine.concepts import Concept, save_concept
+from studio.engine.learned.registry import save_concept
+from studio.engine.learned.word import Concept
 
 JOB_LIMIT_S = 240  # the whole mix on the tiny model takes ~20 s on 2 cores; a hang fails instead of blocking CI
 

@@ -9,7 +9,7 @@ import torch
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from studio.engine.concepts import Concept
+from studio.engine.learned.word import Concept
 from studio.engine.models import ModelManager
 from studio.library import ConceptLibrary
 from studio.ui.app import build_app
@@ -62,8 +62,8 @@ def test_a_progressive_run_with_stop_when_learned_off_trains_every_step_into_the
                                                                                             concept_pictures):
     """Guards the inputs appended to /train: switched off, the run is not scored and trains all its steps; the
     progressive schedule's last count is the word's."""
-    from studio.engine.concepts import load_concept
-    from studio.training.run import LOSS_SERIES, SCORE_SERIES
+    from studio.engine.learned.registry import load_concept
+    from studio.jobs.training_run import LOSS_SERIES, SCORE_SERIES
 
     client = Client(studio_server[0], verbose=False)
     status, concept_file = client.predict([handle_file(p) for p in concept_pictures],
@@ -79,7 +79,7 @@ def test_a_run_that_stops_once_learned_says_converged_at_step_n_and_plots_its_sc
                                                                                      concept_pictures):
     """A word that cannot change (learning rate 0) scores the same every time: with a score every step it stops
     once the window of 3 scorings after step 0 brought nothing, at step 3 of 50; the scores are their own series."""
-    from studio.training.run import LOSS_SERIES, SCORE_SERIES
+    from studio.jobs.training_run import LOSS_SERIES, SCORE_SERIES
 
     client = Client(studio_server[0], verbose=False)
     status, concept_file = client.predict([handle_file(p) for p in concept_pictures],

@@ -1,7 +1,8 @@
 """What every learned thing of a request adds to it, collected in one plan, then entered around the pipeline call.
 
 A learned thing (a word, a per-layer word, a LoRA file; next a Perfusion edit or an image prompt) has a `kind`, a
-`name`, a fit check against a loaded model (`check_fit(model)`), the extra-networks tag that names it in a prompt
+`name`, a fit check against a model's text encoder widths (`check_fit`: the one rule requests and the library's
+listing both ask), the extra-networks tag that names it in a prompt
 (`tag`: "lora" for `<lora:name:w>`, None for words), and `join(plan, weight)`, which says what it adds:
 
 - prompt slots: words whose vectors stand in the prompt (`RequestPlan.add_words`);
@@ -50,7 +51,8 @@ class Learned(Protocol):
 
     tag: str | None  # the extra-networks tag that names it in a prompt (`<lora:name:w>`: "lora"), or None
 
-    def check_fit(self, model) -> None: ...  # raise a UserError that says why it does not fit `model`
+    def check_fit(self, encoder_dims: dict[str, int], model_name: str = "", where: str = "") -> None: ...
+    # ^ raise a UserError that says why it does not fit a model with these text encoder widths (`model_name`)
 
     def join(self, plan: RequestPlan, weight: float) -> None: ...  # add what it needs to a request's plan
 

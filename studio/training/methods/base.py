@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from studio.engine.concepts import Concept
+from studio.engine.learned.word import Concept
 
 
 class Method:
@@ -43,6 +43,16 @@ class Method:
     def unet_lr(self) -> float:
         return self.config.unet_lr if self.config.unet_lr is not None else float(self.default_unet_lr or 0.0)
 
+    def weight_groups(self, weights: dict[str, torch.nn.Parameter]) -> list[dict]:
+        """The weights as parameter groups of their one optimizer, each with its own learning rate (`initial_lr`;
+        the learning-rate schedule scales every group by the same factor each step)."""
+        return [{"params": list(weights.values()), "initial_lr": self.unet_lr()}]
+
+    def learning_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders whose own weights learn (a text-encoder LoRA): prompts go through them with gradients
+        every step, and DDP averages their gradients."""
+        return []
+
     def weights_learn(self, step: int) -> bool:
         """Whether the weights are updated at `step` (1-based); the word always is."""
         return True
@@ -65,9 +75,12 @@ class Method:
                others: list[Concept] = ()) -> tuple[torch.Tensor, dict]:
         """Prompts with the word of `vectors` (the live parameters; none for lora/dreambooth) and `others` (the
         per-image words) -> the UNet's prompt embeddings and its extra arguments. The word is built anew each
-        batch, so autograd sees this batch's use."""
+        batch, so autograd sees this batch's use; so are the prompts when a text encoder learns."""
         words = ([self.word(vectors, {})] if vectors else []) + list(others)
-        encoded = self._fixed(prompts) if not words else self.model.encoder.encode(prompts, words)
+        if words or self.learning_encoders():
+            encoded = self.model.encoder.encode(prompts, words)
+        else:
+            encoded = self._fixed(prompts)
         return encoded.embeds, self.sdxl_arguments(encoded, resolution, len(prompts))
 
     def _fixed(self, prompts: list[str]):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from studio.engine.concepts import Concept
 from studio.engine.files import check_new_output, replace_folder
+from studio.engine.learned.word import Concept
 from studio.training.methods.base import Method
 
 FOLDER_MODE = 0o755  # as `mkdir` makes folders under the usual umask

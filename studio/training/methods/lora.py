@@ -1,14 +1,19 @@
-"""`pivotal` (the word and a UNet LoRA) and `lora` (DreamBooth-LoRA: a UNet LoRA for "<token> <class>").
+"""`pivotal` (the word and a UNet LoRA) and `lora` (DreamBooth-LoRA: a UNet LoRA for "<token> <class>"), each with an
+optional LoRA on the text encoders' attention (`text_encoder_lora`, diffusers' scripts' `--train_text_encoder`).
 
-The LoRA is a peft adapter added to the shared UNet for the run (under the model's lock, the only adapter active) and
-deleted at its end, so generation afterwards computes what it computed before. It starts as diffusers' scripts start
-theirs (`init_lora_weights="gaussian"`: A random, B zero, so step 0 is the base model), from the run's seed. Files are
-written by `studio.engine.lora_export` and read back by `studio.engine.lora.load_lora`, the LoRA runtime's reader:
-- diffusers' form (default): what `load_lora_weights` reads; pivotal's word goes to diffusers' pivotal words file
-  `<stem>_emb.safetensors` beside it (`load_textual_inversion(file, token=...)` reads it).
-- kohya's form (`lora_format="kohya"`): `lora_unet_…` keys; pivotal's word bundled in the same file as A1111 bundles
-  them (`bundle_emb.<word>.string_to_param.*`) — one file for A1111, Forge and ComfyUI, which diffusers'
-  `load_lora_weights` refuses ("all LoRA param names contain 'lora'"), hence not the default.
+The LoRA is a peft adapter added to the shared UNet (and text encoders) for the run (under the model's lock, the only
+adapter active) and deleted at its end, so generation afterwards computes what it computed before. It starts as
+diffusers' scripts start theirs (`init_lora_weights="gaussian"`: A random, B zero, so step 0 is the base model), from
+the run's seed. The text encoders' adapter is added and deleted by peft's own functions (`inject_adapter_in_model`,
+`delete_adapter`), as the LoRA runtime loads one: transformers 5.25's `add_adapter` asks for peft >= 0.22.0 (0.21.2 is
+installed). Files are written by `studio.engine.learned.lora_export` and read back by
+`studio.engine.learned.lora_files.load_lora`, the LoRA runtime's reader:
+- diffusers' form (default): what `load_lora_weights` reads (`unet.…`, `text_encoder.…` keys); pivotal's word goes
+  to diffusers' pivotal words file `<stem>_emb.safetensors` beside it (`load_textual_inversion(file, token=...)`).
+- kohya's form (`lora_format="kohya"`): `lora_unet_…` and `lora_te_…` (SDXL `lora_te1_`/`lora_te2_`) keys; pivotal's
+  word bundled in the same file as A1111 bundles them (`bundle_emb.<word>.string_to_param.*`) — one file for A1111,
+  Forge and ComfyUI, which diffusers' `load_lora_weights` refuses ("all LoRA param names contain 'lora'"), hence not
+  the default.
 """
 
 from __future__ import annotations
@@ -18,17 +23,20 @@ from pathlib import Path
 
 import torch
 
-from studio.engine.concepts import Concept
-from studio.engine.lora import LoraFile, load_lora
+from studio.engine.learned.lora import LoraFile, lora_modules
+from studio.engine.learned.lora_files import load_lora
+from studio.engine.learned.word import Concept
 from studio.training.methods.base import Method
 
 ADAPTER = "studio-train"  # the run's adapter in the shared UNet; never a name the LoRA cache gives (digest_stem)
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' dreambooth-lora script's UNet targets
+TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the same scripts' text-encoder targets
 CROSS_KEY_VALUE = r".*attn2\.(to_k|to_v)$"  # the "lite" targets: what a prompt's words reach in the UNet
 
 
 class LoraWeights(Method):
-    """A UNet LoRA that learns; what `pivotal` and `lora` share."""
+    """A UNet LoRA (and with `text_encoder_lora` one on each text encoder) that learns; what `pivotal` and `lora`
+    share."""
 
     # diffusers' scripts use 1e-4 on SD 1.5 for 500+ steps; the demo model's 400-step default needs more
     # (measured in docs/benchmarks.md, "Weight-tuning methods").
@@ -45,31 +53,73 @@ class LoraWeights(Method):
             # peft warns that an adapter joins the LoRA cache's ones: the run's adapter is meant to sit beside them
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             unet.add_adapter(config, adapter_name=ADAPTER)
+            # The text encoders' draw next from the same stream, as diffusers' scripts add theirs after the UNet's.
+            self._add_text_encoder_adapters()
         unet.set_adapter(ADAPTER)  # the cached LoRAs of earlier requests stay loaded, inactive
         unet.enable_lora()
-        self.model.lora_cache._layers = None  # new peft layers may have been made: the cache walks the UNet again
+        self.model.lora_cache._layers = None  # new peft layers may have been made: the cache walks the modules again
         marker = f".{ADAPTER}."
-        return {f"unet.{name.replace(marker, '.')}": param for name, param in unet.named_parameters()
-                if marker in name}
+        return {f"{part}.{name.replace(marker, '.')}": param
+                for part, module in {"unet": unet, **self._text_encoders()}.items()
+                for name, param in module.named_parameters() if marker in name}
+
+    def _text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The text encoders a text-encoder LoRA learns in, by their pipeline name (none without one)."""
+        if not self.config.text_encoder_lora:
+            return {}
+        return {part: module for part, module in lora_modules(self.model.pipe).items() if part != "unet"}
+
+    def learning_encoders(self) -> list[torch.nn.Module]:
+        return list(self._text_encoders().values())
+
+    def _add_text_encoder_adapters(self) -> None:
+        """The run's adapter on each text encoder's attention projections, the only one active (the LoRA cache's
+        adapters of earlier requests stay loaded, inactive), its pairs trainable."""
+        from peft import LoraConfig
+        from peft.functional import inject_adapter_in_model, set_adapter
+
+        rank = self.config.text_encoder_rank or self.config.rank
+        for encoder in self._text_encoders().values():
+            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=TEXT_ENCODER_ATTENTION)
+            inject_adapter_in_model(config, encoder, adapter_name=ADAPTER)
+            set_adapter(encoder, ADAPTER)  # its pairs trainable, the others' not
+            for layer in _tuner_layers(encoder):
+                layer.enable_adapters(True)
+
+    def text_encoder_lr(self) -> float:
+        return self.config.text_encoder_lr if self.config.text_encoder_lr is not None else self.unet_lr()
+
+    def weight_groups(self, weights: dict[str, torch.nn.Parameter]) -> list[dict]:
+        """The UNet's LoRA at the weights' learning rate, the text encoders' (if any) at `text_encoder_lr`."""
+        groups = [{"params": [p for n, p in weights.items() if n.startswith("unet.")], "initial_lr": self.unet_lr()}]
+        text = [p for n, p in weights.items() if not n.startswith("unet.")]
+        return groups + ([{"params": text, "initial_lr": self.text_encoder_lr()}] if text else [])
 
     def remove_weights(self) -> None:
         unet = self.unet
         with warnings.catch_warnings():  # "was active which is now deleted": every adapter is turned off below
             warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
             unet.delete_adapters(ADAPTER)
+            for encoder in self._text_encoders().values():
+                _delete_text_encoder_adapter(encoder)
         if getattr(unet, "peft_config", None):
-            unet.disable_lora()  # the cache's adapters are off between requests (studio.engine.lora.loras_applied)
+            unet.disable_lora()  # the cache's adapters are off between requests (learned.lora.loras_applied)
         self.model.lora_cache._layers = None
 
     def save(self, path: Path, word: Concept | None, weights: dict[str, torch.Tensor], step: int) -> Path:
-        from studio.engine.lora_export import export_lora
+        from studio.engine.learned.lora_export import export_lora
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.config.save_precision]
         tensors = {name: tensor.detach().to("cpu", dtype).contiguous() for name, tensor in weights.items()}
-        modules = sorted({name.removeprefix("unet.").rsplit(".lora_", 1)[0] for name in tensors})
-        lora = LoraFile(path=path, state_dict=tensors, source_format="diffusers", ranks=(self.config.rank,),
-                        modules={"unet": modules}, families=(self.model.family,), size_bytes=0,
-                        words=[word] if word is not None else [])
+        modules: dict[str, set[str]] = {}  # part ("unet", "text_encoder", ...) -> its modules
+        for name in tensors:
+            part, module = name.split(".", 1)
+            modules.setdefault(part, set()).add(module.rsplit(".lora_", 1)[0])
+        ranks = tuple(sorted({int(t.shape[0]) for name, t in tensors.items() if ".lora_A." in name}))
+        lora = LoraFile(path=path, state_dict=tensors, source_format="diffusers", ranks=ranks,
+                        modules={part: sorted(names) for part, names in modules.items()},
+                        families=(self.model.family,), size_bytes=0, words=[word] if word is not None else [])
         written = export_lora(lora, path.parent, path.name, self.config.lora_format, overwrite=True).path
         return self._add_metadata(written, step)
 
@@ -81,7 +131,7 @@ class LoraWeights(Method):
         from safetensors.torch import load_file, save_file
 
         from studio.engine.files import atomic_write
-        from studio.engine.lora import PHRASE_KEY
+        from studio.engine.learned.lora_files import PHRASE_KEY
 
         with safe_open(str(path), "pt") as f:
             metadata = dict(f.metadata() or {})
@@ -118,3 +168,24 @@ class DreamBoothLora(LoraWeights):
 
     def phrase(self) -> str:
         return f"{self.config.token} {self.trainer.class_word}".strip()
+
+
+def _tuner_layers(module: torch.nn.Module) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [layer for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+
+
+def _delete_text_encoder_adapter(encoder: torch.nn.Module) -> None:
+    """Take the run's adapter out of `encoder` by peft's public function (what diffusers' `delete_adapters` does for
+    a transformers model) and turn the cache's adapters off, as they are between requests."""
+    from peft.functional import delete_adapter
+
+    configs = getattr(encoder, "peft_config", None) or {}
+    if ADAPTER in configs:
+        delete_adapter(encoder, ADAPTER, prefix="lora_")
+        configs.pop(ADAPTER)
+        if not configs:
+            del encoder.peft_config
+    for layer in _tuner_layers(encoder):
+        layer.enable_adapters(False)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.engine.concepts import Concept, save_concept
+from studio.engine.learned.registry import save_concept
+from studio.engine.learned.word import Concept
 from studio.training.methods.base import Method
 
 

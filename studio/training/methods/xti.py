@@ -1,7 +1,7 @@
 """`xti`: Extended Textual Inversion (P+, Voynov et al. 2023): one set of the word's vectors per cross-attention layer
-of the UNet, each layer's prompt embeddings its own (studio.engine.xti: through the attention processors' per-call
+of the UNet, each layer's prompt embeddings its own (studio.engine.learned.layer_word: through the attention processors' per-call
 arguments). Every layer starts from the init words; the file is the studio's per-layer form (kohya's XTI form by
-`studio concepts export`-style conversion through `studio.engine.xti.save_xti(..., "kohya")`)."""
+`studio concepts export`-style conversion through `studio.engine.learned.layer_word_files.save_xti(..., "kohya")`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from studio.engine.concepts import Concept
+from studio.engine.learned.word import Concept
 from studio.training.methods.base import Method
 
 
@@ -21,7 +21,7 @@ class ExtendedTextualInversion(Method):
                "the UNet; a file of a few KB per layer; write the word.")
 
     def __init__(self, trainer) -> None:
-        from studio.engine.xti import cross_attention_layers
+        from studio.engine.learned.layer_word import cross_attention_layers
 
         super().__init__(trainer)
         self.layers = cross_attention_layers(self.model.pipe.unet)
@@ -31,7 +31,7 @@ class ExtendedTextualInversion(Method):
         return {key: v.unsqueeze(0).repeat(len(self.layers), 1, 1) for key, v in vectors.items()}
 
     def word(self, vectors: dict[str, torch.Tensor], meta: dict[str, str]) -> Concept:
-        from studio.engine.xti import XtiConcept
+        from studio.engine.learned.layer_word import XtiConcept
 
         return XtiConcept.from_layers(self.config.token, self.layers,
                                       [{key: v[i] for key, v in vectors.items()} for i in range(len(self.layers))],
@@ -39,7 +39,7 @@ class ExtendedTextualInversion(Method):
 
     def encode(self, prompts: list[str], vectors: dict[str, torch.Tensor], resolution: int,
                others: list[Concept] = ()) -> tuple[torch.Tensor, dict]:
-        from studio.engine.xti import encode_per_layer
+        from studio.engine.learned.layer_word import encode_per_layer
 
         encoded = encode_per_layer(self.model.encoder, prompts, [self.word(vectors, {}), *others], self.layers)
         extra = {"cross_attention_kwargs": encoded.cross_attention_kwargs()}
@@ -47,13 +47,13 @@ class ExtendedTextualInversion(Method):
 
     @contextmanager
     def training_context(self) -> Iterator[None]:
-        from studio.engine.xti import per_layer_attention
+        from studio.engine.learned.layer_word import per_layer_attention
 
         with per_layer_attention(self.model.pipe.unet):
             yield
 
     def save(self, path: Path, word: Concept | None, weights, step: int) -> Path:
-        from studio.engine.xti import save_xti
+        from studio.engine.learned.layer_word_files import save_xti
 
         return save_xti(word, path, format="studio")
 

@@ -20,6 +20,7 @@ import html
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
@@ -254,9 +255,17 @@ def compare(studio: Studio, on_device, session: str, methods: list[str] | None, 
 def build_evaluate_tab(studio: Studio, pickers: ConceptPickers, operator: Operator | None = None) -> None:
     """Concept, samples, CLIP model and advanced settings; `/evaluate_concept` and `/cancel_evaluation` endpoints.
     `operator`: whether this page may name any CLIP model (a local studio's own page) or only CLIP_CHOICES."""
-    clips, demo, operator = ClipCache(), DemoWorld(), operator or Operator()
+    operator = operator or Operator()
+    handlers = evaluate_handlers(studio, operator)
+    ui = evaluate_layout(pickers, operator)
+    wire_evaluate(studio, ui, handlers)
 
-    # 1. Handlers: adapters from the form to the functions above.
+
+def evaluate_handlers(studio: Studio, operator: Operator) -> SimpleNamespace:
+    """The tab's handlers, by name: adapters from the form to the functions above (`run`: score a concept,
+    `run_methods`: compare methods, `cancel`: stop either; `admit_methods` refuses a comparison before it waits)."""
+    clips, demo = ClipCache(), DemoWorld()
+
     def score(session: str, token: str, cfg: ScoreConfig, ground_truth: str, files: list[str], clip_source: str,
               progress) -> ConceptScores:
         return scored(studio, clips, demo, session, token, cfg, ground_truth, files, clip_source, progress)
@@ -284,7 +293,23 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers, operator: Operat
     def cancel(request: gr.Request) -> None:
         studio.session(request).cancel("evaluate")
 
-    # 2. Layout.
+    def admit_methods(form: dict) -> None:  # before the job waits: each of its runs within the step limit
+        studio.check_train_steps(form["train_steps"], "Training steps per method")
+
+    return SimpleNamespace(run=run, run_methods=run_methods, cancel=cancel, admit_methods=admit_methods)
+
+
+def evaluate_layout(pickers: ConceptPickers, operator: Operator) -> SimpleNamespace:
+    """The tab's components, by name: the concept's evaluation, then the methods' comparison folded below it."""
+    ui = SimpleNamespace()
+    concept_layout(ui, pickers, operator)
+    methods_layout(ui)
+    return ui
+
+
+def concept_layout(ui: SimpleNamespace, pickers: ConceptPickers, operator: Operator) -> None:
+    """Score one concept: the form (concept, pictures per prompt, CLIP model, advanced settings) and, beside it, the
+    scores and the pictures they came from; the components go in `ui`."""
     gr.Markdown("Score a concept the way the Textual Inversion paper does: draw “a photo of S*” (does it look like "
                 "the concept?) and edit prompts like “S* on a black background” (does the rest of the prompt still "
                 "work?), and the same prompts with plain words instead of S*. The demo model is scored by its judge "
@@ -293,35 +318,39 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers, operator: Operat
                 "on: 0.62 ± 0.04 (n=12).")
     with gr.Row():
         with gr.Column():
-            token = pickers.dropdown("Concept", custom=True, elem_id="evaluate-concept")  # API clients name any word
-            samples = gr.Slider(1, 8, value=2, step=1, label="Pictures per prompt")
+            ui.token = pickers.dropdown("Concept", custom=True, elem_id="evaluate-concept")  # API clients name any word
+            ui.samples = gr.Slider(1, 8, value=2, step=1, label="Pictures per prompt")
             # Custom values reach `clip_source_for`, which refuses them (one line) unless this is a local page.
-            clip_source = gr.Dropdown(CLIP_CHOICES, value="", allow_custom_value=True,
-                                      label="CLIP model (optional" + ("; or type a hub id or folder)" if operator.local
-                                                                      else ")"))
+            ui.clip_source = gr.Dropdown(CLIP_CHOICES, value="", allow_custom_value=True,
+                                         label="CLIP model (optional" + ("; or type a hub id or folder)"
+                                                                         if operator.local else ")"))
             with gr.Accordion("Advanced", open=False):
-                ground_truth = gr.Dropdown([AUTO, *list_concept_sets(), NONE], value=AUTO,
-                                           label="Ground truth for the judge (bundled concept set)")
-                kind = gr.Radio(["object", "style"], value="object", label="What is it? (when no set says)")
-                plain_words = gr.Textbox(label="Plain words to compare with",
-                                         placeholder="default: the set's plain words, or the word it started from; "
-                                                     "for a style, a phrase like 'in watercolor style'")
-                steps = gr.Slider(1, 50, value=ScoreConfig.steps, step=1, label="Sampling steps")
-                seed = gr.Number(label="First seed", value=0, precision=0)
-                files = gr.File(label="Training pictures (CLIP compares with them; on the demo model without a "
-                                      "set, the judge reads what they share)", file_count="multiple",
-                                file_types=["image"])
+                ui.ground_truth = gr.Dropdown([AUTO, *list_concept_sets(), NONE], value=AUTO,
+                                              label="Ground truth for the judge (bundled concept set)")
+                ui.kind = gr.Radio(["object", "style"], value="object", label="What is it? (when no set says)")
+                ui.plain_words = gr.Textbox(label="Plain words to compare with",
+                                            placeholder="default: the set's plain words, or the word it started "
+                                                        "from; for a style, a phrase like 'in watercolor style'")
+                ui.steps = gr.Slider(1, 50, value=ScoreConfig.steps, step=1, label="Sampling steps")
+                ui.seed = gr.Number(label="First seed", value=0, precision=0)
+                ui.files = gr.File(label="Training pictures (CLIP compares with them; on the demo model without a "
+                                         "set, the judge reads what they share)", file_count="multiple",
+                                   file_types=["image"])
             with gr.Row():
-                start = gr.Button("Evaluate", variant="primary")
-                stop = gr.Button("Cancel")
+                ui.start = gr.Button("Evaluate", variant="primary")
+                ui.stop = gr.Button("Cancel")
         with gr.Column():
-            about = gr.Markdown(elem_id="evaluate-summary")
-            scores = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, elem_id="evaluate-scores",
-                                  elem_classes=["whole-words"],
-                                  column_widths=["22%", "15%", "15%", "15%", "33%"])
-            grid = gr.Gallery(label="The pictures the scores came from", columns=4, height=420,
-                              elem_id="evaluate-grid")
+            ui.about = gr.Markdown(elem_id="evaluate-summary")
+            ui.scores = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, elem_id="evaluate-scores",
+                                     elem_classes=["whole-words"],
+                                     column_widths=["22%", "15%", "15%", "15%", "33%"])
+            ui.grid = gr.Gallery(label="The pictures the scores came from", columns=4, height=420,
+                                 elem_id="evaluate-grid")
 
+
+def methods_layout(ui: SimpleNamespace) -> None:
+    """Compare training methods and the paper's variants, folded away: what to train on which sets, and, beside it,
+    the methods table and the chart; the components go in `ui`."""
     with gr.Accordion("Compare training methods and the paper's variants (demo model)", open=False):
         gr.Markdown("Train each method and variant on bundled concept sets and score them alike: identity (does it "
                     "look like the pictures?), prompt fidelity (do edit prompts still work?), file size and training "
@@ -329,38 +358,42 @@ def build_evaluate_tab(studio: Studio, pickers: ConceptPickers, operator: Operat
                     "prompt fidelity. Each one trains on each set in turn.")
         with gr.Row():
             with gr.Column():
-                methods = gr.CheckboxGroup(list(METHODS), value=["ti", "lora"], label="Methods",
-                                           elem_id="evaluate-methods")
-                variants = gr.CheckboxGroup(list(PAPER_VARIANTS), value=[], elem_id="evaluate-variants",
-                                            label="The paper's variants (of Textual Inversion: three vectors, "
-                                                  "progressive, regularized, per-image words, ...)")
-                method_sets = gr.Dropdown(list_concept_sets(), value=object_sets()[:1], multiselect=True,
-                                          label="Concept sets (the scores pool the object sets)")
-                train_steps = gr.Slider(1, 1000, value=100, step=1, label="Training steps per method")
-                method_images = gr.Slider(1, 4, value=1, step=1, label="Pictures per prompt")
-                method_steps = gr.Slider(1, 50, value=ScoreConfig.steps, step=1, label="Sampling steps")
-                method_seed = gr.Number(label="Seed", value=0, precision=0)
+                ui.methods = gr.CheckboxGroup(list(METHODS), value=["ti", "lora"], label="Methods",
+                                              elem_id="evaluate-methods")
+                ui.variants = gr.CheckboxGroup(list(PAPER_VARIANTS), value=[], elem_id="evaluate-variants",
+                                               label="The paper's variants (of Textual Inversion: three vectors, "
+                                                     "progressive, regularized, per-image words, ...)")
+                ui.method_sets = gr.Dropdown(list_concept_sets(), value=object_sets()[:1], multiselect=True,
+                                             label="Concept sets (the scores pool the object sets)")
+                ui.train_steps = gr.Slider(1, 1000, value=100, step=1, label="Training steps per method")
+                ui.method_images = gr.Slider(1, 4, value=1, step=1, label="Pictures per prompt")
+                ui.method_steps = gr.Slider(1, 50, value=ScoreConfig.steps, step=1, label="Sampling steps")
+                ui.method_seed = gr.Number(label="Seed", value=0, precision=0)
                 with gr.Row():
-                    compare_start = gr.Button("Compare", variant="primary")
-                    compare_stop = gr.Button("Cancel")
+                    ui.compare_start = gr.Button("Compare", variant="primary")
+                    ui.compare_stop = gr.Button("Cancel")
             with gr.Column():
-                methods_about = gr.Markdown(elem_id="evaluate-methods-summary")
-                methods_table = gr.Dataframe(headers=METHOD_HEADERS, interactive=False, wrap=True,
-                                             elem_classes=["whole-words"],
-                                             elem_id="evaluate-methods-table")
-                methods_chart = gr.Image(label="Identity against prompt fidelity (95% intervals)", type="filepath",
-                                         interactive=False, elem_id="evaluate-methods-chart")
+                ui.methods_about = gr.Markdown(elem_id="evaluate-methods-summary")
+                ui.methods_table = gr.Dataframe(headers=METHOD_HEADERS, interactive=False, wrap=True,
+                                                elem_classes=["whole-words"],
+                                                elem_id="evaluate-methods-table")
+                ui.methods_chart = gr.Image(label="Identity against prompt fidelity (95% intervals)", type="filepath",
+                                            interactive=False, elem_id="evaluate-methods-chart")
 
-    # 3. Wiring.
-    evaluated = start.click(in_turn(studio, run, "evaluate", uploads=("files",)),
-                            [token, samples, clip_source, ground_truth, kind, plain_words, steps, seed, files],
-                            [about, scores, grid], api_name="evaluate_concept", **GPU_EVENT)
-    stop.click(cancel, None, None, api_name="cancel_evaluation", concurrency_limit=None, cancels=[evaluated])
-    def admit_methods(form: dict) -> None:  # before the job waits: each of its runs within the step limit
-        studio.check_train_steps(form["train_steps"], "Training steps per method")
 
-    compared = compare_start.click(in_turn(studio, run_methods, "evaluate", check=admit_methods),
-                                   [methods, method_sets, train_steps, method_images, method_steps, method_seed,
-                                    variants], [methods_about, methods_table, methods_chart],
-                                   api_name="compare_methods", **GPU_EVENT)
-    compare_stop.click(cancel, None, None, api_visibility="private", concurrency_limit=None, cancels=[compared])
+def wire_evaluate(studio: Studio, ui: SimpleNamespace, handlers: SimpleNamespace) -> None:
+    """`/evaluate_concept`, `/cancel_evaluation` and `/compare_methods` (its Cancel is the page's own)."""
+    evaluated = ui.start.click(in_turn(studio, handlers.run, "evaluate", uploads=("files",)),
+                               [ui.token, ui.samples, ui.clip_source, ui.ground_truth, ui.kind, ui.plain_words,
+                                ui.steps, ui.seed, ui.files],
+                               [ui.about, ui.scores, ui.grid], api_name="evaluate_concept", **GPU_EVENT)
+    ui.stop.click(handlers.cancel, None, None, api_name="cancel_evaluation", concurrency_limit=None,
+                  cancels=[evaluated])
+    queued_methods = in_turn(studio, handlers.run_methods, "evaluate", check=handlers.admit_methods)
+    compared = ui.compare_start.click(queued_methods,
+                                      [ui.methods, ui.method_sets, ui.train_steps, ui.method_images, ui.method_steps,
+                                       ui.method_seed, ui.variants],
+                                      [ui.methods_about, ui.methods_table, ui.methods_chart],
+                                      api_name="compare_methods", **GPU_EVENT)
+    ui.compare_stop.click(handlers.cancel, None, None, api_visibility="private", concurrency_limit=None,
+                          cancels=[compared])

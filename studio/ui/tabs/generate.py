@@ -9,6 +9,7 @@ the browser, also takes a job still waiting in the GPU queue off it (API clients
 from __future__ import annotations
 
 from contextlib import closing
+from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import gradio as gr
@@ -88,7 +89,15 @@ def read_png(path) -> tuple:
 
 def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Prompt, settings and a gallery; `/generate`, `/variations`, `/cancel` and `/read_png` endpoints."""
-    # 1. Handlers: adapters from the form to the functions above.
+    handlers = generate_handlers(studio)
+    ui = generate_layout(pickers)
+    wire_generate(studio, ui, handlers)
+
+
+def generate_handlers(studio: Studio) -> SimpleNamespace:
+    """The tab's handlers, by name: adapters from the form to the functions above (`run`, `variations`,
+    `read_parameters` of an uploaded PNG)."""
+
     def run(prompt, negative, seed, steps, guidance, scheduler, width, height, count, request: gr.Request,
             progress=gr.Progress()):
         fields = dict(prompt=prompt, negative_prompt=negative, batch=int(count),
@@ -106,44 +115,53 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
         with consumed(studio, path):  # read once: Gradio's copy goes
             return read_png(path)
 
-    # 2. Layout.
+    return SimpleNamespace(run=run, variations=variations, read_parameters=read_parameters)
+
+
+def generate_layout(pickers: ConceptPickers) -> SimpleNamespace:
+    """The tab's components, by name: the prompt and its settings, and beside them the results."""
+    ui = SimpleNamespace()
     gr.Markdown("Write a prompt; any concept word from the library (e.g. `<my-cat>`) is used automatically, and a "
                 "LoRA by its tag, `<lora:name:0.8>` (name: the file's stem). "
                 f"**Variations**: `{VARIATION_PROMPT.format('<concept>')}` for the picked concept over "
                 f"{VARIATION_SEEDS} seeds.")
     with gr.Row():
         with gr.Column(scale=2):
-            prompt = gr.Textbox(label="Prompt", value="a red circle on a white background", lines=2)
-            negative = gr.Textbox(label="Negative prompt", lines=1)
+            ui.prompt = gr.Textbox(label="Prompt", value="a red circle on a white background", lines=2)
+            ui.negative = gr.Textbox(label="Negative prompt", lines=1)
             # custom: API clients name the concept for /variations; the server's copy of the choices is empty.
-            picked = concept_inserter(pickers, prompt, custom=True)
+            ui.picked = concept_inserter(pickers, ui.prompt, custom=True)
             with gr.Row():
-                seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0)
-                steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
+                ui.seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0)
+                ui.steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+                ui.guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
             with gr.Row():
-                scheduler = gr.Dropdown(list(SCHEDULERS), value="euler_a", label="Scheduler")
-                width = gr.Number(label="Width (0: model's size)", value=0, precision=0)
-                height = gr.Number(label="Height (0: model's size)", value=0, precision=0)
-                count = gr.Slider(1, 8, value=4, step=1, label="Pictures")
+                ui.scheduler = gr.Dropdown(list(SCHEDULERS), value="euler_a", label="Scheduler")
+                ui.width = gr.Number(label="Width (0: model's size)", value=0, precision=0)
+                ui.height = gr.Number(label="Height (0: model's size)", value=0, precision=0)
+                ui.count = gr.Slider(1, 8, value=4, step=1, label="Pictures")
             with gr.Row():
-                go = gr.Button("Generate", variant="primary")
-                vary = gr.Button(f"Variations ({VARIATION_SEEDS} seeds)")
-                stop = gr.Button("Cancel")
-            png = gr.File(label="Read parameters from a PNG", file_types=[".png"])
+                ui.go = gr.Button("Generate", variant="primary")
+                ui.vary = gr.Button(f"Variations ({VARIATION_SEEDS} seeds)")
+                ui.stop = gr.Button("Cancel")
+            ui.png = gr.File(label="Read parameters from a PNG", file_types=[".png"])
         # Two columns: four results fit the column whole at a 1400-px window (four columns cut off the fourth).
-        gallery = gr.Gallery(label="Results", columns=2, height=420, object_fit="contain", elem_id="generate-results",
-                             fit_columns=False, elem_classes=["pixel-art"])
+        ui.gallery = gr.Gallery(label="Results", columns=2, height=420, object_fit="contain",
+                                elem_id="generate-results", fit_columns=False, elem_classes=["pixel-art"])
+    return ui
 
-    # 3. Wiring.
-    sampler = [seed, steps, guidance, scheduler, width, height]
-    generated = go.click(in_turn(studio, run, "generate"), [prompt, negative, *sampler, count], gallery,
-                         api_name="generate", **GPU_EVENT)
-    varied = vary.click(in_turn(studio, variations, "generate"), [picked, *sampler], gallery, api_name="variations",
-                        **GPU_EVENT)
+
+def wire_generate(studio: Studio, ui: SimpleNamespace, handlers: SimpleNamespace) -> None:
+    """`/generate`, `/variations`, `/cancel` (both) and `/read_png` (a PNG's parameters into the form)."""
+    sampler = [ui.seed, ui.steps, ui.guidance, ui.scheduler, ui.width, ui.height]
+    generated = ui.go.click(in_turn(studio, handlers.run, "generate"), [ui.prompt, ui.negative, *sampler, ui.count],
+                            ui.gallery, api_name="generate", **GPU_EVENT)
+    varied = ui.vary.click(in_turn(studio, handlers.variations, "generate"), [ui.picked, *sampler], ui.gallery,
+                           api_name="variations", **GPU_EVENT)
     # The flag stops a running generation within one step and takes this session's waiting ones out of line;
     # `cancels` also ends this browser's events (and closes a running one, which sets the flag too).
-    stop.click(generation_canceller(studio), None, None, api_name="cancel", concurrency_limit=None,
-               cancels=[generated, varied])
-    png.upload(read_parameters, png, [prompt, negative, seed, steps, guidance, scheduler, width, height],
-               api_name="read_png")
+    ui.stop.click(generation_canceller(studio), None, None, api_name="cancel", concurrency_limit=None,
+                  cancels=[generated, varied])
+    ui.png.upload(handlers.read_parameters, ui.png,
+                  [ui.prompt, ui.negative, ui.seed, ui.steps, ui.guidance, ui.scheduler, ui.width, ui.height],
+                  api_name="read_png")

@@ -14,8 +14,9 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.engine.concepts import IMAGE_SUFFIXES, load_concept, save_concept
-from studio.engine.lora import is_lora_file
+from studio.engine.learned.lora_files import is_lora_file
+from studio.engine.learned.registry import load_concept, save_concept
+from studio.engine.learned.word_files import IMAGE_SUFFIXES
 from studio.engine.names import file_stem, inside
 from studio.library import LibraryEntry
 from studio.ui.pickers import ConceptPickers

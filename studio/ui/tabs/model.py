@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio.engine.memory import MEMORY_MODES, PRESETS, apply_preset
-from studio.training.run import MODELS_FOLDER
+from studio.jobs.training import MODELS_FOLDER
 from studio.ui.operator import Operator
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import as_user_errors, Studio, user_error

@@ -9,7 +9,7 @@ nine of `FORM` (pictures, word, start word, kind, vectors, steps, learning rate,
 method and its options in `FORM`'s order; a client that sends only the first ones trains Textual Inversion as
 before (stopping once learned, TrainConfig's default). The loss plot also draws the held-back score the trainer takes
 every few steps, and the status says "converged at step N" when the run stopped before its last step. The run itself
-is the engine's (`studio.training.run`); this file adapts the form to it and its snapshots to the components.
+is a job of the session's (`studio.jobs.training`); this file adapts the form to it and its snapshots to the components.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from studio.engine.session import RunEnd
+from studio.jobs.session import RunEnd
+from studio.jobs.training import follow_to_end, keep_concept, training_snapshots
+from studio.jobs.training_run import LOSS_SERIES, MEAN_SERIES, SCORE_SERIES, SMOOTHING, TrainingSnapshot, loss_table
 from studio.training import TrainConfig
 from studio.training.config import METHODS, lite
 from studio.training.methods import METHOD_CLASSES
 from studio.training.methods.dreambooth import DreamBooth
-from studio.training.run import (LOSS_SERIES, MEAN_SERIES, SCORE_SERIES, SMOOTHING, TrainingSnapshot, follow_to_end,
-                                keep_concept, loss_table, training_snapshots)
 from studio.ui.gpu import TRAIN_SECONDS, gpu_task
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import as_user_errors, for_client, Studio
@@ -200,63 +200,82 @@ def train_layout(studio: Studio) -> SimpleNamespace:
                                     value="ti",
                                     label="Method (what learns)", elem_id="train-method")
             ui.method_info = gr.Markdown(method_info(studio, "ti"), elem_id="train-method-info")
-            with gr.Accordion("Advanced", open=False):
-                ui.vectors = gr.Slider(1, 8, value=1, step=1, label="Vectors per word")
-                ui.steps = gr.Slider(1, 3000, value=300, step=1, label="Steps", elem_id="train-steps")
-                ui.lr = gr.Number(label="Learning rate (the word's)", value=0.005)
-                ui.batch = gr.Slider(1, 8, value=4, step=1, label="Batch size")
-                ui.preview_every = gr.Slider(0, 500, value=50, step=1,
-                                             label="Preview picture every N steps (0: none)",
-                                             elem_id="train-preview-every")
-                ui.stop_when_learned = gr.Checkbox(TrainConfig.stop_when_learned, label=(
-                    "Stop when learned (score the word on a fixed held-back draw and stop once it no longer "
-                    "improves; Steps stays the most it trains)"), elem_id="train-stop-when-learned")
-                ui.stop_every = gr.Slider(1, 200, value=TrainConfig.stop_every, step=1,
-                                          label="Stop when learned: score every K steps")
-                gr.Markdown("The word (ti, xti, pivotal):")
-                ui.regularization = gr.Number(label="Regularization (weight pulling the word back to its start; "
-                                                    "0: none)", value=0.0, minimum=0)
-                ui.progressive = gr.Textbox("", label="Progressive vectors (vectors:step pairs from step 0, like "
-                                                      "“1:0,2:100,3:200”; the word ends with the last count; "
-                                                      "empty: Vectors per word from the start)")
-                ui.per_image_tokens = gr.Checkbox(False, label="Per-image words (each picture also gets a word of "
-                                                               "its own for its particulars; only the word is saved)")
-                ui.keep_norm = gr.Checkbox(False, label="Keep the norm (after each update, scale each vector to "
-                                                        "the vocabulary's typical norm)")
-                gr.Markdown("Weights (pivotal, lora, dreambooth):")
-                ui.rank = gr.Slider(1, 128, value=TrainConfig.rank, step=1, label="LoRA rank (pivotal, lora)")
-                ui.lite = gr.Checkbox(False, label="Lite preset (pivotal: rank 1 on the cross-attention keys and "
-                                                   "values only, the smallest file)")
-                ui.unet_lr = gr.Number(label="Weights learning rate (0: the method's default)", value=0, minimum=0)
-                ui.word_steps = gr.Number(label="Word-first steps (pivotal: the word learns alone this long, then "
-                                                "with the LoRA)", value=0, minimum=0, precision=0)
-                ui.class_word = gr.Textbox("", label="Class word (lora, dreambooth: “<word> <class word>”; "
-                                                     "empty: the start word)")
-                ui.prior_preservation = gr.Checkbox(False, label="Prior preservation (lora, dreambooth: also learn "
-                                                                 "on pictures of the class the model draws once)")
-                ui.class_images = gr.Slider(1, 200, value=TrainConfig.class_images, step=1, label="Class pictures")
-                ui.prior_weight = gr.Number(label="Prior loss weight", value=TrainConfig.prior_weight, minimum=0)
+            advanced_layout(ui)
             with gr.Row():
                 ui.start = gr.Button("Train", variant="primary")
                 ui.stop = gr.Button("Cancel")
         with gr.Column():
-            ui.status = gr.Textbox(label="Progress", lines=4, elem_id="train-status")
-            ui.plot = gr.LinePlot(x="step", y="loss", color="series", height=240, elem_id="train-loss",
-                                  color_map={LOSS_SERIES: "#93c5fd", MEAN_SERIES: "#ea580c", SCORE_SERIES: "#15803d"},
-                                  label=f"Training loss (light blue: each step; orange: mean of the last {SMOOTHING}; "
-                                        "green: the held-back score, when stopping once learned)")
-            # Three fixed columns (fit_columns=False: one preview is not widened to the whole 580-px row): ~185-px
-            # cells, whole inside the 240-px frame.
-            ui.previews = gr.Gallery(label="Latest preview", columns=3, height=240, elem_id="train-previews",
-                                     object_fit="contain", fit_columns=False, elem_classes=["pixel-art"])
-            ui.result = gr.File(label="Learned concept (download)", elem_id="train-result")
+            progress_layout(ui)
     ui.timer = gr.Timer(POLL_EVERY_S, active=False)
     return ui
 
 
+def advanced_layout(ui: SimpleNamespace) -> None:
+    """The folded-away settings: the run's (vectors, steps, learning rate, batch, previews, stopping once learned),
+    the word's (ti, xti, pivotal) and the weights' (pivotal, lora, dreambooth); the components go in `ui`."""
+    with gr.Accordion("Advanced", open=False):
+        ui.vectors = gr.Slider(1, 8, value=1, step=1, label="Vectors per word")
+        ui.steps = gr.Slider(1, 3000, value=300, step=1, label="Steps", elem_id="train-steps")
+        ui.lr = gr.Number(label="Learning rate (the word's)", value=0.005)
+        ui.batch = gr.Slider(1, 8, value=4, step=1, label="Batch size")
+        ui.preview_every = gr.Slider(0, 500, value=50, step=1,
+                                     label="Preview picture every N steps (0: none)",
+                                     elem_id="train-preview-every")
+        ui.stop_when_learned = gr.Checkbox(TrainConfig.stop_when_learned, label=(
+            "Stop when learned (score the word on a fixed held-back draw and stop once it no longer "
+            "improves; Steps stays the most it trains)"), elem_id="train-stop-when-learned")
+        ui.stop_every = gr.Slider(1, 200, value=TrainConfig.stop_every, step=1,
+                                  label="Stop when learned: score every K steps")
+        gr.Markdown("The word (ti, xti, pivotal):")
+        ui.regularization = gr.Number(label="Regularization (weight pulling the word back to its start; "
+                                            "0: none)", value=0.0, minimum=0)
+        ui.progressive = gr.Textbox("", label="Progressive vectors (vectors:step pairs from step 0, like "
+                                              "“1:0,2:100,3:200”; the word ends with the last count; "
+                                              "empty: Vectors per word from the start)")
+        ui.per_image_tokens = gr.Checkbox(False, label="Per-image words (each picture also gets a word of "
+                                                       "its own for its particulars; only the word is saved)")
+        ui.keep_norm = gr.Checkbox(False, label="Keep the norm (after each update, scale each vector to "
+                                                "the vocabulary's typical norm)")
+        gr.Markdown("Weights (pivotal, lora, dreambooth):")
+        ui.rank = gr.Slider(1, 128, value=TrainConfig.rank, step=1, label="LoRA rank (pivotal, lora)")
+        ui.lite = gr.Checkbox(False, label="Lite preset (pivotal: rank 1 on the cross-attention keys and "
+                                           "values only, the smallest file)")
+        ui.unet_lr = gr.Number(label="Weights learning rate (0: the method's default)", value=0, minimum=0)
+        ui.word_steps = gr.Number(label="Word-first steps (pivotal: the word learns alone this long, then "
+                                        "with the LoRA)", value=0, minimum=0, precision=0)
+        ui.class_word = gr.Textbox("", label="Class word (lora, dreambooth: “<word> <class word>”; "
+                                             "empty: the start word)")
+        ui.prior_preservation = gr.Checkbox(False, label="Prior preservation (lora, dreambooth: also learn "
+                                                         "on pictures of the class the model draws once)")
+        ui.class_images = gr.Slider(1, 200, value=TrainConfig.class_images, step=1, label="Class pictures")
+        ui.prior_weight = gr.Number(label="Prior loss weight", value=TrainConfig.prior_weight, minimum=0)
+
+
+def progress_layout(ui: SimpleNamespace) -> None:
+    """The run's status line, its loss plot, the latest previews and the learned file; the components go in `ui`."""
+    ui.status = gr.Textbox(label="Progress", lines=4, elem_id="train-status")
+    ui.plot = gr.LinePlot(x="step", y="loss", color="series", height=240, elem_id="train-loss",
+                          color_map={LOSS_SERIES: "#93c5fd", MEAN_SERIES: "#ea580c", SCORE_SERIES: "#15803d"},
+                          label=f"Training loss (light blue: each step; orange: mean of the last {SMOOTHING}; "
+                                "green: the held-back score, when stopping once learned)")
+    # Three fixed columns (fit_columns=False: one preview is not widened to the whole 580-px row): ~185-px
+    # cells, whole inside the 240-px frame.
+    ui.previews = gr.Gallery(label="Latest preview", columns=3, height=240, elem_id="train-previews",
+                             object_fit="contain", fit_columns=False, elem_classes=["pixel-art"])
+    ui.result = gr.File(label="Learned concept (download)", elem_id="train-result")
+
+
 def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Pictures, word and settings; `/train`, `/cancel_training` and `/training_progress` endpoints."""
-    # 1. Handlers: adapters from the form to the functions above.
+    handlers = train_handlers(studio)
+    ui = train_layout(studio)
+    wire_train(studio, pickers, ui, handlers)
+
+
+def train_handlers(studio: Studio) -> SimpleNamespace:
+    """The tab's handlers, by name: adapters from the form to the functions above (`train`, and `admit`, which
+    refuses a run before it waits; `explain` a method; `cancel`; `poll` the plot and previews, `poll_and_stop`)."""
+
     def snapshots(session: str, files: list[str], cfg: TrainConfig) -> Iterator[TrainingSnapshot]:
         yield from device_snapshots(studio, session, files, cfg)
 
@@ -300,26 +319,31 @@ def build_train_tab(studio: Studio, pickers: ConceptPickers) -> None:
     def poll_and_stop(request: gr.Request):
         return *progress_view(studio, studio.session_of(request)), gr.Timer(active=False)
 
-    ui = train_layout(studio)
+    return SimpleNamespace(train=train, admit=admit, explain=explain, cancel=cancel, poll=poll,
+                           poll_and_stop=poll_and_stop)
 
-    # 2. Wiring.
-    ui.method.change(explain, ui.method, ui.method_info, api_visibility="private", show_progress="hidden")
+
+def wire_train(studio: Studio, pickers: ConceptPickers, ui: SimpleNamespace, handlers: SimpleNamespace) -> None:
+    """`/train`, `/training_progress` (the timer that polls while a run trains) and `/cancel_training`; the
+    method's explanation follows the method picked."""
+    ui.method.change(handlers.explain, ui.method, ui.method_info, api_visibility="private", show_progress="hidden")
     ui.start.click(lambda: gr.Timer(active=True), None, ui.timer, api_visibility="private", concurrency_limit=None)
     form = [ui.files, *(getattr(ui, name) for name in FORM)]
     # The pictures are copied into the session (Gradio's are used up); while the run waits, the status line says
     # its place.
-    queued_train = in_turn(studio, train, "train", uploads=("files",), check=admit, waiting=lambda text: (text, None))
+    queued_train = in_turn(studio, handlers.train, "train", uploads=("files",), check=handlers.admit,
+                           waiting=lambda text: (text, None))
     trained = ui.start.click(queued_train, form, [ui.status, ui.result], api_name="train", **GPU_EVENT,
                              show_progress_on=ui.result)  # the bar sits on the download box; the status stays readable
     live = [ui.plot, ui.previews, ui.timer]
-    trained.then(poll_and_stop, None, live, api_visibility="private", show_progress="hidden")
+    trained.then(handlers.poll_and_stop, None, live, api_visibility="private", show_progress="hidden")
     pickers.after(trained)
     # Public too: API clients read (loss plot, previews) of their session's latest run as data.
-    ui.timer.tick(poll, None, [ui.plot, ui.previews], api_name="training_progress", concurrency_limit=None,
+    ui.timer.tick(handlers.poll, None, [ui.plot, ui.previews], api_name="training_progress", concurrency_limit=None,
                   show_progress="hidden")
     # The flag stops a running training within one step and takes a waiting one out of line; `cancels` also ends
     # this browser's event.
-    stopped = ui.stop.click(cancel, None, [ui.status, ui.result], api_name="cancel_training", concurrency_limit=None,
-                            cancels=[trained])
-    stopped.then(poll_and_stop, None, live, api_visibility="private", show_progress="hidden")
+    stopped = ui.stop.click(handlers.cancel, None, [ui.status, ui.result], api_name="cancel_training",
+                            concurrency_limit=None, cancels=[trained])
+    stopped.then(handlers.poll_and_stop, None, live, api_visibility="private", show_progress="hidden")
     pickers.after(stopped)

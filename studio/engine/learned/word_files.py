@@ -1,6 +1,6 @@
-"""Concept files: read every textual-inversion form people share, write the studio's canonical one, convert.
+"""Word files: read every textual-inversion form people share, write the studio's canonical one, convert.
 
-A `Concept` is a trigger word plus one float tensor `[n_vectors, dim]` per text encoder. Forms read:
+Forms read (`word_from_data`, after `read_container`; `studio.engine.learned.registry.load_concept` is the entry):
 
 - diffusers: `{token: tensor}` (`.bin` torch zip with 1-D `[dim]` vectors, or `.safetensors` with `[n, dim]`);
   SDXL as two files `<stem>.safetensors` (text_encoder) + `<stem>_2.safetensors` (text_encoder_2).
@@ -28,7 +28,6 @@ import os
 import pickle
 import re
 import threading
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,126 +45,39 @@ from studio.engine.containers import (
     safetensors_header,
     size_text,
 )
-from studio.engine.families import ENCODER_KEYS, FAMILIES, SDXL_ENCODER_NAMES, family_of
+from studio.engine.families import SDXL_ENCODER_NAMES, family_of
 from studio.engine.files import atomic_write
-from studio.engine.names import WordError, check_word, file_stem
+from studio.engine.learned.word import MAX_DIM, MAX_VECTORS, Concept, ConceptError, _describe
+from studio.engine.names import file_stem
 from studio.errors import UserError
+
 
 FORMATS = ("studio", "diffusers", "a1111", "kohya")
 IMAGE_SUFFIXES = (".png", ".webp")
 READ_SUFFIXES = (".safetensors", ".pt", ".bin", *IMAGE_SUFFIXES)
-
-# A1111 allows 1-75 vectors per token (a 77-slot CLIP window minus start/end); wider than 8192 is no CLIP we know.
-MAX_VECTORS = 75
-MAX_DIM = 8192
 A1111_STAR_TOKEN_ID = 265  # what A1111 writes in string_to_token["*"]; nobody reads it back
-
-
-class ConceptError(UserError):
-    """An unreadable, unsafe or malformed concept file; the message says what is wrong and what to do."""
-
-
-class ConceptMismatchError(ConceptError):
-    """A concept that does not fit a model: names the file, its vector sizes and the model's."""
-
-
-@dataclass(eq=False)  # identity equality: comparing tensor dicts with == is ambiguous; also keeps Concept hashable
-class Concept:
-    """A learned pseudo-word: `token` as written in prompts, one `[n_vectors, dim]` tensor per text encoder."""
-
-    token: str
-    vectors: dict[str, torch.Tensor]
-    meta: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        try:
-            check_word(self.token, "concept word")
-        except WordError as exc:
-            raise ConceptError(f"{exc} (rename the file or pass token=)") from None
-        if "text_encoder" not in self.vectors or not set(self.vectors) <= set(ENCODER_KEYS):
-            raise ConceptError(f"concept {self.token!r}: vectors must be keyed by {ENCODER_KEYS} "
-                               f"(text_encoder required), got {sorted(self.vectors)}")
-        rows = set()
-        for key, tensor in self.vectors.items():
-            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() != 2:
-                raise ConceptError(f"concept {self.token!r}: vectors[{key!r}] must be a 2-D float tensor "
-                                   f"[n_vectors, dim], got {_describe(tensor)}")
-            rows.add(tensor.shape[0])
-        if len(rows) != 1:
-            raise ConceptError(f"concept {self.token!r}: encoders hold different vector counts {self.shapes()}")
-        self.meta = {str(k): str(v) for k, v in self.meta.items()}
-
-    @property
-    def n_vectors(self) -> int:
-        """How many prompt slots the token expands to."""
-        return int(self.vectors["text_encoder"].shape[0])
-
-    @property
-    def dims(self) -> dict[str, int]:
-        """Encoder key -> vector width, e.g. `{"text_encoder": 768}`."""
-        return {key: int(t.shape[1]) for key, t in self.vectors.items()}
-
-    @property
-    def family(self) -> str:
-        """Likely base family from the widths: "sd1", "sd2", "sdxl" or "unknown"."""
-        return family_of(self.dims)[0]
-
-    def shapes(self) -> dict[str, list[int]]:
-        return {key: list(t.shape) for key, t in self.vectors.items()}
-
-    # ---- a learned thing (`studio.engine.learned.plan.Learned`) ----
-    tag = None  # no extra-networks tag names a word: its token in the prompt's text does
-
-    @property
-    def kind(self) -> str:
-        return "word"
-
-    @property
-    def name(self) -> str:
-        return self.token
-
-    def check_fit(self, model) -> None:
-        """Raise `ConceptMismatchError` unless it has vectors of the widths of `model`'s text encoders."""
-        check_fits(self, model.encoder_dims)
-
-    def join(self, plan, weight: float = 1.0) -> None:
-        """Its vectors stand in the prompt's slots wherever its token is written (a weight is written in the
-        prompt, A1111's `(word:1.2)`)."""
-        plan.add_words([self])
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {list(value.shape)}"
-    return f"a {type(value).__name__}"
 
 
 # --------------------------------------------------------------------------------------------------------- reading
 
 
-def load_concept(path: str | os.PathLike, token: str | None = None) -> Concept:
-    """Read a concept file in any known form (.safetensors/.pt/.bin/.png/.webp).
+def read_word_container(path: Path) -> tuple[object, dict[str, str]]:
+    """The raw content (+ safetensors metadata) of a word file, its size checked first (`read_container`)."""
+    return read_container(path, READ_SUFFIXES, ConceptError, "concept file", MAX_EMBEDDING_BYTES)
 
-    The token is `token` when given, else the file name stem (A1111's rule; for PNG/WebP, A1111 uses the stored name). For a diffusers SDXL pair
-    `<stem>.safetensors` + `<stem>_2.safetensors`, either file loads both. Raises `ConceptError` with the reason,
-    whatever went wrong in reading (`failing_closed`).
-    """
+
+def load_word(path: str | os.PathLike, token: str | None = None) -> Concept:
+    """A plain word file read as a word (`word_from_data`), failing closed; `registry.load_concept` reads any word
+    file, per-layer ones too."""
     path = Path(path)
     with failing_closed(path, ConceptError, "concept file"):
-        return _load_concept(path, token)
+        return word_from_data(*read_word_container(path), path, token)
 
 
-def _load_concept(path: Path, token: str | None) -> Concept:
+def word_from_data(data: object, metadata: dict[str, str], path: Path, token: str | None = None) -> Concept:
+    """The word a word file holds, from its container's content (`read_container`): which layout, which vectors,
+    which token (the registry's `load_concept` is the entry that reads any word file, per-layer ones too)."""
     suffix = path.suffix.lower()
-
-    # 1. Raw dict (+ safetensors metadata) from the container, its size checked first.
-    data, metadata = read_container(path, READ_SUFFIXES, ConceptError, "concept file", MAX_EMBEDDING_BYTES)
-
-    # 2. Which layout, which vectors. A per-layer word (XTI / P+) is its own type, read by studio.engine.xti.
-    from studio.engine import xti  # imported here: xti builds on this module
-
-    if xti.is_xti_content(data, metadata):
-        return xti.read_xti(data, metadata, path, token)
     vectors, stored_name, source_format, extra = _interpret(data, path)
     if "studio_version" in metadata:  # our canonical form: emb_params / clip_l+clip_g plus metadata strings
         source_format, stored_name = "studio", metadata.get("token") or stored_name
@@ -467,44 +379,12 @@ def _check_tensor(tensor: object, path: Path, key: str) -> torch.Tensor:
     return tensor.detach().contiguous()
 
 
-# ------------------------------------------------------------------------------------------------------- checking
-
-
-def check_fits(concept: Concept, encoder_dims: dict[str, int], *, where: str = "") -> None:
-    """Raise `ConceptMismatchError` unless the concept has a vector of the right width for every encoder of the model.
-
-    The message names the file (or `where`), its sizes and the model's, and the likely family of each.
-    """
-    mine = concept.dims
-    if mine == dict(encoder_dims):
-        return
-    origin = where or concept.meta.get("source_path") or concept.token
-    (mine_family, mine_name), model_name = family_of(mine), family_of(encoder_dims)[1]
-    missing = [k for k in encoder_dims if k not in mine]
-    clip_names = {dst: src for src, dst in SDXL_ENCODER_NAMES.items()}
-    detail = f" (it has no {', '.join(f'{k} ({clip_names[k]})' for k in missing)} vectors)" if missing else ""
-    raise ConceptMismatchError(
-        f"{origin}: concept {concept.token!r} ({concept.n_vectors} vector(s) of {_widths(mine)}) was trained for "
-        f"{mine_name} ({_widths(mine)}) but the model is {model_name} ({_widths(encoder_dims)}){detail}. "
-        f"To use it, {_how_to_load(mine_family, mine)}; "
-        f"or pick a concept trained for {model_name}."
-    )
-
-
-def _how_to_load(family: str, encoder_dims: dict[str, int]) -> str:
-    known = FAMILIES.get(family)
-    return known.how_to_load if known else f"load a model with {_widths(encoder_dims)} text encoders"
-
-
-def _widths(encoder_dims: dict[str, int]) -> str:
-    return " + ".join(f"{encoder_dims[k]}-d" for k in ENCODER_KEYS if k in encoder_dims)
-
-
 # --------------------------------------------------------------------------------------------------------- writing
 
 
-def save_concept(concept: Concept, path: str | os.PathLike, format: str = "studio") -> Path:
-    """Write `concept` atomically in one of `FORMATS`; returns the path written (the first file of a pair).
+def save_word(concept: Concept, path: str | os.PathLike, format: str = "studio") -> Path:
+    """Write a word atomically in one of `FORMATS` (checked by the caller, `registry.save_concept`); returns the
+    path written (the first file of a pair).
 
     - "studio": safetensors `{"emb_params"}` (SD1/SD2) or `{"clip_l", "clip_g"}` (SDXL) with metadata strings.
     - "diffusers": safetensors `{token: [n, dim]}`; SDXL as `<stem>.safetensors` + `<stem>_2.safetensors`
@@ -514,12 +394,6 @@ def save_concept(concept: Concept, path: str | os.PathLike, format: str = "studi
     - "kohya": safetensors `{"emb_params"}` / `{"clip_l", "clip_g"}`.
     Vectors are written bit for bit as they are (same dtype); a file with no suffix gets the right one.
     """
-    if format not in FORMATS:
-        raise ConceptError(f"unknown concept format {format!r}; choose one of {', '.join(FORMATS)}")
-    from studio.engine import xti  # imported here: xti builds on this module
-
-    if isinstance(concept, xti.XtiConcept):  # per-layer words: "studio" or "kohya" (studio.engine.xti.save_xti)
-        return xti.save_xti(concept, path, format)
     path = Path(path)
     sdxl = "text_encoder_2" in concept.vectors
     suffix = ".pt" if (format == "a1111" and not sdxl) else ".safetensors"

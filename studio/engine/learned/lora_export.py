@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_save
 
-from studio.engine.concepts import Concept
 from studio.engine.files import atomic_write
-from studio.engine.lora import BUNDLE_PREFIX, WORD_KEY, LoraFile, peft_parts, pivotal_embeddings
+from studio.engine.learned.lora import LoraFile, peft_parts
+from studio.engine.learned.lora_files import BUNDLE_PREFIX, WORD_KEY, pivotal_embeddings
+from studio.engine.learned.word import Concept
 from studio.engine.names import inside
 from studio.errors import LoraError
 
@@ -83,7 +84,7 @@ def export_lora(lora: LoraFile, folder: str | os.PathLike, name: str, format: st
         return LoraExport(path=path, format=format)
     if words_body is not None:
         # The word itself beside diffusers' tensors: diffusers reads the tensors only (its prompts say "<s0><s1>"),
-        # the studio reads the word back (`studio.engine.lora._pivotal_words`).
+        # the studio reads the word back (`studio.engine.learned.lora_files._pivotal_words`).
         atomic_write(words_path, safetensors_save(words_body, {"format": "pt", WORD_KEY: lora.words[0].token}))
     try:
         atomic_write(path, lambda tmp: _save_diffusers(lora, tmp))
