@@ -141,6 +141,9 @@ def test_a_pivotal_run_with_the_flag_killed_after_a_checkpoint_resumes_bit_for_b
     with pytest.raises(TrainError, match="with a text-encoder LoRA: resume it with --text-encoder-lora"):
         Trainer(demo, _config("pivotal", resume=str(checkpoint), text_encoder_lora=False, **cfg), PICTURES,
                 tmp_path / "other.safetensors").run()
+    with pytest.raises(TrainError, match="other LoRA weights than this run makes .*--text-encoder-rank"):
+        Trainer(demo, _config("pivotal", resume=str(checkpoint), text_encoder_rank=1, **cfg), PICTURES,
+                tmp_path / "other.safetensors").run()
 
 
 def test_the_flag_is_for_the_lora_methods_only():
