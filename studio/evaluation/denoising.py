@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
+from studio.engine.generate import native_size
 from studio.engine.learned.word import Concept
 from studio.evaluation.world import BundledSet, World
 from studio.training.data import TrainingImage, encode_latents, load_images
@@ -24,8 +25,8 @@ def conditioning_gap(model, world: World, pictures: int = 64, seed: int = 4242) 
     A model whose UNet ignores the text has `relative_gap` near 0: no prompt, and so no learned word, can steer it
     (then compliance sits at chance and Textual Inversion cannot help). A few seconds on a CPU.
     """
-    pipe = model.pipe
-    data = world.captioned_pictures(pictures, seed, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    pipe, denoiser = model.pipe, model.denoiser
+    data = world.captioned_pictures(pictures, seed, native_size(model))
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     gen = torch.Generator().manual_seed(seed)
     losses = {}
@@ -38,7 +39,7 @@ def conditioning_gap(model, world: World, pictures: int = 64, seed: int = 4242) 
         target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
         for name, prompts in (("captions", [c for _, c in data]), ("empty", [""] * len(data))):
             embeds = model.encoder.encode(prompts).embeds
-            losses[name] = float(((pipe.unet(noisy, t, embeds).sample.float() - target.float()) ** 2).mean())
+            losses[name] = float(((denoiser(noisy, t, embeds).sample.float() - target.float()) ** 2).mean())
     return {"loss_with_captions": round(losses["captions"], 5), "loss_with_empty_prompt": round(losses["empty"], 5),
             "relative_gap": round((losses["empty"] - losses["captions"]) / losses["empty"], 4)}
 
@@ -63,8 +64,8 @@ def denoising_loss(model, cs: BundledSet, concept: Concept, samples: int = 64, s
     Lower means the word explains the pictures better. Fixed draws make two concepts directly comparable (the
     untrained initial word against the trained vectors), with no sampling noise from generation or the judge.
     """
-    pipe = model.pipe
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe, denoiser = model.pipe, model.denoiser
+    resolution = native_size(model)
     images, _ = load_images(cs.images, resolution)
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -81,7 +82,7 @@ def denoising_loss(model, cs: BundledSet, concept: Concept, samples: int = 64, s
             t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=gen).to(x0.device)
             prompts = [rng.choice(templates).format(cs.token) for _ in range(n)]
             embeds = model.encoder.encode(prompts, [concept]).embeds
-            pred = pipe.unet(scheduler.add_noise(x0, noise, t), t, embeds).sample
+            pred = denoiser(scheduler.add_noise(x0, noise, t), t, embeds).sample
             v_prediction = scheduler.config.prediction_type == "v_prediction"
             target = scheduler.get_velocity(x0, noise, t) if v_prediction else noise
             losses.append(float(((pred.float() - target.float()) ** 2).mean()) * n)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from studio.engine.families import family_of
+from studio.engine.families import family_of, family_of_pipe
 from studio.engine.learned.word import Concept
 from studio.errors import LoraError
 
@@ -396,8 +396,9 @@ def _load_unet_part(pipe, lora: LoraFile, name: str) -> None:
     """The UNet part by diffusers' own loader (`load_lora_adapter`, what `load_lora_weights` calls)."""
     # Metadata only when it has the UNet's config: load_lora_adapter would build a default one from the rest.
     metadata = lora.adapter_metadata if _part_config(lora.adapter_metadata, "unet") else None
-    pipe.unet.load_lora_adapter(_unet_part(lora), prefix="unet", adapter_name=name, metadata=metadata,
-                                _pipeline=pipe)  # the pipeline: its offload hooks
+    denoiser = family_of_pipe(pipe).denoiser_of(pipe)
+    denoiser.load_lora_adapter(_unet_part(lora), prefix="unet", adapter_name=name, metadata=metadata,
+                               _pipeline=pipe)  # the pipeline: its offload hooks
 
 
 def _load_text_encoder_part(text_encoder: torch.nn.Module, lora: LoraFile, part: str, name: str) -> None:
