@@ -45,16 +45,14 @@ def request_for(fields: dict, library: ConceptLibrary, session_id: str) -> tuple
         name = negative_tags[0][0]
         raise LoraError(f"<lora:{name}> is in the negative prompt: a LoRA changes the whole picture, so write its "
                         f"tag in the prompt (<lora:{name}:-0.5> to push away from it)")
-    concepts = library.resolve(prompt, session_id)
-    concepts += [c for c in library.resolve(negative, session_id)
-                 if isinstance(c, Concept) and not any(c is known for known in concepts)]
-    words = [c for c in concepts if isinstance(c, Concept)]
-    words += [word for item in concepts if isinstance(item, tuple) for word in item[0].words]  # bundled words
-    known = {word.token for word in words}
-    known |= {w for item in concepts if isinstance(item, tuple) for w in CONCEPT_LIKE.findall(item[0].phrase)}
+    learned = library.resolve(prompt, session_id)
+    learned += [c for c in library.resolve(negative, session_id) if isinstance(c, Concept)]  # words only: no LoRA
+    req = GenerateRequest(concepts=learned, **fields)  # the same word twice is used once
+    known = {word.token for word in req.words}  # the words it names and those its LoRA files carry
+    known |= {w for lora, _ in req.loras for w in CONCEPT_LIKE.findall(lora.phrase)}
     text = split_lora_tags(prompt)[0] + " " + negative
     unknown = sorted({word for word in CONCEPT_LIKE.findall(text) if word not in known})
-    return GenerateRequest(concepts=concepts, **fields), unknown
+    return req, unknown
 
 
 @dataclass
