@@ -275,6 +275,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ti-all-steps": {"stop_when_learned": False},  # the default run without stopping early (benchmarks)
     "multi3-all-steps": {"n_vectors": 3, "stop_when_learned": False},  # benchmarks/identity_gap.py
     "dreambooth-all-steps": {"method": "dreambooth", "stop_when_learned": False},  # the same: the UNet's own reach
+    # pivotal and lora with a LoRA on the text encoder(s) too (--text-encoder-lora; issue 30's methods rows)
+    "pivotal-te": {"method": "pivotal", "text_encoder_lora": True},
+    "lora-te": {"method": "lora", "text_encoder_lora": True},
     **{m: {"method": m} for m in METHODS if m not in ("ti", "xti")},
 }
 
@@ -289,6 +292,7 @@ def variant_settings(name: str, steps: int | None) -> dict[str, Any]:
         settings["progressive"] = settings["progressive"].format(third=max(1, total // 3),
                                                                  two_thirds=max(2, 2 * total // 3))
     return settings
+
 
 def score_method(model, judge: Judge, cs: BundledSet, trained: Trained, cfg: EvalConfig,
                  identity: IdentityScorer | None = None) -> dict[str, Any]:

@@ -45,7 +45,7 @@ HEADERS = ["measure", "with the word", "with plain words", "margin (word − pla
 AUTO, NONE = "auto (the set whose word it is)", "none"
 EVALUATE_SECONDS = 300  # ZeroGPU time for one evaluation: 16 prompts x a few seeds on a real model
 # The paper's variants that are no method of their own (a method's name is a variant too: those are in Methods).
-PAPER_VARIANTS = tuple(v for v in VARIANTS if v not in METHODS and not v.endswith("-all-steps"))  # those: benchmarks
+PAPER_VARIANTS = tuple(v for v in VARIANTS if v not in METHODS and not v.endswith(("-all-steps", "-te")))  # those: benchmarks
 # The CLIP models anyone may have an evaluation load: none, or the smaller of the paper's two (ViT-B/32, 0.6 GB; its
 # ViT-L/14 is 1.7 GB). Any other hub id or folder is the operator's (a local studio's own page): loading one reads
 # the server's disk or the hub for everyone's memory.
