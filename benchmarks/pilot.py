@@ -11,8 +11,7 @@ the model's scale), `words` (2a: captions say part of a toy's look), `code` (2c:
    of the runs after build 5 (noise offset 0.1, lr 3e-4, half of all objects toys), the lever's options,
    `--minutes M --threads T`, into `<root>/pilot-<lever>/demo-model`.
 2. Held-out Textual Inversion: `studio eval --model X --held-out 12 --seed S --skip-compliance` (default TI), in the
-   model's own world (`DemoWorld.for_model`: its looks, and its best plain words; `studio eval` itself builds world
-   v2's `DemoWorld()`, which is the same for the baseline).
+   model's own world (`DemoWorld.for_model`: its looks, and its best plain words; `studio eval` does the same).
 3. Compliance: `studio eval --model X --skip-concepts --prompts 80 --seed S2` (world v2's captions for every lever).
 4. Code levers: the code's reach, the same individuals drawn from their exact look codes against plain words: what
    a learned word could reach if it found the code (no training).

@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         if out is not None:
             check_new_output(out, overwrite=args.overwrite, option="--out" if out is args.out else "--chart")
     diffusers_logging.set_verbosity_error()  # one safety-checker notice per generation would bury the table
-    results = run_evaluation(args.model, DemoJudge(), DemoWorld(), cfg, args.work_dir,
+    # The model's own world (a world v3 build's looks and fullest plain words; world v2 for the built-in demo).
+    results = run_evaluation(args.model, DemoJudge(), DemoWorld.for_model(args.model), cfg, args.work_dir,
                              progress=lambda m: print(m, flush=True), methods=args.methods, variants=args.variants,
                              chart=args.chart)
     print(format_table(results))
