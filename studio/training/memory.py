@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from studio.engine.memory import MemoryPreset, preset as memory_preset
-from studio.engine.families import encoders_of
+from studio.engine.families import encoders_of, family_of_pipe
 
 
 @dataclass
@@ -55,13 +55,13 @@ class TrainingMemory:
             self._undo.append(undo)
 
     def _checkpoint_unet(self) -> None:
-        unet = self.pipe.unet
+        unet = family_of_pipe(self.pipe).denoiser_of(self.pipe)
         if not unet.is_gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             self._undo.append(unet.disable_gradient_checkpointing)
 
     def _slice_attention(self) -> None:
-        unet = self.pipe.unet
+        unet = family_of_pipe(self.pipe).denoiser_of(self.pipe)
         before = dict(unet.attn_processors)
         unet.set_attention_slice("auto")
         self._undo.append(lambda: unet.set_attn_processor(before))

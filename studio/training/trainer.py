@@ -482,7 +482,7 @@ class Trainer:
         class pictures'), each encoded once; then the memory mode may let the VAE go."""
         cfg, model = self.config, self.model
         pipe = model.pipe
-        resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        resolution = cfg.resolution or model.denoiser.config.sample_size * pipe.vae_scale_factor
         images, warnings = load_images(self.paths, resolution)
         for message in warnings:
             emit(TrainEvent("warning", message=message))
@@ -705,7 +705,7 @@ class Trainer:
         accelerator = self._accelerator = self._processes()
         encoders = [encoder for _, _, encoder in encoders_of(pipe)]
         kept = LastGood()
-        with model.lock, training_memory(pipe, cfg.memory) as savings, frozen(pipe.unet, pipe.vae, *encoders), \
+        with model.lock, training_memory(pipe, cfg.memory) as savings, frozen(model.denoiser, pipe.vae, *encoders), \
                 self._out_of_memory_fails(savings.preset.name, kept, emit), self.method.training_context():
             try:
                 # 2. Pictures and their latents; 3. parameters, optimizers, random streams.
@@ -843,14 +843,15 @@ class Trainer:
         from studio.engine.generate import GenerateRequest, generate
 
         concept = self._concept(vectors, 0)
-        pipe, unet = self.model.pipe, self.model.pipe.unet
+        pipe, attribute = self.model.pipe, self.model.spec.denoiser
+        shared = getattr(pipe, attribute)
         images = []
         try:
-            pipe.unet = self.method.unet
+            setattr(pipe, attribute, self.method.unet)
             for k, prompt in enumerate(self.config.preview_prompts):
                 req = GenerateRequest(prompt.replace("{}", self.method.phrase()),
                                       concepts=[concept] if concept is not None else [], seed=k, steps=20)
                 images.extend(generate(self.model, req).images)
         finally:
-            pipe.unet = unet
+            setattr(pipe, attribute, shared)
         return images

@@ -31,7 +31,7 @@ class Method:
     @property
     def unet(self) -> torch.nn.Module:
         """The UNet the loss runs (the shared one, or a copy that learns)."""
-        return self.model.pipe.unet
+        return self.model.denoiser
 
     def add_weights(self) -> dict[str, torch.nn.Parameter]:
         """Make the weights that learn (inside the trainer's `frozen` block) and return them by name."""

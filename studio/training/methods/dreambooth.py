@@ -39,10 +39,10 @@ class DreamBooth(Method):
 
     @property
     def unet(self) -> torch.nn.Module:
-        return self._unet if self._unet is not None else self.model.pipe.unet
+        return self._unet if self._unet is not None else self.model.denoiser
 
     def add_weights(self) -> dict[str, torch.nn.Parameter]:
-        unet = copy.deepcopy(self.model.pipe.unet).to(torch.float32)  # fp32 master weights, the model's dtype under
+        unet = copy.deepcopy(self.model.denoiser).to(torch.float32)  # fp32 master weights, the model's dtype under
         if getattr(unet, "peft_config", None):                           # autocast
             unet.unload_lora()  # the LoRA cache's adapters are the shared UNet's, not the model's to fine-tune
         self._unet = unet

@@ -142,7 +142,7 @@ class LoraWeights(Method):
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     def result(self, path: Path, word: Concept | None) -> LoraFile:
-        return load_lora(path, self.model.pipe.unet.config)
+        return load_lora(path, self.model.denoiser.config)
 
 
 class Pivotal(LoraWeights):

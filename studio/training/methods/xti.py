@@ -24,7 +24,7 @@ class ExtendedTextualInversion(Method):
         from studio.engine.learned.layer_word import cross_attention_layers
 
         super().__init__(trainer)
-        self.layers = cross_attention_layers(self.model.pipe.unet)
+        self.layers = cross_attention_layers(self.model.denoiser)
 
     def init_vectors(self, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each encoder's `[n, dim]` start, repeated for every layer: `[layers, n, dim]`."""
@@ -49,7 +49,7 @@ class ExtendedTextualInversion(Method):
     def training_context(self) -> Iterator[None]:
         from studio.engine.learned.layer_word import per_layer_attention
 
-        with per_layer_attention(self.model.pipe.unet):
+        with per_layer_attention(self.model.denoiser):
             yield
 
     def save(self, path: Path, word: Concept | None, weights, step: int) -> Path:
