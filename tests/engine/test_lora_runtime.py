@@ -3,7 +3,8 @@
 The LoRAs are made in the test from real components, as in test_lora_files.py: peft's LoRA on the attention of a
 tiny random SD1/SDXL UNet, saved by diffusers' `save_lora_weights`. What these tests guard: a request without LoRA
 after any number of LoRA requests gives the picture of a fresh pipeline bit for bit (the shared UNet is left as
-loaded), LoRAs change the picture and compose, and a LoRA for another family is refused before any work.
+loaded), LoRAs change the picture and compose, a LoRA for another family is refused before any work, and adapters that
+other code disabled between requests (diffusers' `disable_lora`) are switched on again by the next request.
 """
 
 from __future__ import annotations
@@ -259,3 +260,18 @@ def test_an_evicted_lora_used_again_is_reloaded_and_gives_the_same_picture(tiny_
     assert adapter_name(a) not in _cached(model), "A was not evicted"
     assert np.array_equal(_picture(model, [(a, 0.8)]), before)
     assert _cached(model) == [adapter_name(a)]
+
+
+def test_adapters_disabled_by_other_code_are_switched_on_again_by_the_next_request(tiny_model_dirs, lora_files):
+    """Between requests the cache's adapters are loaded but none is active; code that disables the layers instead
+    (diffusers' `disable_lora`, as the trainer does when its run ends) must not turn the next request's LoRA into a
+    no-op, nor leave a later request without LoRA other than a fresh pipeline's."""
+    model = ModelManager().load(tiny_model_dirs["sd1"])
+    a, b = load_lora(lora_files["a"]), load_lora(lora_files["b"])
+    with_a, with_both = _picture(model, [(a, 1.0)]), _picture(model, [(a, 1.0), (b, 0.5)])
+    model.pipe.unet.disable_lora()
+    assert np.array_equal(_picture(model, [(a, 1.0)]), with_a), "the disabled adapter stayed off"
+    model.pipe.unet.disable_lora()
+    assert np.array_equal(_picture(model, [(a, 1.0), (b, 0.5)]), with_both)
+    fresh = ModelManager().load(tiny_model_dirs["sd1"])
+    assert np.array_equal(_picture(model), _picture(fresh))

@@ -4,18 +4,22 @@ The LoRAs are made in the test from real components: peft's LoRA on a tiny rando
 every linear layer of its text encoders (attention and MLP, as kohya's scripts target them), saved by diffusers'
 `save_lora_weights`; kohya forms by diffusers' `convert_state_dict_to_kohya` and by the studio's own export (A1111's
 `lora_te_text_model_…` names). What these tests guard: the studio's pictures equal diffusers' `load_lora_weights` +
-`set_adapters` pictures (the whole file, within 1/255 in fp32) in every form, at weights 0, 0.5 and 1 and for two LoRAs
-at once; the prompt is encoded while the text-encoder part is active; a request without LoRA afterwards is bit for bit
-a fresh pipeline's; evicting an adapter takes it out of the text encoders too; `studio generate --concept FILE:W`
-gives diffusers' picture.
+`set_adapters` pictures (the whole file, within 1/255 in fp32) on the tiny SD1, SD2 and SDXL pipelines (SDXL: both
+text encoders), in diffusers' and kohya's forms (SD1 also A1111's and `text_model.` names), at weights 0, 0.5 and 1 and
+for two LoRAs at once; the prompt is encoded while the text-encoder part is active; a request without LoRA afterwards
+is bit for bit a fresh pipeline's, on each family; evicting an adapter takes it out of the text encoders too;
+`studio generate --concept FILE:W` gives diffusers' picture.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from peft import LoraConfig
 from PIL import Image
@@ -23,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from test_lora_files import add_random_lora
 
 from studio.cli import main
+from studio.engine.families import FAMILIES
 from studio.engine.generate import GenerateRequest, generate
 from studio.engine.learned.lora import adapter_name, loras_applied
 from studio.engine.learned.lora_export import export_lora
@@ -34,38 +39,33 @@ UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LINEAR = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 RANK = 4
 ONE_LEVEL = 1 / 255  # one step of an 8-bit picture
-PIPELINES = {"sd1": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
-ENCODERS = {"sd1": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"]}
 
 
-def _diffusers_file(folder, family: str, model_dir, seed: int, parts=("unet", *ENCODERS["sdxl"])):
-    """A diffusers-form LoRA on the UNet's attention and each text encoder's linear layers (those of `parts`)."""
-    pipe = PIPELINES[family].from_pretrained(model_dir)
-    layers = {}
-    if "unet" in parts:
-        layers["unet_lora_layers"] = add_random_lora(pipe.unet, UNET_ATTENTION, seed, 0.2)
-    for k, name in enumerate(ENCODERS[family], start=1):
-        if name in parts:
-            layers[f"{name}_lora_layers"] = add_random_lora(getattr(pipe, name), TEXT_LINEAR, seed + k, 0.3)
+def _diffusers_file(folder, family: str, model_dir, seed: int):
+    """A diffusers-form LoRA on the UNet's attention and each text encoder's linear layers."""
+    pipeline_class = FAMILIES[family].pipeline_class("txt2img")
+    pipe = pipeline_class.from_pretrained(model_dir)
+    layers = {"unet_lora_layers": add_random_lora(pipe.unet, UNET_ATTENTION, seed, 0.2)}
+    for k, name in enumerate(FAMILIES[family].encoder_keys, start=1):
+        layers[f"{name}_lora_layers"] = add_random_lora(getattr(pipe, name), TEXT_LINEAR, seed + k, 0.3)
     folder.mkdir(parents=True, exist_ok=True)
-    PIPELINES[family].save_lora_weights(folder, **layers)
+    pipeline_class.save_lora_weights(folder, **layers)
     return folder / "pytorch_lora_weights.safetensors"
 
 
-@pytest.fixture(scope="module")
-def sd1_files(tiny_model_dirs, tmp_path_factory):
-    """SD1 LoRA files by form: "diffusers" (UNet and text encoder), "kohya" (the same under diffusers' kohya names),
-    "a1111" (the studio's kohya export: `lora_te_text_model_…`, float alphas), "text_model" (diffusers keys with
-    `text_model.`, as transformers 4 named them), "unet" (its UNet half alone), "text" (its text-encoder half
+def _lora_files(root, family: str, model_dir) -> dict[str, object]:
+    """A family's LoRA files by form: "diffusers" (UNet and text encoders), "kohya" (the same under diffusers' kohya
+    names), "a1111" (the studio's kohya export: `lora_te_text_model_…`, float alphas), "text_model" (diffusers keys
+    with `text_model.`, as transformers 4 named them), "unet" (its UNet half alone), "text" (its text-encoder half
     alone), "second" (another whole LoRA)."""
-    root = tmp_path_factory.mktemp("te-loras")
-    full = _diffusers_file(root / "full", "sd1", tiny_model_dirs["sd1"], seed=1)
+    full = _diffusers_file(root / "full", family, model_dir, seed=1)
     weights = load_file(full)
-    files = {"diffusers": full, "second": _diffusers_file(root / "second", "sd1", tiny_model_dirs["sd1"], seed=7)}
+    text_parts = tuple(f"{name}." for name in FAMILIES[family].encoder_keys)
+    files = {"diffusers": full, "second": _diffusers_file(root / "second", family, model_dir, seed=7)}
     halves = {"kohya": convert_state_dict_to_kohya(weights),
-              "text_model": {k.replace("text_encoder.", "text_encoder.text_model.", 1): t for k, t in weights.items()},
+              "text_model": {re.sub(r"^(text_encoder(_2)?)\.", r"\1.text_model.", k): t for k, t in weights.items()},
               "unet": {k: t for k, t in weights.items() if k.startswith("unet.")},
-              "text": {k: t for k, t in weights.items() if k.startswith("text_encoder.")}}
+              "text": {k: t for k, t in weights.items() if k.startswith(text_parts)}}
     for form, tensors in halves.items():
         save_file(tensors, root / f"{form}.safetensors")
         files[form] = root / f"{form}.safetensors"
@@ -74,18 +74,44 @@ def sd1_files(tiny_model_dirs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sd1(tiny_model_dirs):
-    return ModelManager().load(tiny_model_dirs["sd1"])
+def lora_files(tiny_model_dirs, tmp_path_factory):
+    """family -> its LoRA files by form (`_lora_files`), made on first ask."""
+    @functools.cache
+    def files(family: str) -> dict[str, object]:
+        return _lora_files(tmp_path_factory.mktemp(f"te-loras-{family}"), family, tiny_model_dirs[family])
+    return files
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dirs, sd1_files):
-    """diffusers' own pipeline with the whole files loaded by `load_lora_weights`: "x" the LoRA, "y" the second."""
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dirs["sd1"])
-    pipe.load_lora_weights(str(sd1_files["diffusers"]), adapter_name="x")
-    pipe.load_lora_weights(str(sd1_files["second"]), adapter_name="y")
-    assert pipe.get_list_adapters()["text_encoder"] == ["x", "y"], "diffusers left out the text-encoder parts"
-    return pipe
+def models(tiny_model_dirs):
+    """family -> the studio's model of its tiny pipeline, shared by the module's tests, loaded on first ask."""
+    return functools.cache(lambda family: ModelManager().load(tiny_model_dirs[family]))
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model_dirs, lora_files):
+    """family -> diffusers' own pipeline with the whole files loaded by `load_lora_weights`: "x" the LoRA, "y" the
+    second."""
+    @functools.cache
+    def reference(family: str):
+        pipe = FAMILIES[family].pipeline_class("txt2img").from_pretrained(tiny_model_dirs[family])
+        pipe.load_lora_weights(str(lora_files(family)["diffusers"]), adapter_name="x")
+        pipe.load_lora_weights(str(lora_files(family)["second"]), adapter_name="y")
+        adapters = pipe.get_list_adapters()
+        for part in FAMILIES[family].encoder_keys:
+            assert adapters[part] == ["x", "y"], f"diffusers left out the {part} parts"
+        return pipe
+    return reference
+
+
+@pytest.fixture(scope="module")
+def sd1_files(lora_files):
+    return lora_files("sd1")
+
+
+@pytest.fixture(scope="module")
+def sd1(models):
+    return models("sd1")
 
 
 def draw(pipe, prompt: str = "a photo of a cat", seed: int = 5) -> np.ndarray:
@@ -108,25 +134,33 @@ def request_picture(model, loras=(), prompt: str = "a photo of a cat") -> np.nda
 
 
 def text_adapters(model) -> set[str]:
-    return set(getattr(model.pipe.text_encoder, "peft_config", None) or {})
+    """The adapters loaded in any of the model's text encoders."""
+    return {name for part in model.spec.encoder_keys for name in (getattr(getattr(model.pipe, part), "peft_config",
+                                                                      None) or {})}
 
 
 # ------------------------------------------------------------------------------------------- equal to diffusers
 
 
-@pytest.mark.parametrize("form", ["diffusers", "kohya", "a1111", "text_model"])
-def test_pictures_equal_diffusers_set_adapters_at_weights_0_half_and_1(form, sd1, sd1_files, reference):
-    lora = load_lora(sd1_files[form])
-    assert "text_encoder" in lora.modules
+@pytest.mark.parametrize("family, form", [("sd1", "diffusers"), ("sd1", "kohya"), ("sd1", "a1111"),
+                                          ("sd1", "text_model"), ("sd2", "diffusers"), ("sd2", "kohya"),
+                                          ("sdxl", "diffusers"), ("sdxl", "kohya")])
+def test_pictures_equal_diffusers_set_adapters_at_weights_0_half_and_1(family, form, models, lora_files, references):
+    lora = load_lora(lora_files(family)[form])
+    assert set(FAMILIES[family].encoder_keys) <= set(lora.modules)
+    reference = references(family)
     for weight in (0.0, 0.5, 1.0):
         reference.set_adapters(["x"], [weight])
-        assert np.abs(studio_draw(sd1, [(lora, weight)]) - draw(reference)).max() <= ONE_LEVEL, f"weight {weight}"
+        picture = studio_draw(models(family), [(lora, weight)])
+        assert np.abs(picture - draw(reference)).max() <= ONE_LEVEL, f"weight {weight}"
 
 
-def test_two_loras_at_once_equal_diffusers(sd1, sd1_files, reference):
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_two_loras_at_once_equal_diffusers(family, models, lora_files, references):
+    reference = references(family)
     reference.set_adapters(["x", "y"], [0.5, 1.0])
-    loras = [(load_lora(sd1_files["diffusers"]), 0.5), (load_lora(sd1_files["second"]), 1.0)]
-    assert np.abs(studio_draw(sd1, loras) - draw(reference)).max() <= ONE_LEVEL
+    loras = [(load_lora(lora_files(family)["diffusers"]), 0.5), (load_lora(lora_files(family)["second"]), 1.0)]
+    assert np.abs(studio_draw(models(family), loras) - draw(reference)).max() <= ONE_LEVEL
 
 
 def test_a_saved_text_encoder_config_sets_the_scale_as_in_diffusers(sd1, tiny_model_dirs, tmp_path):
@@ -176,17 +210,20 @@ def test_a_request_encodes_its_prompt_with_the_text_encoder_part_active(sd1, sd1
 # ------------------------------------------------------------------------------------- shared state left as is
 
 
-def test_no_lora_after_text_encoder_lora_requests_is_bit_identical_to_a_fresh_pipeline(tiny_model_dirs, sd1_files):
-    model = ModelManager().load(tiny_model_dirs["sd1"])
-    flags = [param.requires_grad for param in model.pipe.text_encoder.parameters()]
-    whole, second, text = (load_lora(sd1_files[k]) for k in ("diffusers", "second", "text"))
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_no_lora_after_text_encoder_lora_requests_is_bit_identical_to_a_fresh_pipeline(family, tiny_model_dirs,
+                                                                                        lora_files):
+    model = ModelManager().load(tiny_model_dirs[family])
+    encoders = [getattr(model.pipe, part) for part in FAMILIES[family].encoder_keys]
+    flags = [param.requires_grad for encoder in encoders for param in encoder.parameters()]
+    whole, second, text = (load_lora(lora_files(family)[k]) for k in ("diffusers", "second", "text"))
     for loras in ([(whole, 1.0)], [(text, 0.7)], [(whole, 0.5), (second, 1.2)], [(second, 1.0)]):
         request_picture(model, loras)
     assert text_adapters(model) == {adapter_name(lora) for lora in (whole, second, text)}, "the cache reloaded"
-    fresh = ModelManager().load(tiny_model_dirs["sd1"])
+    fresh = ModelManager().load(tiny_model_dirs[family])
     assert np.array_equal(request_picture(model), request_picture(fresh))
-    base = [p for n, p in model.pipe.text_encoder.named_parameters() if "lora_" not in n]
-    assert [param.requires_grad for param in base] == flags, "loading an adapter changed the encoder's grad flags"
+    base = [p for encoder in encoders for n, p in encoder.named_parameters() if "lora_" not in n]
+    assert [param.requires_grad for param in base] == flags, "loading an adapter changed the encoders' grad flags"
 
 
 def test_eviction_takes_the_adapter_out_of_the_text_encoder_too(tiny_model_dirs, sd1_files):
@@ -218,24 +255,6 @@ def test_a_text_encoder_pair_for_a_layer_the_model_lacks_is_refused_in_one_line(
         studio_draw(sd1, [(lora, 1.0)])
     assert len(str(raised.value).splitlines()) == 1
     assert adapter_name(lora) not in text_adapters(sd1)
-
-
-# ------------------------------------------------------------------------------------------------------- SDXL
-
-
-@pytest.mark.parametrize("form", ["diffusers", "kohya"])
-def test_sdxl_pictures_with_both_encoders_equal_diffusers(form, tiny_model_dirs, tmp_path):
-    path = _diffusers_file(tmp_path / "xl", "sdxl", tiny_model_dirs["sdxl"], seed=3)
-    if form == "kohya":
-        save_file(convert_state_dict_to_kohya(load_file(path)), tmp_path / "xl-kohya.safetensors")
-    lora = load_lora(path if form == "diffusers" else tmp_path / "xl-kohya.safetensors")
-    assert {"text_encoder", "text_encoder_2"} <= set(lora.modules)
-    reference = StableDiffusionXLPipeline.from_pretrained(tiny_model_dirs["sdxl"])
-    reference.load_lora_weights(str(path), adapter_name="x")
-    model = ModelManager().load(tiny_model_dirs["sdxl"])
-    for weight in (0.5, 1.0):
-        reference.set_adapters(["x"], [weight])
-        assert np.abs(studio_draw(model, [(lora, weight)]) - draw(reference)).max() <= ONE_LEVEL, f"weight {weight}"
 
 
 # -------------------------------------------------------------------------------------------------------- CLI

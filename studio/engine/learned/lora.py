@@ -196,8 +196,8 @@ def _model_layer(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
 
 
 def adapter_name(lora: LoraFile) -> str:
-    """The peft adapter name of a LoRA file in a UNet: its resolved path's digest and its mtime, so a file changed on
-    disk loads as a new adapter (peft names may not hold dots, hence the digest)."""
+    """The peft adapter name of a LoRA file in the UNet and text encoders: its resolved path's digest and its mtime,
+    so a file changed on disk loads as a new adapter (peft names may not hold dots, hence the digest)."""
     return f"{_path_digest(lora.path)}_{lora.mtime_ns}"
 
 
@@ -280,8 +280,9 @@ def _text_encoder_config(lora: LoraFile, part: str, weights: dict[str, torch.Ten
 
 # What a LoRA cache may hold by default: 512 MiB of adapter tensors, a tenth of SDXL's fp16 UNet (5.1 GB) and a
 # third of SD 1.5's (1.7 GB), so the cache never rivals the model it serves. An SD 1.5 LoRA on the attention
-# projections has rank x 199,296 parameters (3.0 MiB at rank 4 in fp32; benchmarks/lora_swap.py prints the size measured), so the
-# budget holds about 170 of rank 4, or 5 of rank 128 in fp32 (10 in fp16).
+# projections has rank x 199,296 parameters (3.0 MiB at rank 4 in fp32, 5.6 MiB with every linear layer of the text
+# encoder too; benchmarks/lora_swap.py prints the sizes measured), so the budget holds about 170 of rank 4, or 5 of
+# rank 128 in fp32 (10 in fp16).
 DEFAULT_LORA_CACHE_BYTES = 512 * 2**20
 
 
@@ -300,13 +301,20 @@ class LoraCache:
     adapter name; when the adapters pass `budget_bytes`, the least recently used ones that the request at hand does
     not need are deleted from every module before it runs. An adapter the request needs is never evicted, so one
     request whose LoRAs alone pass the budget still runs; the next request evicts them first.
+
+    Between requests every peft layer is off: enabled with no active adapter, so its forward is its base layer's
+    alone (peft's layers add only their active adapters; `tests/engine/test_lora_*.py` check the pictures bit for
+    bit). `switch_on` makes a request's adapters active on the layers that hold them (`holding`), `switch_off` takes
+    them off again: one `set_adapter` each way, where disabling the layers instead would cost an `enable_adapters`
+    more (each sets `requires_grad` on every adapter's tensors in the layer).
     """
 
     budget_bytes: int = DEFAULT_LORA_CACHE_BYTES
     sizes: OrderedDict[str, int] = field(default_factory=OrderedDict)  # adapter name -> bytes, least recent first
-    # The peft layers of the UNet and the text encoders, found once after each load or delete: a walk of every module
-    # costs more than a swap may.
+    # The peft layers of the UNet and the text encoders, and per adapter the ones that hold it, found once after each
+    # load or delete (None: walk again): a walk of every module costs more than a swap may.
     _layers: list | None = None
+    _holders: dict[str, list] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -335,14 +343,52 @@ class LoraCache:
                 evicted.append(name)
         return evicted
 
+    def holds(self, lora: LoraFile) -> bool:
+        """Whether `lora` is loaded as the cache's adapter (its layers checked when it was loaded)."""
+        return adapter_name(lora) in self.sizes
+
     def layers(self, pipe) -> list:
-        """The peft layers (`BaseTunerLayer`) of `pipe`'s UNet and text encoders, the ones a swap switches."""
+        """The peft layers (`BaseTunerLayer`) of `pipe`'s UNet and text encoders; after a walk, each turned off (a
+        load leaves its adapter active, the trainer's end leaves layers disabled)."""
         if self._layers is None:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
             self._layers = [layer for module in lora_modules(pipe).values() for layer in module.modules()
                             if isinstance(layer, BaseTunerLayer)]
+            self._holders = {}
+            for layer in self._layers:
+                layer.set_adapter([])
+                if layer.disable_adapters:
+                    layer.enable_adapters(True)
+                for name in _adapters_in(layer):
+                    self._holders.setdefault(name, []).append(layer)
         return self._layers
+
+    def holding(self, pipe, names) -> list:
+        """The peft layers that hold one of the adapters `names` (each once), without a walk of the modules."""
+        self.layers(pipe)
+        return list(dict.fromkeys(layer for name in names for layer in self._holders.get(name, ())))
+
+    @staticmethod
+    def switch_on(layers: list, weights: dict[str, float]) -> None:
+        """What `pipe.set_adapters(names, weights)` + `enable_lora()` do (one weight per adapter for the UNet and the
+        text encoders alike), on `layers` only (`holding`): those calls walk every module to find them."""
+        names = list(weights)
+        for layer in layers:
+            if layer.disable_adapters:  # turned off by other code (diffusers' `disable_lora`)
+                layer.enable_adapters(True)
+            layer.set_adapter(names)
+            for name, weight in weights.items():
+                layer.set_scale(name, weight)
+
+    def switch_off(self, pipe, layers: list) -> None:
+        """No adapter active on `layers` (`switch_on`'s): each computes its base layer alone again. Every layer when
+        adapters were loaded or deleted since the last walk (a load that failed half-way leaves its adapter on)."""
+        if self._layers is None:
+            self.layers(pipe)
+            return
+        for layer in layers:
+            layer.set_adapter([])
 
     def _load(self, pipe, lora: LoraFile) -> str:
         """Load each part of `lora` into its module of `pipe` as a peft adapter, unless it is there; a stale adapter
@@ -374,7 +420,7 @@ class LoraCache:
         from peft.functional import delete_adapter
 
         self._layers = None
-        with warnings.catch_warnings():  # peft: "was active which is now deleted"; all are disabled between requests
+        with warnings.catch_warnings():  # peft: "was active which is now deleted"; none is active between requests
             warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
             for part, module in lora_modules(pipe).items():
                 held = [name for name in names if name in (getattr(module, "peft_config", None) or {})]
@@ -430,6 +476,11 @@ def _grad_flags_kept(module: torch.nn.Module):
             param.requires_grad_(flag)
 
 
+def _adapters_in(layer) -> set[str]:
+    """The adapters a peft layer holds (the keys of its `lora_A`, `lora_B`, ... per-adapter dicts)."""
+    return {name for attribute in layer.adapter_layer_names for name in getattr(layer, attribute)}
+
+
 def _adapter_bytes(layers: list, name: str) -> int:
     """The bytes of adapter `name`'s tensors in the UNet and text encoders (lora_A, lora_B, ... of every peft layer),
     in the dtype and on the device each module holds them: what evicting it frees."""
@@ -451,34 +502,33 @@ def loras_applied(model, loras: list[tuple[LoraFile, float]]):
 
     Call it under `model.lock`, around the prompt's encoding and the denoising both: the modules are shared by every
     request, and a LoRA's text-encoder part changes the prompt embeddings. An adapter once loaded stays in its modules
-    (`model.lora_cache`, keyed by path and mtime, bounded by memory) but is disabled outside the block, where they
+    (`model.lora_cache`, keyed by path and mtime, bounded by memory) but is inactive outside the block, where they
     compute exactly what they computed before any LoRA was loaded (tests/engine/test_lora_runtime.py and
     test_lora_text_encoder.py check the pictures bit for bit). With no LoRA nothing is touched.
     """
     if not loras:
         yield
         return
+    # 1. Check: the family, and the pairs of each LoRA not cached against the layers they name (a cached one was
+    # checked before it was loaded; the check reads every key, which costs more than a switch).
     check_loras_fit(loras, model.encoder_dims, model.name)
     cache, modules = model.lora_cache, lora_modules(model.pipe)
     text_encoders = {part: module for part, module in modules.items() if part != "unet"}
     for lora, _weight in loras:
-        check_lora_layers(lora, modules["unet"], model.name, text_encoders)
+        if not cache.holds(lora):
+            check_lora_layers(lora, modules["unet"], model.name, text_encoders)
     # ---- shared state changed from here: the adapters of the UNet and text encoders (loaded, evicted), which are
     # active ----
+    switched: list = []
     try:
+        # 2. The adapters, loaded unless cached; the same file named twice adds its weights, one adapter.
         names = cache.use(model.pipe, [lora for lora, _weight in loras])
-        weights: dict[str, float] = {}  # the same file named twice adds its weights, one adapter
+        weights: dict[str, float] = {}
         for name, (_lora, weight) in zip(names, loras):
             weights[name] = weights.get(name, 0.0) + float(weight)
-        # What `pipe.set_adapters(names, weights)` + `enable_lora()` do (one weight per LoRA for the UNet and the text
-        # encoders alike), on the cached list of peft layers: each of those calls walks all of the modules to find
-        # them (benchmarks/lora_swap.py times both). A layer without one of the adapters skips it.
-        for layer in cache.layers(model.pipe):
-            layer.set_adapter(list(weights))
-            for name, weight in weights.items():
-                layer.set_scale(name, weight)
-            layer.enable_adapters(True)
+        # 3. On for the block, on the layers that hold them (benchmarks/lora_swap.py times it against diffusers').
+        switched = cache.holding(model.pipe, weights)
+        cache.switch_on(switched, weights)
         yield
     finally:
-        for layer in cache.layers(model.pipe):  # `pipe.disable_lora()`, on the same list
-            layer.enable_adapters(False)
+        cache.switch_off(model.pipe, switched)
