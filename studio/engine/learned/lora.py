@@ -347,6 +347,11 @@ class LoraCache:
         """Whether `lora` is loaded as the cache's adapter (its layers checked when it was loaded)."""
         return adapter_name(lora) in self.sizes
 
+    def rescan(self) -> None:
+        """Forget the list of peft layers: the next request walks the modules again and turns every layer off.
+        For whoever adds or removes adapters outside the cache (the trainer's own LoRA)."""
+        self._layers = None
+
     def layers(self, pipe) -> list:
         """The peft layers (`BaseTunerLayer`) of `pipe`'s UNet and text encoders; after a walk, each turned off (a
         load leaves its adapter active, the trainer's end leaves layers disabled)."""

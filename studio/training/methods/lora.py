@@ -28,7 +28,7 @@ from studio.engine.learned.lora_files import load_lora
 from studio.engine.learned.word import Concept
 from studio.training.methods.base import Method
 
-ADAPTER = "studio-train"  # the run's adapter in the shared UNet; never a name the LoRA cache gives (digest_stem)
+ADAPTER = "studio-train"  # the run's adapter in the shared UNet (and text encoders); never a name the cache gives
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' dreambooth-lora script's UNet targets
 TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the same scripts' text-encoder targets
 CROSS_KEY_VALUE = r".*attn2\.(to_k|to_v)$"  # the "lite" targets: what a prompt's words reach in the UNet
@@ -57,7 +57,7 @@ class LoraWeights(Method):
             self._add_text_encoder_adapters()
         unet.set_adapter(ADAPTER)  # the cached LoRAs of earlier requests stay loaded, inactive
         unet.enable_lora()
-        self.model.lora_cache._layers = None  # new peft layers may have been made: the cache walks the modules again
+        self.model.lora_cache.rescan()  # new peft layers may have been made: the cache walks the modules again
         marker = f".{ADAPTER}."
         return {f"{part}.{name.replace(marker, '.')}": param
                 for part, module in {"unet": unet, **self._text_encoders()}.items()
@@ -105,7 +105,7 @@ class LoraWeights(Method):
                 _delete_text_encoder_adapter(encoder)
         if getattr(unet, "peft_config", None):
             unet.disable_lora()  # the cache's adapters are off between requests (learned.lora.loras_applied)
-        self.model.lora_cache._layers = None
+        self.model.lora_cache.rescan()
 
     def save(self, path: Path, word: Concept | None, weights: dict[str, torch.Tensor], step: int) -> Path:
         from studio.engine.learned.lora_export import export_lora
