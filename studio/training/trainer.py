@@ -28,6 +28,7 @@ import torch
 
 from studio.engine.families import encoders_of
 from studio.engine.files import OutputError, check_folder, check_new_output
+from studio.engine.generate import native_size
 from studio.engine.learned.lora_files import pivotal_embeddings
 from studio.engine.learned.registry import load_concept
 from studio.engine.learned.word import Concept
@@ -482,7 +483,7 @@ class Trainer:
         class pictures'), each encoded once; then the memory mode may let the VAE go."""
         cfg, model = self.config, self.model
         pipe = model.pipe
-        resolution = cfg.resolution or model.denoiser.config.sample_size * pipe.vae_scale_factor
+        resolution = cfg.resolution or native_size(model)
         images, warnings = load_images(self.paths, resolution)
         for message in warnings:
             emit(TrainEvent("warning", message=message))

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from ui_server import ARTIFACTS, CHROMIUM, studio_page
+from ui_server import ARTIFACTS, CHROMIUM, import_word, studio_page
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian chromium is not installed")]
@@ -164,20 +164,10 @@ def test_cancel_in_the_browser_ends_with_a_final_line_and_the_vectors_so_far(pag
 
 def test_saving_a_word_another_browser_saved_asks_and_keep_both_keeps_both(page, tmp_path):
     """Guards the silent overwrite in the browser: the page asks (replace / keep both) instead of replacing."""
-    import torch
     from playwright.sync_api import expect
 
-    from studio.engine.learned.registry import save_concept
-    from studio.engine.learned.word import Concept
-
     def import_and_save(p, seed: int) -> None:
-        torch.manual_seed(seed)
-        file = save_concept(Concept("<dup>", {"text_encoder": torch.randn(1, 768)}, {}), tmp_path / f"{seed}" / "dup")
-        p.get_by_role("tab", name="Library").click()
-        p.locator("#library-import input[type=file]").set_input_files([str(file)])
-        expect(p.locator("#library-table")).to_contain_text("<dup>", timeout=20000)
-        p.get_by_label("Concept", exact=True).fill("<dup>")
-        p.get_by_label("Concept", exact=True).press("Enter")
+        import_word(p, "<dup>", 768, tmp_path / f"{seed}" / "dup", seed)
         p.get_by_role("button", name="Save to the shared library").click()
 
     import_and_save(page, 1)

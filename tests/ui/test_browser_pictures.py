@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from studio.ui.tabs.library import HEADERS
-from ui_server import ARTIFACTS, CHROMIUM, studio_page
+from ui_server import ARTIFACTS, CHROMIUM, import_word, studio_page
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian chromium is not installed")]
@@ -103,19 +103,9 @@ def test_library_headers_wrap_between_words_only(page):
 @pytest.mark.slow
 def test_library_thumbnail_is_shown_whole_and_sharp(page, tmp_path):
     """Guards the Library's thumbnail drawn far larger than its 180-px frame, so only background shows."""
-    import torch
     from playwright.sync_api import expect
 
-    from studio.engine.learned.registry import save_concept
-    from studio.engine.learned.word import Concept
-
-    torch.manual_seed(0)
-    file = save_concept(Concept("<thumb>", {"text_encoder": torch.randn(1, 128)}, {}), tmp_path / "thumb")
-    page.get_by_role("tab", name="Library").click()
-    page.locator("#library-import input[type=file]").set_input_files([str(file)])
-    expect(page.locator("#library-table")).to_contain_text("<thumb>", timeout=20000)
-    page.get_by_label("Concept", exact=True).fill("<thumb>")
-    page.get_by_label("Concept", exact=True).press("Enter")
+    import_word(page, "<thumb>", 128, tmp_path / "thumb", seed=0)
     page.get_by_role("button", name="Make a thumbnail").click()
     thumbnail = page.locator("#library-thumbs img[src*='file=']").first
     expect(thumbnail).to_be_visible(timeout=60000)

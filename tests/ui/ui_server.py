@@ -84,3 +84,20 @@ def wait_until_running(job, limit_s: float = 60) -> float:
         assert time.monotonic() - started < limit_s, f"the job did not start within {limit_s:.0f} s"
         time.sleep(0.05)
     return time.monotonic()
+
+
+def import_word(page, word: str, width: int, path: Path, seed: int) -> None:
+    """In a browser's Library tab: import a random word of `width` (written to `path` as the studio's file) and pick
+    it in the Concept box, ready for a button of the concept panel."""
+    from playwright.sync_api import expect
+
+    from studio.engine.learned.registry import save_concept
+    from studio.engine.learned.word import Concept
+
+    torch.manual_seed(seed)
+    file = save_concept(Concept(word, {"text_encoder": torch.randn(1, width)}, {}), path)
+    page.get_by_role("tab", name="Library").click()
+    page.locator("#library-import input[type=file]").set_input_files([str(file)])
+    expect(page.locator("#library-table")).to_contain_text(word, timeout=20000)
+    page.get_by_label("Concept", exact=True).fill(word)
+    page.get_by_label("Concept", exact=True).press("Enter")

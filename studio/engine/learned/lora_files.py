@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from peft import LoraConfig
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".bin")
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# kohya's key prefixes of every family (lora_unet_, lora_te_, lora_te1_, lora_te2_), from the family records
+KOHYA_PREFIXES = tuple(dict.fromkeys(prefix for family in FAMILIES.values() for prefix in family.kohya_prefixes))
 WORD_KEY = "studio_word"  # metadata of a pivotal words file the studio wrote: the word its prompts use
 PHRASE_KEY = "studio_phrase"  # metadata of a LoRA the studio trained: the words it was trained on
 BUNDLE_PREFIX = "bundle_emb."  # A1111 (PR #13568): bundle_emb.<word>.string_to_param.* or .clip_l / .clip_g
