@@ -34,6 +34,19 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def flow_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """`{"sd3"|"flux": folder}`: tiny random SD3 and Flux pipelines (transformer denoisers, T5) saved as folders."""
+    from benchmarks.architectures import build_random_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-flow-models")
+    dirs = {}
+    for family in ("sd3", "flux"):
+        build_random_pipeline(family, "tiny", tokenizer_dir=root / f"tok-{family}").save_pretrained(root / family)
+        dirs[family] = root / family
+    return dirs
+
+
+@pytest.fixture(scope="session")
 def compat_dir() -> Path:
     """The shared corpus of real embedding files; tests using it skip when it is absent."""
     if not COMPAT_DIR.is_dir():
