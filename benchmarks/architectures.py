@@ -199,7 +199,8 @@ def _t5(vocab_size: int) -> T5EncoderModel:
 
 
 def _flow_vae(latent_channels: int, shift: float, scale: float) -> AutoencoderKL:
-    """SD3's / Flux's VAE layout (no quant convs, a shift factor) at the tiny size."""
+    """SD3's / Flux's VAE layout (16 latent channels, no quant convs, a shift factor) at the tiny size; SD3's
+    inpainting pipeline refuses a transformer without 16 (or 33) input channels."""
     return AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
                          latent_channels=latent_channels, sample_size=32, use_quant_conv=False,
@@ -216,21 +217,21 @@ def _flow_pipeline(family: str, tokenizer, tok_dir: Path):
         te1 = CLIPTextModelWithProjection(_text_config(768, "tiny", vocab, eos, bos, 32))
         te2 = CLIPTextModelWithProjection(_text_config(1280, "tiny", vocab, eos, bos, 32))
         transformer = SD3Transformer2DModel(
-            sample_size=32, patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+            sample_size=32, patch_size=1, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=T5_WIDTH, caption_projection_dim=16,
             pooled_projection_dim=64, pos_embed_max_size=64)
         return StableDiffusion3Pipeline(
             transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=_flow_vae(4, 0.0609, 1.5305), text_encoder=te1, tokenizer=tokenizer, text_encoder_2=te2,
+            vae=_flow_vae(16, 0.0609, 1.5305), text_encoder=te1, tokenizer=tokenizer, text_encoder_2=te2,
             tokenizer_2=tokenizer, text_encoder_3=_t5(len(t5_tokenizer)), tokenizer_3=t5_tokenizer)
     te1 = CLIPTextModel(_text_config(768, "tiny", vocab, eos, bos, 768))
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=T5_WIDTH, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=(4, 4, 8))
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
         max_image_seq_len=4096)
     return FluxPipeline(
-        scheduler=scheduler, vae=_flow_vae(4, 0.1159, 0.3611), text_encoder=te1, tokenizer=tokenizer,
+        scheduler=scheduler, vae=_flow_vae(16, 0.1159, 0.3611), text_encoder=te1, tokenizer=tokenizer,
         text_encoder_2=_t5(len(t5_tokenizer)), tokenizer_2=t5_tokenizer, transformer=transformer)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ENCODER_KEYS = ("text_encoder", "text_encoder_2")  # diffusers pipeline attribute names, in order
+ENCODER_KEYS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # diffusers pipeline attribute names, in order
 UNKNOWN = ("unknown", "an unknown model")
 # SDXL files name their encoders after the CLIP models (A1111, kohya).
 SDXL_ENCODER_NAMES = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
@@ -43,6 +43,24 @@ class ModelFamily:
     # Linear latent -> RGB of the VAE the family's checkpoints ship with (rows: latent channels; columns R, G, B) and
     # a bias, as fitted by the ComfyUI / A1111 "latent preview" code; None: previews are decoded by the VAE.
     latent_rgb: tuple[tuple[tuple[float, ...], ...], tuple[float, ...]] | None = None
+    # The denoiser's class name where it alone tells the family (SD3's and Flux's transformers); None: told by the
+    # text encoders' widths (`family_of_pipe`).
+    denoiser_class: str | None = None
+    # What its word files call its encoders, in `encoder_keys` order (A1111, kohya, diffusers' advanced scripts).
+    file_names: tuple[str, ...] = ()
+    # "noise": DDPM noise (epsilon or v) prediction, any of the studio's schedulers; "flow": rectified flow
+    # (SD3, Flux), drawn with the model's own flow-matching scheduler and trained on flow-matching targets.
+    objective: str = "noise"
+    # Encoders whose word vectors a word file may leave out (diffusers' advanced Flux script writes T5 vectors only
+    # with --enable_t5_ti): the word is then plain text to that encoder, as it is in diffusers' pipeline.
+    optional_words: tuple[str, ...] = ()
+    t5_tokens: int = 0  # the T5 prompt length its pipelines pad to (diffusers' max_sequence_length default)
+    # How its encoders' outputs make the pipeline's prompt arguments (`studio.engine.prompts.JOINS`): "features"
+    # (SD 1.x/2.x/SDXL: widths side by side, pooled from the last encoder), "sd3" (both CLIPs side by side, padded
+    # to T5's width, then T5's tokens after them; both CLIPs pooled), "flux" (T5's tokens; CLIP-L pooled).
+    prompt_join: str = "features"
+    clip_hidden: str = "last"  # the CLIP layer its pipelines take: "last" (normed) or "penultimate" (SDXL, SD3)
+    guidance: str = "cfg"  # "cfg": classifier-free guidance with a negative prompt; "distilled": Flux's guidance input
 
     @property
     def encoder_keys(self) -> tuple[str, ...]:
@@ -74,16 +92,34 @@ SD2 = ModelFamily(
     how_to_load="load an SD 2.x model in the Model tab (e.g. stabilityai/stable-diffusion-2-1; CLI: --model)")
 SDXL = ModelFamily(
     "sdxl", "SDXL", (768, 1280), pipelines=_SDXL_PIPELINES, native_size=1024,
-    kohya_prefixes=("lora_unet_", "lora_te1_", "lora_te2_"),
+    kohya_prefixes=("lora_unet_", "lora_te1_", "lora_te2_"), clip_hidden="penultimate",
     latent_rgb=(((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362),
                  (-0.3165, -0.2492, -0.2188)), (0.1084, -0.0175, -0.0011)),
     how_to_load="load an SDXL model in the Model tab (e.g. stabilityai/stable-diffusion-xl-base-1.0; CLI: --model)")
+# Rectified-flow transformers with a T5 encoder: pipelines, kohya prefixes and prompt lengths as in diffusers 0.42.
+SD3 = ModelFamily(
+    "sd3", "SD3", (768, 1280, 4096), denoiser="transformer", denoiser_class="SD3Transformer2DModel",
+    pipelines={"txt2img": "StableDiffusion3Pipeline", "img2img": "StableDiffusion3Img2ImgPipeline",
+               "inpaint": "StableDiffusion3InpaintPipeline"},
+    cross_attention="attn", native_size=1024, objective="flow", file_names=("clip_l", "clip_g", "t5"),
+    optional_words=("text_encoder_3",), t5_tokens=256, prompt_join="sd3", clip_hidden="penultimate",
+    kohya_prefixes=("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_"),
+    how_to_load="load an SD3 model in the Model tab (e.g. stabilityai/stable-diffusion-3.5-medium, a folder or a "
+                ".safetensors file; CLI: --model)")
+FLUX = ModelFamily(
+    "flux", "Flux.1", (768, 4096), denoiser="transformer", denoiser_class="FluxTransformer2DModel",
+    pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"},
+    cross_attention="attn", native_size=1024, objective="flow", file_names=("clip_l", "t5"),
+    optional_words=("text_encoder_2",), t5_tokens=512, kohya_prefixes=("lora_unet_", "lora_te1_"),
+    prompt_join="flux", guidance="distilled",
+    how_to_load="load a Flux.1 model in the Model tab (e.g. black-forest-labs/FLUX.1-dev, a folder or a "
+                ".safetensors file; CLI: --model)")
 # assets/demo-model: SD 1.x's architecture with a 128-wide encoder and a VAE of its own (no fitted latent colours).
 DEMO = ModelFamily(
     "demo", "the built-in demo model", (128,), native_size=64,
     how_to_load="load the built-in demo model (Model tab: leave the box empty and press Load; CLI: no --model)")
 
-FAMILIES: dict[str, ModelFamily] = {f.id: f for f in (SD1, SD2, SDXL, DEMO)}
+FAMILIES: dict[str, ModelFamily] = {f.id: f for f in (SD1, SD2, SDXL, SD3, FLUX, DEMO)}
 _BY_WIDTHS = {f.encoder_widths: f for f in FAMILIES.values()}
 
 
@@ -122,8 +158,12 @@ def encoder_dims(pipe) -> dict[str, int]:
 
 
 def family_of_pipe(pipe) -> ModelFamily:
-    """The architecture of `pipe`: SDXL with two text encoders, SD 2.x with SD 2.x's encoder width, else SD 1.x
-    (SD 1.x's architecture, whatever its width: the demo model's 128-wide encoder is one)."""
+    """The architecture of `pipe`: a family its denoiser's class names (SD3, Flux), else SDXL with two text
+    encoders, SD 2.x with SD 2.x's encoder width, else SD 1.x (SD 1.x's architecture, whatever its width: the demo
+    model's 128-wide encoder is one)."""
+    for family in FAMILIES.values():
+        if family.denoiser_class and type(getattr(pipe, family.denoiser, None)).__name__ == family.denoiser_class:
+            return family
     dims = encoder_dims(pipe)
     if len(dims) == 2:
         return SDXL
@@ -131,5 +171,10 @@ def family_of_pipe(pipe) -> ModelFamily:
 
 
 def detect_family(pipe) -> str:
-    """`family_of_pipe(pipe).id`: "sd1", "sd2" or "sdxl"."""
+    """`family_of_pipe(pipe).id`: "sd1", "sd2", "sdxl", "sd3" or "flux"."""
     return family_of_pipe(pipe).id
+
+
+def family_of_file_names(names) -> ModelFamily | None:
+    """The family whose word files hold exactly these encoder names (`{"clip_l", "t5"}`: Flux), or None."""
+    return next((f for f in FAMILIES.values() if f.file_names and set(f.file_names) == set(names)), None)

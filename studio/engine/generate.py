@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import os
 import random
 import re
@@ -119,7 +120,9 @@ class GenerateResult:
 def native_size(model) -> int:
     """The side, in pixels, `model` (a LoadedModel) was trained at: 512 for SD1 and SD2-base, 768 for SD2, 1024
     for SDXL."""
-    return model.denoiser.config.sample_size * model.pipe.vae_scale_factor
+    # Flux's transformer config has no sample_size; its pipeline's default_sample_size (128) stands for it.
+    sample_size = getattr(model.denoiser.config, "sample_size", None) or model.pipe.default_sample_size
+    return sample_size * model.pipe.vae_scale_factor
 
 
 def check_size(width: int | None, height: int | None, native_side: int | None = None, model_name: str = "") -> None:
@@ -185,9 +188,13 @@ def validate(model, req: GenerateRequest) -> tuple[int, int, RequestPlan]:
     return width, height, plan
 
 
-def _scheduler_for(pipe, name: str):
+def _scheduler_for(pipe, name: str, objective: str = "noise"):
+    """A scheduler of its own for one request: the named one; a flow-matching model (`ModelFamily.objective`)
+    keeps its own (SCHEDULERS are DDPM-noise samplers, which flow models cannot use)."""
     import diffusers
 
+    if objective == "flow":
+        return type(pipe.scheduler).from_config(pipe.scheduler.config)
     cls_name, overrides, _ = SCHEDULERS[name]
     return getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
 
@@ -272,6 +279,8 @@ def latent_preview(latents: torch.Tensor, family: str, size: tuple[int, int]) ->
 def vae_preview(pipe, latents: torch.Tensor, size: tuple[int, int]) -> Image.Image:
     """The first latent of a batch decoded by the pipeline's VAE (for VAEs without fitted linear factors)."""
     vae = pipe.vae
+    if latents.dim() == 3:  # Flux packs 2x2 latent patches into tokens [B, seq, 4C]
+        latents = pipe._unpack_latents(latents[:1], size[1], size[0], pipe.vae_scale_factor)
     latent = latents[:1, : vae.config.latent_channels].to(vae.dtype)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     decoded = vae.decode(latent / vae.config.scaling_factor + shift, return_dict=False)[0]
@@ -282,7 +291,7 @@ def _request_pipeline(model, req: GenerateRequest, keep_x0: bool):
     """The mode's view of `model`'s pipeline with a scheduler of its own, sharing every module, and the dict in
     which that scheduler keeps its latest x0 prediction when `keep_x0` (else `{"x0": None}`)."""
     view = {"txt2img": lambda: model.pipe, "img2img": model.img2img, "inpaint": model.inpaint}[req.mode]()
-    scheduler = _scheduler_for(view, req.scheduler)
+    scheduler = _scheduler_for(view, req.scheduler, model.spec.objective)
     denoised = _keep_x0_prediction(scheduler) if keep_x0 else {"x0": None}
     pipe = pipeline_over(view, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -314,12 +323,15 @@ def _step_end(model, req: GenerateRequest, size: tuple[int, int], denoised: dict
     return step_end
 
 
-def _mode_arguments(req: GenerateRequest, width: int, height: int) -> dict:
-    """The pipeline arguments of the request's mode: the size, or the picture (and mask) and the strength."""
+def _mode_arguments(req: GenerateRequest, width: int, height: int, takes_size: bool = False) -> dict:
+    """The pipeline arguments of the request's mode: the size, or the picture (and mask) and the strength; the size
+    too where the image-to-image pipeline `takes_size` (Flux's draws at its default size otherwise)."""
     if req.mode == "txt2img":
         return dict(width=width, height=height)
     # The picture and its mask are scaled to the same (working) size; one that already has it is kept as is.
     call = dict(image=scaled(req.init_image.convert("RGB"), (width, height)), strength=req.strength)
+    if takes_size:
+        call.update(width=width, height=height)
     if req.mode == "inpaint":
         call.update(mask_image=scaled(req.mask.convert("L"), (width, height)), width=width, height=height)
     return call
@@ -355,7 +367,7 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
         call = dict(kwargs, num_inference_steps=req.steps, guidance_scale=req.guidance, generator=generators,
                     num_images_per_prompt=1,
                     callback_on_step_end=_step_end(model, req, (width, height), denoised, on_step, cancel),
-                    **_mode_arguments(req, width, height))
+                    **_mode_arguments(req, width, height, "width" in inspect.signature(pipe.__call__).parameters))
         # 5. Denoise, with the plan's attention edits on the shared denoiser. Out of memory: the memory is freed and
         # the error names the mode to switch to; the model stays loaded and usable.
         stack.enter_context(oom_guard(mode_in_effect(model.pipe)))

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from studio.engine.families import ENCODER_KEYS, detect_family, encoder_width, encoders_of
+from studio.engine.families import ENCODER_KEYS, FAMILIES, detect_family, encoder_width, encoders_of
 from studio.engine.learned.word import Concept, check_fits
 from studio.engine.names import MAX_WORD_CHARS
 from studio.errors import UserError
@@ -180,20 +180,52 @@ def apply_prompt_weights(embeds: torch.Tensor, weights: torch.Tensor) -> torch.T
 
 @dataclass
 class EncodedPrompt:
-    embeds: torch.Tensor  # [B, 77, D]: what the pipeline takes as prompt_embeds
-    pooled: torch.Tensor | None  # SDXL only: [B, P] pooled projection of the second encoder
+    embeds: torch.Tensor  # [B, 77, D]: what the pipeline takes as prompt_embeds ([B, 77 + T5's, 4096] for SD3)
+    pooled: torch.Tensor | None  # SDXL, SD3, Flux: [B, P], the pipeline's pooled_prompt_embeds; None for SD 1.x/2.x
+
+
+def _join_features(outputs: list, family: str) -> EncodedPrompt:
+    """SD 1.x/2.x/SDXL: the encoders' widths side by side; SDXL's pooled projection from its second encoder."""
+    embeds = torch.cat([o[0] for o in outputs], dim=-1) if len(outputs) > 1 else outputs[0][0]
+    return EncodedPrompt(embeds, outputs[-1][1] if family == "sdxl" else None)
+
+
+def _join_sd3(outputs: list, _family: str) -> EncodedPrompt:
+    """SD3 (diffusers' StableDiffusion3Pipeline.encode_prompt): CLIP-L and CLIP-G side by side, zero-padded to T5's
+    width, then T5's tokens after them; pooled: both CLIPs' projections side by side."""
+    (clip_l, pooled_l), (clip_g, pooled_g), (t5, _) = outputs
+    clip = torch.cat([clip_l, clip_g], dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return EncodedPrompt(torch.cat([clip, t5], dim=-2), torch.cat([pooled_l, pooled_g], dim=-1))
+
+
+def _join_flux(outputs: list, _family: str) -> EncodedPrompt:
+    """Flux (diffusers' FluxPipeline.encode_prompt): T5's tokens; CLIP-L's pooled output."""
+    (_, pooled), (t5, _) = outputs
+    return EncodedPrompt(t5, pooled)
+
+
+# ModelFamily.prompt_join -> how the encoders' (embeddings, pooled) outputs make the pipeline's prompt arguments
+JOINS = {"features": _join_features, "sd3": _join_sd3, "flux": _join_flux}
+
+
+def is_t5(text_encoder) -> bool:
+    """Whether `text_encoder` is a T5 encoder (SD3's third, Flux's second) rather than a CLIP text model."""
+    return getattr(text_encoder.config, "model_type", "") in ("t5", "umt5")
 
 
 class PromptEncoder:
-    """Encodes prompts with per-request concepts for SD 1.x / 2.x (one encoder) or SDXL (two)."""
+    """Encodes prompts with per-request concepts for SD 1.x / 2.x (one encoder), SDXL (two CLIPs), SD3 (two CLIPs
+    and T5) or Flux (CLIP-L and T5). A word's vectors for T5 stand in T5's input embeddings the same way."""
 
     def __init__(self, tokenizers: list, text_encoders: list, family: str, force_zeros_for_empty_prompt: bool = True):
-        if len(tokenizers) != len(text_encoders) or not 1 <= len(text_encoders) <= 2:
-            raise ValueError("PromptEncoder needs one tokenizer per text encoder, one or two of each")
+        if len(tokenizers) != len(text_encoders) or not 1 <= len(text_encoders) <= len(ENCODER_KEYS):
+            raise ValueError(f"PromptEncoder needs one tokenizer per text encoder, 1 to {len(ENCODER_KEYS)} of each")
         self.tokenizers = tokenizers
         self.text_encoders = text_encoders
         self.family = family
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.spec = FAMILIES[family]
 
     @classmethod
     def from_pipeline(cls, pipe) -> "PromptEncoder":
@@ -204,27 +236,32 @@ class PromptEncoder:
 
     # ---- tokenization -------------------------------------------------------------------------------------------
     @staticmethod
-    def _split(prompt: str, concepts: Sequence[Concept]) -> list[str | Concept]:
-        """Split `prompt` into plain text and concept occurrences (`split_concept_words`)."""
+    def _split(prompt: str, concepts: Sequence[Concept], key: str = "text_encoder") -> list[str | Concept]:
+        """Split `prompt` into plain text and the occurrences of concepts with vectors for encoder `key`
+        (`split_concept_words`); a word without them is plain text to that encoder (Flux's T5, words without T5)."""
+        concepts = [c for c in concepts if key in c.vectors]
         if not concepts:
             return [prompt]
         by_token = {c.token: c for c in concepts}
         return split_concept_words(prompt, by_token.get, longest=max(map(len, by_token)))
 
-    def _ids_and_slots(self, prompt: str, concepts: Sequence[Concept], tokenizer,
-                       weighting: bool = True) -> tuple[list[int], list[tuple[int, Concept, int]], int, list[float]]:
-        """Token ids padded to the model length, (position, concept, vector index) per concept slot, EOS position,
-        and one prompt weight per position (1.0 for start, end and padding).
+    def _ids_and_slots(self, prompt: str, concepts: Sequence[Concept], tokenizer, weighting: bool = True,
+                       key: str = "text_encoder", max_len: int | None = None,
+                       ) -> tuple[list[int], list[tuple[int, Concept, int]], int, list[float]]:
+        """Token ids padded to `max_len` (default: the tokenizer's), (position, concept, vector index) per concept
+        slot, EOS position, and one prompt weight per position (1.0 for start, end and padding).
 
-        A slot's id is a placeholder whose embedding is replaced; it is never EOS (CLIP's unknown token *is* EOS)."""
-        placeholder = tokenizer.bos_token_id
-        max_len = tokenizer.model_max_length
-        ids: list[int] = [tokenizer.bos_token_id]
-        weights: list[float] = [1.0]
+        A slot's id is a placeholder whose embedding is replaced; it is never EOS (CLIP's unknown token *is* EOS).
+        T5 has no start token: its ids begin with the text."""
+        start = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+        placeholder = tokenizer.bos_token_id if start else tokenizer.unk_token_id
+        max_len = max_len or tokenizer.model_max_length
+        ids: list[int] = list(start)
+        weights: list[float] = [1.0] * len(start)
         slots: list[tuple[int, Concept, int]] = []
         fragments = parse_prompt_weights(prompt) if weighting else [(prompt, 1.0)]
         for text, weight in fragments:
-            for part in self._split(text, concepts):
+            for part in self._split(text, concepts, key):
                 if isinstance(part, str):
                     if part.strip():
                         new_ids = tokenizer(part, add_special_tokens=False).input_ids
@@ -236,7 +273,8 @@ class PromptEncoder:
                         ids.append(placeholder)
                         weights.append(weight)
         if len(ids) > max_len - 1:
-            log.warning("prompt truncated to %d tokens (CLIP's limit): %d tokens cut", max_len, len(ids) - (max_len - 1))
+            log.warning("prompt truncated to %d tokens (the encoder's limit): %d tokens cut", max_len,
+                        len(ids) - (max_len - 1))
             ids, weights = ids[: max_len - 1], weights[: max_len - 1]
             slots = [s for s in slots if s[0] < max_len - 1]
         eos_position = len(ids)
@@ -245,6 +283,12 @@ class PromptEncoder:
         ids.extend([pad] * (max_len - len(ids)))
         weights.extend([1.0] * (max_len - len(weights)))
         return ids, slots, eos_position, weights
+
+    def slot_positions(self, prompt: str, concepts: Sequence[Concept], concept: Concept) -> list[int]:
+        """The positions of `concept`'s slots in `prompt` (among `concepts`), as the first encoder places them: where
+        its encoding is read (Perfusion's target follows it)."""
+        _ids, slots, _eos, _weights = self._ids_and_slots(prompt, concepts, self.tokenizers[0])
+        return [position for position, found, _k in slots if found is concept]
 
     # ---- encoding -----------------------------------------------------------------------------------------------
     @property
@@ -267,12 +311,13 @@ class PromptEncoder:
         Out-of-place: the shared embedding table is untouched, and autograd reaches the concept vectors."""
         tokenizer, encoder = self.tokenizers[index], self.text_encoders[index]
         key = ENCODER_KEYS[index]
-        table = getattr(encoder, "text_model", encoder).embeddings.token_embedding
+        table = encoder.get_input_embeddings()
         device, dtype = table.weight.device, table.weight.dtype
+        length = self.spec.t5_tokens if is_t5(encoder) else None
 
         rows, eos_positions, weight_rows, all_slots = [], [], [], []
         for b, prompt in enumerate(prompts):
-            ids, slots, eos_position, weights = self._ids_and_slots(prompt, concepts, tokenizer, weighting)
+            ids, slots, eos_position, weights = self._ids_and_slots(prompt, concepts, tokenizer, weighting, key, length)
             rows.append(ids)
             eos_positions.append(eos_position)
             weight_rows.append(weights)
@@ -297,6 +342,9 @@ class PromptEncoder:
         Apart from `input_embeddings` so that rows built with different concepts (one per UNet layer,
         `studio.engine.learned.layer_word`) go through the text transformer in one batch; each row is encoded on its own."""
         encoder = self.text_encoders[index]
+        if is_t5(encoder):  # diffusers' SD3 and Flux pipelines run T5 without an attention mask; no pooled output
+            embeds = encoder(inputs_embeds=inputs)[0]
+            return (embeds if bool((weights == 1).all()) else apply_prompt_weights(embeds, weights)), None
         text_model = getattr(encoder, "text_model", encoder)  # CLIPTextModelWithProjection wraps a CLIPTextModel
         device = inputs.device
 
@@ -319,10 +367,10 @@ class PromptEncoder:
             states.append(hidden)
         last = text_model.final_layer_norm(hidden)
 
-        pooled = None
+        pooled = last[torch.arange(len(eos_positions), device=device), eos]  # CLIPTextModel's pooler_output (Flux)
         if hasattr(encoder, "text_projection"):
-            pooled = encoder.text_projection(last[torch.arange(len(eos_positions), device=device), eos])
-        if self.family == "sdxl":  # SDXL: penultimate layer, no final norm
+            pooled = encoder.text_projection(pooled)
+        if self.spec.clip_hidden == "penultimate":  # SDXL, SD3: penultimate layer, no final norm
             embeds = states[-(clip_skip + 2)] if clip_skip else states[-2]
         elif clip_skip:
             embeds = text_model.final_layer_norm(states[-(clip_skip + 1)])
@@ -348,9 +396,7 @@ class PromptEncoder:
                         weighting: bool = True) -> EncodedPrompt:
         """`encode` for concepts already checked against this model (`check_concepts`)."""
         outputs = [self._run_encoder(i, prompts, concepts, clip_skip, weighting) for i in range(len(self.text_encoders))]
-        embeds = torch.cat([o[0] for o in outputs], dim=-1) if len(outputs) > 1 else outputs[0][0]
-        pooled = outputs[-1][1] if self.family == "sdxl" else None
-        return EncodedPrompt(embeds, pooled)
+        return JOINS[self.spec.prompt_join](outputs, self.family)
 
     def zeros_for_negative(self, negative_prompt: str) -> bool:
         """Whether the negative embeddings are zeros rather than the encoded `negative_prompt`: SDXL's
@@ -363,6 +409,11 @@ class PromptEncoder:
 
         Raises `ConceptMismatchError` when a concept does not fit this model: the one fit check of a generation."""
         self.check_concepts(concepts)
+        if self.spec.guidance == "distilled":  # Flux: guidance is the transformer's input; no negative prompt
+            with torch.no_grad():
+                pos = self._encode_checked([prompt], concepts, clip_skip)
+            return {"prompt_embeds": pos.embeds.repeat(num_images, 1, 1),
+                    "pooled_prompt_embeds": pos.pooled.repeat(num_images, 1)}
         with torch.no_grad():
             pos = self._encode_checked([prompt], concepts, clip_skip)
             if self.zeros_for_negative(negative_prompt):
@@ -373,7 +424,7 @@ class PromptEncoder:
             "prompt_embeds": pos.embeds.repeat(num_images, 1, 1),
             "negative_prompt_embeds": neg.embeds.repeat(num_images, 1, 1),
         }
-        if self.family == "sdxl":
+        if pos.pooled is not None:
             kwargs["pooled_prompt_embeds"] = pos.pooled.repeat(num_images, 1)
             kwargs["negative_pooled_prompt_embeds"] = neg.pooled.repeat(num_images, 1)
         return kwargs

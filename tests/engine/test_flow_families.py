@@ -25,3 +25,63 @@ def test_tiny_flow_pipelines_round_trip_through_save_pretrained(flow_model_dirs)
 def test_tiny_flow_pipelines_are_deterministic_for_a_seed():
     a, b = build_random_pipeline("flux", "tiny", seed=3), build_random_pipeline("flux", "tiny", seed=3)
     assert torch.equal(a.transformer.proj_out.weight, b.transformer.proj_out.weight)
+
+
+# ---- records, loading, drawing ------------------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from studio.engine.families import FAMILIES, family_of  # noqa: E402
+from studio.engine.generate import GenerateRequest, generate  # noqa: E402
+from studio.engine.models import ModelManager  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def flow_models(flow_model_dirs):
+    return {family: ModelManager().load(folder) for family, folder in flow_model_dirs.items()}
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_flow_families_are_found_by_their_transformer(flow_models):
+    """SD3 and Flux are told by the denoiser's class; widths alone would call an SD3 without T5 an SDXL."""
+    for family, model in flow_models.items():
+        assert model.family == family and model.spec is FAMILIES[family]
+        assert model.denoiser is model.pipe.transformer
+        assert family_of(model.encoder_dims)[0] == family
+        assert type(model.img2img()).__name__ == model.spec.pipelines["img2img"]
+    no_t5 = flow_models["sd3"].pipe
+    stripped = type(no_t5)(**{**no_t5.components, "text_encoder_3": None, "tokenizer_3": None})
+    assert FAMILIES["sd3"] is __import__("studio.engine.families", fromlist=["x"]).family_of_pipe(stripped)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
+def test_generate_equals_the_diffusers_pipeline(flow_models, family, mode):
+    """The studio's prompt encoding (CLIP and T5 from input embeddings) and its per-request pipeline draw the
+    picture diffusers' own pipeline draws from the prompt text, within 1/255, in every mode diffusers has."""
+    model = flow_models[family]
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    extra = {"txt2img": {}, "img2img": {"init_image": picture}, "inpaint": {"init_image": picture, "mask": mask}}
+    req = GenerateRequest("a photo of a red cat", seed=1, steps=2, width=64, height=64, guidance=4.0,
+                          preview_every=0, **extra[mode])
+    ours = generate(model, req).images[0]
+    pipe = {"txt2img": model.pipe, "img2img": model.img2img(), "inpaint": model.inpaint()}[mode]
+    call = {"txt2img": {}, "img2img": {"image": picture, "strength": 0.75},
+            "inpaint": {"image": picture, "mask_image": mask, "strength": 0.75}}[mode]
+    theirs = pipe("a photo of a red cat", num_inference_steps=2, width=64, height=64, guidance_scale=4.0,
+                  generator=torch.Generator().manual_seed(1), **call).images[0]
+    assert np.abs(_pixels(ours) - _pixels(theirs)).max() <= 1
+
+
+def test_flux_previews_unpack_its_latent_tokens(flow_models):
+    """Flux's latents are packed 2x2 patches [B, seq, 64]; a preview decodes them at the picture's size."""
+    seen = []
+    req = GenerateRequest("a cat", seed=1, steps=2, width=64, height=48, preview_every=1)
+    generate(flow_models["flux"], req, on_step=lambda step, total, preview: seen.append(preview))
+    assert seen[0] is None and seen[1].size == (64, 48)  # the VAE fallback previews every 2 x preview_every steps
