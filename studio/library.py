@@ -454,8 +454,8 @@ class ConceptLibrary:
                 if carried is not None:
                     return carried, lora
         path = self._by_token.get(word)
-        if path is not None:
-            return _word(self._files[path].thing), None
+        if path is not None:  # a word, or another thing a prompt names by its word (an image concept)
+            return self._files[path].thing, None
         path = self._lora_words.get(word)
         if path is not None:
             lora = _lora(self._files[path].thing)
@@ -519,8 +519,8 @@ class ConceptLibrary:
 
             words: dict[str, Concept] = {}
             for part in split_concept_words(text, lookup):
-                if isinstance(part, Concept):
-                    words.setdefault(part.token, part)
+                if not isinstance(part, str):  # a word, or an image concept written like one
+                    words.setdefault(part.name, part)
             loras = [(self.lora(name, session), weight) for name, weight in tags]
             for word in words.values():
                 lora = carried_by.get(id(word))

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from studio.engine.families import FAMILIES, ModelFamily, detect_family, encoder_dims, encoders_of, family_of_pipe
+from studio.engine.learned.ip_adapter import ImageAdapterCache
 from studio.engine.learned.lora import LoraCache
 from studio.engine.prompts import PromptEncoder
 from studio.errors import ModelError
@@ -78,6 +79,7 @@ class LoadedModel:
     is_demo: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
     lora_cache: LoraCache = field(default_factory=LoraCache)  # LoRA adapters in the denoiser and text encoders (learned.lora)
+    image_adapters: ImageAdapterCache = field(default_factory=ImageAdapterCache)  # IP-Adapters (learned.ip_adapter)
     _views: dict = field(default_factory=dict)
     _encoder: PromptEncoder | None = None
 

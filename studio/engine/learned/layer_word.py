@@ -239,13 +239,18 @@ class LayerPromptProcessor:
             if states is None:
                 raise ValueError(f"no per-layer prompt embeddings for cross-attention layer {self.layer}; build "
                                  "them with studio.engine.learned.layer_word.encode_per_layer for this UNet's layers")
-            expected = encoder_hidden_states.shape[0] if encoder_hidden_states is not None else hidden_states.shape[0]
+            # With image prompts (IP-Adapter) the UNet passes (text states, image states): the text part is the layer's.
+            image_states = encoder_hidden_states[1] if isinstance(encoder_hidden_states, tuple) else None
+            text_states = encoder_hidden_states[0] if image_states is not None else encoder_hidden_states
+            expected = text_states.shape[0] if text_states is not None else hidden_states.shape[0]
             if states.shape[0] != expected:
                 raise ValueError(f"per-layer prompt embeddings for layer {self.layer} have batch {states.shape[0]} "
                                  f"but the UNet runs batch {expected}; build them for the same prompts, images per "
                                  "prompt and guidance (negative rows first when guiding)")
-            like = encoder_hidden_states if encoder_hidden_states is not None else hidden_states
+            like = text_states if text_states is not None else hidden_states
             encoder_hidden_states = states.to(device=like.device, dtype=like.dtype)
+            if image_states is not None:
+                encoder_hidden_states = (encoder_hidden_states, image_states)
         return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                           attention_mask=attention_mask)
 

@@ -8,7 +8,9 @@ listing both ask), the extra-networks tag that names it in a prompt
 - prompt slots: words whose vectors stand in the prompt (`RequestPlan.add_words`);
 - how the prompt is encoded (`RequestPlan.encode`: per-layer words encode one prompt per cross-attention layer);
 - attention edits on the shared denoiser's attention processors (`RequestPlan.edit_attention`: per-layer words now);
-- module patches on the shared denoiser and text encoders (`RequestPlan.patch`: peft adapters of LoRA files).
+- module patches on the shared denoiser and text encoders (`RequestPlan.patch`: peft adapters of LoRA files,
+  IP-Adapter processors and image projections of image concepts);
+- pipeline arguments besides the prompt's (`RequestPlan.add_arguments`: image concepts' `ip_adapter_image_embeds`).
 
 Generation is then: build the plan (`plan_request`), enter its patches, encode the prompt, enter its attention
 edits, call the pipeline, all in one `ExitStack` (`studio.engine.generate.generate`). Whatever a plan changes on the
@@ -37,6 +39,8 @@ PatchEnter = Callable[[object, list], AbstractContextManager]
 AttentionEnter = Callable[[object], AbstractContextManager]
 # (prompt encoder, denoiser, prompt, negative prompt, words, batch, guidance) -> pipeline keyword arguments
 Encode = Callable[..., dict]
+# (model, guidance) -> more pipeline keyword arguments (image prompts' `ip_adapter_image_embeds`)
+Arguments = Callable[[object, float], dict]
 
 
 @runtime_checkable
@@ -91,6 +95,7 @@ class RequestPlan:
     encode: Encode = _plain_encode
     attention: dict[str, AttentionEnter] = field(default_factory=dict)  # one entry per kind of edit
     patches: dict[PatchEnter, list[Use]] = field(default_factory=dict)  # per way of patching, what it applies
+    arguments: dict[str, Arguments] = field(default_factory=dict)  # pipeline arguments besides the prompt's
 
     def add_words(self, words: Iterable) -> None:
         """Prompt slots for `words` (each once)."""
@@ -104,6 +109,10 @@ class RequestPlan:
         """Apply `thing` at `weight` to the shared modules with `enter(model, uses)`, all of one `enter` at once."""
         self.patches.setdefault(enter, []).append(Use(thing, weight))
 
+    def add_arguments(self, key: str, make: Arguments) -> None:
+        """Pass `make(model, guidance)`'s keyword arguments to the pipeline too (once per `key`)."""
+        self.arguments.setdefault(key, make)
+
     def patched(self, enter: PatchEnter) -> list[tuple]:
         """The (thing, weight) pairs patched in with `enter`."""
         return [tuple(use) for use in self.patches.get(enter, [])]
@@ -116,8 +125,12 @@ class RequestPlan:
 
     def prompt_kwargs(self, model, denoiser, batch: int, guidance: float) -> dict:
         """The pipeline's prompt arguments: embeddings with every word's vectors in its slots (per layer for
-        per-layer words). Raises `ConceptMismatchError` for a word that does not fit the model."""
-        return self.encode(model.encoder, denoiser, self.prompt, self.negative_prompt, self.words, batch, guidance)
+        per-layer words), and the arguments learned things add (`add_arguments`). Raises `ConceptMismatchError`
+        for a word that does not fit the model."""
+        kwargs = self.encode(model.encoder, denoiser, self.prompt, self.negative_prompt, self.words, batch, guidance)
+        for make in self.arguments.values():
+            kwargs.update(make(model, guidance))
+        return kwargs
 
     def enter_attention(self, denoiser, stack: ExitStack) -> None:
         """Change the shared denoiser's attention processors for the rest of `stack`."""

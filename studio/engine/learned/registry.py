@@ -1,6 +1,6 @@
 """From a file to the learned thing it holds: the one place that tells the kinds of files apart.
 
-    read_learned(path)                  # a word, a per-layer word or a LoRA file (with any words it carries)
+    read_learned(path)                  # a word, a per-layer word, an image concept or a LoRA file
     load_concept(path, token=None)      # a word file: a word or a per-layer word
     save_concept(concept, path, "a1111")  # a word or a per-layer word in one of its kind's forms
 
@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 
 from studio.engine.containers import failing_closed
+from studio.engine.learned.image_prompt import ImageConcept
+from studio.engine.learned.image_prompt_files import is_image_concept_file, read_image_concept
 from studio.engine.learned.layer_word import XtiConcept
 from studio.engine.learned.layer_word_files import is_xti_content, read_xti, save_xti
 from studio.engine.learned.lora import LoraFile
@@ -49,7 +51,7 @@ def save_concept(concept: Concept, path: str | os.PathLike, format: str = "studi
     return save_word(concept, path, format)
 
 
-def read_learned(path: str | os.PathLike, token: str | None = None) -> Concept | LoraFile:
+def read_learned(path: str | os.PathLike, token: str | None = None) -> Concept | LoraFile | ImageConcept:
     """The learned thing a file holds, whatever its kind: a `.safetensors` file is a LoRA when its key names say so
     (`is_lora_file`, so no file is read twice); any other container is tried as a word first, the common case in
     an A1111 embeddings folder, then as a LoRA (a kohya `.pt`). Raises `ConceptError` or `LoraError` (UserErrors)
@@ -57,6 +59,8 @@ def read_learned(path: str | os.PathLike, token: str | None = None) -> Concept |
     path = Path(path)
     suffix = path.suffix.lower()
     with failing_closed(path, ConceptError, "concept or LoRA file"):
+        if suffix == ".safetensors" and is_image_concept_file(path):
+            return read_image_concept(path, token)
         if suffix == ".safetensors" and is_lora_file(path):
             return load_lora(path)
         try:
