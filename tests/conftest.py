@@ -47,6 +47,14 @@ def flow_model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def flow_models(flow_model_dirs) -> dict:
+    """`{"sd3"|"flux": LoadedModel}` of `flow_model_dirs`, loaded once through ModelManager."""
+    from studio.engine.models import ModelManager
+
+    return {family: ModelManager().load(folder) for family, folder in flow_model_dirs.items()}
+
+
+@pytest.fixture(scope="session")
 def compat_dir() -> Path:
     """The shared corpus of real embedding files; tests using it skip when it is absent."""
     if not COMPAT_DIR.is_dir():

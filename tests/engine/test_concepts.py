@@ -326,7 +326,7 @@ def test_atomic_write_leaves_no_temp_files_and_replaces_in_place(tmp_path):
 
 
 def test_concept_validates_its_shape_and_token():
-    assert ENCODER_KEYS == ("text_encoder", "text_encoder_2")
+    assert ENCODER_KEYS == ("text_encoder", "text_encoder_2", "text_encoder_3")  # SD3: CLIP-L, CLIP-G, T5
     with pytest.raises(ConceptError, match="has spaces"):
         Concept("two words", {"text_encoder": torch.zeros(1, 768)})
     with pytest.raises(ConceptError, match="2-D float tensor"):

@@ -34,12 +34,6 @@ from PIL import Image  # noqa: E402
 
 from studio.engine.families import FAMILIES, family_of  # noqa: E402
 from studio.engine.generate import GenerateRequest, generate  # noqa: E402
-from studio.engine.models import ModelManager  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def flow_models(flow_model_dirs):
-    return {family: ModelManager().load(folder) for family, folder in flow_model_dirs.items()}
 
 
 def _pixels(image: Image.Image) -> np.ndarray:

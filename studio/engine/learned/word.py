@@ -110,12 +110,18 @@ def check_fits(concept: Concept, encoder_dims: dict[str, int], *, where: str = "
     The message names the file (or `where`), its sizes and the model's, and the likely family of each.
     """
     mine = concept.dims
-    if mine == dict(encoder_dims):
+    model = FAMILIES.get(family_of(encoder_dims)[0])
+    optional = set(model.optional_words) if model else set()  # a Flux/SD3 word without T5 vectors fits
+    if mine == dict(encoder_dims) or (set(encoder_dims) - set(mine) <= optional
+                                      and all(encoder_dims.get(k) == width for k, width in mine.items())):
         return
     origin = where or concept.meta.get("source_path") or concept.token
     (mine_family, mine_name), model_name = family_of(mine), family_of(encoder_dims)[1]
-    missing = [k for k in encoder_dims if k not in mine]
+    matching = all(encoder_dims.get(k) == width for k, width in mine.items())  # else another family's word
+    missing = [k for k in encoder_dims if k not in mine] if matching else []
     clip_names = {dst: src for src, dst in SDXL_ENCODER_NAMES.items()}
+    if model and model.file_names:
+        clip_names = dict(zip(model.encoder_keys, model.file_names))
     detail = f" (it has no {', '.join(f'{k} ({clip_names[k]})' for k in missing)} vectors)" if missing else ""
     raise ConceptMismatchError(
         f"{origin}: concept {concept.token!r} ({concept.n_vectors} vector(s) of {_widths(mine)}) was trained for "

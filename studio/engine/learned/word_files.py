@@ -45,7 +45,7 @@ from studio.engine.containers import (
     safetensors_header,
     size_text,
 )
-from studio.engine.families import SDXL_ENCODER_NAMES, family_of
+from studio.engine.families import FAMILIES, SDXL_ENCODER_NAMES, family_of, family_of_file_names
 from studio.engine.files import atomic_write
 from studio.engine.learned.word import MAX_DIM, MAX_VECTORS, Concept, ConceptError, _describe
 from studio.engine.names import file_stem
@@ -291,6 +291,13 @@ def _interpret(data: object, path: Path) -> tuple[dict[str, torch.Tensor], str |
     if set(data) == {"clip_l"}:  # diffusers' SD 1.x pivotal-tuning words (`<name>_emb.safetensors`): one encoder
         return {"text_encoder": data["clip_l"]}, None, "diffusers-pivotal", extra
 
+    if "t5" in data:  # SD3 and Flux: diffusers' advanced scripts ({"clip_l", "t5"}), OneTrainer
+        family = family_of_file_names(data)
+        if family is None:
+            raise ConceptError(f"{path.name}: a word file with T5 vectors holds clip_l + t5 (Flux) or clip_l + clip_g "
+                               f"+ t5 (SD3), not {' + '.join(sorted(map(str, data)))}")
+        return {key: data[name] for key, name in zip(family.encoder_keys, family.file_names)}, None, family.id, extra
+
     if "clip_l" in data or "clip_g" in data:  # SDXL, kohya and A1111
         missing = [k for k in SDXL_ENCODER_NAMES if k not in data]
         if missing:
@@ -392,9 +399,13 @@ def save_word(concept: Concept, path: str | os.PathLike, format: str = "studio")
     - "a1111": `.pt` dict `{string_to_token, string_to_param, name, step, sd_checkpoint, sd_checkpoint_name}`;
       SDXL as safetensors `{"clip_l", "clip_g"}` (A1111 has no SDXL .pt form).
     - "kohya": safetensors `{"emb_params"}` / `{"clip_l", "clip_g"}`.
+    SD3 and Flux words are one safetensors `{"clip_l", ("clip_g",) "t5"}` in every form (diffusers' advanced Flux
+    script's layout; "studio" adds the metadata strings).
     Vectors are written bit for bit as they are (same dtype); a file with no suffix gets the right one.
     """
     path = Path(path)
+    family = FAMILIES.get(concept.family)
+    named = family.file_names if family else ()  # SD3, Flux: {"clip_l", ("clip_g",) "t5"} in every form
     sdxl = "text_encoder_2" in concept.vectors
     suffix = ".pt" if (format == "a1111" and not sdxl) else ".safetensors"
     if path.suffix == "":
@@ -403,6 +414,10 @@ def save_word(concept: Concept, path: str | os.PathLike, format: str = "studio")
         raise ConceptError(f"{path.name}: {format} files for {family_of(concept.dims)[1]} end in {suffix}; "
                            f"name the output {path.stem}{suffix}")
     tensors = {key: _for_writing(t, concept, key) for key, t in concept.vectors.items()}
+    if named:  # one file, as diffusers' advanced Flux script writes it and OneTrainer reads it
+        body = {name: tensors[key] for name, key in zip(named, family.encoder_keys)}
+        atomic_write(path, safetensors_save(body, _studio_metadata(concept) if format == "studio" else None))
+        return path
 
     if format == "a1111" and not sdxl:
         data = {
