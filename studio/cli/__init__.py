@@ -16,7 +16,7 @@ from studio.errors import UserError
 
 # Sub-command modules, in the order `--help` lists them. A module that is missing is skipped, so a partial install
 # (or a part still being built) does not break the others.
-SUBCOMMANDS = ("concepts", "generate", "train", "eval")
+SUBCOMMANDS = ("concepts", "generate", "train", "encode", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

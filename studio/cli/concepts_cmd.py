@@ -14,6 +14,7 @@ from pathlib import Path
 
 from studio.engine.families import family_of
 from studio.engine.files import check_new_output, write_new_files
+from studio.engine.learned.image_prompt_files import is_image_concept_file
 from studio.engine.learned.layer_word import XtiConcept
 from studio.engine.learned.lora import LoraFile
 from studio.engine.learned.lora_export import EXPORT_FORMATS, export_lora
@@ -60,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     dispatcher."""
     if args.action == "export":
         return run_export(args)
+    if args.action == "inspect" and is_image_concept_file(args.file):
+        from studio.cli.encode_cmd import inspect_image_concept
+
+        return inspect_image_concept(args.file, as_json=args.json)
     if args.action == "inspect" and is_lora_file(args.file):
         return inspect_lora(load_lora(args.file), as_json=args.json)
     if args.action == "convert":

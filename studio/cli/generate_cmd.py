@@ -111,6 +111,7 @@ def concept_uses(prompt: str, concept_specs: list[str], lora_specs: list[str]) -
     A tag naming no LoRA, a weight that is not a number or is given to a word, or a `--lora` file that is not a LoRA
     is a `UserError`."""
     from studio.engine.containers import failing_closed
+    from studio.engine.learned.image_prompt_files import is_image_concept_file, read_image_concept
     from studio.engine.learned.lora_files import is_lora_file, load_lora
     from studio.engine.learned.registry import load_concept
     from studio.engine.prompts import split_lora_tags
@@ -121,6 +122,10 @@ def concept_uses(prompt: str, concept_specs: list[str], lora_specs: list[str]) -
             with failing_closed(spec, UserError, f"{flag} file"):  # whatever reading a file raises: one line
                 path, weight = _file_and_weight(spec, flag)
                 path = _pivotal_lora_beside(path) or path  # a pivotal pair's words file stands for the pair
+                if flag == "--concept" and is_image_concept_file(path):  # a word in the prompt, with a weight
+                    image = read_image_concept(path)
+                    words.append(image if weight is None else (image, weight))
+                    continue
                 if flag == "--concept" and not is_lora_file(path):
                     if weight not in (None, 1.0):
                         raise UserError(f"--concept {spec}: {path.name} is a word, and a weight applies to a LoRA "
