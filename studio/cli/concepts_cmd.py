@@ -1,8 +1,9 @@
 """`studio concepts inspect FILE [--json]`, `studio concepts convert FILE --to FORMAT OUT [--overwrite]` and
 `studio concepts export FILE --format diffusers|kohya --out OUT [--overwrite]`.
 
-`inspect` reads embeddings (kind "word"), per-layer words (kind "xti", with their layer count) and LoRA files (kind
-"lora", or "word+lora" with bundled words) alike;
+`inspect` reads embeddings (kind "word"), per-layer words (kind "xti", with their layer count), Perfusion concepts
+(kind "perfusion": layers, class word, gate and size) and LoRA files (kind "lora", or "word+lora" with bundled words)
+alike;
 `convert` writes embeddings, `export` LoRA files (with their bundled words).
 """
 
@@ -19,6 +20,7 @@ from studio.engine.learned.layer_word import XtiConcept
 from studio.engine.learned.lora import LoraFile
 from studio.engine.learned.lora_export import EXPORT_FORMATS, export_lora
 from studio.engine.learned.lora_files import is_lora_file, load_lora
+from studio.engine.learned.perfusion import PerfusionConcept
 from studio.engine.learned.registry import load_concept, save_concept
 from studio.engine.learned.word_files import FORMATS
 from studio.errors import LoraError
@@ -79,13 +81,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {written}{extra}: {args.format} form of {concept.token!r}, {concept.n_vectors} vector(s)")
         return 0
 
-    per_layer = isinstance(concept, XtiConcept)
+    per_layer = isinstance(concept, (XtiConcept, PerfusionConcept))
+    perfusion = {"class_word": concept.class_word, "beta": concept.beta, "tau": concept.tau,
+                 "size_bytes": Path(args.file).stat().st_size} if isinstance(concept, PerfusionConcept) else {}
     info = {
         "file": str(args.file),
-        "kind": "xti" if per_layer else "word",
+        "kind": concept.kind,
         "format": concept.meta.get("source_format", ""),
         "token": concept.token,
         **({"layers": len(concept.layers), "layer_names": concept.layers} if per_layer else {}),
+        **perfusion,
         "vectors": concept.n_vectors,
         "dims": concept.dims,
         "family": family_of(concept.dims)[0],

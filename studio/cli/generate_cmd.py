@@ -27,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="concept file: a word, or a LoRA with its weight (default 1.0) (repeatable)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="LoRA file, weight default 1.0 (repeatable); <lora:stem:w> in --prompt sets its weight")
+    p.add_argument("--perfusion-beta", type=float, metavar="BETA",
+                   help="Perfusion concepts' gate threshold: 0.6-0.75 locks a concept locally, 0.4-0.6 globally "
+                        "(default: each file's, 0.7)")
+    p.add_argument("--perfusion-tau", type=float, metavar="TAU", help="Perfusion concepts' gate softness (0.15)")
     p.add_argument("--seed", type=int, help="seed, 0 to 2**63 - 1 (default or -1: random, printed)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -61,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     init_image = open_picture(args.init_image, what=f"--init-image {args.init_image}") if args.init_image else None
     mask = open_picture(args.mask, what=f"--mask {args.mask}") if args.mask else None
     concepts, loras = concept_uses(args.prompt, args.concept, args.lora)
+    concepts = with_perfusion_gate(concepts, args.perfusion_beta, args.perfusion_tau)
     for out in out_paths(args.out, args.batch):
         check_new_output(out, overwrite=args.overwrite)
     # 2. The model.
@@ -84,6 +89,19 @@ def run(args: argparse.Namespace) -> int:
         save_png(image, out)
         print(f"{out} (seed {seed})")
     return 0
+
+
+def with_perfusion_gate(concepts: list, beta: float | None, tau: float | None) -> list:
+    """`concepts` with each Perfusion concept's gate set to `beta`/`tau` where given (`PerfusionConcept.with_gate`)."""
+    if beta is None and tau is None:
+        return concepts
+
+    def gated(item):
+        thing, weight = item if isinstance(item, tuple) else (item, None)
+        if thing.kind == "perfusion":
+            thing = thing.with_gate(beta, tau)
+        return thing if weight is None else (thing, weight)
+    return [gated(item) for item in concepts]
 
 
 def out_paths(out: Path, count: int) -> list[Path]:
@@ -127,10 +145,11 @@ def concept_uses(prompt: str, concept_specs: list[str], lora_specs: list[str]) -
                     words.append(image if weight is None else (image, weight))
                     continue
                 if flag == "--concept" and not is_lora_file(path):
-                    if weight not in (None, 1.0):
+                    word = load_concept(path)
+                    if weight not in (None, 1.0) and word.kind != "perfusion":
                         raise UserError(f"--concept {spec}: {path.name} is a word, and a weight applies to a LoRA "
-                                        "only; leave the weight out")
-                    words.append(load_concept(path))
+                                        "or a Perfusion concept only; leave the weight out")
+                    words.append(word if weight is None else (word, weight))
                     continue
                 lora = load_lora(path)
             if lora.name in loras:

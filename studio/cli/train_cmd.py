@@ -1,6 +1,6 @@
-"""`studio train --images DIR --token T --init WORD [--method ti|xti|pivotal|lora|dreambooth] [...]`: learn a concept
-from a few pictures: a word (ti), a word per UNet layer (xti), a word and a LoRA (pivotal), a LoRA (lora) or a
-fine-tuned model (dreambooth).
+"""`studio train --images DIR --token T --init WORD [--method ti|xti|pivotal|lora|dreambooth|perfusion] [...]`: learn
+a concept from a few pictures: a word (ti), a word per UNet layer (xti), a word and a LoRA (pivotal), a LoRA (lora), a
+fine-tuned model (dreambooth) or a word and a key-locked edit (perfusion).
 Runs under `accelerate launch -m studio train ...` on several processes too (README, "Training across GPUs")."""
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def _add_variant_options(p: argparse.ArgumentParser) -> None:
 def _add_method_options(p: argparse.ArgumentParser) -> None:
     """What learns (`--method`) and the options of the methods that learn weights."""
     m = p.add_argument_group("method", "what learns: the word (ti), the word and a UNet LoRA (pivotal), a UNet LoRA "
-                                       "for '<token> <class>' (lora, DreamBooth-LoRA), the whole UNet (dreambooth)")
+                                       "for '<token> <class>' (lora, DreamBooth-LoRA), the whole UNet (dreambooth), the "
+                                       "word and a key-locked edit of each cross-attention layer (perfusion)")
     m.add_argument("--method", choices=METHODS, default="ti")
     m.add_argument("--rank", type=int, default=4, help="LoRA rank (pivotal, lora)")
     m.add_argument("--lora-targets", choices=LORA_TARGETS, default="attention",
@@ -91,7 +92,10 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--unet-lr", type=float, help="learning rate of the weights (default: the method's)")
     m.add_argument("--word-steps", type=int, default=0,
                    help="pivotal: train the word alone for the first N steps, then word and LoRA together")
-    m.add_argument("--class-word", help="lora/dreambooth: the class in 'a photo of <token> <class>' (default: --init)")
+    m.add_argument("--class-word", help="lora/dreambooth: the class in 'a photo of <token> <class>'; perfusion: what "
+                   "the keys are locked to (default: --init)")
+    m.add_argument("--captions", type=Path, help="perfusion: a prompt file (one caption a line) to measure the text "
+                   "encodings' covariance on (default: the model folder's captions.txt, else a bundled set)")
     m.add_argument("--prior-preservation", action="store_true",
                    help="lora/dreambooth: also learn on class pictures the base model draws once (cached)")
     m.add_argument("--class-images", type=int, default=20, help="class pictures for prior preservation")
@@ -161,7 +165,8 @@ def _train_config(args: argparse.Namespace, mode: MemoryPreset) -> TrainConfig:
                       regularization=args.regularization, keep_norm=args.keep_norm,
                       stop_when_learned=args.stop_when_learned, stop_every=args.stop_every,
                       text_encoder_lora=args.text_encoder_lora, text_encoder_rank=args.text_encoder_rank,
-                      text_encoder_lr=args.text_encoder_lr)
+                      text_encoder_lr=args.text_encoder_lr,
+                      captions=str(args.captions) if args.captions else None)
     if args.lite:
         lite(cfg)
     if args.save_precision:

@@ -9,7 +9,8 @@ from studio.engine.memory import MEMORY_MODES
 from studio.engine.names import check_word
 
 
-METHODS = ("ti", "xti", "pivotal", "lora", "dreambooth")  # studio/training/methods: what each one learns and saves
+# studio/training/methods: what each one learns and saves
+METHODS = ("ti", "xti", "pivotal", "lora", "dreambooth", "perfusion")
 LORA_TARGETS = ("attention", "cross-kv")  # every attention projection of the UNet | cross-attention keys and values
 
 
@@ -53,7 +54,8 @@ class TrainConfig:
 
     # What learns (studio/training/methods): "ti" the word only; "xti" a word per cross-attention layer (P+);
     # "pivotal" the word and a UNet LoRA; "lora"
-    # DreamBooth-LoRA (a UNet LoRA for "a photo of <token> <class>"); "dreambooth" the whole UNet.
+    # DreamBooth-LoRA (a UNet LoRA for "a photo of <token> <class>"); "dreambooth" the whole UNet; "perfusion" the word
+    # and a key-locked rank-one edit of every cross-attention layer (Tewel et al. 2023).
     method: str = "ti"
     rank: int = 4  # LoRA rank (diffusers' dreambooth-lora default 4); lora_alpha = rank, so the scale is 1
     lora_targets: str = "attention"  # "cross-kv": only attn2.to_k/to_v (the "lite" preset, with rank 1)
@@ -74,6 +76,9 @@ class TrainConfig:
     # None: the UNet LoRA's learning rate, as diffusers' SD 1.x train_dreambooth_lora.py trains both at its one
     # --learning_rate (its SDXL and advanced scripts default to 5e-6 beside the UNet's 1e-4).
     text_encoder_lr: float | None = None
+    # perfusion: a prompt file (one caption a line) whose text encodings' covariance the edit is measured in; None:
+    # the model folder's captions.txt (the demo model ships its world's), else the studio's bundled captions.
+    captions: str | None = None
 
     def __post_init__(self) -> None:
         check_word(self.token, "new word")
@@ -104,8 +109,8 @@ class TrainConfig:
         if self.prior_preservation and self.method not in ("lora", "dreambooth"):
             raise ValueError(f"prior preservation is for the lora and dreambooth methods, not {self.method!r}")
         if (self.progressive or self.per_image_tokens or self.keep_norm) and self.method not in ("ti", "xti", "pivotal"):
-            raise ValueError(f"progressive, per-image tokens and the norm control shape a word; the {self.method} "
-                             "method learns none")
+            raise ValueError(f"progressive, per-image tokens and the norm control are for the ti, xti and pivotal "
+                             f"methods, not {self.method}")
         if self.stop_every < 1 or self.stop_window < 1:
             raise ValueError("stop-when-learned's interval and window must be at least 1")
         if self.gradient_accumulation < 1 or self.word_steps < 0 or self.class_images < 1:

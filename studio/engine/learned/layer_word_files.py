@@ -19,7 +19,7 @@ from studio.engine.families import ENCODER_KEYS
 from studio.engine.files import atomic_write
 from studio.engine.learned.layer_word import XtiConcept
 from studio.engine.learned.word import ConceptError
-from studio.engine.learned.word_files import _check_tensor, _for_writing, _studio_metadata
+from studio.engine.learned.word_files import _check_tensor, _for_writing, _studio_metadata, safetensors_output
 from studio.engine.names import file_stem
 
 
@@ -151,12 +151,7 @@ def save_xti(concept: XtiConcept, path: str | os.PathLike, format: str = "studio
     if format not in XTI_FORMATS:
         raise ConceptError(f"per-layer word {concept.token!r}: {format} files hold no per-layer words; save it as "
                            f"{' or '.join(XTI_FORMATS)}")
-    path = Path(path)
-    if path.suffix == "":
-        path = path.with_name(path.name + ".safetensors")
-    elif path.suffix.lower() != ".safetensors":
-        raise ConceptError(f"{path.name}: per-layer files are written as .safetensors (kohya's XTI trainer loads only "
-                           f"those); name the output {path.stem}.safetensors")
+    path = safetensors_output(path, "per-layer files (kohya's XTI trainer loads only those)")
     metadata = _studio_metadata(concept)
     metadata["layers"] = json.dumps(concept.layers)
 

@@ -1,7 +1,7 @@
 """From a file to the learned thing it holds: the one place that tells the kinds of files apart.
 
-    read_learned(path)                  # a word, a per-layer word, an image concept or a LoRA file
-    load_concept(path, token=None)      # a word file: a word or a per-layer word
+    read_learned(path)                  # a word, per-layer word, Perfusion concept, image concept or LoRA file
+    load_concept(path, token=None)      # a word file: a word, a per-layer word or a Perfusion concept
     save_concept(concept, path, "a1111")  # a word or a per-layer word in one of its kind's forms
 
 `KINDS` lists each kind of file: the suffixes it may have, whether a file's content is of that kind, and its reader.
@@ -22,12 +22,14 @@ from studio.engine.learned.layer_word import XtiConcept
 from studio.engine.learned.layer_word_files import is_xti_content, read_xti, save_xti
 from studio.engine.learned.lora import LoraFile
 from studio.engine.learned.lora_files import LORA_SUFFIXES, is_lora_file, load_lora
+from studio.engine.learned.perfusion import PerfusionConcept
+from studio.engine.learned.perfusion_files import is_perfusion_content, read_perfusion, save_perfusion
 from studio.engine.learned.word import Concept, ConceptError
 from studio.engine.learned.word_files import FORMATS, read_word_container, save_word, word_from_data
 
 def load_concept(path: str | os.PathLike, token: str | None = None) -> Concept:
-    """Read a word file in any known form (.safetensors/.pt/.bin/.png/.webp): a per-layer word (`XtiConcept`) when
-    its content is one (`is_xti_content`), else a word.
+    """Read a word file in any known form (.safetensors/.pt/.bin/.png/.webp): a Perfusion concept
+    (`PerfusionConcept`) or a per-layer word (`XtiConcept`) when its content is one, else a word.
 
     The token is `token` when given, else the file name stem (A1111's rule; for PNG/WebP, A1111 uses the stored
     name). For a diffusers SDXL pair `<stem>.safetensors` + `<stem>_2.safetensors`, either file loads both. Raises
@@ -35,7 +37,9 @@ def load_concept(path: str | os.PathLike, token: str | None = None) -> Concept:
     """
     path = Path(path)
     with failing_closed(path, ConceptError, "concept file"):
-        data, metadata = read_word_container(path)  # one read serves both kinds
+        data, metadata = read_word_container(path)  # one read serves every kind of word file
+        if is_perfusion_content(data, metadata):
+            return read_perfusion(data, metadata, path, token)
         if is_xti_content(data, metadata):
             return read_xti(data, metadata, path, token)
         return word_from_data(data, metadata, path, token)
@@ -46,6 +50,11 @@ def save_concept(concept: Concept, path: str | os.PathLike, format: str = "studi
     `layer_word_files.XTI_FORMATS` (`save_xti`); returns the path written (the first file of a pair)."""
     if format not in FORMATS:
         raise ConceptError(f"unknown concept format {format!r}; choose one of {', '.join(FORMATS)}")
+    if isinstance(concept, PerfusionConcept):
+        if format != "studio":
+            raise ConceptError(f"Perfusion concept {concept.token!r}: {format} files hold no Perfusion edits; save it "
+                               "in the studio form")
+        return save_perfusion(concept, path)
     if isinstance(concept, XtiConcept):
         return save_xti(concept, path, format)
     return save_word(concept, path, format)

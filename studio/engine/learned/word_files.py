@@ -449,6 +449,17 @@ def save_word(concept: Concept, path: str | os.PathLike, format: str = "studio")
     return path
 
 
+def safetensors_output(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a .safetensors file to write (the suffix added when it has none); `ConceptError` for another suffix,
+    saying that `what` ("per-layer files", ...) are written as .safetensors."""
+    path = Path(path)
+    if path.suffix == "":
+        return path.with_name(path.name + ".safetensors")
+    if path.suffix.lower() != ".safetensors":
+        raise ConceptError(f"{path.name}: {what} are written as .safetensors; name the output {path.stem}.safetensors")
+    return path
+
+
 def _for_writing(tensor: torch.Tensor, concept: Concept, key: str) -> torch.Tensor:
     tensor = tensor.detach().to("cpu").contiguous().clone()  # clone: never save a view of a bigger storage
     if not torch.isfinite(tensor).all():
