@@ -86,8 +86,8 @@ def load_images(paths: list[Path], resolution: int) -> tuple[list[TrainingImage]
 def encode_latents(vae, images: list[TrainingImage], flip: bool, device, dtype, batch: int = 8) -> torch.Tensor:
     """VAE latents of every picture (and its mirror image), computed once: [N(*2), 4, h, w].
 
-    The posterior mean is used (A1111's "deterministic" latent sampling), scaled by the VAE's scaling factor
-    as the pipelines do. `batch` pictures go through the VAE at a time (1 saves memory on large models).
+    The posterior mean is used (A1111's "deterministic" latent sampling), shifted by the VAE's shift factor (SD3's
+    and Flux's VAEs have one) and scaled by its scaling factor, as the pipelines do. `batch` pictures go through the VAE at a time (1 saves memory on large models).
     """
     arrays = []
     for item in images:
@@ -97,4 +97,4 @@ def encode_latents(vae, images: list[TrainingImage], flip: bool, device, dtype, 
             arrays.append(arr[:, ::-1].copy())
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device=device, dtype=dtype)
     latents = torch.cat([vae.encode(pixels[i:i + batch]).latent_dist.mean for i in range(0, len(pixels), batch)])
-    return latents * vae.config.scaling_factor
+    return (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor

@@ -37,6 +37,7 @@ from studio.engine.names import file_stem, inside
 from studio.training.config import TrainConfig, parse_lr_schedule
 from studio.training.data import TrainError, check_captions, encode_latents, find_images, load_images
 from studio.training.memory import training_memory
+from studio.training.objectives import denoising_target, predict, training_noise
 from studio.training.resume import (TrainState, check_matches, check_weights, find_checkpoint, load_state,
                                     restore_rngs, save_state, state_path)
 from studio.training.templates import TEMPLATES
@@ -125,16 +126,17 @@ class _Denoiser(torch.nn.Module):
     the vectors and of the encoders' LoRA are DDP's to average too)."""
 
     def __init__(self, unet: torch.nn.Module, vectors: dict[str, torch.nn.Parameter], encode: Callable,
-                 encoders: list[torch.nn.Module] = ()) -> None:
+                 encoders: list[torch.nn.Module] = (), schedule=None) -> None:
         super().__init__()
         self.unet = unet
+        self.schedule = schedule  # the run's noise schedule: how the denoiser is called (objectives.predict)
         self.words = torch.nn.ParameterDict({name.replace(".", "__"): v for name, v in vectors.items()})
         self.encoders = torch.nn.ModuleList(encoders)
         self._encode = encode  # prompts -> (prompt embeddings, the UNet's extra arguments)
 
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         embeds, extra = self._encode(prompts)
-        return self.unet(noisy, t, embeds, **extra).sample
+        return predict(self.schedule, self.unet, noisy, t, embeds, extra)
 
 
 def _filled(template: str, said: str) -> str:
@@ -447,8 +449,6 @@ class Trainer:
     def _setup(self, savings, emit, resume_from: Path | None, state: TrainState | None,
                autocast: tuple[torch.dtype | None, str], accelerator) -> _Run:
         """Steps 2 and 3 of `run`: the pictures and their latents, the parameters, optimizers and random streams."""
-        from diffusers import DDPMScheduler
-
         cfg, model = self.config, self.model
         # 2. Pictures and the latent cache (each picture encoded once, not every step).
         images, latents, class_latents, resolution = self._pictures(savings, emit)
@@ -472,7 +472,7 @@ class Trainer:
                    accelerator=accelerator, denoiser=None, generator=generator, rng=rng, first=first,
                    lr_at=parse_lr_schedule(cfg.lr_schedule, cfg.learning_rate, cfg.warmup_steps, cfg.steps),
                    autocast_dtype=autocast_dtype, precision=precision,
-                   noise_scheduler=DDPMScheduler.from_config(model.pipe.scheduler.config), class_latents=class_latents,
+                   noise_scheduler=training_noise(model), class_latents=class_latents,
                    image_words=image_words, scores=list(state.scores or []) if state is not None else [])
         run.denoiser = self._denoiser(run)
         run.held_back = self._held_back(run) if cfg.stop_when_learned else None
@@ -540,7 +540,7 @@ class Trainer:
             return self.method.encode(prompts, self._active(run.vectors, max(run.step, 1)), run.resolution, others)
 
         denoiser = _Denoiser(self.method.unet, {**run.vectors, **run.image_words}, encode,
-                             self.method.learning_encoders())
+                             self.method.learning_encoders(), run.noise_scheduler)
         if run.accelerator.num_processes > 1:  # DDP; one process: the module itself (the model manager placed it)
             denoiser = run.accelerator.prepare_model(denoiser, device_placement=False)
         return denoiser
@@ -571,8 +571,7 @@ class Trainer:
         with torch.no_grad(), torch.autocast(self.model.device.type, dtype=run.autocast_dtype,
                                              enabled=run.autocast_dtype is not None):
             pred = run.denoiser(noisy, t, prompts)
-        prediction = run.noise_scheduler.config.prediction_type
-        target = run.noise_scheduler.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
+        target = denoising_target(run.noise_scheduler, x0, noise, t)
         value = torch.nn.functional.mse_loss(pred.float(), target.float())
         return float(run.accelerator.reduce(value.detach(), reduction="mean"))
 
@@ -622,8 +621,7 @@ class Trainer:
         noisy = run.noise_scheduler.add_noise(x0, noise, t)
         with torch.autocast(model.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
             pred = run.denoiser(noisy, t, prompts)
-        prediction = run.noise_scheduler.config.prediction_type
-        target = run.noise_scheduler.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
+        target = denoising_target(run.noise_scheduler, x0, noise, t)
         errors = (pred.float() - target.float()).square().flatten(1).mean(1)
         loss = errors[:share].mean()
         if run.class_latents is not None:

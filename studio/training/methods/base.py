@@ -98,7 +98,10 @@ class Method:
         return EncodedPrompt(embeds, pooled)
 
     def sdxl_arguments(self, encoded, resolution: int, count: int) -> dict:
-        """SDXL's pooled embeddings and size conditioning (nothing for SD 1.x/2.x)."""
+        """SDXL's pooled embeddings and size conditioning; SD3's and Flux's pooled projections (nothing for SD
+        1.x/2.x)."""
+        if self.model.spec.objective == "flow":
+            return {"pooled_projections": encoded.pooled}
         if self.model.family != "sdxl":
             return {}
         time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],

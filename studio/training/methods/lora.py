@@ -45,6 +45,12 @@ class LoraWeights(Method):
     def add_weights(self) -> dict[str, torch.nn.Parameter]:
         from peft import LoraConfig
 
+        from studio.training.data import TrainError
+
+        if self.model.spec.denoiser != "unet":  # its LoRA files and runtime hold UNet keys: refuse, write nothing
+            raise TrainError(f"--method {self.name} on {self.model.spec.title} needs a LoRA on its transformer, which "
+                             "the studio does not save or apply yet; train --method ti (CLIP and T5 words), or "
+                             "train with diffusers' advanced Flux script and load its clip_l/t5 words here")
         cfg, unet = self.config, self.unet
         targets = CROSS_KEY_VALUE if cfg.lora_targets == "cross-kv" else ATTENTION
         config = LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian", target_modules=targets)
