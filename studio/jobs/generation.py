@@ -38,7 +38,10 @@ def request_for(fields: dict, library: ConceptLibrary, session_id: str) -> tuple
     A tag naming no LoRA raises LoraError; so does one in the negative prompt, where `generate` reads no tags (a
     LoRA changes the model for the whole picture, not one prompt), rather than leaving it there as plain text. For
     the same reason a pivotal word in the negative prompt gives its vectors there, and its LoRA only when the prompt
-    names it too."""
+    names it too. `fields["perfusion_gate"]` (beta, tau), when given, is the gate of every Perfusion concept the
+    request uses (`PerfusionConcept.with_gate`)."""
+    fields = dict(fields)
+    gate = fields.pop("perfusion_gate", None)  # (beta, tau) for the request's Perfusion concepts, or None: theirs
     prompt, negative = fields["prompt"], fields.get("negative_prompt", "")
     negative_tags = split_lora_tags(negative)[1]
     if negative_tags:
@@ -47,6 +50,8 @@ def request_for(fields: dict, library: ConceptLibrary, session_id: str) -> tuple
                         f"tag in the prompt (<lora:{name}:-0.5> to push away from it)")
     learned = library.resolve(prompt, session_id)
     learned += [c for c in library.resolve(negative, session_id) if isinstance(c, Concept)]  # words only: no LoRA
+    if gate is not None:
+        learned = [c.with_gate(*gate) if getattr(c, "kind", "") == "perfusion" else c for c in learned]
     req = GenerateRequest(concepts=learned, **fields)  # the same word twice is used once
     known = {word.token for word in req.words}  # the words it names and those its LoRA files carry
     known |= {w for lora, _ in req.loras for w in CONCEPT_LIKE.findall(lora.phrase)}

@@ -63,3 +63,39 @@ def test_cancel_without_a_run_changes_nothing(studio):
     assert status == {"__type__": "update"} and result == {"__type__": "update"}
     assert studio.sessions.get("s1").cancel_flag("train").is_set()
     assert progress_view(studio, "s1") == (None, [])
+
+
+def test_compose_puts_two_perfusion_concepts_in_one_prompt_with_the_lock_sliders(studio, monkeypatch):
+    """The Compose tab's two sliders reach every Perfusion concept of the request as its gate (beta, tau)."""
+    import numpy as np
+    import torch
+
+    from studio.engine.learned.layer_word import cross_attention_layers
+    from studio.engine.learned.perfusion import PerfusionConcept
+    from studio.engine.learned.perfusion_files import save_perfusion
+
+    unet, g = studio.model.denoiser, torch.Generator().manual_seed(0)
+    layers = cross_attention_layers(unet)
+    widths = [unet.get_submodule(layer).inner_kv_dim for layer in layers]
+    width = studio.model.encoder_dims["text_encoder"]
+    studio.library.root.mkdir(parents=True, exist_ok=True)
+    for token in ("<pa>", "<pb>"):
+        target = torch.randn(width, generator=g)
+        save_perfusion(PerfusionConcept(token, {"text_encoder": torch.randn(1, width, generator=g)}, {},
+                                        layers=layers, target=target, target_metric=target,
+                                        keys=[torch.randn(w, generator=g) for w in widths],
+                                        values=[torch.randn(w, generator=g) * 3 for w in widths]),
+                       studio.library.root / f"{token.strip('<>')}.safetensors")
+    requests = []
+    streamed = studio.on_device
+
+    def recording(req, session):
+        requests.append(req)
+        yield from streamed(req, session)
+
+    monkeypatch.setattr(studio, "on_device", recording)
+    local = compose(studio, "s1", "<pa>", "<pb>", "{A} and {B}", 1, 5, lock=0.75, softness=0.15)
+    wide = compose(studio, "s1", "<pa>", "<pb>", "{A} and {B}", 1, 5, lock=0.3, softness=0.4)
+    gates = [sorted((c.token, c.beta, c.tau) for c in req.words) for req in requests]
+    assert gates == [[("<pa>", 0.75, 0.15), ("<pb>", 0.75, 0.15)], [("<pa>", 0.3, 0.4), ("<pb>", 0.3, 0.4)]]
+    assert not np.array_equal(np.asarray(Image.open(local[0])), np.asarray(Image.open(wide[0])))

@@ -37,7 +37,7 @@ def test_the_method_and_its_options_reach_the_train_config():
     assert (cfg.prior_preservation, cfg.class_images, cfg.prior_weight, cfg.regularization) == (True, 3, 0.5, 0.01)
     lite = train_config({**OLD_FORM, "method": "pivotal", "rank": 8, "lite": True, "word_steps": 5, "unet_lr": 2e-4})
     assert (lite.rank, lite.lora_targets, lite.word_steps, lite.unet_lr) == (1, "cross-kv", 5, 2e-4)
-    with pytest.raises(gr.Error, match="method must be one of ti, .*dreambooth, not 'hypernetwork'"):
+    with pytest.raises(gr.Error, match="method must be one of ti, .*perfusion, not 'hypernetwork'"):
         train_config({**OLD_FORM, "method": "hypernetwork"})
     assert all(METHOD_CLASSES[m].summary for m in METHODS)  # every method the trainer knows has its line
 

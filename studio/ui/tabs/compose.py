@@ -1,13 +1,21 @@
-"""Compose tab: two concepts in one picture through a template, over several seeds."""
+"""Compose tab: two concepts in one picture through a template, over several seeds; two Perfusion concepts combine
+without retraining, their lock set by two sliders."""
 
 from __future__ import annotations
 
 import gradio as gr
 
+from studio.engine.learned.perfusion import INFERENCE_BETA, INFERENCE_TAU
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import Studio, seed_or_random
 from studio.ui.tabs.generate import generation_canceller
 from studio.ui.turns import GPU_EVENT, in_turn
+
+
+# One line each, as the Train tab explains the method (the paper's ranges).
+LOCK_HELP = ("How much of a prompt position must be the concept before its edit applies: 0.6-0.75 keeps it to the "
+             "concept's word (local), 0.4-0.6 lets it shape the whole picture (global).")
+SOFTNESS_HELP = "How sharply the edit switches on around that threshold: lower is sharper (0.15 by default)."
 
 
 def fill_template(template: str, a: str, b: str) -> str:
@@ -16,20 +24,24 @@ def fill_template(template: str, a: str, b: str) -> str:
 
 
 def compose(studio: Studio, session: str, a: str, b: str, template: str, seeds, seed=-1,
-            request: gr.Request | None = None, progress: gr.Progress | None = None) -> list[str]:
-    """A grid: the template with both words, one picture per seed from `seed` on (-1: a random first seed)."""
+            request: gr.Request | None = None, progress: gr.Progress | None = None,
+            lock: float = INFERENCE_BETA, softness: float = INFERENCE_TAU) -> list[str]:
+    """A grid: the template with both words, one picture per seed from `seed` on (-1: a random first seed).
+    `lock` and `softness` are the gate (beta, tau) of the Perfusion concepts among them."""
     for label, word in (("A", a), ("B", b)):
         if not (word or "").strip():
             raise gr.Error(f"Concept {label} is empty: pick a concept or type any word (e.g. `mosaic`).")
     return studio.run_generate(dict(prompt=fill_template(template, a, b), batch=int(seeds),
-                                    seed=seed_or_random(seed)), session, progress, request)
+                                    seed=seed_or_random(seed), perfusion_gate=(float(lock), float(softness))),
+                               session, progress, request)
 
 
 def build_compose_tab(studio: Studio, pickers: ConceptPickers) -> None:
     """Two concept pickers (any word may be typed too) and a template; the `/compose` endpoint."""
     # 1. Handlers.
-    def run(a, b, template, seeds, seed, request: gr.Request, progress=gr.Progress()):
-        return compose(studio, studio.session_of(request), a, b, template, seeds, seed, request, progress)
+    def run(a, b, template, seeds, seed, lock, softness, request: gr.Request, progress=gr.Progress()):
+        return compose(studio, studio.session_of(request), a, b, template, seeds, seed, request, progress, lock,
+                       softness)
 
     # 2. Layout.
     gr.Markdown("Put two concepts in one picture: `{A}` and `{B}` are replaced by the words you pick or type.")
@@ -40,6 +52,12 @@ def build_compose_tab(studio: Studio, pickers: ConceptPickers) -> None:
     with gr.Row():
         seeds = gr.Slider(1, 8, value=4, step=1, label="Seeds")
         seed = gr.Number(label="First seed (-1: random)", value=-1, precision=0)
+    with gr.Accordion("Perfusion concepts: how they lock", open=False):
+        with gr.Row():
+            lock = gr.Slider(0.3, 0.9, value=INFERENCE_BETA, step=0.05, label="Lock: global <-> local (beta)",
+                             info=LOCK_HELP, elem_id="compose-lock")
+            softness = gr.Slider(0.05, 0.5, value=INFERENCE_TAU, step=0.01, label="Softness (tau)",
+                                 info=SOFTNESS_HELP, elem_id="compose-softness")
     with gr.Row():
         go = gr.Button("Compose", variant="primary")
         stop = gr.Button("Cancel")
@@ -47,7 +65,8 @@ def build_compose_tab(studio: Studio, pickers: ConceptPickers) -> None:
                       fit_columns=False, elem_classes=["pixel-art"])
 
     # 3. Wiring.
-    composed = go.click(in_turn(studio, run, "generate"), [a, b, template, seeds, seed], grid, api_name="compose",
+    composed = go.click(in_turn(studio, run, "generate"), [a, b, template, seeds, seed, lock, softness], grid,
+                        api_name="compose",
                         **GPU_EVENT)
     stop.click(generation_canceller(studio), None, None, api_name="cancel_compose", concurrency_limit=None,
                cancels=[composed])

@@ -34,6 +34,7 @@ from studio.ui.gpu import TRAIN_SECONDS, gpu_task
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import as_user_errors, for_client, Studio
 from studio.ui.turns import GPU_EVENT, in_turn
+from studio.ui.tabs.compose import LOCK_HELP, SOFTNESS_HELP
 from studio.ui.tabs.library import human_size
 
 POLL_EVERY_S = 1.0  # the loss plot and previews are re-read this often while training
@@ -114,6 +115,8 @@ def method_info(studio: Studio, method: str | None) -> str:
     loaded model."""
     method = method or "ti"
     text = f"**{method}**: {METHOD_CLASSES[method].summary if method in METHOD_CLASSES else ''}"
+    if method == "perfusion":
+        text += f" At generation (Compose tab): *Lock* — {LOCK_HELP} *Softness* — {SOFTNESS_HELP}"
     if method in METHOD_CLASSES and METHOD_CLASSES[method].writes_folder:
         text += f" {dreambooth_size(studio)}"
     return text
