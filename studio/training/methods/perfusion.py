@@ -102,8 +102,12 @@ class Perfusion(Method):
                 for position in self.model.encoder.slot_positions(prompt, concepts, word)]
         if not rows:
             return
+        mean = torch.stack(rows).float().mean(0)
+        accelerator = self.trainer._accelerator
+        if accelerator is not None and accelerator.num_processes > 1:  # every process follows the global batch's mean
+            mean = accelerator.reduce(mean, reduction="mean")
         with torch.no_grad():
-            self.target.mul_(TARGET_DECAY).add_(torch.stack(rows).float().mean(0), alpha=1 - TARGET_DECAY)
+            self.target.mul_(TARGET_DECAY).add_(mean, alpha=1 - TARGET_DECAY)
 
     def _class_encoding(self) -> torch.Tensor:
         """i_class: the class word's encoding (the mean over its tokens) in `CLASS_PROMPTS` of the paper's templates."""
