@@ -6,9 +6,9 @@ WORK is a `studio eval --held-out N --methods ... --work-dir WORK` folder: its h
 what each method learned on them (TI's files in WORK, the others' in WORK/<method>/). For every pair of sets and
 every seed, each method draws "a <a> and a <b>" at `studio eval`'s sampling settings with the same seeds. A picture
 is split into its left and right halves (the world puts two objects left and right), each half shown alone on the
-picture's background; the demo's identity encoder scores each half against both sets' own pictures. Both concepts
-are *recognisable* when, for one of the two ways of giving the halves to the concepts, each half is closer to its own
-concept's set than to the other's. Reported per method: that share, the judge's count of two objects, and each
+picture's background; the demo's identity encoder scores each half against every held-out set's own pictures. Both
+concepts are *recognisable* when each half's closest set is one of the pair's two, a different one each (top-1
+identification among all the held-out individuals, as a person picking each toy out of the line-up would). Reported per method: that share, the judge's count of two objects, and each
 method's share minus the others' paired by pair and seed (95% hierarchical bootstrap over pairs, then seeds).
 Run it alone on the machine.
 """
@@ -51,27 +51,27 @@ def alone(picture: Image.Image, side: str) -> Image.Image:
     return Image.fromarray(array)
 
 
-def recognisable(identity, picture: Image.Image, references: tuple[list, list]) -> bool:
-    """Whether the halves can be given to the two concepts so that each is closer to its own set than the other's."""
+def recognisable(identity, picture: Image.Image, references: list[list[Image.Image]], pair: tuple[int, int]) -> bool:
+    """Whether the picture's two halves are identified as the pair's two concepts: each half's closest set among
+    all `references` (the concepts of the pair and the other held-out sets) is one of the pair, a different one each."""
     halves = [alone(picture, side) for side in ("left", "right")]
-    scores = np.array([identity.similarity(halves, refs) for refs in references])  # [concept, half]
-    straight = scores[0, 0] > scores[1, 0] and scores[1, 1] > scores[0, 1]
-    swapped = scores[0, 1] > scores[1, 1] and scores[1, 0] > scores[0, 0]
-    return bool(straight or swapped)
+    scores = np.array([identity.similarity(halves, refs) for refs in references])  # [set, half]
+    return sorted(int(k) for k in scores.argmax(axis=0)) == sorted(pair)
 
 
 def draw_pairs(model, judge, identity, sets: dict, methods: list[str], work: Path, seeds: int,
                cfg: EvalConfig) -> dict[str, dict[str, list]]:
     """Per method: `recognised` and `two_objects` as pairs x seeds x 1 (the bootstrap's nesting)."""
     out = {m: {"recognised": [], "two_objects": []} for m in methods}
-    references = {name: [Image.open(p).convert("RGB") for p in cs.images] for name, cs in sets.items()}
-    for a, b in itertools.combinations(sorted(sets), 2):
+    names = sorted(sets)
+    references = [[Image.open(p).convert("RGB") for p in sets[name].images] for name in names]
+    for a, b in itertools.combinations(names, 2):
         sa, sb = sets[a], sets[b]
         for method in methods:
             things = [read_learned(learned_file(work, method, cs.token)) for cs in (sa, sb)]
             pictures = generate_pictures(model, f"a {sa.token} and a {sb.token}", things, seeds, cfg.seed, cfg)
             out[method]["recognised"].append(
-                [[float(recognisable(identity, p, (references[a], references[b])))] for p in pictures])
+                [[float(recognisable(identity, p, references, (names.index(a), names.index(b))))] for p in pictures])
             counts = [int(prediction.get("count", 0)) == 2 for prediction in judge.predict(pictures)]
             out[method]["two_objects"].append([[float(c)] for c in counts])
     return out
