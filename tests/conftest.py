@@ -69,6 +69,15 @@ def demo_model_dir() -> Path:
     return DEMO_MODEL_DIR
 
 
+@pytest.fixture(scope="session")
+def demo_encoder(demo_model_dir, tmp_path_factory) -> Path:
+    """The demo encoder's IP-Adapter file (image_encoder/ beside it) after 3 steps of its recipe (~8 s): what the
+    image-concept tests encode with, so none of them needs the shipped assets/demo-encoder."""
+    from studio.demo.encoder import EncoderRecipe, build
+
+    return build(tmp_path_factory.mktemp("demo-encoder"), EncoderRecipe(steps=3, batch=2)) / "ip-adapter.safetensors"
+
+
 @pytest.fixture()
 def pictures(tmp_path) -> Path:
     """A folder of four small concept pictures, shared by the trainer, resume, memory and training-job tests."""

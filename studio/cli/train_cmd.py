@@ -96,6 +96,9 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
                    "the keys are locked to (default: --init)")
     m.add_argument("--captions", type=Path, help="perfusion: a prompt file (one caption a line) to measure the text "
                    "encodings' covariance on (default: the model folder's captions.txt, else a bundled set)")
+    m.add_argument("--init-from-encoder", nargs="?", const="demo", metavar="ADAPTER",
+                   help="ti: encode the pictures with an IP-Adapter first (default: the demo's; a file or "
+                        "owner/repo/path) and train the word a few steps beside them; writes one image concept")
     m.add_argument("--prior-preservation", action="store_true",
                    help="lora/dreambooth: also learn on class pictures the base model draws once (cached)")
     m.add_argument("--class-images", type=int, default=20, help="class pictures for prior preservation")
@@ -133,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = _train_config(args, mode)
     # Before the model loads: a run never ends by failing to write, nor replaces what was not asked to be replaced.
     check_train_output(cfg, args.images, args.out, overwrite=args.overwrite)
+    if cfg.init_from_encoder:  # the adapter and its image encoder are on this machine, before the model loads
+        from studio.engine.learned.ip_adapter import image_encoder_folder, resolve_adapter
+
+        image_encoder_folder(resolve_adapter(cfg.init_from_encoder, who="--init-from-encoder"))
     model, processes = _load_model(args)
     print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explain(model.device)}")
     # Out of memory ends the run with a `failed` line naming the mode to switch to (the last good vectors saved),
@@ -166,7 +173,8 @@ def _train_config(args: argparse.Namespace, mode: MemoryPreset) -> TrainConfig:
                       stop_when_learned=args.stop_when_learned, stop_every=args.stop_every,
                       text_encoder_lora=args.text_encoder_lora, text_encoder_rank=args.text_encoder_rank,
                       text_encoder_lr=args.text_encoder_lr,
-                      captions=str(args.captions) if args.captions else None)
+                      captions=str(args.captions) if args.captions else None,
+                      init_from_encoder=args.init_from_encoder)
     if args.lite:
         lite(cfg)
     if args.save_precision:

@@ -79,6 +79,11 @@ class TrainConfig:
     # perfusion: a prompt file (one caption a line) whose text encodings' covariance the edit is measured in; None:
     # the model folder's captions.txt (the demo model ships its world's), else the studio's bundled captions.
     captions: str | None = None
+    # Quick-tuning (E4T-style, Gal et al. 2023: an encoder's output as the start, then a few steps): an IP-Adapter
+    # ("demo", a file, a hub file "owner/repo/path", as `studio encode --adapter`) encodes the pictures first; the
+    # word then trains from `init_text` with that image prompt applied beside it, and the result is one image concept
+    # holding both (docs/encoders.md). ti only. None: off.
+    init_from_encoder: str | None = None
 
     def __post_init__(self) -> None:
         check_word(self.token, "new word")
@@ -111,6 +116,9 @@ class TrainConfig:
         if (self.progressive or self.per_image_tokens or self.keep_norm) and self.method not in ("ti", "xti", "pivotal"):
             raise ValueError(f"progressive, per-image tokens and the norm control are for the ti, xti and pivotal "
                              f"methods, not {self.method}")
+        if self.init_from_encoder and (self.method != "ti" or self.per_image_tokens or self.progressive):
+            raise ValueError("--init-from-encoder trains a plain word beside the image prompt: use it with --method ti, "
+                             "without --per-image-tokens or --progressive")
         if self.stop_every < 1 or self.stop_window < 1:
             raise ValueError("stop-when-learned's interval and window must be at least 1")
         if self.gradient_accumulation < 1 or self.word_steps < 0 or self.class_images < 1:

@@ -841,7 +841,7 @@ class Trainer:
         the UNet's active adapter; dreambooth's learning UNet stands in for the shared one meanwhile)."""
         from studio.engine.generate import GenerateRequest, generate
 
-        concept = self._concept(vectors, 0)
+        concept = self.method.preview_concept(self._concept(vectors, 0))
         pipe, attribute = self.model.pipe, self.model.spec.denoiser
         shared = getattr(pipe, attribute)
         images = []

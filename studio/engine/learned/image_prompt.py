@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from studio.engine.learned.ip_adapter import ImagePromptError, image_prompts_applied
-from studio.engine.learned.word import ConceptMismatchError
+from studio.engine.learned.word import Concept, ConceptMismatchError, check_fits
 from studio.engine.names import WordError, check_word
 from studio.engine.prompts import split_concept_words
 
@@ -36,7 +36,9 @@ class ImageConcept:
     `[n, tokens, width]` for a Plus adapter (its penultimate hidden states); `negative`: what the adapter is given for
     the unconditional half of guidance, of the same shape (zeros for plain; the encoding of a black picture for
     Plus, as diffusers' `encode_image` makes them). `adapter`: where the adapter is (`image_prompt_files.find_adapter`);
-    `adapter_sha256`: its tensors' digest, so another file at that place is refused."""
+    `adapter_sha256`: its tensors' digest, so another file at that place is refused. `word`: a quick-tuned concept's
+    word (`studio train --init-from-encoder`), whose vectors stand where the token is written instead of
+    `prompt_text`."""
 
     token: str
     embeds: torch.Tensor
@@ -47,6 +49,7 @@ class ImageConcept:
     prompt_text: str = ""  # what stands in the prompt where the token is written
     meta: dict[str, str] = field(default_factory=dict)
     path: Path | None = None  # the file it was read from (an adapter named relative to it is found beside it)
+    word: Concept | None = None  # quick-tuning's word trained beside the pictures (same token), or None
 
     def __post_init__(self) -> None:
         try:
@@ -59,6 +62,9 @@ class ImageConcept:
         if self.negative.shape != self.embeds.shape:
             raise ImagePromptError(f"image concept {self.token!r}: negative embeddings {list(self.negative.shape)} "
                                    f"differ from its embeddings {list(self.embeds.shape)}; encode it again")
+        if self.word is not None and self.word.token != self.token:
+            raise ImagePromptError(f"image concept {self.token!r}: its word is {self.word.token!r}; the two must be "
+                                   "one token (train it again)")
         self.meta = {str(k): str(v) for k, v in self.meta.items()}
 
     @property
@@ -89,11 +95,18 @@ class ImageConcept:
             raise ConceptMismatchError(
                 f"{where or self.token}: image concept for a model with text encoders {self.encoder_dims}, but "
                 f"{model} has {dict(encoder_dims)}; encode the pictures again with this model (studio encode)")
+        if self.word is not None:
+            check_fits(self.word, encoder_dims, where=where or self.token)
 
     def join(self, plan, weight: float = 1.0) -> None:
-        """Its token in the prompt becomes `prompt_text`; at a weight other than 0 its adapter is patched into the
-        shared UNet for the request and its embeddings passed to the pipeline."""
-        plan.prompt = replace_word(plan.prompt, self.token, self.prompt_text)
+        """Its token, in the prompt and the negative prompt, becomes `prompt_text` (or, quick-tuned, its word's
+        vectors); at a weight other than 0 its adapter is patched into the shared UNet for the request and its
+        embeddings passed to the pipeline. The weight is the adapter's scale only: the word stays at any weight."""
+        if self.word is not None:
+            self.word.join(plan, 1.0)
+        else:
+            plan.prompt = replace_word(plan.prompt, self.token, self.prompt_text)
+            plan.negative_prompt = replace_word(plan.negative_prompt, self.token, self.prompt_text)
         if weight == 0:
             return
         plan.patch(image_prompts_applied, self, weight)

@@ -189,9 +189,11 @@ def convert_adapter(unet, state_dict: dict, path: Path) -> AdapterParts:
     except (KeyError, RuntimeError, ValueError) as exc:  # a missing layer, a shape that differs
         raise ConceptMismatchError(f"{path.name}: this IP-Adapter does not fit the model's UNet ({reason_of(exc)}); "
                                    "use the adapter made for this model's family") from None
-    cross = {key: proc.to(device=unet.device, dtype=unet.dtype) for key, proc in processors.items()
-             if hasattr(proc, "to_k_ip")}
-    projection = projection.to(device=unet.device, dtype=unet.dtype)
+    # Frozen: nothing learns an adapter through the cache (a word trained beside an image prompt, `studio train
+    # --init-from-encoder`, must not leave gradients on it).
+    cross = {key: proc.to(device=unet.device, dtype=unet.dtype).requires_grad_(False)
+             for key, proc in processors.items() if hasattr(proc, "to_k_ip")}
+    projection = projection.to(device=unet.device, dtype=unet.dtype).requires_grad_(False)
     return AdapterParts(projection, cross, plus=not isinstance(projection, ImageProjection))
 
 

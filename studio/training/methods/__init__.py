@@ -12,6 +12,7 @@ from studio.training.methods.base import Method
 from studio.training.methods.dreambooth import DreamBooth
 from studio.training.methods.lora import DreamBoothLora, Pivotal
 from studio.training.methods.perfusion import Perfusion
+from studio.training.methods.quick_tuning import QuickTuning
 from studio.training.methods.ti import TextualInversion
 from studio.training.methods.xti import ExtendedTextualInversion
 
@@ -20,7 +21,10 @@ METHOD_CLASSES: dict[str, type[Method]] = {cls.name: cls for cls in (TextualInve
 
 
 def method_for(trainer) -> Method:
-    """The method object of `trainer.config.method`, bound to that trainer's model and config."""
+    """The method object of `trainer.config.method`, bound to that trainer's model and config (ti started from an
+    encoder's output: `QuickTuning`)."""
+    if trainer.config.init_from_encoder:
+        return QuickTuning(trainer)
     return METHOD_CLASSES[trainer.config.method](trainer)
 
 

@@ -127,6 +127,10 @@ class Method:
     def save(self, path: Path, word: Concept | None, weights: dict[str, torch.Tensor], step: int) -> Path:
         raise NotImplementedError
 
+    def preview_concept(self, word: Concept | None):
+        """What a preview's request uses for the word at its step (quick-tuning: the word with its image prompt)."""
+        return word
+
     def result(self, path: Path, word: Concept | None):
         """What `Trainer.run` returns: a Concept (ti), a LoraFile (pivotal, lora) or the model folder (dreambooth)."""
         raise NotImplementedError
