@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from studio.evaluation.config import EvalConfig  # dataclasses only: `studio --help` stays cheap
+from studio.evaluation.config import ENCODER_METHODS, EvalConfig  # dataclasses only: `studio --help` stays cheap
 from studio.training.config import METHODS
 
 FULL_RUN_HELD_OUT = 12  # S of the full run: see EvalConfig's docstring for its time and interval
@@ -37,8 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                         "prompt at 4 steps, 2 prompts of each kind, 20 training "
                                                         "steps, at most 2 held-out subjects")
     p.add_argument("--methods", type=methods_list, default=(), metavar="M,M",
-                   help=f"also train each of these methods ({', '.join(METHODS)}) on every concept set and compare "
-                        "identity, prompt fidelity, file size and training time (--train-steps applies to each)")
+                   help=f"also train each of these methods ({', '.join(METHODS + ENCODER_METHODS)}) on every "
+                        "concept set and compare identity, prompt fidelity, file size and training (or encoding) time "
+                        "(--train-steps applies to each); encoder and encoder+ti use --adapter")
+    p.add_argument("--adapter", default=EvalConfig.adapter,
+                   help='the IP-Adapter of the encoder methods: "demo" (assets/demo-encoder, the default), a file or '
+                        'a hub file "owner/repo/path"')
     p.add_argument("--variants", type=variants_list, default=(), metavar="V,V",
                    help="also train the paper's variants (ti, multi3, progressive, regularized, per-image, xti; or any "
                         "method) on every concept set and compare them like --methods")
@@ -64,7 +68,7 @@ def names_list(text: str, known, what: str) -> tuple[str, ...]:
 
 
 def methods_list(text: str) -> tuple[str, ...]:
-    return names_list(text, METHODS, "method")
+    return names_list(text, METHODS + ENCODER_METHODS, "method")
 
 
 def variants_list(text: str) -> tuple[str, ...]:
@@ -85,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     cfg = EvalConfig(prompts=args.prompts, images=args.images, steps=args.steps, train_steps=args.train_steps,
                      train_vectors=args.train_vectors,
                      concepts=names, held_out=args.held_out, seed=args.seed, skip_compliance=args.skip_compliance,
-                     skip_concepts=args.skip_concepts)
+                     skip_concepts=args.skip_concepts, adapter=args.adapter)
     return cfg.quick() if args.quick else cfg
 
 

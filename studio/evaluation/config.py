@@ -35,6 +35,11 @@ class ScoreConfig:
             raise ScoringError(f"kind must be 'object' or 'style', not {self.kind!r}")
 
 
+# Methods that encode rather than (only) train (docs/encoders.md): "encoder" makes an image concept from the pictures
+# (`studio encode`), "encoder+ti" trains a word beside it (`studio train --init-from-encoder`).
+ENCODER_METHODS = ("encoder", "encoder+ti")
+
+
 @dataclass
 class EvalConfig:
     """What a whole run measures and how much; defaults are the figures reported in docs/benchmarks.md.
@@ -77,6 +82,7 @@ class EvalConfig:
     seed: int = 0
     skip_compliance: bool = False
     skip_concepts: bool = False
+    adapter: str = "demo"  # the IP-Adapter of the encoder methods (`ENCODER_METHODS`): studio encode's --adapter
 
     def __post_init__(self) -> None:
         if self.prompts < 1 or self.images < 1:

@@ -61,7 +61,8 @@ def method_rows(methods: dict[str, Any]) -> list[list[str]]:
                      _margin(vs_ti.get("identity")), _margin(vs_ti.get("prompt_fidelity")),
                      _size(m.get("file_bytes")),
                      "-" if m.get("train_seconds") is None else
-                     f"{m['train_seconds']:.0f} s, {m['train_steps']:.0f} steps"])
+                     f"{m['train_seconds']:.{0 if m['train_seconds'] >= 10 else 2}f} s, "
+                     f"{m['train_steps']:.0f} steps"])  # an encoder's time is a fraction of a second
     return rows
 
 

@@ -22,7 +22,9 @@ an identity encoder instead of DINO (`studio eval` runs it on the demo world wit
    With `methods` (`studio eval --methods ti,pivotal,lora,dreambooth`), every method is also trained on the same
    sets with its defaults and scored on the same prompts and seeds (`compare_methods`): per method identity,
    prompt fidelity and reconstruction pooled with their intervals, its margins over TI paired prompt for prompt,
-   and the mean file size and training time (DreamBench's table of methods).
+   and the mean file size and training time (DreamBench's table of methods). `encoder` encodes the pictures instead
+   of training (an image concept, `studio encode`), `encoder+ti` trains a word beside that (quick-tuning); both with
+   the IP-Adapter `EvalConfig.adapter`, checked before any work.
 3. Style transfer: img2img from plain renders with "... in the style of S*": the style's look appears and the
    content stays.
 4. Composition: two concepts in one prompt, both present.
@@ -49,12 +51,17 @@ import torch
 from PIL import Image
 
 from studio.engine.generate import Cancelled
+from studio.engine.learned.image_encoding import encode_pictures
+from studio.engine.learned.image_prompt import ImageConcept
+from studio.engine.learned.image_prompt_files import save_image_concept
+from studio.engine.learned.ip_adapter import image_encoder_folder, resolve_adapter
 from studio.engine.learned.lora import LoraFile
 from studio.engine.learned.lora_files import pivotal_embeddings
 from studio.engine.learned.word import Concept
 from studio.engine.models import ModelManager
 from studio.engine.names import file_stem
-from studio.evaluation.config import EvalConfig
+from studio.engine.pictures import open_picture
+from studio.evaluation.config import ENCODER_METHODS, EvalConfig
 from studio.evaluation.denoising import conditioning_gap, denoising_loss, initial_concept
 from studio.evaluation.drawing import generate_pictures
 from studio.evaluation.judging import agreement, mean, per_attribute, score_subject
@@ -124,7 +131,8 @@ class Trained:
     """What one training run gave: what generation uses, how a prompt names it, how long it took and what it weighs
     on disk."""
 
-    result: Concept | LoraFile | Path  # the word (ti); a LoRA, pivotal's with its word; a model folder (dreambooth)
+    result: Concept | LoraFile | ImageConcept | Path  # the word (ti); a LoRA, pivotal's with its word; a model folder
+    # (dreambooth); an image concept (encoder, encoder+ti)
     subject: str  # the method's phrase: the word (ti, pivotal) or DreamBooth's "<token> <class>" (lora, dreambooth)
     seconds: float
     steps: int  # the steps it trained (fewer than asked when it stopped once learned)
@@ -163,6 +171,27 @@ def train_method(model, cs: BundledSet, out_dir: Path, method: str = "ti", steps
         raise Cancelled(f"cancelled while training {cs.name} ({method})")
     path = Path(last["path"])
     return Trained(result, trainer.method.phrase(), seconds, last["step"], path, disk_bytes(path))
+
+
+def encode_method(model, cs: BundledSet, out_dir: Path, adapter: str) -> Trained:
+    """The encoder "method" (`studio encode`): the set's pictures made an image concept by `adapter` in one pass, the
+    set's initial word standing where its token is written; timed from the pictures to the concept (a training run's
+    time counterpart) and sized on disk like one."""
+    t0 = time.time()
+    pictures = [open_picture(path) for path in cs.images]
+    concept = encode_pictures(model, pictures, cs.token, adapter, prompt_text=cs.init_word)
+    seconds = time.time() - t0
+    path = save_image_concept(concept, Path(out_dir) / f"{file_stem(cs.token)}.safetensors")
+    concept.path = path
+    return Trained(concept, cs.token, seconds, 0, path, disk_bytes(path))
+
+
+def check_encoder_methods(methods: Sequence[str], adapter: str) -> None:
+    """Before any work: the adapter (and its image encoder) the encoder methods need is on this machine (one line
+    saying where it was looked for and how to get it, else)."""
+    used = [m for m in methods if m in ENCODER_METHODS]
+    if used:
+        image_encoder_folder(resolve_adapter(adapter, who=f"studio eval --methods {','.join(used)}"))
 
 
 def disk_bytes(path: Path) -> int:
@@ -279,6 +308,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pivotal-te": {"method": "pivotal", "text_encoder_lora": True},
     "lora-te": {"method": "lora", "text_encoder_lora": True},
     **{m: {"method": m} for m in METHODS if m not in ("ti", "xti")},
+    # quick-tuning: TI from the encoder's output (its adapter: EvalConfig.adapter); "encoder" trains nothing
+    "encoder+ti": {"init_from_encoder": EvalConfig.adapter},
 }
 
 
@@ -305,7 +336,7 @@ def score_method(model, judge: Judge, cs: BundledSet, trained: Trained, cfg: Eva
         tuned, concepts = ModelManager().load(str(trained.result)), []
     scores = score_subject(tuned, judge, cs, concepts, subject_phrases(cs, trained.subject), cfg, identity=identity,
                            references=references)
-    return {"kind": cs.kind, **scores, "subject": trained.subject, "train_seconds": round(trained.seconds, 1),
+    return {"kind": cs.kind, **scores, "subject": trained.subject, "train_seconds": round(trained.seconds, 3),
             "train_steps": trained.steps, "file_bytes": trained.size_bytes, "path": str(trained.path)}
 
 
@@ -330,9 +361,7 @@ def compare_methods(model, judge: Judge, sets: dict[str, BundledSet], methods: l
                 continue
             progress(f"training {name} with {method} ...")
             try:
-                settings = variant_settings(method, cfg.train_steps)
-                trained = train_method(model, cs, Path(work_dir) / method, settings.pop("method", "ti"),
-                                       cfg.train_steps, cfg.seed, cfg.train_vectors, progress, cancel, settings)
+                trained = learn_method(model, cs, Path(work_dir) / method, method, cfg, progress, cancel)
                 per_set[name] = score_method(model, judge, cs, trained, cfg, identity)
             except (ValueError, TrainError) as exc:  # one unusable set must not cost the other scores
                 per_set[name] = {"kind": cs.kind, "error": str(exc)}
@@ -354,6 +383,19 @@ def compare_methods(model, judge: Judge, sets: dict[str, BundledSet], methods: l
                 row["vs_ti"] = pooled_margins([row["concepts"][n]["per_picture"] for n in both],
                                               [ti[n]["per_picture"] for n in both], cfg)
     return out
+
+
+def learn_method(model, cs: BundledSet, out_dir: Path, method: str, cfg: EvalConfig, progress: Progress = print,
+                 cancel: threading.Event | None = None) -> Trained:
+    """Method or variant `method` on one set with `cfg`'s steps, seed and vectors: trained (`train_method`), or for
+    "encoder" encoded (`encode_method`) with `cfg.adapter`, which "encoder+ti" starts from."""
+    if method == "encoder":
+        return encode_method(model, cs, out_dir, cfg.adapter)
+    settings = variant_settings(method, cfg.train_steps)
+    if "init_from_encoder" in settings:
+        settings["init_from_encoder"] = cfg.adapter
+    return train_method(model, cs, out_dir, settings.pop("method", "ti"), cfg.train_steps, cfg.seed,
+                        cfg.train_vectors, progress, cancel, settings)
 
 
 # ---------------------------------------------------------------------------------------------- 3-4.
@@ -424,6 +466,7 @@ def run_evaluation(model_source: str | None, judge: Judge, world: World, cfg: Ev
     studio.training.config.METHODS) are also trained on every concept set and compared (`compare_methods`), and so
     are `variants` (of `VARIANTS`: the paper's), whose reconstruction-editability chart goes to `chart` (a PNG)."""
     cfg = cfg or EvalConfig()
+    check_encoder_methods([*methods, *variants], cfg.adapter)
     t0 = time.time()
     model = ModelManager().load(model_source)
     results = _about_the_run(model, judge, cfg)
