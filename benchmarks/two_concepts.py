@@ -3,8 +3,8 @@
 `python benchmarks/two_concepts.py --work WORK --methods ti,pivotal,perfusion [--seeds 4] [--out F.json]`
 
 WORK is a `studio eval --held-out N --methods ... --work-dir WORK` folder: its held-out sets (`WORK/held-out/*`) and
-what each method learned on them (TI's files in WORK, the others' in WORK/<method>/). For every pair of sets and
-every seed, each method draws "a <a> and a <b>" at `studio eval`'s sampling settings with the same seeds. A picture
+what each method learned on them (TI's files in WORK, the others' in WORK/methods/<method>/). For every pair of sets
+and every seed, each method draws "a <a> and a <b>" at `studio eval`'s sampling settings with the same seeds. A picture
 is split into its left and right halves (the world puts two objects left and right), each half shown alone on the
 picture's background; the demo's identity encoder scores each half against every held-out set's own pictures. Both
 concepts are *recognisable* when each half's closest set is one of the pair's two, a different one each (top-1
@@ -33,8 +33,9 @@ from studio.evaluation.stats import hierarchical_bootstrap, paired_margin
 
 
 def learned_file(work: Path, method: str, token: str) -> Path:
-    """Where `studio eval` wrote `method`'s result for the set of `token` (TI's in WORK itself)."""
-    folder = work if method == "ti" else work / method
+    """Where `studio eval` wrote `method`'s result for the set of `token` (TI's in WORK itself, the others' in
+    WORK/methods/<method>)."""
+    folder = work if method == "ti" else work / "methods" / method
     return folder / f"{token.strip('<>')}.safetensors"
 
 
