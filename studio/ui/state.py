@@ -136,6 +136,7 @@ class Studio:
     sessions: Sessions = field(init=False)
     scheduler: FairScheduler = field(init=False)
     spent_uploads: SpentFiles = field(default_factory=SpentFiles)  # uploads used up, deleted after a grace
+    image_adapter: str = "demo"  # the Train tab's Encode button's IP-Adapter (studio encode --adapter's default)
     _expired_at: float | None = field(default=None, repr=False)  # when `expire_sessions` last looked
     _browsers: dict[str, str] = field(default_factory=dict)  # Gradio session hash -> the browser's session id
     _signing_key: bytes = field(default=b"", repr=False)  # signs browsers' session ids (session_signing_key)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from studio.engine.containers import failing_closed
 from studio.engine.learned.image_prompt import ImageConcept
-from studio.engine.learned.image_prompt_files import is_image_concept_file, read_image_concept
+from studio.engine.learned.image_prompt_files import is_image_concept_file, read_image_concept, save_image_concept
 from studio.engine.learned.layer_word import XtiConcept
 from studio.engine.learned.layer_word_files import is_xti_content, read_xti, save_xti
 from studio.engine.learned.lora import LoraFile
@@ -36,6 +36,8 @@ def load_concept(path: str | os.PathLike, token: str | None = None) -> Concept:
     `ConceptError` with the reason, whatever went wrong in reading (`failing_closed`).
     """
     path = Path(path)
+    if path.suffix.lower() == ".safetensors" and is_image_concept_file(path):  # a session's encoded concept
+        return read_image_concept(path, token)
     with failing_closed(path, ConceptError, "concept file"):
         data, metadata = read_word_container(path)  # one read serves every kind of word file
         if is_perfusion_content(data, metadata):
@@ -57,6 +59,11 @@ def save_concept(concept: Concept, path: str | os.PathLike, format: str = "studi
         return save_perfusion(concept, path)
     if isinstance(concept, XtiConcept):
         return save_xti(concept, path, format)
+    if isinstance(concept, ImageConcept):
+        if format != "studio":
+            raise ConceptError(f"image concept {concept.token!r}: {format} files hold no image embeddings; save it "
+                               "in the studio form")
+        return save_image_concept(concept, path)
     return save_word(concept, path, format)
 
 

@@ -2,7 +2,8 @@
 "<token> <class>" (DreamBooth-LoRA) or a fine-tuned model (DreamBooth). Live loss plot, preview pictures, progress
 bar and cancel.
 
-The `/train` endpoint streams its status text (with the loss of the latest step) and finally returns
+"Encode (1 s)" (`/encode`: pictures, word, start word -> status) makes an image concept of the pictures instead
+(`studio.jobs.encoding`), kept in the session like a trained word. The `/train` endpoint streams its status text (with the loss of the latest step) and finally returns
 `(status, concept_file)`; the loss plot and previews are read by a timer from the session's training run
 (`/training_progress`), so the endpoint keeps its two outputs for gradio_client users. Its inputs are the first
 nine of `FORM` (pictures, word, start word, kind, vectors, steps, learning rate, batch, preview every), then the
@@ -23,6 +24,7 @@ import gradio as gr
 import pandas as pd
 import torch
 
+from studio.jobs.encoding import encode_for_session
 from studio.jobs.session import RunEnd
 from studio.jobs.training import follow_to_end, keep_concept, training_snapshots
 from studio.jobs.training_run import LOSS_SERIES, MEAN_SERIES, SCORE_SERIES, SMOOTHING, TrainingSnapshot, loss_table
@@ -206,6 +208,7 @@ def train_layout(studio: Studio) -> SimpleNamespace:
             advanced_layout(ui)
             with gr.Row():
                 ui.start = gr.Button("Train", variant="primary")
+                ui.encode = gr.Button("Encode (1 s)", elem_id="train-encode")  # no training: an image concept
                 ui.stop = gr.Button("Cancel")
         with gr.Column():
             progress_layout(ui)
@@ -310,6 +313,14 @@ def train_handlers(studio: Studio) -> SimpleNamespace:
             sizes = model_folder_bytes(studio.model.pipe, {"unet": DreamBooth.save_dtype})
             studio.session(form["request"]).make_room(sum(sizes.values()))
 
+    def encode(files, token, init, request: gr.Request):
+        """Encode instead of train: the pictures become the session's image concept (`studio.image_adapter`), the
+        start word standing where its word is written."""
+        with as_user_errors(request):
+            done = encode_for_session(studio.model, studio.library, studio.sessions.get(studio.session_of(request)),
+                                      [str(f) for f in files or []], token, init or "", studio.image_adapter)
+        return done.status, None
+
     def explain(method: str) -> str:
         return method_info(studio, method)
 
@@ -322,7 +333,7 @@ def train_handlers(studio: Studio) -> SimpleNamespace:
     def poll_and_stop(request: gr.Request):
         return *progress_view(studio, studio.session_of(request)), gr.Timer(active=False)
 
-    return SimpleNamespace(train=train, admit=admit, explain=explain, cancel=cancel, poll=poll,
+    return SimpleNamespace(train=train, admit=admit, encode=encode, explain=explain, cancel=cancel, poll=poll,
                            poll_and_stop=poll_and_stop)
 
 
@@ -346,6 +357,10 @@ def wire_train(studio: Studio, pickers: ConceptPickers, ui: SimpleNamespace, han
                   show_progress="hidden")
     # The flag stops a running training within one step and takes a waiting one out of line; `cancels` also ends
     # this browser's event.
+    # Encode: one pass of the image encoder, in line on the device like a picture (`/encode`).
+    encoded = ui.encode.click(in_turn(studio, handlers.encode, "generate", uploads=("files",)),
+                              [ui.files, ui.token, ui.init], [ui.status, ui.result], api_name="encode", **GPU_EVENT)
+    pickers.after(encoded)
     stopped = ui.stop.click(handlers.cancel, None, [ui.status, ui.result], api_name="cancel_training",
                             concurrency_limit=None, cancels=[trained])
     stopped.then(handlers.poll_and_stop, None, live, api_visibility="private", show_progress="hidden")
