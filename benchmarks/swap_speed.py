@@ -73,6 +73,12 @@ def concept_slots_ms(studio: PromptEncoder, concept: Concept, reps: int) -> floa
     def plain():
         studio.input_embeddings(0, [PROMPT.format("a toy")])
 
+    return paired_delta_ms(with_concept, plain, reps)
+
+
+def paired_delta_ms(with_concept, plain, reps: int) -> float:
+    """Median over `reps` pairs of `with_concept()`'s milliseconds minus `plain()`'s, the two timed back to back in
+    alternating order (the shared CPU's load and warm caches fall on both sides alike); the first pair left out."""
     deltas = []
     for k in range(reps + 1):
         took = {}
