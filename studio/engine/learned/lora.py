@@ -4,7 +4,7 @@ A `LoraFile` holds the weights of a file in the form diffusers' `load_lora_weigh
 `studio.engine.learned.lora_files`). `check_loras_fit` is the one rule of whether a LoRA fits a model;
 `check_lora_layers` checks its pairs against the layers they are applied to.
 
-`loras_applied(model, loras)` applies LoRA files to a loaded model's shared UNet and text encoders for the length of a
+`loras_applied(model, loras)` applies LoRA files to a loaded model's shared denoiser and text encoders for the length of a
 `with` block (one request, under the model's lock, around the prompt's encoding and the denoising: what
 `LoraFile.join` asks of a request's plan) and turns them off again in `finally`; the adapters stay loaded in the
 model's `LoraCache` (least recently used out first, bounded by memory). See docs/architecture.md, "LoRA per request".
@@ -23,14 +23,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from studio.engine.families import family_of, family_of_pipe
+from studio.engine.families import family_of
 from studio.engine.learned.word import Concept
 from studio.errors import LoraError
 
 
 if TYPE_CHECKING:
     from peft import LoraConfig
-PARTS = ("unet", "text_encoder", "text_encoder_2")  # diffusers pipeline attribute names, as in the state dict keys
+# diffusers pipeline attribute names, as in the state dict keys: a denoiser (the UNet of SD 1.x/2.x/SDXL, the
+# transformer of SD3/Flux: `ModelFamily.denoiser`) and the CLIP text encoders
+PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+DENOISER_PARTS = ("unet", "transformer")
 
 
 @dataclass
@@ -38,11 +41,12 @@ class LoraFile:
     """A LoRA file as read: weights in diffusers' form plus what they fit, and any words bundled with them."""
 
     path: Path
-    state_dict: dict[str, torch.Tensor]  # diffusers/peft keys ("unet.…", "text_encoder.…"); kohya alphas folded in
+    state_dict: dict[str, torch.Tensor]  # diffusers/peft keys ("unet.…", "transformer.…", "text_encoder.…"); kohya
+    # alphas folded in
     source_format: str  # "diffusers" or "kohya"
     ranks: tuple[int, ...]  # the distinct ranks of its pairs, smallest first
-    modules: dict[str, list[str]]  # part ("unet", "text_encoder", "text_encoder_2") -> module names, sorted
-    families: tuple[str, ...]  # "sd1", "sd2", "sdxl", ... it fits; empty when its shapes name none
+    modules: dict[str, list[str]]  # part (`PARTS`: "unet", "transformer", "text_encoder", ...) -> module names, sorted
+    families: tuple[str, ...]  # "sd1", "sd2", "sdxl", "sd3", "flux" it fits; empty when its shapes name none
     size_bytes: int
     words: list[Concept] = field(default_factory=list)  # bundled embeddings
     # diffusers' `lora_adapter_metadata` (the peft LoraConfig per part: "unet.r", "unet.lora_alpha", ...), for
@@ -105,8 +109,8 @@ def _part_config(adapter_metadata: dict[str, object], part: str) -> dict[str, ob
 
 
 def _part_of(key: str) -> str:
-    """The part ("unet", "text_encoder", "text_encoder_2") a diffusers key belongs to; an unprefixed key is the
-    UNet's (diffusers' older attention-processor form), as in `_pairs`."""
+    """The part (`PARTS`) a diffusers key belongs to; an unprefixed key is the UNet's (diffusers' older
+    attention-processor form), as in `_pairs`."""
     part = key.partition(".")[0]
     return part if part in PARTS else "unet"
 
@@ -134,26 +138,27 @@ def check_loras_fit(loras: list[tuple[LoraFile, float]], encoder_dims: dict[str,
             made_for = "/".join(lora.families) or "an unknown family"
             raise LoraError(f"{lora.path.name}: a LoRA for {made_for}, but the model {model_name} is {family}; "
                             f"load a {made_for} model or pick a {family} LoRA")
-        missing = sorted(part for part in lora.modules if part != "unet" and part not in encoder_dims)
+        missing = sorted(part for part in lora.modules if part not in DENOISER_PARTS and part not in encoder_dims)
         if missing:
             raise LoraError(f"{lora.path.name}: it changes {' and '.join(missing)}, which the model {model_name} "
                             f"does not have; pick a LoRA made for {family}")
 
 
-def check_lora_layers(lora: LoraFile, unet: torch.nn.Module, model_name: str,
+def check_lora_layers(lora: LoraFile, denoiser: torch.nn.Module, model_name: str,
                       text_encoders: dict[str, torch.nn.Module] | None = None) -> None:
-    """Refuse, before it is loaded, a LoRA whose pairs do not fit the layers they name, in `unet` and in
+    """Refuse, before it is loaded, a LoRA whose pairs do not fit the layers they name, in `denoiser` (a UNet or a
+    transformer) and in
     `text_encoders` (part -> module, `lora_modules`): a layer the model does not have or that is neither linear nor a
     convolution, a pair of the other kind, or a down matrix whose input width (or kernel) or an up matrix whose output
     width is not the layer's. One line naming the file, the layer and both shapes; what peft would otherwise end in as
     a size-mismatch traceback, half loaded. The keys are read as they are loaded (`peft_parts`, and for a text encoder
     `text_encoder_weights`)."""
-    parts = {"unet": (unet, peft_parts(lora).get("unet", {}))}
+    parts = {part: (denoiser, tensors) for part, tensors in peft_parts(lora).items() if part in DENOISER_PARTS}
     for part, encoder in (text_encoders or {}).items():
         if part in lora.modules:
             parts[part] = (encoder, text_encoder_weights(lora, part, encoder))
     for part, (module, weights) in parts.items():
-        where = model_name if part == "unet" else f"{model_name}'s {part}"
+        where = model_name if part in DENOISER_PARTS else f"{model_name}'s {part}"
         for key, down in weights.items():
             if key.endswith(".lora_A.weight"):
                 name = key.removesuffix(".lora_A.weight")
@@ -205,15 +210,17 @@ def _path_digest(path: Path) -> str:
     return "studio_lora_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
 
 
-def _unet_part(lora: LoraFile) -> dict[str, torch.Tensor]:
-    """The UNet keys of its state dict, all prefixed `unet.` (an older unprefixed file is UNet-only)."""
-    return {(key if key.startswith("unet.") else f"unet.{key}"): tensor for key, tensor in lora.state_dict.items()
-            if _part_of(key) == "unet"}
+def _denoiser_part(lora: LoraFile, part: str) -> dict[str, torch.Tensor]:
+    """The keys of its state dict for the denoiser `part` ("unet" or "transformer"), all prefixed with it (an older
+    unprefixed file is UNet-only)."""
+    return {(key if key.startswith(f"{part}.") else f"{part}.{key}"): tensor
+            for key, tensor in lora.state_dict.items() if _part_of(key) == part}
 
 
 def peft_parts(lora: LoraFile) -> dict[str, dict[str, torch.Tensor]]:
     """part -> its keys in peft form (`….lora_A.weight`), unprefixed, converted the way diffusers converts them when
-    it loads each part (`load_lora_adapter` for the UNet, `_load_lora_into_text_encoder` for the text encoders)."""
+    it loads each part (`load_lora_adapter` for the denoiser, `_load_lora_into_text_encoder` for the text
+    encoders)."""
     from diffusers.utils.state_dict_utils import (StateDictType, convert_state_dict_to_diffusers,
                                                   convert_state_dict_to_peft, convert_unet_state_dict_to_peft)
 
@@ -224,7 +231,7 @@ def peft_parts(lora: LoraFile) -> dict[str, dict[str, torch.Tensor]]:
     for part, tensors in parts.items():
         if all(".lora_A." in k or ".lora_B." in k for k in tensors):
             continue
-        if part == "unet":
+        if part in DENOISER_PARTS:
             parts[part] = convert_unet_state_dict_to_peft(tensors)
         else:
             # Named explicitly: diffusers guesses the old form (`to_q_lora.down`, what its kohya converter writes for
@@ -287,13 +294,15 @@ DEFAULT_LORA_CACHE_BYTES = 512 * 2**20
 
 
 def lora_modules(pipe) -> dict[str, torch.nn.Module]:
-    """The modules of `pipe` a LoRA's parts change, by part (`PARTS`: the UNet and the text encoders it has)."""
-    return {part: module for part in PARTS if (module := getattr(pipe, part, None)) is not None}
+    """The modules of `pipe` a LoRA's parts change, by part (`PARTS`: the denoiser and the text encoders it has), as
+    far as its diffusers pipeline loads LoRAs into them (`_lora_loadable_modules`: not Flux's T5, nor SD3's)."""
+    loadable = getattr(pipe, "_lora_loadable_modules", PARTS)
+    return {part: module for part in PARTS if part in loadable and (module := getattr(pipe, part, None)) is not None}
 
 
 @dataclass
 class LoraCache:
-    """The LoRA adapters loaded in one model's UNet and text encoders, least recently used first, bounded by their
+    """The LoRA adapters loaded in one model's denoiser and text encoders, least recently used first, bounded by their
     tensors' bytes.
 
     One per loaded model (`LoadedModel.lora_cache`), used under the model's lock only. An adapter is loaded once and
@@ -414,8 +423,8 @@ class LoraCache:
                 if part not in lora.modules:
                     continue
                 with _grad_flags_kept(module):  # peft marks the base weights frozen: they are shared, keep them
-                    if part == "unet":
-                        _load_unet_part(pipe, lora, name)
+                    if part in DENOISER_PARTS:
+                        _load_denoiser_part(pipe, module, lora, part, name)
                     else:
                         _load_text_encoder_part(module, lora, part, name)
         self.sizes[name] = _adapter_bytes(self.layers(pipe), name)
@@ -429,7 +438,7 @@ class LoraCache:
             warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
             for part, module in lora_modules(pipe).items():
                 held = [name for name in names if name in (getattr(module, "peft_config", None) or {})]
-                if held and part == "unet":
+                if held and part in DENOISER_PARTS:
                     module.delete_adapters(held)
                 elif held:
                     # What diffusers' `delete_adapters` does for a transformers model (`delete_adapter_layers`), by
@@ -443,12 +452,12 @@ class LoraCache:
             self.sizes.pop(name, None)
 
 
-def _load_unet_part(pipe, lora: LoraFile, name: str) -> None:
-    """The UNet part by diffusers' own loader (`load_lora_adapter`, what `load_lora_weights` calls)."""
-    # Metadata only when it has the UNet's config: load_lora_adapter would build a default one from the rest.
-    metadata = lora.adapter_metadata if _part_config(lora.adapter_metadata, "unet") else None
-    denoiser = family_of_pipe(pipe).denoiser_of(pipe)
-    denoiser.load_lora_adapter(_unet_part(lora), prefix="unet", adapter_name=name, metadata=metadata,
+def _load_denoiser_part(pipe, denoiser: torch.nn.Module, lora: LoraFile, part: str, name: str) -> None:
+    """The denoiser's part (a UNet's, a transformer's) by diffusers' own loader (`load_lora_adapter`, what
+    `load_lora_weights` calls)."""
+    # Metadata only when it has the part's config: load_lora_adapter would build a default one from the rest.
+    metadata = lora.adapter_metadata if _part_config(lora.adapter_metadata, part) else None
+    denoiser.load_lora_adapter(_denoiser_part(lora, part), prefix=part, adapter_name=name, metadata=metadata,
                                _pipeline=pipe)  # the pipeline: its offload hooks
 
 
@@ -502,7 +511,7 @@ def _adapter_bytes(layers: list, name: str) -> int:
 
 @contextlib.contextmanager
 def loras_applied(model, loras: list[tuple[LoraFile, float]]):
-    """Apply `loras` (file, weight) to `model`'s shared UNet and text encoders for the `with` block; turn every
+    """Apply `loras` (file, weight) to `model`'s shared denoiser and text encoders for the `with` block; turn every
     adapter off in `finally`.
 
     Call it under `model.lock`, around the prompt's encoding and the denoising both: the modules are shared by every
@@ -518,11 +527,11 @@ def loras_applied(model, loras: list[tuple[LoraFile, float]]):
     # checked before it was loaded; the check reads every key, which costs more than a switch).
     check_loras_fit(loras, model.encoder_dims, model.name)
     cache, modules = model.lora_cache, lora_modules(model.pipe)
-    text_encoders = {part: module for part, module in modules.items() if part != "unet"}
+    text_encoders = {part: module for part, module in modules.items() if part not in DENOISER_PARTS}
     for lora, _weight in loras:
         if not cache.holds(lora):
-            check_lora_layers(lora, modules["unet"], model.name, text_encoders)
-    # ---- shared state changed from here: the adapters of the UNet and text encoders (loaded, evicted), which are
+            check_lora_layers(lora, model.denoiser, model.name, text_encoders)
+    # ---- shared state changed from here: the adapters of the denoiser and text encoders (loaded, evicted), which are
     # active ----
     switched: list = []
     try:

@@ -71,6 +71,15 @@ MAX_LORA_RANK = 1024
 _KOHYA_NETWORK_METADATA = {"ss_network_dim": ("an integer", int), "ss_network_alpha": ("a number", float),
                            "ss_network_args": ("a JSON object", None)}
 _CROSS_KEY_VALUE = re.compile(r"attn2(\.processor)?\.to_[kv]$")
+# kohya's Flux key prefixes (sd-scripts' double/single blocks, ai-toolkit's mixed lora_transformer_ names, BFL's
+# names in lora_down form), all read by diffusers' Flux converter.
+_FLUX_KOHYA_PREFIXES = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_transformer_",
+                        "diffusion_model.")
+# Module names only one of the two transformer families has: Flux's single-stream blocks, its packed-latent input
+# and its guidance embedder; SD3's patch embedding and SD3.5's second attention. A LoRA on the joint blocks alone
+# fits either family by name; the layer check (`check_lora_layers`) then compares its shapes with the model's.
+_FLUX_ONLY = re.compile(r"^transformer\.(single_transformer_blocks\.|x_embedder|time_text_embed\.guidance_embedder)")
+_SD3_ONLY = re.compile(r"^transformer\.(pos_embed|transformer_blocks\.\d+\.attn2\.)")
 _ENCODER_QUERY = re.compile(r"self_attn\.(q_proj|to_q)$")
 
 
@@ -100,7 +109,8 @@ def is_lora_file(path: str | os.PathLike) -> bool:
 
 
 def _looks_like_lora_key(key: str) -> bool:
-    return (key.startswith(KOHYA_PREFIXES) or key.startswith(BUNDLE_PREFIX) or _DOWN_KEY.match(key) is not None
+    return (key.startswith(KOHYA_PREFIXES + _FLUX_KOHYA_PREFIXES) or key.startswith(BUNDLE_PREFIX)
+            or _DOWN_KEY.match(key) is not None
             or any(pattern.search(key) for pattern, _ in _REFUSED_VARIANTS))
 
 
@@ -139,20 +149,28 @@ def _load_lora(path: Path, unet_config: object | None) -> LoraFile:
     weights = {k: v for k, v in data.items() if not k.startswith(BUNDLE_PREFIX)}
     words = _bundled_words(bundle, path) or _pivotal_words(path)
 
-    # 4. Kohya/A1111 names -> diffusers names, by diffusers' converter.
+    # 4. Kohya/A1111 names -> diffusers names, by diffusers' converters (Flux's own, else SD's).
     source_format = "diffusers"
-    if weights and all(k.startswith(KOHYA_PREFIXES) for k in weights):
+    _refuse_unconverted_layouts(weights, path)
+    if any(k.startswith(_FLUX_KOHYA_PREFIXES) for k in weights):
+        source_format = "kohya"
+        weights = _from_flux_kohya(weights, path)
+    elif weights and all(k.startswith(KOHYA_PREFIXES) for k in weights):
         source_format = "kohya"
         weights = _from_kohya(weights, path, unet_config)
+    elif any(k.startswith("transformer.") and k.endswith(".alpha") for k in weights):
+        weights = _fold_alphas(weights, path, ".lora_A.weight", ".lora_B.weight")  # as diffusers' network alphas
     modules, ranks, shapes = _pairs(weights, path)
     if not modules:
         listed = ", ".join(sorted(data)[:6])
         raise LoraError(f"{path.name}: neither a LoRA nor an embedding file (no LoRA down/up pairs; keys: {listed}); "
-                        "LoRA files hold unet.…lora_A/lora_B (diffusers) or lora_unet_….lora_down/lora_up (kohya)")
+                        "LoRA files hold unet.… or transformer.…lora_A/lora_B (diffusers) or "
+                        "lora_unet_….lora_down/lora_up (kohya)")
 
     adapter_metadata = _adapter_metadata(metadata, weights, path)
     return LoraFile(path=path, state_dict=weights, source_format=source_format, ranks=tuple(sorted(ranks)),
-                    modules=modules, families=_families(shapes), size_bytes=path.stat().st_size, words=words,
+                    modules=modules, families=_narrowed(_families(shapes), metadata, words),
+                    size_bytes=path.stat().st_size, words=words,
                     adapter_metadata=adapter_metadata, mtime_ns=path.stat().st_mtime_ns,
                     phrase=str((metadata or {}).get(PHRASE_KEY, "")))
 
@@ -165,20 +183,7 @@ def _from_kohya(weights: dict[str, torch.Tensor], path: Path, unet_config: objec
     """
     from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
 
-    folded = {}
-    for key, tensor in weights.items():
-        if key.endswith(".alpha"):
-            continue
-        if key.endswith(".lora_up.weight"):
-            name = key.removesuffix(".lora_up.weight")
-            down, alpha = weights.get(f"{name}.lora_down.weight"), weights.get(f"{name}.alpha")
-            if down is None:
-                raise LoraError(f"{path.name}: {key!r} has no matching lora_down; the file is incomplete, re-export it")
-            if alpha is not None and alpha.numel() != 1:
-                raise LoraError(f"{path.name}: {name}.alpha holds {alpha.numel()} values, not one; re-export it")
-            if alpha is not None and down.dim() >= 1 and down.shape[0] > 0:
-                tensor = tensor * (float(alpha) / down.shape[0])
-        folded[key] = tensor
+    folded = _fold_alphas(weights, path, ".lora_down.weight", ".lora_up.weight")
     if unet_config is None and any("input_blocks" in k or "output_blocks" in k for k in folded):
         unet_config = SimpleNamespace(layers_per_block=2)  # SDXL base: the one UNet kohya names in sgm blocks
     try:
@@ -187,6 +192,55 @@ def _from_kohya(weights: dict[str, torch.Tensor], path: Path, unet_config: objec
         first = (str(exc).strip().splitlines() or [""])[-1][:200]
         raise LoraError(f"{path.name}: kohya LoRA keys diffusers cannot place ({first}); {_WHAT_TO_DO}") from None
     return state_dict
+
+
+def _fold_alphas(weights: dict[str, torch.Tensor], path: Path, down_suffix: str,
+                 up_suffix: str) -> dict[str, torch.Tensor]:
+    """`weights` without their `.alpha` keys, each alpha / rank folded into its pair's up matrix (what kohya's and
+    peft's scale alpha / rank computes, in a state dict complete on its own)."""
+    folded = {}
+    for key, tensor in weights.items():
+        if key.endswith(".alpha"):
+            continue
+        if key.endswith(up_suffix):
+            name = key.removesuffix(up_suffix)
+            down, alpha = weights.get(f"{name}{down_suffix}"), weights.get(f"{name}.alpha")
+            if down is None:
+                raise LoraError(f"{path.name}: {key!r} has no matching down matrix; the file is incomplete, "
+                                "re-export it")
+            if alpha is not None and alpha.numel() != 1:
+                raise LoraError(f"{path.name}: {name}.alpha holds {alpha.numel()} values, not one; re-export it")
+            if alpha is not None and down.dim() >= 1 and down.shape[0] > 0:
+                tensor = tensor * (float(alpha) / down.shape[0])
+        folded[key] = tensor
+    return folded
+
+
+def _refuse_unconverted_layouts(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Layouts diffusers 0.42's loaders read as nothing (they load none of the keys, without an error): kohya's SD3
+    names (`SD3LoraLoaderMixin.lora_state_dict` converts no kohya keys) and peft pairs under the original Flux names
+    (`diffusion_model.double_blocks.…lora_A`; `FluxLoraLoaderMixin` converts that prefix only in kohya's
+    lora_down/lora_up form)."""
+    if any(k.startswith("lora_unet_joint_blocks_") for k in weights):
+        raise LoraError(f"{path.name}: an SD3 LoRA in kohya's layout (lora_unet_joint_blocks_…), which diffusers "
+                        "has no converter for; save it in diffusers' form (transformer.…lora_A/lora_B)")
+    if any(k.startswith("diffusion_model.") and ".lora_A." in k for k in weights):
+        raise LoraError(f"{path.name}: a LoRA under the original Flux names (diffusion_model.…lora_A), which "
+                        "diffusers' Flux reader does not convert; save it in diffusers' form "
+                        "(transformer.…lora_A/lora_B) or kohya's (lora_unet_double_blocks_…)")
+
+
+def _from_flux_kohya(weights: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """kohya's (sd-scripts, FluxGym) and ai-toolkit's mixed Flux names converted by diffusers' Flux reader
+    (`FluxLoraLoaderMixin.lora_state_dict` -> `_convert_kohya_flux_lora_to_diffusers`), which splits the fused
+    qkv pairs into to_q/to_k/to_v and folds each alpha / rank into the weights itself."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    try:
+        return dict(FluxLoraLoaderMixin.lora_state_dict(dict(weights)))
+    except (ValueError, AssertionError, KeyError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[-1][:200]
+        raise LoraError(f"{path.name}: kohya Flux LoRA keys diffusers cannot place ({first}); {_WHAT_TO_DO}") from None
 
 
 def _adapter_metadata(metadata: dict[str, str], weights: dict[str, torch.Tensor], path: Path) -> dict[str, object]:
@@ -319,7 +373,11 @@ def _check_pair(down_key: str, down: torch.Tensor, up_key: str, up: torch.Tensor
 
 
 def _families(shapes: dict[str, tuple[int, ...]]) -> tuple[str, ...]:
-    """Families from the UNet's cross-attention key/value input width, else from the text encoders' widths."""
+    """Families from the UNet's cross-attention key/value input width, from a transformer's module names (SD3 or
+    Flux), else from the text encoders' widths."""
+    if any(module.startswith("transformer.") for module in shapes):
+        flux, sd3 = (any(pattern.match(module) for module in shapes) for pattern in (_FLUX_ONLY, _SD3_ONLY))
+        return ("flux",) if flux and not sd3 else ("sd3",) if sd3 and not flux else ("flux", "sd3")
     cross = {shape[-1] for module, shape in shapes.items()
              if module.startswith("unet.") and _CROSS_KEY_VALUE.search(module)}
     if cross:
@@ -334,6 +392,15 @@ def _families(shapes: dict[str, tuple[int, ...]]) -> tuple[str, ...]:
         return ()
     family = family_of(dims)[0]
     return () if family == "unknown" else (family,)
+
+
+def _narrowed(families: tuple[str, ...], metadata: dict[str, str], words: list[Concept]) -> tuple[str, ...]:
+    """Of the families a LoRA's layer names fit (a transformer LoRA on the joint blocks alone: SD3 or Flux), the one
+    the studio wrote in its metadata (`studio_family`), else the one its words are made for, when it is one of them."""
+    for named in (metadata.get("studio_family"), *(word.family for word in words)):
+        if named in families:
+            return (named,)
+    return families
 
 
 def _bundled_words(bundle: dict[str, torch.Tensor], path: Path) -> list[Concept]:
