@@ -61,6 +61,12 @@ class ModelFamily:
     prompt_join: str = "features"
     clip_hidden: str = "last"  # the CLIP layer its pipelines take: "last" (normed) or "penultimate" (SDXL, SD3)
     guidance: str = "cfg"  # "cfg": classifier-free guidance with a negative prompt; "distilled": Flux's guidance input
+    # What a trained LoRA changes in the denoiser (peft `target_modules`): every attention projection (diffusers'
+    # train_dreambooth_lora scripts: to_q/to_k/to_v/to_out.0; for SD3/Flux the transformer's `attn.`, which in Flux
+    # are also the single-stream blocks' q/k/v), and the "lite" preset's keys and values that the prompt's tokens
+    # make (a UNet's cross-attention; the text stream's add_k_proj/add_v_proj in an MMDiT's joint attention).
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_prompt_kv: str = r".*attn2\.(to_k|to_v)$"
 
     @property
     def encoder_keys(self) -> tuple[str, ...]:
@@ -97,12 +103,15 @@ SDXL = ModelFamily(
                  (-0.3165, -0.2492, -0.2188)), (0.1084, -0.0175, -0.0011)),
     how_to_load="load an SDXL model in the Model tab (e.g. stabilityai/stable-diffusion-xl-base-1.0; CLI: --model)")
 # Rectified-flow transformers with a T5 encoder: pipelines, kohya prefixes and prompt lengths as in diffusers 0.42.
+_MMDIT_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+_MMDIT_PROMPT_KV = r".*attn\.add_(k|v)_proj$"
 SD3 = ModelFamily(
     "sd3", "SD3", (768, 1280, 4096), denoiser="transformer", denoiser_class="SD3Transformer2DModel",
     pipelines={"txt2img": "StableDiffusion3Pipeline", "img2img": "StableDiffusion3Img2ImgPipeline",
                "inpaint": "StableDiffusion3InpaintPipeline"},
     cross_attention="attn", native_size=1024, objective="flow", file_names=("clip_l", "clip_g", "t5"),
     optional_words=("text_encoder_3",), t5_tokens=256, prompt_join="sd3", clip_hidden="penultimate",
+    lora_targets=_MMDIT_LORA_TARGETS, lora_prompt_kv=_MMDIT_PROMPT_KV,
     kohya_prefixes=("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_"),
     how_to_load="load an SD3 model in the Model tab (e.g. stabilityai/stable-diffusion-3.5-medium, a folder or a "
                 ".safetensors file; CLI: --model)")
@@ -111,7 +120,7 @@ FLUX = ModelFamily(
     pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"},
     cross_attention="attn", native_size=1024, objective="flow", file_names=("clip_l", "t5"),
     optional_words=("text_encoder_2",), t5_tokens=512, kohya_prefixes=("lora_unet_", "lora_te1_"),
-    prompt_join="flux", guidance="distilled",
+    prompt_join="flux", guidance="distilled", lora_targets=_MMDIT_LORA_TARGETS, lora_prompt_kv=_MMDIT_PROMPT_KV,
     how_to_load="load a Flux.1 model in the Model tab (e.g. black-forest-labs/FLUX.1-dev, a folder or a "
                 ".safetensors file; CLI: --model)")
 # assets/demo-model: SD 1.x's architecture with a 128-wide encoder and a VAE of its own (no fitted latent colours).

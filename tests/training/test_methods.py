@@ -135,13 +135,13 @@ def test_lite_on_sd15_shapes_is_under_200_kb():
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from studio.training.methods.lora import CROSS_KEY_VALUE
+    from studio.engine.families import SD1
 
     config = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8,
               "block_out_channels": [320, 640, 1280, 1280]}
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
-        unet.add_adapter(LoraConfig(r=1, lora_alpha=1, target_modules=CROSS_KEY_VALUE))
+        unet.add_adapter(LoraConfig(r=1, lora_alpha=1, target_modules=SD1.lora_prompt_kv))
     numbers = sum(p.numel() for name, p in unet.named_parameters() if "lora_" in name)
     assert numbers == 49_536  # 16 layers x (to_k + to_v) x (768 in + width out) at rank 1
     assert (numbers + 768) * 2 <= 200_000

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_save
 
+from studio.engine.families import ENCODER_KEYS, FAMILIES, SDXL_ENCODER_NAMES
 from studio.engine.files import atomic_write
-from studio.engine.learned.lora import LoraFile, peft_parts
+from studio.engine.learned.lora import DENOISER_PARTS, LoraFile, peft_parts
 from studio.engine.learned.lora_files import BUNDLE_PREFIX, WORD_KEY, pivotal_embeddings
 from studio.engine.learned.word import Concept
 from studio.engine.names import inside
@@ -132,6 +133,9 @@ def _kohya_weights(lora: LoraFile) -> dict[str, torch.Tensor]:
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
     folded: dict[str, torch.Tensor] = {}
+    if any(part in lora.modules for part in DENOISER_PARTS if part != "unet"):
+        raise LoraError(f"{lora.path.name}: a transformer LoRA (SD3, Flux); the studio writes kohya's names for UNet "
+                        "LoRAs only: export it as --format diffusers, which ComfyUI, Forge and diffusers read")
     for part, tensors in peft_parts(lora).items():
         extra = sorted(k for k in tensors if not k.endswith((".lora_A.weight", ".lora_B.weight")))
         if extra:
@@ -161,11 +165,14 @@ def _kohya_weights(lora: LoraFile) -> dict[str, torch.Tensor]:
 
 
 def _save_diffusers(lora: LoraFile, path: Path) -> None:
-    """`save_lora_weights` of the pipeline class that has every part of `lora`, into `path` exactly."""
+    """`save_lora_weights` of the pipeline class that has every part of `lora`, into `path` exactly: the pipeline of
+    its family (SD3's and Flux's write `transformer.` keys), else SD's or SDXL's by its text encoders."""
     from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
     parts = peft_parts(lora)
-    saver = StableDiffusionXLLoraLoaderMixin if "text_encoder_2" in parts else StableDiffusionLoraLoaderMixin
+    savers = [FAMILIES[f].pipeline_class("txt2img") for f in lora.families if f in FAMILIES]
+    saver = next((cls for cls in savers if set(parts) <= set(cls._lora_loadable_modules)), None) or (
+        StableDiffusionXLLoraLoaderMixin if "text_encoder_2" in parts else StableDiffusionLoraLoaderMixin)
     arguments = {}
     for part, tensors in parts.items():
         arguments[f"{part}_lora_layers"] = tensors
@@ -193,16 +200,16 @@ def _kohya_bundle(words: list[Concept]) -> dict[str, torch.Tensor]:
 
 
 def _pivotal_body(words: list[Concept]) -> dict[str, torch.Tensor]:
-    """diffusers' pivotal words file: `clip_l` (and `clip_g`), one concept whose word reads back as "<s0><s1>…"."""
+    """diffusers' pivotal words file, one concept whose word reads back as "<s0><s1>…": `clip_l` (and `clip_g`), or
+    its family's names (`ModelFamily.file_names`: Flux `clip_l`, `t5`, as the advanced Flux script writes them)."""
     if len(words) > 1:
         listed = ", ".join(w.token for w in words)
         raise LoraError(f"{len(words)} bundled words ({listed}); diffusers' pivotal form holds one: export it as "
                         "--format kohya, which bundles each word")
     (word,) = words
-    body = {"clip_l": _tensor(word, "text_encoder")}
-    if "text_encoder_2" in word.vectors:
-        body["clip_g"] = _tensor(word, "text_encoder_2")
-    return body
+    family = FAMILIES.get(word.family)
+    names = (family.file_names if family else ()) or tuple(SDXL_ENCODER_NAMES)
+    return {name: _tensor(word, key) for key, name in zip(ENCODER_KEYS, names) if key in word.vectors}
 
 
 def _tensor(word: Concept, encoder: str) -> torch.Tensor:

@@ -23,15 +23,13 @@ from pathlib import Path
 
 import torch
 
-from studio.engine.learned.lora import LoraFile, lora_modules
+from studio.engine.learned.lora import DENOISER_PARTS, LoraFile, lora_modules
 from studio.engine.learned.lora_files import load_lora
 from studio.engine.learned.word import Concept
 from studio.training.methods.base import Method
 
-ADAPTER = "studio-train"  # the run's adapter in the shared UNet (and text encoders); never a name the cache gives
-ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' dreambooth-lora script's UNet targets
-TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the same scripts' text-encoder targets
-CROSS_KEY_VALUE = r".*attn2\.(to_k|to_v)$"  # the "lite" targets: what a prompt's words reach in the UNet
+ADAPTER = "studio-train"  # the run's adapter in the shared denoiser (and text encoders); never a name the cache gives
+TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]  # diffusers' scripts' text-encoder targets
 
 
 class LoraWeights(Method):
@@ -47,12 +45,12 @@ class LoraWeights(Method):
 
         from studio.training.data import TrainError
 
-        if self.model.spec.denoiser != "unet":  # its LoRA files and runtime hold UNet keys: refuse, write nothing
-            raise TrainError(f"--method {self.name} on {self.model.spec.title} needs a LoRA on its transformer, which "
-                             "the studio does not save or apply yet; train --method ti (CLIP and T5 words), or "
-                             "train with diffusers' advanced Flux script and load its clip_l/t5 words here")
-        cfg, unet = self.config, self.unet
-        targets = CROSS_KEY_VALUE if cfg.lora_targets == "cross-kv" else ATTENTION
+        cfg, unet, spec = self.config, self.unet, self.model.spec
+        if cfg.lora_format == "kohya" and spec.denoiser != "unet":  # refused before any step, no file written
+            raise TrainError(f"--lora-format kohya on {spec.title}: the studio writes kohya's names for UNet LoRAs "
+                             "only; train with --lora-format diffusers (read by load_lora_weights, ComfyUI, Forge)")
+        # the family's targets (`ModelFamily.lora_targets`: diffusers' dreambooth-lora scripts' defaults)
+        targets = spec.lora_prompt_kv if cfg.lora_targets == "cross-kv" else list(spec.lora_targets)
         config = LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian", target_modules=targets)
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             torch.manual_seed(cfg.seed)  # peft draws lora_A from the global generator: seed it, keep it
@@ -66,14 +64,14 @@ class LoraWeights(Method):
         self.model.lora_cache.rescan()  # new peft layers may have been made: the cache walks the modules again
         marker = f".{ADAPTER}."
         return {f"{part}.{name.replace(marker, '.')}": param
-                for part, module in {"unet": unet, **self._text_encoders()}.items()
+                for part, module in {spec.denoiser: unet, **self._text_encoders()}.items()
                 for name, param in module.named_parameters() if marker in name}
 
     def _text_encoders(self) -> dict[str, torch.nn.Module]:
         """The text encoders a text-encoder LoRA learns in, by their pipeline name (none without one)."""
         if not self.config.text_encoder_lora:
             return {}
-        return {part: module for part, module in lora_modules(self.model.pipe).items() if part != "unet"}
+        return {part: module for part, module in lora_modules(self.model.pipe).items() if part not in DENOISER_PARTS}
 
     def learning_encoders(self) -> list[torch.nn.Module]:
         return list(self._text_encoders().values())
@@ -97,9 +95,10 @@ class LoraWeights(Method):
         return self.config.text_encoder_lr if self.config.text_encoder_lr is not None else self.unet_lr()
 
     def weight_groups(self, weights: dict[str, torch.nn.Parameter]) -> list[dict]:
-        """The UNet's LoRA at the weights' learning rate, the text encoders' (if any) at `text_encoder_lr`."""
-        groups = [{"params": [p for n, p in weights.items() if n.startswith("unet.")], "initial_lr": self.unet_lr()}]
-        text = [p for n, p in weights.items() if not n.startswith("unet.")]
+        """The denoiser's LoRA at the weights' learning rate, the text encoders' (if any) at `text_encoder_lr`."""
+        denoiser = f"{self.model.spec.denoiser}."
+        groups = [{"params": [p for n, p in weights.items() if n.startswith(denoiser)], "initial_lr": self.unet_lr()}]
+        text = [p for n, p in weights.items() if not n.startswith(denoiser)]
         return groups + ([{"params": text, "initial_lr": self.text_encoder_lr()}] if text else [])
 
     def remove_weights(self) -> None:
@@ -118,7 +117,7 @@ class LoraWeights(Method):
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.config.save_precision]
         tensors = {name: tensor.detach().to("cpu", dtype).contiguous() for name, tensor in weights.items()}
-        modules: dict[str, set[str]] = {}  # part ("unet", "text_encoder", ...) -> its modules
+        modules: dict[str, set[str]] = {}  # part ("unet" or "transformer", "text_encoder", ...) -> its modules
         for name in tensors:
             part, module = name.split(".", 1)
             modules.setdefault(part, set()).add(module.rsplit(".lora_", 1)[0])
