@@ -127,9 +127,12 @@ def mode_in_effect(pipe) -> str:
     """The memory mode whose generation settings a loaded pipeline has (see `memory_settings`): the smallest preset
     whose slicing and tiling are all on. Offload is left out: it only happens on CUDA."""
     settings = memory_settings(pipe)
+    # SD3's and Flux's transformers have no sliced attention (diffusers' enable_attention_slicing passes them by)
+    slices = hasattr(family_of_pipe(pipe).denoiser_of(pipe), "set_attention_slice")
     for name in ("low-vram", "balanced"):
         p = PRESETS[name]
-        wanted = {"attention_slicing": p.attention_slicing, "vae_slicing": p.vae_slicing, "vae_tiling": p.vae_tiling}
+        wanted = {"attention_slicing": p.attention_slicing and slices, "vae_slicing": p.vae_slicing,
+                  "vae_tiling": p.vae_tiling}
         if all(settings[key] for key, on in wanted.items() if on):
             return name
     return "fast"  # turns nothing on, so any pipeline has its settings

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from studio.engine.family_memory import memory_lines
 from studio.engine.memory import MEMORY_MODES, PRESETS, apply_preset
 from studio.jobs.training import MODELS_FOLDER
 from studio.ui.operator import Operator
@@ -27,6 +28,8 @@ press *Load*:
 
 Leave the box empty and press *Load* to go back to the built-in demo model."""
 FIT = "Concepts only fit the model family they were trained on (SD 1.x: 768 wide, SD 2.x: 1024, SDXL: 768 + 1280)."
+FLOW_MEMORY = "GPU memory of SD3 and Flux weights per memory mode (counted from the weights, not measured):\n" + \
+    "\n".join(f"- {line}" for family in ("sd3", "flux") for line in memory_lines(family))
 MODES_HELP = "\n".join(f"- **{name}**: {p.explanation}" for name, p in PRESETS.items()) + \
     "\n- **auto**: chosen by free GPU memory (on a CPU: fast)."
 
@@ -34,7 +37,7 @@ MODES_HELP = "\n".join(f"- **{name}**: {p.explanation}" for name, p in PRESETS.i
 def how_to_switch(operator: Operator) -> str:
     """What the tab says about switching on this studio: off, the operator's (with the token), or the local page's."""
     if operator.local:
-        return f"{HOW_TO_TYPE}\n\n{FIT}"
+        return f"{HOW_TO_TYPE}\n\n{FIT}\n\n{FLOW_MEMORY}"
     if operator.token is not None:
         return ("**Switching the model changes it for every user of this studio.** Pick one of the operator's "
                 f"models, give the operator token and press *Load*. {FIT}")
