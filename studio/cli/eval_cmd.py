@@ -47,8 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also train the paper's variants (ti, multi3, progressive, regularized, per-image, xti; or any "
                         "method) on every concept set and compare them like --methods")
     p.add_argument("--chart", type=Path, metavar="FILE.png",
-                   help="with --variants: draw reconstruction (identity) against editability (prompt fidelity), one "
-                        "point per variant with its interval, plain words and the real pictures as references")
+                   help="with --methods or --variants: draw reconstruction (identity) against editability (prompt "
+                        "fidelity), one point per method or variant with its interval, plain words and the real "
+                        "pictures as references")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-compliance", action="store_true", help="only the concept scores")
     p.add_argument("--skip-concepts", action="store_true", help="only base prompt compliance")
@@ -81,8 +82,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """EvalConfig from the parsed command line (`--quick` shrinks it); bad counts are a clear error."""
     if args.prompts < 1 or args.images < 1 or args.held_out < 0:
         raise ValueError("--prompts and --images must be at least 1, --held-out at least 0")
-    if args.chart and not args.variants:
-        raise ValueError("--chart draws the variants: give --variants too")
+    if args.chart and not (args.variants or args.methods):
+        raise ValueError("--chart draws the methods or variants: give --methods or --variants too")
     if (args.methods or args.variants) and args.skip_concepts:
         raise ValueError("--methods trains on the concept sets, which --skip-concepts leaves out: drop one of them")
     names = [n.strip() for n in args.concepts.split(",") if n.strip()] if args.concepts else None

@@ -494,8 +494,8 @@ def run_evaluation(model_source: str | None, judge: Judge, world: World, cfg: Ev
             names = ["ti", *[v for v in variants if v != "ti"]]
             results["variants"] = compare_methods(model, judge, sets, names, cfg, work / "variants", identity,
                                                   progress, known)
-            if chart is not None:
-                results["chart"] = str(variants_chart(results, chart))
+        if chart is not None and (methods or variants):
+            results["chart"] = str(variants_chart(results, chart))
 
         # 3. Style transfer, 4. composition.
         results["style_transfer"] = {n: style_transfer(model, judge, world, sets[n], trained[n], cfg)
@@ -551,13 +551,14 @@ def _ti_rows(concepts: dict[str, Any]) -> dict[str, Any]:
 
 
 def variants_chart(results: dict[str, Any], path: Path) -> Path:
-    """The paper's figure from a run's `variants`: identity against prompt fidelity per variant, plain words (the
-    held-out subjects' pooled plain-prompt scores, else the given sets') and the real pictures' identity."""
+    """The paper's figure from a run's `methods` and `variants`: identity against prompt fidelity per method or
+    variant, plain words (the held-out subjects' pooled plain-prompt scores, else the given sets') and the real
+    pictures' identity."""
     from studio.evaluation.chart import draw_tradeoff, tradeoff_points
 
     pooled_runs = results.get("pooled", {})
     group = pooled_runs.get("held_out") or pooled_runs.get("given") or {}
-    rows = {name: row for name, row in results["variants"].items()}
+    rows = {**results.get("methods", {}), **results.get("variants", {})}
     points = tradeoff_points(rows, plain=group.get("plain_prompt"), ceiling=group.get("ceiling"))
     subjects = len(group.get("subjects", []))
     return draw_tradeoff(points, path, title=f"demo world, {subjects} subject{'s' if subjects != 1 else ''}, "

@@ -270,7 +270,7 @@ def test_a_quick_variants_run_draws_the_papers_chart(demo_model_dir, tmp_path, c
     assert results["variants"]["xti"]["concepts"]  # trained per set
     assert Image.open(chart).size == (900, 640) and results["chart"] == str(chart)
     assert main(["eval", "--chart", str(tmp_path / "x.png")]) == 2
-    assert "--chart draws the variants" in capsys.readouterr().err
+    assert "--chart draws the methods or variants" in capsys.readouterr().err
 
 
 def test_a_concept_set_that_cannot_be_trained_is_reported_and_the_other_scores_are_kept(demo_model_dir, tmp_path):
