@@ -18,6 +18,7 @@ MAX_UPLOAD = "512mb"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from studio.cli.generate_cmd import add_weight_options
     from studio.engine.memory import MEMORY_MODES
     from studio.jobs.fair import QueueLimits
     from studio.jobs.session import DiskLimits
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", default="auto", choices=MEMORY_MODES,
                         help="memory mode (see studio/engine/memory.py); auto chooses by free GPU memory")
     parser.add_argument("--low-vram", action="store_true", help="same as --memory low-vram")
+    add_weight_options(parser)  # --dtype, --quantize: every model the Model tab loads
     # What one user may hold of a shared studio (studio.ui.state.StudioLimits).
     parser.add_argument("--max-train-steps", type=int,
                         help="the most steps one training run may take (default: by the model's size: 2000 on the "
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     memory = "low-vram" if args.low_vram else args.memory
     if memory == "auto" and os.environ.get("SPACES_ZERO_GPU"):
         memory = "fast"  # ZeroGPU: no GPU to measure at start-up; each call gets a 40-70 GB slice of an A100/H200
-    options = apply_preset(memory, LoadOptions(device=args.device, config=args.model_config))
+    options = apply_preset(memory, LoadOptions(device=args.device, config=args.model_config, dtype=args.dtype,
+                                                 quantize=args.quantize))
     manager = ModelManager(options)
     try:
         model = manager.load(args.model)

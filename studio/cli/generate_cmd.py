@@ -10,6 +10,7 @@ word and the LoRA learned with it, so `--prompt "<w> on a black background"` nee
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -45,10 +46,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--memory", default="fast", choices=MEMORY_MODES,
                    help="memory mode (studio.engine.memory): fast (default), balanced, low-vram, or auto (by free "
                         "GPU memory)")
+    add_weight_options(p)
     p.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (several: -1, -2 ... appended); "
                                                                      "an existing one is kept unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace existing output PNGs")
     p.set_defaults(func=run)
+
+
+def add_weight_options(p: argparse.ArgumentParser) -> None:
+    """`--dtype` and `--quantize`: how the base model's weights are held (`studio.engine.models.LoadOptions`)."""
+    from studio.engine.models import DTYPE_NAMES, QUANTIZE
+
+    p.add_argument("--dtype", choices=DTYPE_NAMES,
+                   help="base weights' precision (default: fp32 on CPU; on a GPU fp16, SD3/Flux on CUDA bf16)")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
+                   help="SD3/Flux on CUDA: their transformer and T5 in 8 or 4 bits (bitsandbytes: pip install -e "
+                        "'.[quantize]')")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         check_new_output(out, overwrite=args.overwrite)
     # 2. The model.
     mode = preset(args.memory)  # `auto` resolves to one of the named modes here, once
-    model = ModelManager(apply_preset(mode.name)).load(args.model)
+    options = replace(apply_preset(mode.name), dtype=args.dtype, quantize=args.quantize)
+    model = ModelManager(options).load(args.model)
     print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explain(model.device)}")
     settings = memory_settings(model.pipe)
     print("memory settings on", model.device.type + ":", ", ".join(f"{k.replace('_', ' ')} {'on' if v else 'off'}"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 from tqdm import tqdm
 
+from studio.cli.generate_cmd import add_weight_options
 from studio.engine.memory import MEMORY_MODES
 from studio.training.config import LORA_TARGETS, METHODS
 
@@ -59,6 +60,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "once the pictures are encoded; auto: by free GPU memory (fast on CPU)")
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
                    help="autocast the frozen model (vectors stay fp32); auto: none on CPU, the model's dtype on GPU")
+    add_weight_options(p)
 
 def _add_variant_options(p: argparse.ArgumentParser) -> None:
     """The Textual Inversion paper's variants of what the word learns (ti, xti, pivotal)."""
@@ -190,16 +192,13 @@ def _load_model(args: argparse.Namespace) -> tuple[LoadedModel, PartialState]:
     import torch
     from accelerate import PartialState
 
-    from studio.engine.models import ModelManager
+    from studio.engine.models import LoadOptions, ModelManager
 
     # With no GPU, processes launched by `accelerate launch --multi_gpu` (torch's elastic launcher) join over gloo:
     # accelerate makes that group only when told the run is on the CPU.
     processes = PartialState(cpu=not torch.cuda.is_available())
-    options = None
-    if processes.num_processes > 1:
-        from studio.engine.models import LoadOptions
-
-        options = LoadOptions(device=str(processes.device))
+    device = str(processes.device) if processes.num_processes > 1 else None
+    options = LoadOptions(device=device, dtype=args.dtype, quantize=args.quantize)
     return ModelManager().load(args.model, options), processes
 
 

@@ -184,6 +184,21 @@ def detect_family(pipe) -> str:
     return family_of_pipe(pipe).id
 
 
+def family_of_index(index: dict) -> ModelFamily | None:
+    """The family a diffusers `model_index.json` names by its denoiser's class (SD3, Flux), before anything loads;
+    None for a UNet (SD 1.x/2.x/SDXL are told apart by their encoders' widths, once loaded)."""
+    for family in FAMILIES.values():
+        entry = index.get(family.denoiser)
+        if family.denoiser_class and isinstance(entry, list) and entry[-1:] == [family.denoiser_class]:
+            return family
+    return None
+
+
+def t5_keys(family: ModelFamily) -> tuple[str, ...]:
+    """The pipeline attributes of the family's T5 encoders (its word files' "t5"): ("text_encoder_2",) for Flux."""
+    return tuple(key for key, name in zip(family.encoder_keys, family.file_names) if name == "t5")
+
+
 def family_of_file_names(names) -> ModelFamily | None:
     """The family whose word files hold exactly these encoder names (`{"clip_l", "t5"}`: Flux), or None."""
     return next((f for f in FAMILIES.values() if f.file_names and set(f.file_names) == set(names)), None)

@@ -7,6 +7,7 @@ configs of `LoadOptions.config`; see `studio.engine.single_file`), or a hub id (
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import os
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from studio.engine.families import FAMILIES, ModelFamily, detect_family, encoder_dims, encoders_of, family_of_pipe
+from studio.engine.families import (FAMILIES, ModelFamily, detect_family, encoder_dims, encoders_of, family_of_index,
+                                    family_of_pipe, t5_keys)
 from studio.engine.learned.ip_adapter import ImageAdapterCache
 from studio.engine.learned.lora import LoraCache
 from studio.engine.prompts import PromptEncoder
@@ -34,7 +36,10 @@ NO_SAFETY_CHECKER = {"safety_checker": None, "requires_safety_checker": False}
 @dataclass(frozen=True)
 class LoadOptions:
     device: str | None = None  # None: cuda > mps > cpu
-    dtype: str | None = None  # None: fp16 on GPU, fp32 on CPU
+    dtype: str | None = None  # "fp32" | "fp16" | "bf16"; None: fp32 on CPU, else fp16 (SD3/Flux on CUDA: bf16)
+    # "none" | "8bit" | "4bit": SD3's and Flux's transformer and T5 quantized by bitsandbytes as they load (diffusers'
+    # PipelineQuantizationConfig; CUDA only)
+    quantize: str = "none"
     attention: str = "auto"  # "auto" (xformers on CUDA when installed, else SDPA) | "sdpa" | "xformers"
     attention_slicing: bool = False
     vae_slicing: bool = False
@@ -56,14 +61,62 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # what --dtype offers (DTYPES also takes torch's names)
+QUANTIZE = ("none", "8bit", "4bit")  # base weights as loaded: as stored, or bitsandbytes' int8 / NF4
+
+
+def pick_dtype(requested: str | None, device: torch.device, family: ModelFamily | None = None,
+               bf16_supported: bool | None = None) -> torch.dtype:
+    """The dtype of the base weights: `requested`, else fp32 on the CPU, bf16 for SD3/Flux on a CUDA GPU that has it
+    (diffusers' documentation loads both with torch.bfloat16: Flux was trained in bf16; `bf16_supported` None: ask
+    torch), else fp16."""
     if requested:
-        if requested not in names:
-            raise ModelError(f"dtype must be one of {', '.join(names)}, not {requested!r}")
-        return names[requested]
-    return torch.float32 if device.type == "cpu" else torch.float16
+        if requested not in DTYPES:
+            raise ModelError(f"dtype must be one of {', '.join(DTYPES)}, not {requested!r}")
+        return DTYPES[requested]
+    if device.type == "cpu":
+        return torch.float32
+    if family is not None and family.objective == "flow" and device.type == "cuda":
+        if torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported:
+            return torch.bfloat16
+    return torch.float16
+
+
+def check_quantize(quantize: str, device: torch.device) -> None:
+    """Refuse, before anything loads, 8-bit/4-bit weights where bitsandbytes cannot run them: on a device that is
+    not CUDA (diffusers' bitsandbytes quantizer also takes XPU/MPS, which the studio does not test), or without the
+    package."""
+    if quantize not in QUANTIZE:
+        raise ModelError(f"quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")
+    if quantize == "none":
+        return
+    if device.type != "cuda":
+        raise ModelError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes), and this model loads on "
+                         f"{device.type}; leave --quantize out (on a GPU, --dtype bf16 halves the weights too)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"--quantize {quantize} needs bitsandbytes: pip install -e '.[quantize]' "
+                         "(or pip install bitsandbytes), or leave --quantize out")
+
+
+def quantization_config(quantize: str, family: ModelFamily | None, compute_dtype: torch.dtype):
+    """diffusers' `PipelineQuantizationConfig` that loads `family`'s denoiser and T5 encoders in 8 or 4 bits
+    (bitsandbytes; 4-bit as NF4 computing in `compute_dtype`, as diffusers' Flux quantization docs do); None for
+    "none". The CLIP encoders, the VAE and the input embeddings stay as they are (the words are vectors there).
+    Offered for SD3 and Flux, whose transformer and T5 are most of their weights; SD 1.x/2.x/SDXL are refused."""
+    if quantize == "none":
+        return None
+    if family is None or family.objective != "flow":
+        what = family.title if family else "this model"
+        raise ModelError(f"--quantize {quantize} is offered for SD3 and Flux (their transformer and T5); "
+                         f"{what} is not one: leave --quantize out and use --dtype fp16")
+    from diffusers import PipelineQuantizationConfig
+
+    kwargs = ({"load_in_8bit": True} if quantize == "8bit" else
+              {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": compute_dtype})
+    return PipelineQuantizationConfig(quant_backend=f"bitsandbytes_{quantize}", quant_kwargs=kwargs,
+                                      components_to_quantize=[family.denoiser, *t5_keys(family)])
 
 
 @dataclass
@@ -77,6 +130,7 @@ class LoadedModel:
     pipe: object
     attention: str
     is_demo: bool = False
+    quantize: str = "none"  # LoadOptions.quantize: "8bit"/"4bit" when the denoiser and T5 hold bitsandbytes weights
     lock: threading.RLock = field(default_factory=threading.RLock)
     lora_cache: LoraCache = field(default_factory=LoraCache)  # LoRA adapters in the denoiser and text encoders (learned.lora)
     image_adapters: ImageAdapterCache = field(default_factory=ImageAdapterCache)  # IP-Adapters (learned.ip_adapter)
@@ -133,16 +187,23 @@ def pipeline_over(pipe, cls=None, **replace):
     return cls(**{**modules, **flags, **replace})
 
 
-def _from_pretrained(src: str, dtype: torch.dtype):
-    """A diffusers folder or hub id, without its safety checker (`NO_SAFETY_CHECKER`) where the pipeline has one."""
+def _from_pretrained(src: str, opts: LoadOptions, device: torch.device):
+    """A diffusers folder or hub id in the dtype (and quantization) `opts` give for its family, without its safety
+    checker (`NO_SAFETY_CHECKER`) where the pipeline has one; (pipeline, dtype)."""
     from diffusers import DiffusionPipeline
     from huggingface_hub import hf_hub_download
 
-    index = Path(src) / "model_index.json"  # the pipeline's components
-    if not index.is_file():
-        index = Path(hf_hub_download(src, "model_index.json"))
-    extra = NO_SAFETY_CHECKER if "safety_checker" in json.loads(index.read_text()) else {}
-    return DiffusionPipeline.from_pretrained(src, dtype=dtype, **extra)
+    index_file = Path(src) / "model_index.json"  # the pipeline's components
+    if not index_file.is_file():
+        index_file = Path(hf_hub_download(src, "model_index.json"))
+    index = json.loads(index_file.read_text())
+    family = family_of_index(index)
+    dtype = pick_dtype(opts.dtype, device, family)
+    extra = NO_SAFETY_CHECKER if "safety_checker" in index else {}
+    quantization = quantization_config(opts.quantize, family, dtype)
+    if quantization is not None:
+        extra["quantization_config"] = quantization
+    return DiffusionPipeline.from_pretrained(src, dtype=dtype, **extra), dtype
 
 
 def whole_sentences(text: str, limit: int = 300) -> str:
@@ -210,20 +271,24 @@ class ModelManager:
 
     def _load(self, src: str, opts: LoadOptions, is_demo: bool) -> LoadedModel:
         device = pick_device(opts.device)
-        dtype = pick_dtype(opts.dtype, device)
+        dtype = pick_dtype(opts.dtype, device)  # a single file's; a folder's follows its family (_from_pretrained)
+        check_quantize(opts.quantize, device)
         path = Path(src)
         try:
             if is_demo and not (path / "model_index.json").is_file():
                 raise ModelError(f"the built-in demo model is missing from {path}; build it with "
                                  "`python -m studio.demo.build` or pass --model (hub id, folder or .safetensors file)")
             if path.is_file():
+                if opts.quantize != "none":
+                    raise ModelError(f"--quantize {opts.quantize} loads diffusers folders and hub ids; {path.name} "
+                                     "is a single file: convert it to a folder first, or leave --quantize out")
                 pipe = self._load_single_file(path, opts, dtype)
             elif path.is_dir():
                 if not (path / "model_index.json").is_file():
                     raise ModelError(f"{path} is not a diffusers model folder (no model_index.json)")
-                pipe = _from_pretrained(src, dtype)
+                pipe, dtype = _from_pretrained(src, opts, device)
             elif src.count("/") == 1 and not src.startswith((".", "/")):
-                pipe = _from_pretrained(src, dtype)
+                pipe, dtype = _from_pretrained(src, opts, device)
             else:
                 raise ModelError(f"no model at {src!r}: give a diffusers folder, a .safetensors/.ckpt file or a hub id")
         except ModelError:
@@ -234,7 +299,7 @@ class ModelManager:
             raise ModelError(f"{src!r} is not a Stable Diffusion model (no text encoder / UNet)")
         pipe.set_progress_bar_config(disable=True)
         attention = self._apply_options(pipe, opts, device)
-        return LoadedModel(src, detect_family(pipe), device, dtype, pipe, attention, is_demo)
+        return LoadedModel(src, detect_family(pipe), device, dtype, pipe, attention, is_demo, quantize=opts.quantize)
 
     @staticmethod
     def _load_single_file(path: Path, opts: LoadOptions, dtype: torch.dtype):

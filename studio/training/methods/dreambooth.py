@@ -42,6 +42,11 @@ class DreamBooth(Method):
         return self._unet if self._unet is not None else self.model.denoiser
 
     def add_weights(self) -> dict[str, torch.nn.Parameter]:
+        from studio.training.data import TrainError
+
+        if self.model.quantize != "none":  # bitsandbytes' int8/NF4 weights are not parameters that can learn
+            raise TrainError(f"dreambooth fine-tunes every weight of the denoiser, which is loaded in "
+                             f"{self.model.quantize}; load the model without --quantize, or train pivotal or lora")
         unet = copy.deepcopy(self.model.denoiser).to(torch.float32)  # fp32 master weights, the model's dtype under
         if getattr(unet, "peft_config", None):                           # autocast
             unet.unload_lora()  # the LoRA cache's adapters are the shared UNet's, not the model's to fine-tune

@@ -57,7 +57,8 @@ def describe(studio: Studio, operator: Operator | None = None) -> str:
         what = f"**Loaded:** `{(operator.name_of(m.source) if operator else None) or m.name}`."
     family = (f"**{m.family}** architecture with its own {m.encoder_dims['text_encoder']}-wide text encoder: concept "
               f"files made for real SD 1.x/2.x/SDXL models need that model" if m.is_demo else f"**{m.family}**")
-    return (f"{what}\n\nFamily {family}, {m.device} / {str(m.dtype).replace('torch.', '')}, "
+    quantized = f" ({m.quantize} transformer and T5)" if m.quantize != "none" else ""
+    return (f"{what}\n\nFamily {family}, {m.device} / {str(m.dtype).replace('torch.', '')}{quantized}, "
             f"attention {m.attention}. Memory mode: {studio.describe_memory()}")
 
 
