@@ -11,8 +11,9 @@ library folder of N files (swap_speed's one-vector filler words), per request:
 - patch: what the concept adds to a request beyond a prompt without it: its plan (`plan_request`: the word replaced
   in the prompt and the negative prompt), the adapter's processors, projection and config put on the shared UNet
   and back (`image_prompts_applied` in an ExitStack, as `generate` enters it) and its `ip_adapter_image_embeds`,
-  minus the plan of the same prompt without a concept. The adapter is converted once per model, on its first use,
-  timed apart ("first use"): every later request pays the patch only. No denoising: the extra attention of the
+  minus the plan of the same prompt without a concept. The adapter is converted once per model and its processors
+  slotted once per order of adapters, on their first use, timed apart ("first use"): every later request pays the
+  patch only (the kept processors set on the cross-attention layers, their scales, and back). No denoising: the extra attention of the
   image tokens is per step of any request that uses the concept, not a swap.
 Prints medians; the last line is `image concept swap ms at N files: resolve R + patch P = T; first use F`.
 """
@@ -33,7 +34,6 @@ from lora_swap import build_unet
 from studio.engine.learned.image_prompt import ImageConcept
 from studio.engine.learned.image_prompt_files import save_image_concept
 from studio.engine.learned.ip_adapter import read_adapter
-from studio.engine.learned.layer_word import cross_attention_layers
 from studio.engine.learned.plan import Use, plan_request
 from studio.engine.learned.word import Concept
 from studio.engine.models import LoadedModel
@@ -50,7 +50,10 @@ def random_adapter(unet, path: Path, generator: torch.Generator) -> Path:
     tensors = {"image_proj.proj.weight": torch.randn(TOKENS * cross, IMAGE_EMBED, generator=generator) * 0.02,
                "image_proj.proj.bias": torch.zeros(TOKENS * cross), "image_proj.norm.weight": torch.ones(cross),
                "image_proj.norm.bias": torch.zeros(cross)}
-    for n, key in enumerate(cross_attention_layers(unet)):  # diffusers numbers them 1, 3, 5, ... in this order
+    # diffusers numbers the cross-attention layers 1, 3, 5, ... in `unet.attn_processors` order (down, up, mid
+    # blocks: registration order), not in forward order (`cross_attention_layers`)
+    cross_keys = [key.removesuffix(".processor") for key in unet.attn_processors if key.endswith("attn2.processor")]
+    for n, key in enumerate(cross_keys):
         hidden = unet.get_submodule(key).to_k.out_features
         for part in ("to_k_ip", "to_v_ip"):
             tensors[f"ip_adapter.{2 * n + 1}.{part}.weight"] = torch.randn(hidden, cross, generator=generator) * 0.02
@@ -108,7 +111,7 @@ def main() -> None:
     # 2. First use (the adapter converted for the model), then every later request's costs.
     processors = dict(model.denoiser.attn_processors)
     start = time.perf_counter()
-    model.image_adapters.get(model.denoiser, concept)
+    model.image_adapters.slotted(model.denoiser, [concept])
     first_ms = (time.perf_counter() - start) * 1000
     with torch.no_grad():
         resolve = resolve_ms(library, args.reps, 0.0)
@@ -122,7 +125,7 @@ def main() -> None:
     print(f"{args.size}: UNet {unet_m:.0f}M parameters, {len(processors)} attention processors, CPU, "
           f"{torch.get_num_threads()} thread(s); library {args.library} files ({watching})")
     print(f"medians of {args.reps} requests: resolve {resolve:.3f} ms, patch {patch:.3f} ms; first use "
-          f"(adapter converted) {first_ms:.1f} ms")
+          f"(adapter converted, processors slotted) {first_ms:.1f} ms")
     print(f"image concept swap ms at {args.library} files: resolve {resolve:.3f} + patch {patch:.3f} = "
           f"{resolve + patch:.3f}; first use {first_ms:.1f}")
 

@@ -175,6 +175,44 @@ def test_weight_0_and_no_image_concept_are_bit_identical_and_nothing_stays(model
     assert unet.config.encoder_hid_dim_type == config_type
 
 
+def test_kept_slotted_processors_take_each_requests_weight_and_touch_only_cross_attention(models, adapters,
+                                                                                           tiny_model_dirs):
+    """The slotted processors are built once per (adapters, order) and kept: a request's weight must not stick to
+    them (1.0 then 0.4 draws what a fresh model draws at 0.4), a block inside a block with the same adapters gives
+    the outer one its weight back, and only the cross-attention layers' processors change."""
+    model, adapter = models("sd1"), adapters("sd1", "plain")
+    unet = model.denoiser
+    concept = encode_pictures(model, _pictures(12), "<dog>", str(adapter))
+    fresh = _request(ModelManager().load(tiny_model_dirs["sd1"]), [(concept, 0.4)])
+    _request(model, [(concept, 1.0)])
+    assert np.array_equal(_request(model, [(concept, 0.4)]), fresh)
+    before = dict(unet.attn_processors)
+    cross = {f"{name}.processor" for name in cross_attention_layers(unet)}
+    with image_prompts_applied(model, [(concept, 0.4)]):
+        outer = dict(unet.attn_processors)
+        with image_prompts_applied(model, [(concept, 1.0)]):
+            assert {key for key, proc in unet.attn_processors.items() if proc is not before[key]} == cross
+            assert all(unet.attn_processors[key].scale == [1.0] for key in cross)
+        assert all(unet.attn_processors[key] is outer[key] and outer[key].scale == [0.4] for key in cross)
+    kept = model.image_adapters.slotted(unet, [concept]).layers  # the same objects every request
+    assert {id(outer[key]) for key in cross} == {id(proc) for _, proc in kept}
+    assert unet.attn_processors == before
+
+
+def test_an_evicted_adapter_takes_its_slotted_processors_with_it(models, adapters):
+    from studio.engine.learned.ip_adapter import ImageAdapterCache
+
+    model = models("sd1")
+    plain, plus = (encode_pictures(model, _pictures(13), "<dog>", str(adapters("sd1", form)))
+                   for form in ("plain", "plus"))
+    cache = ImageAdapterCache(max_adapters=1)
+    first = cache.slotted(model.denoiser, [plain])
+    assert cache.slotted(model.denoiser, [plain]) is first  # kept
+    cache.slotted(model.denoiser, [plus])
+    assert len(cache.parts) == 1 and len(cache.slottings) == 1  # nothing holds the plain adapter's weights
+    assert cache.slotted(model.denoiser, [plain]) is not first
+
+
 def test_composes_with_words_and_per_layer_words(models, adapters):
     """A per-layer word whose layers all hold one word's vectors draws that word's picture, image prompt or not."""
     model, adapter = models("sd1"), adapters("sd1", "plain")

@@ -9,8 +9,8 @@ adapters are read; FaceID (face embeddings from insightface) is refused in one l
 The adapter is converted by diffusers' own loader functions (`UNet2DConditionModel._convert_ip_adapter_attn_to_
 diffusers`, `_convert_ip_adapter_image_proj_to_diffusers`: what `load_ip_adapter` runs) once per model and kept in
 `LoadedModel.image_adapters` (`ImageAdapterCache`), outside the UNet. A request with image prompts patches the shared
-UNet for its length (`image_prompts_applied`): diffusers' IP-Adapter processors on the cross-attention layers, one
-slot per image prompt with its weight as the slot's scale, the adapters' image projections as `encoder_hid_proj`,
+UNet for its length (`image_prompts_applied`): diffusers' IP-Adapter processors on the cross-attention layers (built
+once per order of adapters and kept), one slot per image prompt with its weight as the slot's scale, the adapters' image projections as `encoder_hid_proj`,
 `encoder_hid_dim_type = "ip_image_proj"`: the state `load_ip_adapter([...])` + `set_ip_adapter_scale([...])` leave.
 `finally` puts back what was there, so a request without image prompts runs the UNet as loaded.
 """
@@ -38,6 +38,9 @@ IMAGE_ENCODER_FOLDER = "image_encoder"  # diffusers' `load_ip_adapter(image_enco
 # Adapters converted per model and kept: an SD 1.5 adapter is ~22M parameters (44 MB in fp16), SDXL's ~100M; four
 # covers a plain and a Plus adapter of two families without holding a GPU's memory.
 MAX_CACHED_ADAPTERS = 4
+# Orders of adapters kept slotted (`ImageAdapterCache.slotted`): each is one small processor per cross-attention layer
+# (16 in SD 1.x, 70 in SDXL) around weights the adapters already hold, so a few KB; 16 covers a session's mixes.
+MAX_SLOTTINGS = 16
 
 
 class ImagePromptError(ConceptError):
@@ -132,12 +135,24 @@ class AdapterParts:
 
 
 @dataclass
+class SlottedAdapters:
+    """Adapters in one order as a request puts them on a UNet (`slot_adapters`): per cross-attention module the
+    processor with their slots, and their image projections as one module."""
+
+    layers: list[tuple[torch.nn.Module, torch.nn.Module]]  # (attention module, its slotted processor)
+    projection: torch.nn.Module
+
+
+@dataclass
 class ImageAdapterCache:
     """The IP-Adapters converted for one model (`LoadedModel.image_adapters`), least recently used first out."""
 
     max_adapters: int = MAX_CACHED_ADAPTERS
     parts: OrderedDict = field(default_factory=OrderedDict)  # (resolved path, mtime_ns, size) -> AdapterParts
     vision: dict = field(default_factory=dict)  # image encoder folder -> (CLIPVisionModelWithProjection, processor)
+    # (adapter key, ...) in a request's order -> SlottedAdapters; they share the cached adapters' weights
+    slottings: OrderedDict = field(default_factory=OrderedDict)
+    max_slottings: int = MAX_SLOTTINGS
 
     def image_encoder(self, folder: Path, device, dtype) -> tuple:
         """The CLIP vision model in `folder` and its picture processor (the folder's `preprocessor_config.json`, else
@@ -158,6 +173,20 @@ class ImageAdapterCache:
     def get(self, unet, concept: ImageConcept) -> AdapterParts:
         """The adapter `concept` names, converted for `unet` on first use. Raises `ImagePromptError` (one line) for
         an adapter not found, changed since the concept was encoded, of another kind, or not fitting the UNet."""
+        return self.parts[self._convert(unet, concept)]
+
+    def slotted(self, unet, concepts: list[ImageConcept]) -> SlottedAdapters:
+        """The adapters of `concepts`, in their order, slotted for `unet` (`slot_adapters`) on first use."""
+        keys = tuple(self._convert(unet, concept) for concept in concepts)
+        if keys not in self.slottings:
+            self.slottings[keys] = slot_adapters(unet, [self.parts[key] for key in keys])
+            while len(self.slottings) > self.max_slottings:
+                self.slottings.popitem(last=False)
+        self.slottings.move_to_end(keys)
+        return self.slottings[keys]
+
+    def _convert(self, unet, concept: ImageConcept) -> tuple:
+        """The cache key of `concept`'s adapter (its resolved path, mtime and size), converted for `unet` if new."""
         path = find_adapter(concept)
         stat = path.stat()
         key = (str(path), stat.st_mtime_ns, stat.st_size)
@@ -168,14 +197,16 @@ class ImageAdapterCache:
                                        f"{path.name} (its weights differ); encode the pictures again with this one")
             self.parts[key] = convert_adapter(unet, state_dict, path)
             while len(self.parts) > self.max_adapters:
-                self.parts.popitem(last=False)
+                gone, _ = self.parts.popitem(last=False)
+                for keys in [keys for keys in self.slottings if gone in keys]:  # their slots hold its weights
+                    del self.slottings[keys]
         self.parts.move_to_end(key)
         parts = self.parts[key]
         if parts.plus != concept.plus:
             kinds = {True: "IP-Adapter Plus (hidden states)", False: "plain IP-Adapter (image embeddings)"}
             raise ImagePromptError(f"image concept {concept.token!r} holds embeddings for a {kinds[concept.plus]} but "
                                    f"{path.name} is a {kinds[parts.plus]}; encode the pictures again with it")
-        return parts
+        return key
 
 
 def convert_adapter(unet, state_dict: dict, path: Path) -> AdapterParts:
@@ -197,42 +228,61 @@ def convert_adapter(unet, state_dict: dict, path: Path) -> AdapterParts:
     return AdapterParts(projection, cross, plus=not isinstance(projection, ImageProjection))
 
 
-def _slots_processor(slots: list[torch.nn.Module], weights: list[float]) -> torch.nn.Module:
-    """A processor of the class diffusers chose for the layer with one slot per concept: each slot the cached
-    adapter's `to_k_ip`/`to_v_ip` (shared, not copied) at its concept's weight. Built per request: no cached
-    processor is changed."""
-    first = slots[0]
-    proc = type(first)(hidden_size=first.hidden_size, cross_attention_dim=first.cross_attention_dim,
-                       num_tokens=[], scale=[])  # no slot yet: nothing allocated
-    proc.num_tokens = [n for slot in slots for n in slot.num_tokens]
-    proc.scale = list(weights)
-    proc.to_k_ip = torch.nn.ModuleList([slot.to_k_ip[0] for slot in slots])
-    proc.to_v_ip = torch.nn.ModuleList([slot.to_v_ip[0] for slot in slots])
-    return proc
+def slot_adapters(unet, parts: list[AdapterParts]) -> SlottedAdapters:
+    """The adapters `parts`, in this order, as one request puts them on `unet`: per cross-attention layer a
+    processor of the class diffusers chose for it with one slot per adapter, each slot the cached adapter's
+    `to_k_ip`/`to_v_ip` (shared, not copied); the projections as one `MultiIPAdapterImageProjection`."""
+    from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+    layers = []
+    for key, first in parts[0].processors.items():
+        slots = [p.processors[key] for p in parts]
+        proc = type(first)(hidden_size=first.hidden_size, cross_attention_dim=first.cross_attention_dim,
+                           num_tokens=[], scale=[])  # no slot yet: nothing allocated
+        proc.num_tokens = [n for slot in slots for n in slot.num_tokens]
+        proc.scale = [0.0] * len(slots)  # set per request (`image_prompts_applied`)
+        proc.to_k_ip = torch.nn.ModuleList([slot.to_k_ip[0] for slot in slots])
+        proc.to_v_ip = torch.nn.ModuleList([slot.to_v_ip[0] for slot in slots])
+        layers.append((unet.get_submodule(key.removesuffix(".processor")), proc))
+    return SlottedAdapters(layers, MultiIPAdapterImageProjection([p.projection for p in parts]))
 
 
 @contextmanager
 def image_prompts_applied(model, uses: list[tuple]) -> Iterator[None]:
     """For the block, the shared UNet reads the request's image prompts: each `(concept, weight)` an adapter slot,
     as `load_ip_adapter([...])` + `set_ip_adapter_scale([...])` would leave it; everything it had is put back in
-    `finally`. Hold the model's lock around the block (generate does)."""
-    unet = model.denoiser
-    parts = [model.image_adapters.get(unet, concept) for concept, _ in uses]
-    weights = [float(weight) for _, weight in uses]
-    originals = unet.attn_processors
-    hid_proj, hid_type = unet.encoder_hid_proj, unet.config.encoder_hid_dim_type
-    from diffusers.models.embeddings import MultiIPAdapterImageProjection
+    `finally`. Hold the model's lock around the block (generate does).
 
-    slotted = {key: _slots_processor([p.processors[key] for p in parts], weights) for key in parts[0].processors}
+    Only the cross-attention layers' processors change, each set on its own module, to processors built once per
+    (adapters, order) and kept (`ImageAdapterCache.slotted`); a request sets only their scales. `unet.set_attn_
+    processor` would walk every module of the UNet on the way in and out (the cost: docs/benchmarks.md)."""
+    unet = model.denoiser
+    slotted = model.image_adapters.slotted(unet, [concept for concept, _ in uses])
+    weights = [float(weight) for _, weight in uses]
+    before = [(module, module.processor, proc.scale) for module, proc in slotted.layers]
+    hid_proj, hid_type = unet.encoder_hid_proj, unet.config.encoder_hid_dim_type
     try:
-        unet.set_attn_processor({**originals, **slotted})
-        unet.encoder_hid_proj = MultiIPAdapterImageProjection([p.projection for p in parts])
+        for module, proc in slotted.layers:
+            proc.scale = list(weights)
+            _set_processor(module, proc)
+        unet.encoder_hid_proj = slotted.projection
         unet.config.encoder_hid_dim_type = "ip_image_proj"
         yield
     finally:
         unet.encoder_hid_proj = hid_proj
         unet.config.encoder_hid_dim_type = hid_type
-        unet.set_attn_processor(dict(originals))
+        for (module, processor, scale), (_, proc) in zip(before, slotted.layers):
+            _set_processor(module, processor)
+            proc.scale = scale  # a block around this one using the same adapters keeps its weights
+
+
+def _set_processor(attention: torch.nn.Module, processor) -> None:
+    """What `Attention.set_processor` does, without its log line: its f-string prints both processors (an
+    IP-Adapter processor's modules) whether or not anything logs, 0.1 ms a request on the tiny UNet. A processor
+    that is a module is a child module, so it leaves `_modules` before a plain one takes its place."""
+    if isinstance(attention.processor, torch.nn.Module) and not isinstance(processor, torch.nn.Module):
+        del attention.processor
+    attention.processor = processor
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
