@@ -34,8 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--perfusion-tau", type=float, metavar="TAU", help="Perfusion concepts' gate softness (0.15)")
     p.add_argument("--seed", type=int, help="seed, 0 to 2**63 - 1 (default or -1: random, printed)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--scheduler", default="euler_a")
+    p.add_argument("--guidance", type=float,
+                   help="guidance scale (default: the model's: Flux 3.5, its distilled guidance; SD3 7.0; else 7.5)")
+    p.add_argument("--scheduler", default="euler_a", help="sampler (SD3 and Flux keep their flow-matching one)")
     p.add_argument("--width", type=int, help="a multiple of 8 within the model's sizes (studio.engine.pictures."
                                             "side_limits); default: the model's size, or --init-image's working size")
     p.add_argument("--height", type=int)

@@ -61,6 +61,9 @@ class ModelFamily:
     prompt_join: str = "features"
     clip_hidden: str = "last"  # the CLIP layer its pipelines take: "last" (normed) or "penultimate" (SDXL, SD3)
     guidance: str = "cfg"  # "cfg": classifier-free guidance with a negative prompt; "distilled": Flux's guidance input
+    # A request's guidance when it sets none: diffusers' pipelines' defaults (StableDiffusionPipeline 7.5,
+    # StableDiffusion3Pipeline 7.0, FluxPipeline 3.5: FLUX.1-dev's distilled guidance); SDXL keeps SD's 7.5, as A1111.
+    default_guidance: float = 7.5
     # What a trained LoRA changes in the denoiser (peft `target_modules`): every attention projection (diffusers'
     # train_dreambooth_lora scripts: to_q/to_k/to_v/to_out.0; for SD3/Flux the transformer's `attn.`, which in Flux
     # are also the single-stream blocks' q/k/v), and the "lite" preset's keys and values that the prompt's tokens
@@ -111,6 +114,7 @@ SD3 = ModelFamily(
                "inpaint": "StableDiffusion3InpaintPipeline"},
     cross_attention="attn", native_size=1024, objective="flow", file_names=("clip_l", "clip_g", "t5"),
     optional_words=("text_encoder_3",), t5_tokens=256, prompt_join="sd3", clip_hidden="penultimate",
+    default_guidance=7.0,
     lora_targets=_MMDIT_LORA_TARGETS, lora_prompt_kv=_MMDIT_PROMPT_KV,
     kohya_prefixes=("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_"),
     how_to_load="load an SD3 model in the Model tab (e.g. stabilityai/stable-diffusion-3.5-medium, a folder or a "
@@ -120,7 +124,8 @@ FLUX = ModelFamily(
     pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"},
     cross_attention="attn", native_size=1024, objective="flow", file_names=("clip_l", "t5"),
     optional_words=("text_encoder_2",), t5_tokens=512, kohya_prefixes=("lora_unet_", "lora_te1_"),
-    prompt_join="flux", guidance="distilled", lora_targets=_MMDIT_LORA_TARGETS, lora_prompt_kv=_MMDIT_PROMPT_KV,
+    prompt_join="flux", guidance="distilled", default_guidance=3.5, lora_targets=_MMDIT_LORA_TARGETS,
+    lora_prompt_kv=_MMDIT_PROMPT_KV,
     how_to_load="load a Flux.1 model in the Model tab (e.g. black-forest-labs/FLUX.1-dev, a folder or a "
                 ".safetensors file; CLI: --model)")
 # assets/demo-model: SD 1.x's architecture with a 128-wide encoder and a VAE of its own (no fitted latent colours).

@@ -18,7 +18,7 @@ import random
 import re
 import threading
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -73,8 +73,8 @@ class GenerateRequest:
     concepts: list = field(default_factory=list)
     seed: int | None = None  # None or RANDOM_SEED: a random seed, reported in the result; else 0 <= seed < SEED_LIMIT
     steps: int = 20
-    guidance: float = 7.5
-    scheduler: str = "euler_a"
+    guidance: float | None = None  # None: the model family's (`ModelFamily.default_guidance`: Flux 3.5, SD3 7.0, 7.5)
+    scheduler: str = "euler_a"  # ignored by a flow model (SD3, Flux), which keeps its own flow-matching scheduler
     width: int | None = None  # None: the model's native size (or the init image's working size); see side_limits
     height: int | None = None
     batch: int = 1
@@ -200,11 +200,19 @@ def _scheduler_for(pipe, name: str, objective: str = "noise"):
 
 
 def infotext(req: GenerateRequest, seed: int, width: int, height: int, model_name: str,
-             plan: RequestPlan | None = None) -> str:
+             plan: RequestPlan | None = None, spec=None, scheduler: str | None = None) -> str:
     """The A1111 `parameters` text: prompt, negative prompt, then a line of `Key: value` pairs. `plan`: the
-    request's (`req.plan`), when already made."""
+    request's (`req.plan`), when already made. `spec`: the model's family record; a flow model's sampler is
+    `scheduler`, the class of its own flow-matching scheduler that drew (the request's sampler is not used), and
+    Flux's distilled guidance is written as Forge writes it ("Distilled CFG Scale"), not as a CFG scale."""
     plan = plan or req.plan
-    items = [("Steps", req.steps), ("Sampler", SCHEDULERS[req.scheduler][2]), ("CFG scale", req.guidance),
+    sampler = SCHEDULERS[req.scheduler][2]
+    guidance = ("CFG scale", req.guidance)
+    if spec is not None and spec.objective == "flow":
+        sampler = scheduler
+    if spec is not None and spec.guidance == "distilled":
+        guidance = ("Distilled CFG Scale", req.guidance)
+    items = [("Steps", req.steps), ("Sampler", sampler), guidance,
              ("Seed", seed), ("Size", f"{width}x{height}"), ("Model", model_name)]
     if req.init_image is not None:
         items.append(("Denoising strength", req.strength))
@@ -344,7 +352,9 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
     `on_step(step, total, preview)` is called after every denoising step; `preview` is a picture of the first image
     of the batch (its current x0 prediction where the scheduler makes one), at the output size, every
     `req.preview_every` steps (the VAE fallback every VAE_PREVIEW_SLOWDOWN times that), else None."""
-    # 1. Check inputs; the plan of what the request's learned things add to it.
+    # 1. Check inputs; the plan of what the request's learned things add to it; the family's guidance if unset.
+    if req.guidance is None:
+        req = replace(req, guidance=model.spec.default_guidance)
     width, height, plan = validate(model, req)
     random_seed = req.seed is None or req.seed == RANDOM_SEED
     base_seed = random.randrange(2**32 - 1) if random_seed else req.seed  # A1111's range of random seeds
@@ -375,7 +385,8 @@ def generate(model, req: GenerateRequest, *, on_step: Callable[[int, int, Image.
         stack.enter_context(torch.inference_mode())
         images = pipe(**call).images
     # 6. The parameters, A1111's way, in each picture.
-    texts = [infotext(req, s, width, height, model.name, plan) for s in seeds]
+    drew = type(pipe.scheduler).__name__
+    texts = [infotext(req, s, width, height, model.name, plan, model.spec, drew) for s in seeds]
     for image, text in zip(images, texts):
         image.info["parameters"] = text
     return GenerateResult(images, seeds, texts)
@@ -411,8 +422,9 @@ def read_infotext(image_or_path) -> dict:
     pairs = dict(m.groups() for m in re.finditer(r"\s*([\w ]+): ([^,]+)(?:,|$)", settings))
     if "Steps" in pairs:
         out["steps"] = int(pairs["Steps"])
-    if "CFG scale" in pairs:
-        out["guidance"] = float(pairs["CFG scale"])
+    for key in ("CFG scale", "Distilled CFG Scale"):  # Forge writes a Flux's guidance as the second
+        if key in pairs:
+            out["guidance"] = float(pairs[key])
     if "Seed" in pairs:
         out["seed"] = int(pairs["Seed"])
     if "Sampler" in pairs:

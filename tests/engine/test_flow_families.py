@@ -79,3 +79,26 @@ def test_flux_previews_unpack_its_latent_tokens(flow_models):
     req = GenerateRequest("a cat", seed=1, steps=2, width=64, height=48, preview_every=1)
     generate(flow_models["flux"], req, on_step=lambda step, total, preview: seen.append(preview))
     assert seen[0] is None and seen[1].size == (64, 48)  # the VAE fallback previews every 2 x preview_every steps
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_unset_guidance_is_the_familys_default_as_in_diffusers(flow_models, family):
+    """A request that sets no guidance draws what diffusers' pipeline draws with its own default (Flux 3.5, SD3 7.0),
+    not the studio's old 7.5 for every family (which would differ: the tiny Flux embeds its guidance); the infotext
+    names the flow scheduler that drew, not the ignored sampler, and Flux's guidance as Forge's distilled scale."""
+    from studio.engine.generate import read_infotext
+
+    model = flow_models[family]
+    unset = GenerateRequest("a photo of a red cat", seed=1, steps=2, width=64, height=64, preview_every=0)
+    result = generate(model, unset)
+    theirs = model.pipe("a photo of a red cat", num_inference_steps=2, width=64, height=64,
+                        generator=torch.Generator().manual_seed(1)).images[0]
+    assert np.abs(_pixels(result.images[0]) - _pixels(theirs)).max() <= 1
+    old = generate(model, GenerateRequest("a photo of a red cat", seed=1, steps=2, width=64, height=64, guidance=7.5,
+                                          preview_every=0)).images[0]
+    assert np.abs(_pixels(old) - _pixels(theirs)).max() > 1
+    text = result.infotexts[0]
+    assert "Sampler: FlowMatchEulerDiscreteScheduler" in text and "Euler a" not in text
+    default = {"sd3": 7.0, "flux": 3.5}[family]
+    assert (f"Distilled CFG Scale: {default}" if family == "flux" else f"CFG scale: {default}") in text
+    assert read_infotext(result.images[0])["guidance"] == default

@@ -85,7 +85,7 @@ def _ours(model, loras=(), prompt="a photo of a cat") -> np.ndarray:
 def _diffusers(folder, path, prompt="a photo of a cat") -> np.ndarray:
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.load_lora_weights(path)
-    picture = pipe(prompt, num_inference_steps=2, width=64, height=64, guidance_scale=7.5,
+    picture = pipe(prompt, num_inference_steps=2, width=64, height=64,
                    generator=torch.Generator().manual_seed(1)).images[0]
     return np.asarray(picture, dtype=np.int16)
 
