@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import json
 import os
 import random
 import re
@@ -27,6 +28,7 @@ from PIL import Image, PngImagePlugin
 
 from studio.engine.families import FAMILIES
 from studio.engine.files import atomic_write
+from studio.engine.learned import image_prompt
 from studio.engine.learned.lora import LoraFile, loras_applied
 from studio.engine.learned.plan import RequestPlan, Use, plan_request, uses_of
 from studio.engine.learned.word import Concept
@@ -222,6 +224,9 @@ def infotext(req: GenerateRequest, seed: int, width: int, height: int, model_nam
     if loras:
         items.append(("Lora hashes", '"' + ", ".join(f"{lora.name}: {_short_hash(lora)}" for lora, _ in loras)
                       + '"'))
+    images = [tuple(use) for use in req.concepts if isinstance(use.thing, image_prompt.ImageConcept)]
+    if images:  # at weight 0 too: its word still became its prompt text
+        items.append((image_prompt.INFOTEXT_KEY, image_prompt.infotext_value(images)))
     text = req.prompt
     tagged = {name for name, _ in plan.tags}
     missing = [f"<lora:{lora.name}:{weight:g}>" for lora, weight in loras if lora.name not in tagged]
@@ -401,10 +406,13 @@ def save_png(image: Image.Image, path: str | os.PathLike, text: str | None = Non
 
 
 _SAMPLER_TO_NAME = {v[2]: k for k, v in SCHEDULERS.items()}
+# One `Key: value` of the parameters' last line; a value with commas is quoted (A1111's `re_param`).
+_INFOTEXT_PAIR = re.compile(r'\s*([\w ]+): ("(?:\\.|[^\\"])+"|[^,]+)(?:,|$)')
 
 
 def read_infotext(image_or_path) -> dict:
-    """Parse an A1111 `parameters` chunk back into GenerateRequest fields (and `concepts` token names)."""
+    """Parse an A1111 `parameters` chunk back into GenerateRequest fields (and `concepts` token names; the image
+    concepts as `image_concepts`, token -> weight)."""
     image = image_or_path if isinstance(image_or_path, Image.Image) else Image.open(image_or_path)
     text = image.info.get("parameters")
     if not text:
@@ -419,7 +427,7 @@ def read_infotext(image_or_path) -> dict:
             line = line[len("Negative prompt:"):].strip()
         target.append(line)
     out: dict = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
-    pairs = dict(m.groups() for m in re.finditer(r"\s*([\w ]+): ([^,]+)(?:,|$)", settings))
+    pairs = {key: _unquote(value) for key, value in _INFOTEXT_PAIR.findall(settings)}
     if "Steps" in pairs:
         out["steps"] = int(pairs["Steps"])
     for key in ("CFG scale", "Distilled CFG Scale"):  # Forge writes a Flux's guidance as the second
@@ -436,5 +444,15 @@ def read_infotext(image_or_path) -> dict:
         out["strength"] = float(pairs["Denoising strength"])
     if "Concepts" in pairs:
         out["concepts"] = pairs["Concepts"].split()
+    if image_prompt.INFOTEXT_KEY in pairs:
+        out["image_concepts"] = image_prompt.read_infotext_value(pairs[image_prompt.INFOTEXT_KEY])
     return out
+
+
+def _unquote(value: str) -> str:
+    """A value as A1111 writes it: quoted (JSON) when it holds commas, else as it is."""
+    try:
+        return json.loads(value) if value.startswith('"') else value
+    except json.JSONDecodeError:
+        return value
 

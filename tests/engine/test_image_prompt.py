@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from studio.engine.families import FAMILIES
-from studio.engine.generate import GenerateRequest, generate
+from studio.engine.generate import GenerateRequest, generate, read_infotext, save_png
 from studio.engine.learned.image_encoding import encode_pictures
 from studio.engine.learned.image_prompt import embeds_arguments
 from studio.engine.learned.image_prompt_files import read_image_concept, save_image_concept
@@ -242,6 +242,25 @@ def test_composes_with_a_lora(models, adapters, tiny_model_dirs, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- files and checks
+
+
+def test_png_parameters_list_image_concepts_and_read_back(models, adapters, tmp_path):
+    """The infotext names each image concept with its weight (0 too), its adapter and the adapter's digest, in one
+    quoted value (A1111's form for values with commas); reading it back keeps every other field as it was."""
+    model, adapter = models("sd1"), adapters("sd1", "plain")
+    dog, cat = (encode_pictures(model, _pictures(14), token, str(adapter)) for token in ("<dog>", "<cat>"))
+    word = Concept("<hat>", {"text_encoder": torch.zeros(1, 768)})
+    req = GenerateRequest("<dog>, <cat> in <hat>", negative_prompt="blurry", seed=5, steps=2, width=64, height=64,
+                          guidance=6.0, preview_every=0, concepts=[(dog, 0.7), (cat, 0.0), word])
+    text = generate(model, req).infotexts[0]
+    digest = dog.adapter_sha256[:12]
+    assert f'Image concepts: "<dog>: 0.7 ip-adapter [{digest}], <cat>: 0 ip-adapter [{digest}]"' in text
+    assert str(adapter.parent) not in text  # no folder of this machine in a picture
+    back = read_infotext(save_png(Image.new("RGB", (8, 8)), tmp_path / "x.png", text))
+    assert back == {"prompt": "<dog>, <cat> in <hat>", "negative_prompt": "blurry", "steps": 2, "guidance": 6.0,
+                    "seed": 5, "scheduler": "euler_a", "width": 64, "height": 64, "concepts": ["<hat>"],
+                    "image_concepts": {"<dog>": 0.7, "<cat>": 0.0}}
+
 
 
 def test_file_reads_back_as_written_and_names_its_kind(models, adapters, tmp_path):

@@ -14,6 +14,7 @@ nothing to the request. Files: `image_prompt_files`; pictures -> concept: `image
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,10 @@ from studio.engine.prompts import split_concept_words
 
 IMAGE_CONCEPT_KIND = "image"
 EMBEDS_ARGUMENT = "ip_adapter_image_embeds"  # the pipelines' argument (diffusers' StableDiffusion*Pipeline.__call__)
+# A picture's parameters (A1111's infotext) list a request's image concepts under this key, one quoted value as A1111
+# writes "Lora hashes": "<token>: <weight> <adapter> [<adapter digest, 12 digits>], ..."
+INFOTEXT_KEY = "Image concepts"
+_INFOTEXT_ITEM = re.compile(r"(\S+): (\S+) (.*?)(?: \[([0-9a-f]+)\])?(?:, |$)")
 
 
 @dataclass(eq=False)  # identity equality, as for words: the tensors make == ambiguous
@@ -138,3 +143,19 @@ def embeds_arguments(uses: list[tuple], model, guidance: float) -> list[torch.Te
         rows = [concept.negative[None], concept.embeds[None]] if guided else [concept.embeds[None]]
         out.append(torch.cat(rows).to(device=model.device, dtype=model.dtype))
     return out
+
+
+def infotext_value(uses: list[tuple]) -> str:
+    """The infotext value (`INFOTEXT_KEY`) of a request's `(image concept, weight)` pairs: each one's token, weight,
+    adapter (its file's stem: no folder of this machine goes into a picture) and the first 12 digits of the
+    adapter's digest, which tells two adapters of one name apart."""
+    items = []
+    for concept, weight in uses:
+        digest = f" [{concept.adapter_sha256[:12]}]" if concept.adapter_sha256 else ""
+        items.append(f"{concept.token}: {float(weight):g} {Path(concept.adapter).stem}{digest}")
+    return '"' + ", ".join(items) + '"'
+
+
+def read_infotext_value(value: str) -> dict[str, float]:
+    """Token -> weight from an `infotext_value` (quotes already taken off)."""
+    return {match[1]: float(match[2]) for match in _INFOTEXT_ITEM.finditer(value)}
