@@ -290,6 +290,12 @@ def seed_or_random(value) -> int | None:
     return None if value is None or int(value) == RANDOM_SEED else int(value)
 
 
+def guidance_or_default(value) -> float | None:
+    """UI guidance field: 0 (or empty) means the loaded model's own (`ModelFamily.default_guidance`, diffusers'
+    pipeline default for its family), which the engine takes for a request without guidance."""
+    return float(value) if value else None
+
+
 def size_or_native(value) -> int | None:
     """UI size field: 0 (or empty) means the model's native size."""
     return int(value) if value else None

@@ -16,11 +16,12 @@ import gradio as gr
 
 from studio.engine.generate import SCHEDULERS, read_infotext
 from studio.ui.pickers import ConceptPickers
-from studio.ui.state import as_user_errors, seed_or_random, size_or_native, Studio, user_error
+from studio.ui.state import as_user_errors, guidance_or_default, seed_or_random, size_or_native, Studio, user_error
 from studio.ui.turns import GPU_EVENT, consumed, in_turn
 
 VARIATION_SEEDS = 4  # pictures "a photo of <concept>" over this many seeds (seed, seed + 1, ...)
 VARIATION_PROMPT = "a photo of {}"  # the paper's simplest object template
+MODEL_GUIDANCE = 0  # the guidance slider's "the model's own": sent as None, the loaded family's default_guidance
 
 
 def insert_word(token: str | None, text: str) -> str:
@@ -60,8 +61,8 @@ def gallery_stream(studio: Studio, req_fields: dict, session: str, request: gr.R
 
 def settings(seed, steps, guidance, scheduler, width, height) -> dict:
     """The request fields of the sampler settings, as the form sends them."""
-    return dict(seed=seed_or_random(seed), steps=int(steps), guidance=float(guidance), scheduler=scheduler,
-                width=size_or_native(width), height=size_or_native(height))
+    return dict(seed=seed_or_random(seed), steps=int(steps), guidance=guidance_or_default(guidance),
+                scheduler=scheduler, width=size_or_native(width), height=size_or_native(height))
 
 
 def variation_fields(studio: Studio, token: str | None, session: str, sampler: dict,
@@ -77,6 +78,12 @@ def variation_fields(studio: Studio, token: str | None, session: str, sampler: d
     return dict(prompt=VARIATION_PROMPT.format(token), batch=VARIATION_SEEDS, **sampler)
 
 
+def guidance_label(studio: Studio) -> dict:
+    """The guidance slider's label, naming what its 0 stands for on the loaded model (redrawn on page load and after
+    every model switch, through the pickers' refresh)."""
+    return gr.update(label=f"Guidance (0: the model's own, {studio.model.spec.default_guidance:g})")
+
+
 def read_png(path) -> tuple:
     """The form's values from the parameters a PNG of this studio (or A1111) carries."""
     try:
@@ -84,7 +91,8 @@ def read_png(path) -> tuple:
     except (ValueError, OSError) as exc:
         raise user_error(exc) from exc
     return (info["prompt"], info.get("negative_prompt", ""), info.get("seed", -1), info.get("steps", 20),
-            info.get("guidance", 7.5), info.get("scheduler", "euler_a"), info.get("width", 0), info.get("height", 0))
+            info.get("guidance", MODEL_GUIDANCE), info.get("scheduler", "euler_a"), info.get("width", 0),
+            info.get("height", 0))
 
 
 def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
@@ -92,6 +100,7 @@ def build_generate_tab(studio: Studio, pickers: ConceptPickers) -> None:
     handlers = generate_handlers(studio)
     ui = generate_layout(pickers)
     wire_generate(studio, ui, handlers)
+    pickers.view(ui.guidance, lambda session: guidance_label(studio))
 
 
 def generate_handlers(studio: Studio) -> SimpleNamespace:
@@ -134,7 +143,8 @@ def generate_layout(pickers: ConceptPickers) -> SimpleNamespace:
             with gr.Row():
                 ui.seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0)
                 ui.steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                ui.guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
+                ui.guidance = gr.Slider(MODEL_GUIDANCE, 15, value=MODEL_GUIDANCE, step=0.5,
+                                        label="Guidance (0: the model's own)")
             with gr.Row():
                 ui.scheduler = gr.Dropdown(list(SCHEDULERS), value="euler_a", label="Scheduler")
                 ui.width = gr.Number(label="Width (0: model's size)", value=0, precision=0)
