@@ -42,13 +42,15 @@ def run(args: argparse.Namespace) -> int:
     from studio.engine.files import check_new_output
     from studio.engine.learned.image_encoding import encode_pictures
     from studio.engine.learned.image_prompt_files import save_image_concept
-    from studio.engine.learned.ip_adapter import image_encoder_folder, resolve_adapter
-    from studio.engine.models import ModelManager
+    from studio.engine.learned.ip_adapter import adapter_file_shapes, image_encoder_folder, resolve_adapter
+    from studio.engine.learned.ip_adapter_fit import check_before_loading
+    from studio.engine.models import DEMO_MODEL_DIR, ModelManager
     from studio.engine.names import WordError, check_word
     from studio.engine.pictures import open_picture
     from studio.training.data import IMAGE_SUFFIXES
 
-    # 1. What can be checked without a model: the word, the output, the pictures, the adapter's files.
+    # 1. What can be checked without a model: the word, the output, the pictures, the adapter's files and
+    #    that they fit the model's (from its files: unet/config.json, model_index.json).
     try:
         check_word(args.token, "--token")
     except WordError as exc:
@@ -65,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--images {folder} holds no pictures ({', '.join(sorted(IMAGE_SUFFIXES))}); add 1-16 "
                         "pictures of the concept")
     pictures = [open_picture(path) for path in files]
-    image_encoder_folder(resolve_adapter(args.adapter, who="--adapter"), args.image_encoder)
+    adapter = resolve_adapter(args.adapter, who="--adapter")
+    check_before_loading(adapter_file_shapes(adapter), image_encoder_folder(adapter, args.image_encoder),
+                         args.model or str(DEMO_MODEL_DIR), f"--adapter {adapter.name}")
     # 2. The model, then one pass of the image encoder.
     model = ModelManager().load(args.model)
     started = time.perf_counter()

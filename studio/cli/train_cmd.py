@@ -138,10 +138,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = _train_config(args, mode)
     # Before the model loads: a run never ends by failing to write, nor replaces what was not asked to be replaced.
     check_train_output(cfg, args.images, args.out, overwrite=args.overwrite)
-    if cfg.init_from_encoder:  # the adapter and its image encoder are on this machine, before the model loads
-        from studio.engine.learned.ip_adapter import image_encoder_folder, resolve_adapter
+    if cfg.init_from_encoder:  # the adapter and its image encoder are here and fit the model, before it loads
+        from studio.engine.learned.ip_adapter import adapter_file_shapes, image_encoder_folder, resolve_adapter
+        from studio.engine.learned.ip_adapter_fit import check_before_loading
+        from studio.engine.models import DEMO_MODEL_DIR
 
-        image_encoder_folder(resolve_adapter(cfg.init_from_encoder, who="--init-from-encoder"))
+        adapter = resolve_adapter(cfg.init_from_encoder, who="--init-from-encoder")
+        check_before_loading(adapter_file_shapes(adapter), image_encoder_folder(adapter),
+                             args.model or str(DEMO_MODEL_DIR), f"--init-from-encoder {adapter.name}")
     model, processes = _load_model(args)
     print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explain(model.device)}")
     # Out of memory ends the run with a `failed` line naming the mode to switch to (the last good vectors saved),

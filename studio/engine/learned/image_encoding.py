@@ -20,6 +20,7 @@ from PIL import Image
 from studio.engine.learned.image_prompt import ImageConcept
 from studio.engine.learned.ip_adapter import (DEMO_ADAPTER, ImagePromptError, adapter_reads_hidden_states,
                                               image_encoder_folder, read_adapter, resolve_adapter)
+from studio.engine.learned.ip_adapter_fit import adapter_shapes, check_adapter_fit, encoder_config
 
 MAX_PICTURES = 16  # reference pictures per concept: every one adds its tokens to each cross-attention call
 
@@ -32,12 +33,14 @@ def encode_pictures(model, pictures: list[Image.Image], token: str, adapter: str
     if not 1 <= len(pictures) <= MAX_PICTURES:
         raise ImagePromptError(f"an image concept takes 1 to {MAX_PICTURES} pictures, not {len(pictures)}; pass a "
                                "folder with a few pictures of the concept")
-    # 2. The adapter: which embeddings it reads, its digest; then its vision model.
+    # 2. The adapter: which embeddings it reads, its digest, that it fits the model and the vision model; then the
+    #    vision model.
     path = resolve_adapter(adapter, who="studio encode")
     state, digest = read_adapter(path)
     hidden = adapter_reads_hidden_states(state)
     folder = image_encoder_folder(path, image_encoder)
     denoiser = model.denoiser
+    check_adapter_fit(adapter_shapes(state), denoiser, path.name, f"the model {model.name}", encoder_config(folder))
     encoder, processor = model.image_adapters.image_encoder(folder, denoiser.device, denoiser.dtype)
     # 3. One pass of the vision model over every picture (and a black one for Plus's negative half).
     pixels = processor(images=pictures, return_tensors="pt").pixel_values.to(denoiser.device, denoiser.dtype)

@@ -28,6 +28,7 @@ from typing import Iterator
 import torch
 
 from studio.engine.containers import MAX_LORA_BYTES, check_file_size, failing_closed, reason_of, safetensors_header
+from studio.engine.learned.ip_adapter_fit import adapter_shapes, check_adapter_fit
 from studio.engine.learned.word import ConceptError, ConceptMismatchError
 
 # The demo model's adapter and image encoder (studio/demo/encoder.py builds them); an image concept names it "demo".
@@ -104,6 +105,15 @@ def read_adapter(path: Path) -> tuple[dict, str]:
             raise ImagePromptError(f"{path.name}: an IP-Adapter variant the studio does not encode for (FaceID needs "
                                    "face embeddings); use a plain, Plus or full-face IP-Adapter")
         return state, tensors_digest(flat)
+
+
+def adapter_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of an adapter file's tensors (`ip_adapter_fit.adapter_shapes`); a .safetensors file's from its
+    header alone, no tensor read."""
+    if path.suffix.lower() != ".safetensors":
+        return adapter_shapes(read_adapter(path)[0])
+    with failing_closed(path, ImagePromptError, "IP-Adapter file"):
+        return {name: tuple(info["shape"]) for name, info in safetensors_header(path, ImagePromptError)[0].items()}
 
 
 def adapter_reads_hidden_states(state: dict) -> bool:
@@ -214,6 +224,7 @@ def convert_adapter(unet, state_dict: dict, path: Path) -> AdapterParts:
     loader functions, without changing `unet`; on its device and dtype."""
     from diffusers.models.embeddings import ImageProjection
 
+    check_adapter_fit(adapter_shapes(state_dict), unet, path.name)
     try:
         processors = unet._convert_ip_adapter_attn_to_diffusers([state_dict])
         projection = unet._convert_ip_adapter_image_proj_to_diffusers(state_dict["image_proj"])
