@@ -55,6 +55,10 @@ class ModelFamily:
     # with --enable_t5_ti): the word is then plain text to that encoder, as it is in diffusers' pipeline.
     optional_words: tuple[str, ...] = ()
     t5_tokens: int = 0  # the T5 prompt length its pipelines pad to (diffusers' max_sequence_length default)
+    # Encoders a pipeline of the family may be loaded without, as diffusers allows: StableDiffusion3Pipeline with
+    # `text_encoder_3=None` draws with zero T5 embeddings (`_get_t5_prompt_embeds`: t5_tokens x the transformer's
+    # joint_attention_dim); FluxPipeline has no such branch, so Flux needs its T5.
+    droppable_encoders: tuple[str, ...] = ()
     # How its encoders' outputs make the pipeline's prompt arguments (`studio.engine.prompts.JOINS`): "features"
     # (SD 1.x/2.x/SDXL: widths side by side, pooled from the last encoder), "sd3" (both CLIPs side by side, padded
     # to T5's width, then T5's tokens after them; both CLIPs pooled), "flux" (T5's tokens; CLIP-L pooled).
@@ -114,6 +118,7 @@ SD3 = ModelFamily(
                "inpaint": "StableDiffusion3InpaintPipeline"},
     cross_attention="attn", native_size=1024, objective="flow", file_names=("clip_l", "clip_g", "t5"),
     optional_words=("text_encoder_3",), t5_tokens=256, prompt_join="sd3", clip_hidden="penultimate",
+    droppable_encoders=("text_encoder_3",),
     default_guidance=7.0,
     lora_targets=_MMDIT_LORA_TARGETS, lora_prompt_kv=_MMDIT_PROMPT_KV,
     kohya_prefixes=("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_"),
@@ -167,8 +172,24 @@ def encoder_width(text_encoder) -> int:
 
 
 def encoder_dims(pipe) -> dict[str, int]:
-    """Encoder key -> input embedding width, e.g. `{"text_encoder": 768}`; what `check_fits` compares concepts with."""
+    """Encoder key -> input embedding width, e.g. `{"text_encoder": 768}`; what `check_fits` compares concepts with.
+    An encoder the pipeline was loaded without (`dropped_encoders`: SD3's T5) keeps its place, so the model is still
+    told as its family by widths, and a word's vectors for it fit (and go unused, as in diffusers' pipeline)."""
+    return {**_present_dims(pipe), **dropped_encoders(pipe)}
+
+
+def _present_dims(pipe) -> dict[str, int]:
     return {key: encoder_width(encoder) for key, _, encoder in encoders_of(pipe)}
+
+
+def dropped_encoders(pipe) -> dict[str, int]:
+    """The encoders `pipe` was loaded without that its family may drop (`ModelFamily.droppable_encoders`: SD3's
+    T5), each with the width of the zero embeddings that stand for it (the denoiser's `joint_attention_dim`, as in
+    diffusers' StableDiffusion3Pipeline)."""
+    family = family_of_pipe(pipe)
+    present = {key for key, _, _ in encoders_of(pipe)}
+    return {key: int(family.denoiser_of(pipe).config.joint_attention_dim)
+            for key in family.droppable_encoders if key not in present}
 
 
 def family_of_pipe(pipe) -> ModelFamily:
@@ -178,7 +199,7 @@ def family_of_pipe(pipe) -> ModelFamily:
     for family in FAMILIES.values():
         if family.denoiser_class and type(getattr(pipe, family.denoiser, None)).__name__ == family.denoiser_class:
             return family
-    dims = encoder_dims(pipe)
+    dims = _present_dims(pipe)
     if len(dims) == 2:
         return SDXL
     return SD2 if family_of(dims)[0] == "sd2" else SD1

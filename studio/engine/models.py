@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from studio.engine.families import (FAMILIES, ModelFamily, detect_family, encoder_dims, encoders_of, family_of_index,
-                                    family_of_pipe, t5_keys)
+                                    family_of_pipe, t5_keys, tokenizer_key)
 from studio.engine.learned.ip_adapter import ImageAdapterCache
 from studio.engine.learned.lora import LoraCache
 from studio.engine.prompts import PromptEncoder
@@ -203,6 +203,11 @@ def _from_pretrained(src: str, opts: LoadOptions, device: torch.device):
     quantization = quantization_config(opts.quantize, family, dtype)
     if quantization is not None:
         extra["quantization_config"] = quantization
+    # An encoder the family may drop, written null (what save_pretrained writes for an SD3 loaded without T5), is
+    # passed as None with its tokenizer: diffusers' from_pretrained refuses such a folder without them.
+    for key in family.droppable_encoders if family else ():
+        if index.get(key) == [None, None]:
+            extra.update({key: None, tokenizer_key(key): None})
     return DiffusionPipeline.from_pretrained(src, dtype=dtype, **extra), dtype
 
 

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from studio.engine.families import ENCODER_KEYS, FAMILIES, detect_family, encoder_width, encoders_of
+from studio.engine.families import ENCODER_KEYS, FAMILIES, detect_family, dropped_encoders, encoder_width, encoders_of
 from studio.engine.learned.word import Concept, check_fits
 from studio.engine.names import MAX_WORD_CHARS
 from studio.errors import UserError
@@ -218,7 +218,8 @@ class PromptEncoder:
     """Encodes prompts with per-request concepts for SD 1.x / 2.x (one encoder), SDXL (two CLIPs), SD3 (two CLIPs
     and T5) or Flux (CLIP-L and T5). A word's vectors for T5 stand in T5's input embeddings the same way."""
 
-    def __init__(self, tokenizers: list, text_encoders: list, family: str, force_zeros_for_empty_prompt: bool = True):
+    def __init__(self, tokenizers: list, text_encoders: list, family: str, force_zeros_for_empty_prompt: bool = True,
+                 dropped: dict[str, int] | None = None):
         if len(tokenizers) != len(text_encoders) or not 1 <= len(text_encoders) <= len(ENCODER_KEYS):
             raise ValueError(f"PromptEncoder needs one tokenizer per text encoder, 1 to {len(ENCODER_KEYS)} of each")
         self.tokenizers = tokenizers
@@ -226,13 +227,17 @@ class PromptEncoder:
         self.family = family
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.spec = FAMILIES[family]
+        # Encoders the pipeline was loaded without (SD3's T5, `families.dropped_encoders`) -> the width of the zero
+        # embeddings that stand for their tokens.
+        self.dropped = dict(dropped or {})
 
     @classmethod
     def from_pipeline(cls, pipe) -> "PromptEncoder":
-        """The encoder for a diffusers StableDiffusion(XL) pipeline, sharing its modules."""
+        """The encoder for a diffusers pipeline of any family, sharing its modules."""
         encoders = encoders_of(pipe)
         force = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", True))  # SDXL's config; SD has none
-        return cls([tok for _, tok, _ in encoders], [enc for _, _, enc in encoders], detect_family(pipe), force)
+        return cls([tok for _, tok, _ in encoders], [enc for _, _, enc in encoders], detect_family(pipe), force,
+                   dropped_encoders(pipe))
 
     # ---- tokenization -------------------------------------------------------------------------------------------
     @staticmethod
@@ -293,8 +298,9 @@ class PromptEncoder:
     # ---- encoding -----------------------------------------------------------------------------------------------
     @property
     def encoder_dims(self) -> dict[str, int]:
-        """Encoder key -> input embedding width, e.g. `{"text_encoder": 768}`: what a concept's vectors must match."""
-        return {key: encoder_width(te) for key, te in zip(ENCODER_KEYS, self.text_encoders)}
+        """Encoder key -> input embedding width, e.g. `{"text_encoder": 768}`: what a concept's vectors must match
+        (a dropped encoder's too, `families.encoder_dims`)."""
+        return {**{key: encoder_width(te) for key, te in zip(ENCODER_KEYS, self.text_encoders)}, **self.dropped}
 
     def check_concepts(self, concepts: Sequence[Concept]) -> None:
         """Raise `ConceptMismatchError` (naming the file, its sizes, the model's and what to do) for a concept that
@@ -396,6 +402,8 @@ class PromptEncoder:
                         weighting: bool = True) -> EncodedPrompt:
         """`encode` for concepts already checked against this model (`check_concepts`)."""
         outputs = [self._run_encoder(i, prompts, concepts, clip_skip, weighting) for i in range(len(self.text_encoders))]
+        like = outputs[0][0]  # diffusers makes a dropped T5's zeros in the first CLIP's dtype, on the same device
+        outputs += [(like.new_zeros(len(prompts), self.spec.t5_tokens, width), None) for width in self.dropped.values()]
         return JOINS[self.spec.prompt_join](outputs, self.family)
 
     def zeros_for_negative(self, negative_prompt: str) -> bool:

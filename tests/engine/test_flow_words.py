@@ -28,10 +28,10 @@ def _draw(model, prompt, words=()):
     return np.asarray(generate(model, req).images[0], dtype=np.int16)
 
 
-def _diffusers_with_tokens(folder, word: Concept, keys):
-    """diffusers' own pipeline with the word's vectors added as tokens <w0> <w1> to each tokenizer and table (what
-    load_textual_inversion does; SD3's pipeline has no load_textual_inversion)."""
-    pipe = DiffusionPipeline.from_pretrained(folder)
+def _diffusers_with_tokens(folder, word: Concept, keys, **load):
+    """diffusers' own pipeline (`load`: from_pretrained's arguments) with the word's vectors added as tokens <w0> <w1>
+    to each tokenizer and table (what load_textual_inversion does; SD3's pipeline has no load_textual_inversion)."""
+    pipe = DiffusionPipeline.from_pretrained(folder, **load)
     if pipe.tokenizer_2 is pipe.tokenizer or getattr(pipe, "tokenizer_3", None) is pipe.tokenizer:
         raise AssertionError("each encoder needs a tokenizer of its own here")
     for key in keys:
