@@ -69,7 +69,9 @@ def _adapter_file(folder, unet, plus: bool, seed: int):
                       "proj.bias": _random((tokens * cross,), generator),
                       "norm.weight": 1 + _random((cross,), generator, 0.05), "norm.bias": _random((cross,), generator)}
     tensors = {f"image_proj.{k}": v for k, v in image_proj.items()}
-    for n, key in enumerate(cross_attention_layers(unet)):  # diffusers numbers them 1, 3, 5, ... in this order
+    # diffusers numbers the cross-attention layers 1, 3, 5, ... in `attn_processors` order (down, up, mid blocks)
+    cross_keys = [key.removesuffix(".processor") for key in unet.attn_processors if key.endswith("attn2.processor")]
+    for n, key in enumerate(cross_keys):
         hidden = unet.get_submodule(key).to_k.out_features
         for part in ("to_k_ip", "to_v_ip"):
             tensors[f"ip_adapter.{2 * n + 1}.{part}.weight"] = _random((hidden, cross), generator, 0.5)
