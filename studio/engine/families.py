@@ -122,8 +122,8 @@ SD3 = ModelFamily(
     default_guidance=7.0,
     lora_targets=_MMDIT_LORA_TARGETS, lora_prompt_kv=_MMDIT_PROMPT_KV,
     kohya_prefixes=("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_"),
-    how_to_load="load an SD3 model in the Model tab (e.g. stabilityai/stable-diffusion-3.5-medium, a folder or a "
-                ".safetensors file; CLI: --model)")
+    how_to_load="load an SD3 model in the Model tab (e.g. stabilityai/stable-diffusion-3.5-medium or a diffusers "
+                "folder; CLI: --model)")
 FLUX = ModelFamily(
     "flux", "Flux.1", (768, 4096), denoiser="transformer", denoiser_class="FluxTransformer2DModel",
     pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"},
@@ -131,8 +131,8 @@ FLUX = ModelFamily(
     optional_words=("text_encoder_2",), t5_tokens=512, kohya_prefixes=("lora_unet_", "lora_te1_"),
     prompt_join="flux", guidance="distilled", default_guidance=3.5, lora_targets=_MMDIT_LORA_TARGETS,
     lora_prompt_kv=_MMDIT_PROMPT_KV,
-    how_to_load="load a Flux.1 model in the Model tab (e.g. black-forest-labs/FLUX.1-dev, a folder or a "
-                ".safetensors file; CLI: --model)")
+    how_to_load="load a Flux.1 model in the Model tab (e.g. black-forest-labs/FLUX.1-dev or a diffusers folder; "
+                "CLI: --model)")
 # assets/demo-model: SD 1.x's architecture with a 128-wide encoder and a VAE of its own (no fitted latent colours).
 DEMO = ModelFamily(
     "demo", "the built-in demo model", (128,), native_size=64,

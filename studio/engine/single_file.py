@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from studio.engine.families import FAMILIES
 from studio.errors import ModelError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -32,6 +33,12 @@ VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."  # HF CLIPTextModel under it
 SD2_TEXT_PREFIX = "cond_stage_model.model."  # OpenCLIP ViT-H text tower
 SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")  # CLIP-L, bigG
+# The transformer keys that tell an original SD3 / Flux file, with or without UNET_PREFIX (diffusers'
+# single_file_utils.CHECKPOINT_KEY_NAMES["sd3"], ["flux"]). Such files are named, not loaded: diffusers 0.42.1 converts
+# them one way only (no diffusers -> original converter to write a tiny file for a test), and its Flux converter
+# splits the single blocks at a fixed inner_dim of 3072 (FLUX.1's), so no tiny Flux file would load at all.
+TRANSFORMER_MARKS = {"sd3": "joint_blocks.0.context_block.adaLN_modulation.1.bias",
+                     "flux": "double_blocks.0.img_attn.norm.key_norm.scale"}
 
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 # The hub repos diffusers itself falls back to for these checkpoint types
@@ -168,8 +175,14 @@ def identify_checkpoint(shapes: Shapes) -> CheckpointInfo:
     SDXL has a second text encoder under `conditioner.embedders.1`; SD 2.x an OpenCLIP encoder under
     `cond_stage_model.model`; SD 1.x an HF CLIP encoder under `cond_stage_model.transformer` with 768-wide
     cross-attention. Inpainting UNets (9 input channels) and the SDXL refiner are named but not loaded: they
-    cannot run txt2img, which the studio's base model must.
+    cannot run txt2img, which the studio's base model must. SD3 and Flux files are named, not loaded
+    (`TRANSFORMER_MARKS`).
     """
+    for family, mark in TRANSFORMER_MARKS.items():
+        if mark in shapes or UNET_PREFIX + mark in shapes:
+            spec = FAMILIES[family]
+            return CheckpointInfo(None, f"a single-file {spec.title} checkpoint, which the studio does not load: "
+                                        f"{spec.how_to_load}")
     has_unet, has_vae = _has_prefix(shapes, UNET_PREFIX), _has_prefix(shapes, VAE_PREFIX)
     if not (has_unet and has_vae):
         return CheckpointInfo(None, _describe_other(shapes))
