@@ -122,8 +122,8 @@ SD3 = ModelFamily(
     default_guidance=7.0,
     lora_targets=_MMDIT_LORA_TARGETS, lora_prompt_kv=_MMDIT_PROMPT_KV,
     kohya_prefixes=("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_"),
-    how_to_load="load an SD3 model in the Model tab (e.g. stabilityai/stable-diffusion-3.5-medium or a diffusers "
-                "folder; CLI: --model)")
+    how_to_load="load an SD3 model in the Model tab (e.g. stabilityai/stable-diffusion-3.5-medium, a diffusers "
+                "folder, or a .safetensors file with a diffusers SD3 folder as its config; CLI: --model)")
 FLUX = ModelFamily(
     "flux", "Flux.1", (768, 4096), denoiser="transformer", denoiser_class="FluxTransformer2DModel",
     pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"},

@@ -276,7 +276,6 @@ class ModelManager:
 
     def _load(self, src: str, opts: LoadOptions, is_demo: bool) -> LoadedModel:
         device = pick_device(opts.device)
-        dtype = pick_dtype(opts.dtype, device)  # a single file's; a folder's follows its family (_from_pretrained)
         check_quantize(opts.quantize, device)
         path = Path(src)
         try:
@@ -287,7 +286,7 @@ class ModelManager:
                 if opts.quantize != "none":
                     raise ModelError(f"--quantize {opts.quantize} loads diffusers folders and hub ids; {path.name} "
                                      "is a single file: convert it to a folder first, or leave --quantize out")
-                pipe = self._load_single_file(path, opts, dtype)
+                pipe, dtype = self._load_single_file(path, opts, device)
             elif path.is_dir():
                 if not (path / "model_index.json").is_file():
                     raise ModelError(f"{path} is not a diffusers model folder (no model_index.json)")
@@ -307,21 +306,22 @@ class ModelManager:
         return LoadedModel(src, detect_family(pipe), device, dtype, pipe, attention, is_demo, quantize=opts.quantize)
 
     @staticmethod
-    def _load_single_file(path: Path, opts: LoadOptions, dtype: torch.dtype):
-        """An original-layout checkpoint: identify its family from its keys, then build it from local configs."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
+    def _load_single_file(path: Path, opts: LoadOptions, device: torch.device):
+        """An original-layout checkpoint: identify its family from its keys, then build it from local configs (and,
+        for an SD3 file without its encoders or VAE, those parts from the config folder's weights), in the dtype
+        `opts` give for its family; (pipeline, dtype)."""
         from studio.engine.single_file import (UnsafeCheckpointError, hub_offline, identify_checkpoint,
-                                              read_checkpoint_shapes, resolve_config)
+                                              parts_from_config, read_checkpoint_shapes, resolve_config)
 
-        # 1. Check the file: a known suffix, tensors only (pickles: weights_only), a complete SD txt2img model.
+        # 1. Check the file: a known suffix, tensors only (pickles: weights_only), a txt2img model the studio loads.
         #    .pt/.pth/.bin are read too, so that a concept embedding passed as a model is named as one.
         wrong_suffix = (f"{path.name}: a single-file model must be .safetensors or .ckpt, "
                         f"not {path.suffix or 'no suffix'}")
         if path.suffix not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
             raise ModelError(wrong_suffix)
         try:
-            info = identify_checkpoint(read_checkpoint_shapes(path))
+            shapes = read_checkpoint_shapes(path)
+            info = identify_checkpoint(shapes)
         except UnsafeCheckpointError:
             raise
         except ModelError as exc:
@@ -333,11 +333,18 @@ class ModelManager:
         # 2. Find the component configs (a local folder, or the hub cache) before diffusers tries the network.
         config = resolve_config(info, opts.config, path.name)
         # 3. Build the pipeline class of that family; diffusers opens .ckpt files with weights_only=True too.
-        cls, extra = ((StableDiffusionXLPipeline, {}) if info.family == "sdxl"
-                      else (StableDiffusionPipeline, NO_SAFETY_CHECKER))
+        family = FAMILIES[info.family]
+        dtype = pick_dtype(opts.dtype, device, family)
+        cls = family.pipeline_class("txt2img")
+        extra = NO_SAFETY_CHECKER if "safety_checker" in inspect.signature(cls.__init__).parameters else {}
         try:
-            return cls.from_single_file(str(path), config=config, torch_dtype=dtype,
+            if info.family == "sd3":
+                extra.update(parts_from_config(shapes, config, path.name, dtype))
+            pipe = cls.from_single_file(str(path), config=config, torch_dtype=dtype,
                                         local_files_only=hub_offline() or Path(config).is_dir(), **extra)
+            return pipe, dtype
+        except ModelError:
+            raise
         except Exception as exc:  # noqa: BLE001 - library errors become one readable message
             # diffusers' shape-mismatch advice (ignore_mismatched_sizes) would load random weights: leave it out.
             detail = whole_sentences(str(exc).split(" If you want to instead overwrite")[0]).rstrip(".")

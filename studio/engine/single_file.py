@@ -2,12 +2,14 @@
 
 A single-file checkpoint holds the UNet under `model.diffusion_model.`, the VAE under `first_stage_model.` and the
 text encoder(s) under `cond_stage_model.` (SD 1.x: HF CLIP, SD 2.x: OpenCLIP) or `conditioner.embedders.{0,1}.`
-(SDXL: CLIP-L + OpenCLIP bigG). It carries no configs: diffusers' `from_single_file` builds the pipeline from the
-component configs of a diffusers model of the same architecture (`config=`), fetched from the hub unless given.
+(SDXL: CLIP-L + OpenCLIP bigG). An SD3 file (stabilityai's) holds its MMDiT transformer under the same UNet prefix,
+and may hold its VAE and text encoders (`SD3_FILE_PARTS`). A file carries no configs: diffusers' `from_single_file`
+builds the pipeline from the component configs of a diffusers model of the same architecture (`config=`), fetched
+from the hub unless given; the parts an SD3 file lacks come from that model's weights (`parts_from_config`).
 
 - `read_checkpoint_shapes(path)`: tensor names and shapes, without unpickling anything (`.ckpt` files are opened
   with `torch.load(weights_only=True)`, the same way diffusers opens them, so a pickle that carries code is refused).
-- `identify_checkpoint(shapes)`: SD 1.x / 2.x / XL from the key layout, or what else the file seems to be.
+- `identify_checkpoint(shapes)`: SD 1.x / 2.x / XL / SD3 from the key layout, or what else the file seems to be.
 - `resolve_config(info, config)`: the local folder diffusers should read the component configs from.
 - `export_single_file(pipe, path)`: the inverse of diffusers' conversion, for sharing a model with A1111/ComfyUI.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from studio.engine.families import FAMILIES
+from studio.engine.families import FAMILIES, family_of_index, tokenizer_key
 from studio.errors import ModelError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -34,17 +36,27 @@ SD1_TEXT_PREFIX = "cond_stage_model.transformer."  # HF CLIPTextModel under it
 SD2_TEXT_PREFIX = "cond_stage_model.model."  # OpenCLIP ViT-H text tower
 SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")  # CLIP-L, bigG
 # The transformer keys that tell an original SD3 / Flux file, with or without UNET_PREFIX (diffusers'
-# single_file_utils.CHECKPOINT_KEY_NAMES["sd3"], ["flux"]). Such files are named, not loaded: diffusers 0.42.1 converts
-# them one way only (no diffusers -> original converter to write a tiny file for a test), and its Flux converter
-# splits the single blocks at a fixed inner_dim of 3072 (FLUX.1's), so no tiny Flux file would load at all.
+# single_file_utils.CHECKPOINT_KEY_NAMES["sd3"], ["flux"]).
 TRANSFORMER_MARKS = {"sd3": "joint_blocks.0.context_block.adaLN_modulation.1.bias",
                      "flux": "double_blocks.0.img_attn.norm.key_norm.scale"}
+# Why a Flux file is refused: diffusers 0.42.1's convert_flux_transformer_checkpoint_to_diffusers splits the single
+# blocks' fused linear1 at a fixed inner_dim of 3072 (FLUX.1's width), so no file smaller than FLUX.1's blocks loads,
+# and the studio has no test of that path (a 3072-wide test transformer is 546 M parameters).
+FLUX_FILE_REFUSAL = ("diffusers 0.42.1 converts only FLUX.1's full-width layout (inner_dim 3072) and the studio has no "
+                     "test of it")
+# The parts an SD3 file may hold besides its transformer, by the key prefixes diffusers' converters read
+# (convert_ldm_vae_checkpoint; CHECKPOINT_KEY_NAMES["clip_sd3"], ["open_clip_sd3"]; is_t5_in_single_file).
+# sd3_medium.safetensors holds the VAE only; the _incl_clips(_t5xxlfp16) files hold the encoders too.
+SD3_FILE_PARTS = {"vae": VAE_PREFIX, "text_encoder": "text_encoders.clip_l.", "text_encoder_2": "text_encoders.clip_g.",
+                  "text_encoder_3": "text_encoders.t5xxl."}
 
-FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
+                **{family: FAMILIES[family].title for family in ("sd3", "flux")}}
 # The hub repos diffusers itself falls back to for these checkpoint types
 # (single_file_utils.DIFFUSERS_DEFAULT_PIPELINE_PATHS).
 DEFAULT_CONFIG_REPOS = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd2": "stabilityai/stable-diffusion-2-1",
-                        "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+                        "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+                        "sd3": "stabilityai/stable-diffusion-3-medium-diffusers"}
 # What `from_single_file` downloads from a config repo (diffusers' _download_diffusers_model_config_from_hub).
 CONFIG_FILE_PATTERNS = ["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"]
 
@@ -57,9 +69,10 @@ class UnsafeCheckpointError(ModelError):
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What a single file holds. `family` is set only for a complete SD 1.x / 2.x / XL txt2img checkpoint."""
+    """What a single file holds. `family` is set only for a checkpoint the studio loads: a complete SD 1.x / 2.x / XL
+    txt2img checkpoint, or an SD3 transformer (its other parts from the file or the config's weights)."""
 
-    family: str | None  # "sd1" | "sd2" | "sdxl" | None
+    family: str | None  # "sd1" | "sd2" | "sdxl" | "sd3" | None
     description: str  # human words: "a Stable Diffusion 1.x checkpoint", "a textual-inversion embedding ..."
 
 
@@ -175,14 +188,16 @@ def identify_checkpoint(shapes: Shapes) -> CheckpointInfo:
     SDXL has a second text encoder under `conditioner.embedders.1`; SD 2.x an OpenCLIP encoder under
     `cond_stage_model.model`; SD 1.x an HF CLIP encoder under `cond_stage_model.transformer` with 768-wide
     cross-attention. Inpainting UNets (9 input channels) and the SDXL refiner are named but not loaded: they
-    cannot run txt2img, which the studio's base model must. SD3 and Flux files are named, not loaded
-    (`TRANSFORMER_MARKS`).
+    cannot run txt2img, which the studio's base model must. SD3 and Flux files are told by their transformer
+    (`TRANSFORMER_MARKS`); Flux files are named, not loaded (`FLUX_FILE_REFUSAL`).
     """
     for family, mark in TRANSFORMER_MARKS.items():
         if mark in shapes or UNET_PREFIX + mark in shapes:
+            if family == "sd3":
+                return CheckpointInfo("sd3", f"a single-file {FAMILY_NAMES['sd3']} checkpoint")
             spec = FAMILIES[family]
-            return CheckpointInfo(None, f"a single-file {spec.title} checkpoint, which the studio does not load: "
-                                        f"{spec.how_to_load}")
+            return CheckpointInfo(None, f"a single-file {spec.title} checkpoint, which the studio does not load "
+                                        f"({FLUX_FILE_REFUSAL}): {spec.how_to_load}")
     has_unet, has_vae = _has_prefix(shapes, UNET_PREFIX), _has_prefix(shapes, VAE_PREFIX)
     if not (has_unet and has_vae):
         return CheckpointInfo(None, _describe_other(shapes))
@@ -211,6 +226,9 @@ def identify_checkpoint(shapes: Shapes) -> CheckpointInfo:
 def _config_family(folder: Path) -> str | None:
     """Family of a diffusers model folder from its configs alone, as `models.detect_family` does for a pipeline."""
     index = json.loads((folder / "model_index.json").read_text())
+    by_denoiser = family_of_index(index)  # SD3 and Flux, whose folders have a text_encoder_2 too
+    if by_denoiser is not None:
+        return by_denoiser.id
     if (index.get("text_encoder_2") or [None])[0] is not None:
         return "sdxl"
     encoder_config = folder / "text_encoder" / "config.json"
@@ -258,9 +276,52 @@ def resolve_config(info: CheckpointInfo, config: str | os.PathLike | None, check
             f"{checkpoint_name} is {info.description} in the original single-file layout, which carries no configs: "
             f"diffusers builds it from the component configs of a diffusers {family_name} model ({repo} on the hub), "
             "and they are not in the local Hugging Face cache while HF_HUB_OFFLINE is set. Pass the folder of any "
-            f"diffusers {family_name} model as the config (LoadOptions(config='/path/to/model-folder'); only its "
-            f".json and tokenizer files are read), or go online once so diffusers can cache {repo}'s configs.")
+            f"diffusers {family_name} model as the config (LoadOptions(config='/path/to/model-folder'), launch.py "
+            "--model-config; its .json and tokenizer files are read, and the weights of any part the file lacks), or "
+            f"go online once so diffusers can cache {repo}'s configs.")
     return repo
+
+
+def _has_weights(folder: Path) -> bool:
+    return folder.is_dir() and any(f.suffix in (".safetensors", ".bin") for f in folder.iterdir())
+
+
+def parts_from_config(shapes: Shapes, config: str, checkpoint_name: str, dtype: torch.dtype) -> dict[str, object]:
+    """The SD3 pipeline parts (`SD3_FILE_PARTS`) that the file lacks, loaded from the weights in the `config` folder.
+
+    diffusers 0.42.1's `from_single_file` looks for a missing part's weights in the config folder under its own file
+    names only (`diffusion_pytorch_model.*`), so it cannot find a transformers encoder's `model.safetensors` there and
+    asks for the part to be passed: these are what to pass. A T5 the folder leaves out (null in model_index.json,
+    `ModelFamily.droppable_encoders`) stays out, passed as None with its tokenizer. A part whose weights are not in the
+    folder (or a config that is a hub id, not a local folder or cached snapshot) raises a ModelError naming what to pass.
+    """
+    import importlib
+
+    missing = [part for part, prefix in SD3_FILE_PARTS.items() if not _has_prefix(shapes, prefix)]
+    folder = Path(config)
+    index = json.loads((folder / "model_index.json").read_text()) if folder.is_dir() else {}
+    spec = FAMILIES["sd3"]
+    names = {"vae": "VAE", **dict(zip(spec.encoder_keys, (n.replace("_", "-").upper() for n in spec.file_names)))}
+    parts, absent = {}, []
+    for part in missing:
+        entry = index.get(part)
+        if entry == [None, None] and part in spec.droppable_encoders:
+            parts.update({part: None, tokenizer_key(part): None})  # as models._from_pretrained passes them
+            continue
+        if entry is None or not _has_weights(folder / part):
+            absent.append(part)
+            continue
+        library, class_name = entry
+        parts[part] = getattr(importlib.import_module(library), class_name).from_pretrained(
+            folder, subfolder=part, dtype=dtype)
+    if absent:
+        where = f"{str(folder)!r} holds no weights for them" if folder.is_dir() else f"{config} is not a local folder"
+        raise ModelError(
+            f"{checkpoint_name} is a single-file SD3 checkpoint without its {', '.join(names[p] for p in absent)} "
+            f"(as sd3_medium.safetensors ships), and {where}: pass the folder of a diffusers SD3 model that has them "
+            "as the config (LoadOptions(config=DIR), launch.py --model-config DIR; e.g. after `hf download "
+            f"{DEFAULT_CONFIG_REPOS['sd3']}`), or load a file that includes them (sd3_medium_incl_clips_t5xxlfp16)")
+    return parts
 
 
 # --------------------------------------------------------------------------------------------------- exporting

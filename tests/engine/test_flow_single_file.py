@@ -1,32 +1,117 @@
-"""Single-file SD3 and Flux checkpoints (the original layouts, as stabilityai's sd3_medium.safetensors and BFL's
-flux1-dev.safetensors hold them) are named and refused in one line, not taken for a UNet-only SD file: diffusers 0.42.1
-has no converter back to their layout to write a tiny one for a test, and its Flux converter reads FLUX.1's 3072-wide
-blocks only (docs/families.md)."""
+"""Single-file SD3 and Flux checkpoints (the original layouts of stabilityai's sd3_medium.safetensors and BFL's
+flux1-dev.safetensors).
+
+SD3 files load: the tiny SD3 is written in the original layout by `sd3_single_file.sd3_transformer_to_original` (the
+inverse of diffusers' converter) with its VAE, as sd3_medium.safetensors holds them, and loaded back through
+`ModelManager` -> diffusers' `StableDiffusion3Pipeline.from_single_file`, its encoders from a config folder whose
+transformer and VAE weights are deleted, so those two can only come from the file. Flux files are named and refused in
+one line: diffusers 0.42.1's Flux converter reads FLUX.1's 3072-wide blocks only (docs/families.md).
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 from safetensors.torch import save_file
 
-from studio.engine.models import ModelManager
+from studio.engine.generate import GenerateRequest, generate
+from studio.engine.models import LoadOptions, ModelManager
+from studio.engine.single_file import _vae_to_ldm, identify_checkpoint, read_checkpoint_shapes
 from studio.errors import ModelError
-
-LAYOUTS = {  # a few keys of each original file, small tensors
-    "SD3": {"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": torch.zeros(8),
-            "model.diffusion_model.x_embedder.proj.weight": torch.zeros(4, 16, 2, 2),
-            "first_stage_model.decoder.conv_out.weight": torch.zeros(3, 8, 3, 3)},
-    "Flux.1": {"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(8),
-               "single_blocks.0.linear1.weight": torch.zeros(8, 4), "img_in.weight": torch.zeros(4, 64)},
-}
+from tests.engine.sd3_single_file import sd3_transformer_to_original
+from tests.engine.test_single_file import configs_only
 
 
-@pytest.mark.parametrize("title", LAYOUTS)
-def test_a_flow_single_file_is_named_and_refused_in_one_line(tmp_path, title):
+@pytest.fixture(scope="module")
+def sd3_file(flow_model_dirs, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(sd3.safetensors: transformer + VAE, a config folder with the encoders' weights only, one with no weights)."""
+    root = tmp_path_factory.mktemp("sd3-single-file")
+    pipe = StableDiffusion3Pipeline.from_pretrained(flow_model_dirs["sd3"])
+    state = {**sd3_transformer_to_original(pipe.transformer.state_dict()),
+             **_vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config)}
+    path = root / "sd3.safetensors"
+    save_file({key: value.contiguous() for key, value in state.items()}, str(path))
+    encoders_only = Path(shutil.copytree(flow_model_dirs["sd3"], root / "encoders-only"))
+    for part in ("transformer", "vae"):
+        for weights in (encoders_only / part).glob("*.safetensors"):
+            weights.unlink()
+    return path, encoders_only, configs_only(flow_model_dirs["sd3"], root / "configs-only")
+
+
+def _picture(model) -> np.ndarray:
+    request = GenerateRequest("a red cat on the beach", seed=3, steps=2, width=32, height=32)
+    return np.asarray(generate(model, request).images[0], dtype=np.int16)
+
+
+def test_an_sd3_single_file_draws_the_folders_picture(sd3_file, flow_models):
+    """Guards the whole SD3 single-file path: the family from the keys, diffusers' converter on the file's transformer
+    and VAE (a wrong key or an unswapped scale/shift draws another picture), the encoders from the config folder."""
+    path, encoders_only, _ = sd3_file
+    assert identify_checkpoint(read_checkpoint_shapes(path)).family == "sd3"
+    model = ModelManager(LoadOptions(device="cpu", config=str(encoders_only))).load(path)
+    folder = flow_models["sd3"]
+    assert model.family == "sd3" and type(model.pipe).__name__ == "StableDiffusion3Pipeline"
+    for part in ("transformer", "vae"):
+        want, got = getattr(folder.pipe, part).state_dict(), getattr(model.pipe, part).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), part
+    assert np.abs(_picture(model) - _picture(folder)).max() <= 1
+
+
+def _without_t5(folder: Path, dest: Path) -> Path:
+    """`folder` as diffusers' save_pretrained writes an SD3 loaded with text_encoder_3=None: no T5, null in the index."""
+    dest = Path(shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3")))
+    index = json.loads((dest / "model_index.json").read_text())
+    (dest / "model_index.json").write_text(json.dumps({**index, "text_encoder_3": [None, None],
+                                                       "tokenizer_3": [None, None]}))
+    return dest
+
+
+def test_an_sd3_single_file_on_a_folder_without_t5_draws_as_that_folder(sd3_file, flow_model_dirs, tmp_path):
+    """A config folder saved without T5 gives a pipeline without T5 (diffusers' from_single_file asks for the null
+    T5 unless it is passed as None), drawing the picture that folder draws."""
+    path, encoders_only, _ = sd3_file
+    model = ModelManager(LoadOptions(device="cpu", config=str(_without_t5(encoders_only, tmp_path / "a")))).load(path)
+    assert model.pipe.text_encoder_3 is None and model.pipe.tokenizer_3 is None
+    folder = ModelManager(LoadOptions(device="cpu")).load(_without_t5(flow_model_dirs["sd3"], tmp_path / "b"))
+    assert np.abs(_picture(model) - _picture(folder)).max() <= 1
+
+
+def test_the_inverse_converter_round_trips_every_block_kind():
+    """The tiny SD3 has one block (the last, whose context stream ends early); SD3.5's qk norms and second attention
+    and the inner blocks are checked here through diffusers' own converter, weight for weight."""
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,
+        pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0, 1))
+    state = transformer.state_dict()
+    back = convert_sd3_transformer_checkpoint_to_diffusers(sd3_transformer_to_original(state))
+    assert back.keys() == state.keys()
+    assert [k for k in state if not torch.equal(back[k], state[k])] == []
+
+
+def test_an_sd3_file_without_encoders_and_no_weights_to_take_them_from_says_what_to_pass(sd3_file):
+    path, _, configs_only = sd3_file
+    with pytest.raises(ModelError) as err:
+        ModelManager(LoadOptions(device="cpu", config=str(configs_only))).load(path)
+    message = str(err.value)
+    assert message.startswith("sd3.safetensors is a single-file SD3 checkpoint without its CLIP-L, CLIP-G, T5 (")
+    assert "holds no weights for them" in message and "LoadOptions(config=DIR)" in message and "\n" not in message
+
+
+def test_a_flux_single_file_is_named_and_refused_in_one_line_with_the_reason(tmp_path):
     path = tmp_path / "model.safetensors"
-    save_file(LAYOUTS[title], str(path))
+    save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(8),
+               "single_blocks.0.linear1.weight": torch.zeros(8, 4), "img_in.weight": torch.zeros(4, 64)}, str(path))
     with pytest.raises(ModelError) as err:
         ModelManager().load(path)
     message = str(err.value)
-    assert message.startswith(f"model.safetensors is a single-file {title} checkpoint, which the studio does not load")
+    assert message.startswith("model.safetensors is a single-file Flux.1 checkpoint, which the studio does not load "
+                              "(diffusers 0.42.1 converts only FLUX.1's full-width layout (inner_dim 3072)")
     assert "diffusers folder" in message and "\n" not in message
