@@ -44,15 +44,21 @@ def _diffusers_form(pipe, path, seed: int):
     return path
 
 
-def _alphas_form(pipe, path, seed: int):
-    """diffusers' form with an alpha per transformer pair (`transformer.….alpha`, as some shared Flux LoRAs hold)."""
+def _alphas_form(pipe, path, seed: int, part: str = "transformer.", alpha: float = 2.0):
+    """diffusers' form with an alpha per pair of `part` (`transformer.….alpha`, as some shared Flux LoRAs hold)."""
     from safetensors.torch import load_file
 
     weights = load_file(_diffusers_form(pipe, path, seed))
-    for key in [k for k in weights if k.startswith("transformer.") and k.endswith(".lora_A.weight")]:
-        weights[key.replace(".lora_A.weight", ".alpha")] = torch.tensor(2.0)
+    for key in [k for k in weights if k.startswith(part) and k.endswith(".lora_A.weight")]:
+        weights[key.replace(".lora_A.weight", ".alpha")] = torch.tensor(alpha)
     save_file(weights, path)
     return path
+
+
+def _text_alphas_form(pipe, path, seed: int):
+    """Alphas on the text encoder's pairs alone (diffusers' Flux loader folds those too; before, the studio folded
+    alphas only when a transformer pair had one): alpha 4x the rank, so that dropping them shows."""
+    return _alphas_form(pipe, path, seed, part="text_encoder.", alpha=4.0 * RANK)
 
 
 def _kohya_flux(pipe, path, seed: int):
@@ -97,11 +103,12 @@ def _base_weights(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("family, layout", [("sd3", "diffusers"), ("flux", "diffusers"), ("flux", "kohya"),
-                                            ("flux", "alphas")])
+                                            ("flux", "alphas"), ("flux", "text-alphas")])
 def test_lora_draws_what_diffusers_load_lora_weights_draws(flow_models, flow_model_dirs, tmp_path, family, layout):
     """Within 1/255 of diffusers' own loader; weight 0 and no LoRA after it are the plain picture bit for bit."""
     model, folder = flow_models[family], flow_model_dirs[family]
-    write = {"diffusers": _diffusers_form, "kohya": _kohya_flux, "alphas": _alphas_form}[layout]
+    write = {"diffusers": _diffusers_form, "kohya": _kohya_flux, "alphas": _alphas_form,
+             "text-alphas": _text_alphas_form}[layout]
     path = write(DiffusionPipeline.from_pretrained(folder), tmp_path / f"{family}-{layout}.safetensors", seed=3)
     lora = load_lora(path)
     assert lora.families == ((family,) if layout == "kohya" or family == "flux" else ("flux", "sd3"))

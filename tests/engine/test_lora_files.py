@@ -170,6 +170,36 @@ def test_kohya_alpha_is_folded_into_the_up_matrices(sd1_lora, tmp_path):
         torch.testing.assert_close(half_dict[key], expected)
 
 
+def text_encoder_output(pipe) -> torch.Tensor:
+    """The text encoder's hidden states for fixed token ids: what a LoRA on it changes."""
+    with torch.no_grad():
+        return pipe.text_encoder(torch.arange(8)[None] % pipe.text_encoder.config.vocab_size)[0]
+
+
+def test_diffusers_form_alphas_are_folded_as_diffusers_network_alphas(sd1_lora, tiny_model_dirs, tmp_path):
+    """A diffusers-form file with an `.alpha` per pair (unet. and text_encoder.). diffusers 0.42.1's SD
+    `load_lora_weights` refuses it (it reads alphas from kohya names only; its Flux loader folds them:
+    tests/engine/test_flow_lora.py), and its network-alpha path scales each pair by alpha / rank: the studio's state
+    dict draws what that path draws, where before the alphas were dropped (the scale-1 output)."""
+    raw = load_file(sd1_lora)
+    alphas = {k.replace(".lora_A.weight", ".alpha"): torch.tensor(2.0 * RANK) for k in raw if ".lora_A." in k}
+    path = tmp_path / "alphas.safetensors"
+    save_file({**raw, **alphas}, path)
+    with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):
+        fresh_pipe(tiny_model_dirs, "sd1").load_lora_weights(str(path))
+
+    network_alphas = {key: float(alpha) for key, alpha in alphas.items()}
+    reference = fresh_pipe(tiny_model_dirs, "sd1")
+    reference.load_lora_into_unet(raw, network_alphas=network_alphas, unet=reference.unet)
+    reference.load_lora_into_text_encoder(raw, network_alphas=network_alphas, text_encoder=reference.text_encoder)
+    ours, unscaled = fresh_pipe(tiny_model_dirs, "sd1"), fresh_pipe(tiny_model_dirs, "sd1")
+    load_in_diffusers(ours, load_lora(path).state_dict)
+    load_in_diffusers(unscaled, load_lora(sd1_lora).state_dict)
+    for output in (unet_output, text_encoder_output):
+        torch.testing.assert_close(output(ours), output(reference), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(output(ours), output(unscaled), atol=1e-3), f"{output.__name__}: alphas dropped"
+
+
 def test_sdxl_kohya_file_with_sgm_block_names_is_placed_and_reports_sdxl(tmp_path):
     """Kohya names SDXL's UNet blocks as sgm does (`input_blocks_4_1` = down_blocks.1.attentions.0 on SDXL base)."""
     path = tmp_path / "xl-kohya.safetensors"

@@ -158,8 +158,11 @@ def _load_lora(path: Path, unet_config: object | None) -> LoraFile:
     elif weights and all(k.startswith(KOHYA_PREFIXES) for k in weights):
         source_format = "kohya"
         weights = _from_kohya(weights, path, unet_config)
-    elif any(k.startswith("transformer.") and k.endswith(".alpha") for k in weights):
-        weights = _fold_alphas(weights, path, ".lora_A.weight", ".lora_B.weight")  # as diffusers' network alphas
+    elif any(k.endswith(".alpha") for k in weights):
+        # diffusers' form with an alpha per pair (transformer., text_encoder., unet.): alpha / rank folded, as
+        # diffusers 0.42.1's Flux loader reads them (network alphas). Its SD/SDXL/SD3 `load_lora_weights` refuses
+        # such a file ("Invalid LoRA checkpoint"); folded, it draws what their network-alpha path draws.
+        weights = _fold_alphas(weights, path, ".lora_A.weight", ".lora_B.weight")
     modules, ranks, shapes = _pairs(weights, path)
     if not modules:
         listed = ", ".join(sorted(data)[:6])
