@@ -310,8 +310,9 @@ class ModelManager:
         """An original-layout checkpoint: identify its family from its keys, then build it from local configs (and,
         for an SD3 file without its encoders or VAE, those parts from the config folder's weights), in the dtype
         `opts` give for its family; (pipeline, dtype)."""
-        from studio.engine.single_file import (UnsafeCheckpointError, hub_offline, identify_checkpoint,
-                                              parts_from_config, read_checkpoint_shapes, resolve_config)
+        from studio.engine.single_file import (UnsafeCheckpointError, check_weights_set, hub_offline,
+                                              identify_checkpoint, parts_from_config, read_checkpoint_shapes,
+                                              resolve_config)
 
         # 1. Check the file: a known suffix, tensors only (pickles: weights_only), a txt2img model the studio loads.
         #    .pt/.pth/.bin are read too, so that a concept embedding passed as a model is named as one.
@@ -342,7 +343,6 @@ class ModelManager:
                 extra.update(parts_from_config(shapes, config, path.name, dtype))
             pipe = cls.from_single_file(str(path), config=config, torch_dtype=dtype,
                                         local_files_only=hub_offline() or Path(config).is_dir(), **extra)
-            return pipe, dtype
         except ModelError:
             raise
         except Exception as exc:  # noqa: BLE001 - library errors become one readable message
@@ -352,6 +352,8 @@ class ModelManager:
                 f"could not build {path.name} ({info.description}) with the configs of {config}: "
                 f"{exc.__class__.__name__}: {detail}. The config must be a diffusers model of the same "
                 "architecture (layer sizes) as the checkpoint") from exc
+        check_weights_set(pipe, path.name)
+        return pipe, dtype
 
     @staticmethod
     def _apply_options(pipe, opts: LoadOptions, device: torch.device) -> str:

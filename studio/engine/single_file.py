@@ -293,7 +293,8 @@ def parts_from_config(shapes: Shapes, config: str, checkpoint_name: str, dtype: 
     names only (`diffusion_pytorch_model.*`), so it cannot find a transformers encoder's `model.safetensors` there and
     asks for the part to be passed: these are what to pass. A T5 the folder leaves out (null in model_index.json,
     `ModelFamily.droppable_encoders`) stays out, passed as None with its tokenizer. A part whose weights are not in the
-    folder (or a config that is a hub id, not a local folder or cached snapshot) raises a ModelError naming what to pass.
+    folder (or a config that is a hub id, not a local folder or a cached snapshot) raises a ModelError saying what to
+    pass.
     """
     import importlib
 
@@ -322,6 +323,20 @@ def parts_from_config(shapes: Shapes, config: str, checkpoint_name: str, dtype: 
             "as the config (LoadOptions(config=DIR), launch.py --model-config DIR; e.g. after `hf download "
             f"{DEFAULT_CONFIG_REPOS['sd3']}`), or load a file that includes them (sd3_medium_incl_clips_t5xxlfp16)")
     return parts
+
+
+def check_weights_set(pipe, checkpoint_name: str) -> None:
+    """Raise a ModelError when a part of `pipe` built from a single file has weights left unset. diffusers builds a
+    file's encoders in empty (meta) models and fills in what the file holds, so a weight the file lacks stays empty
+    (a T5 without `encoder.embed_tokens.weight`, which diffusers 0.42.1 does not tie to `shared.weight`) and would
+    fail later, when the pipeline is moved to its device."""
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        unset = [key for key, tensor in module.state_dict().items() if tensor.is_meta]
+        if unset:
+            raise ModelError(f"{checkpoint_name}: diffusers built its {name} without {len(unset)} weights the file "
+                             f"does not hold ({unset[0]}, ...); load this model from a diffusers folder instead")
 
 
 # --------------------------------------------------------------------------------------------------- exporting

@@ -67,3 +67,17 @@ def sd3_transformer_to_original(state: dict[str, torch.Tensor], prefix: str = OR
     if state:
         raise ValueError(f"no original SD3 name for {sorted(state)[:5]}")
     return {prefix + key: value for key, value in out.items()}
+
+
+# Where stabilityai's _incl_clips_t5xxl files keep each encoder, in transformers' own key names below the prefix
+# (the prefixes diffusers' convert_ldm_clip_checkpoint / convert_sd3_t5_checkpoint_to_diffusers remove).
+ENCODER_PREFIXES = {"text_encoder": "text_encoders.clip_l.transformer.",
+                    "text_encoder_2": "text_encoders.clip_g.transformer.",
+                    "text_encoder_3": "text_encoders.t5xxl.transformer."}
+
+
+def sd3_encoders_to_original(pipe, parts) -> dict[str, torch.Tensor]:
+    """The pipeline's encoders in `parts` under their single-file prefixes. Tied weights are written once each
+    (T5's embed_tokens beside shared): diffusers loads T5 into an empty model without tying them."""
+    return {ENCODER_PREFIXES[part] + key: value.clone()
+            for part in parts for key, value in getattr(pipe, part).state_dict().items()}

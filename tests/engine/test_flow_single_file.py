@@ -19,13 +19,13 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from studio.engine.generate import GenerateRequest, generate
 from studio.engine.models import LoadOptions, ModelManager
 from studio.engine.single_file import _vae_to_ldm, identify_checkpoint, read_checkpoint_shapes
 from studio.errors import ModelError
-from tests.engine.sd3_single_file import sd3_transformer_to_original
+from tests.engine.sd3_single_file import sd3_encoders_to_original, sd3_transformer_to_original
 from tests.engine.test_single_file import configs_only
 
 
@@ -65,7 +65,7 @@ def test_an_sd3_single_file_draws_the_folders_picture(sd3_file, flow_models):
 
 
 def _without_t5(folder: Path, dest: Path) -> Path:
-    """`folder` as diffusers' save_pretrained writes an SD3 loaded with text_encoder_3=None: no T5, null in the index."""
+    """`folder` as save_pretrained writes an SD3 loaded with text_encoder_3=None: no T5, null in model_index.json."""
     dest = Path(shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3")))
     index = json.loads((dest / "model_index.json").read_text())
     (dest / "model_index.json").write_text(json.dumps({**index, "text_encoder_3": [None, None],
@@ -81,6 +81,35 @@ def test_an_sd3_single_file_on_a_folder_without_t5_draws_as_that_folder(sd3_file
     assert model.pipe.text_encoder_3 is None and model.pipe.tokenizer_3 is None
     folder = ModelManager(LoadOptions(device="cpu")).load(_without_t5(flow_model_dirs["sd3"], tmp_path / "b"))
     assert np.abs(_picture(model) - _picture(folder)).max() <= 1
+
+
+def test_an_sd3_file_with_encoders_inside_takes_only_the_missing_one_from_the_folder(flow_model_dirs, flow_models,
+                                                                                     tmp_path):
+    """CLIP-G and T5 converted from the file by diffusers, CLIP-L (left out of the file) from a folder that holds
+    nothing else. CLIP-L stays out of the file because diffusers gives a file's CLIP-L an identity text_projection
+    (SD3's is 768 x 768), which the tiny CLIP-L's 32-wide projection cannot take."""
+    pipe = StableDiffusion3Pipeline.from_pretrained(flow_model_dirs["sd3"])
+    path = tmp_path / "sd3-with-encoders.safetensors"
+    save_file({**{k: v.contiguous() for k, v in sd3_transformer_to_original(pipe.transformer.state_dict()).items()},
+               **_vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config),
+               **sd3_encoders_to_original(pipe, ("text_encoder_2", "text_encoder_3"))}, str(path))
+    clip_l_only = Path(shutil.copytree(flow_model_dirs["sd3"], tmp_path / "clip-l-only"))
+    for part in ("transformer", "vae", "text_encoder_2", "text_encoder_3"):
+        for weights in (clip_l_only / part).glob("*.safetensors"):
+            weights.unlink()
+    model = ModelManager(LoadOptions(device="cpu", config=str(clip_l_only))).load(path)
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        want, got = getattr(pipe, part).state_dict(), getattr(model.pipe, part).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), part
+    assert np.abs(_picture(model) - _picture(flow_models["sd3"])).max() <= 1
+
+    # Without T5's embed_tokens (a copy of its shared embedding) diffusers leaves that weight empty: named, one line.
+    tied = "text_encoders.t5xxl.transformer.encoder.embed_tokens.weight"
+    save_file({k: v for k, v in load_file(path).items() if k != tied}, str(path))
+    with pytest.raises(ModelError, match=r"^sd3-with-encoders.safetensors: diffusers built its text_encoder_3 "
+                                         r"without 1 weights the file does not hold \(encoder.embed_tokens.weight, "
+                                         r"...\); load this model from a diffusers folder instead$"):
+        ModelManager(LoadOptions(device="cpu", config=str(clip_l_only))).load(path)
 
 
 def test_the_inverse_converter_round_trips_every_block_kind():
