@@ -25,8 +25,6 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the built-in demo)")
-    parser.add_argument("--model-config", help="for a single-file --model offline: a local diffusers folder (or hub "
-                        "id) whose configs describe the checkpoint")
     parser.add_argument("--concepts", default=str(REPO / "concepts"), help="shared concept library folder")
     parser.add_argument("--data", default=str(REPO / "studio-data"),
                         help="each user's session concepts (kept 7 days after their last visit) and pictures")
@@ -37,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", default="auto", choices=MEMORY_MODES,
                         help="memory mode (see studio/engine/memory.py); auto chooses by free GPU memory")
     parser.add_argument("--low-vram", action="store_true", help="same as --memory low-vram")
-    add_weight_options(parser)  # --dtype, --quantize: every model the Model tab loads
+    add_weight_options(parser)  # --dtype, --quantize, --model-config: every model the Model tab loads
     # What one user may hold of a shared studio (studio.ui.state.StudioLimits).
     parser.add_argument("--max-train-steps", type=int,
                         help="the most steps one training run may take (default: by the model's size: 2000 on the "

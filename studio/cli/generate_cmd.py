@@ -55,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_weight_options(p: argparse.ArgumentParser) -> None:
-    """`--dtype` and `--quantize`: how the base model's weights are held (`studio.engine.models.LoadOptions`)."""
+    """`--dtype` and `--quantize`: how the base model's weights are held, and `--model-config`: the configs (and the
+    missing parts' weights) of a single-file model (`studio.engine.models.LoadOptions`)."""
     from studio.engine.models import DTYPE_NAMES, QUANTIZE
 
     p.add_argument("--dtype", choices=DTYPE_NAMES,
@@ -63,6 +64,9 @@ def add_weight_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANTIZE, default="none",
                    help="SD3/Flux on CUDA: their transformer and T5 in 8 or 4 bits (bitsandbytes: pip install -e "
                         "'.[quantize]')")
+    p.add_argument("--model-config", help="for a single-file --model: a local diffusers folder (or hub id) of the same "
+                   "architecture whose configs describe the checkpoint; for an SD3 file, also the weights of the "
+                   "parts it lacks (sd3_medium.safetensors: its text encoders)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         check_new_output(out, overwrite=args.overwrite)
     # 2. The model.
     mode = preset(args.memory)  # `auto` resolves to one of the named modes here, once
-    options = replace(apply_preset(mode.name), dtype=args.dtype, quantize=args.quantize)
+    options = replace(apply_preset(mode.name), dtype=args.dtype, quantize=args.quantize, config=args.model_config)
     model = ModelManager(options).load(args.model)
     print(f"memory mode: {mode.name}{' (auto)' if args.memory == 'auto' else ''}: {mode.explain(model.device)}")
     settings = memory_settings(model.pipe)

@@ -202,7 +202,7 @@ def _load_model(args: argparse.Namespace) -> tuple[LoadedModel, PartialState]:
     # accelerate makes that group only when told the run is on the CPU.
     processes = PartialState(cpu=not torch.cuda.is_available())
     device = str(processes.device) if processes.num_processes > 1 else None
-    options = LoadOptions(device=device, dtype=args.dtype, quantize=args.quantize)
+    options = LoadOptions(device=device, dtype=args.dtype, quantize=args.quantize, config=args.model_config)
     return ModelManager().load(args.model, options), processes
 
 

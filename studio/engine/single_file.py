@@ -276,9 +276,9 @@ def resolve_config(info: CheckpointInfo, config: str | os.PathLike | None, check
             f"{checkpoint_name} is {info.description} in the original single-file layout, which carries no configs: "
             f"diffusers builds it from the component configs of a diffusers {family_name} model ({repo} on the hub), "
             "and they are not in the local Hugging Face cache while HF_HUB_OFFLINE is set. Pass the folder of any "
-            f"diffusers {family_name} model as the config (LoadOptions(config='/path/to/model-folder'), launch.py "
-            "--model-config; its .json and tokenizer files are read, and the weights of any part the file lacks), or "
-            f"go online once so diffusers can cache {repo}'s configs.")
+            f"diffusers {family_name} model as the config (LoadOptions(config='/path/to/model-folder'); --model-config "
+            "on studio generate/train and launch.py; its .json and tokenizer files are read, and the weights of any "
+            f"part the file lacks), or go online once so diffusers can cache {repo}'s configs.")
     return repo
 
 
@@ -320,7 +320,8 @@ def parts_from_config(shapes: Shapes, config: str, checkpoint_name: str, dtype: 
         raise ModelError(
             f"{checkpoint_name} is a single-file SD3 checkpoint without its {', '.join(names[p] for p in absent)} "
             f"(as sd3_medium.safetensors ships), and {where}: pass the folder of a diffusers SD3 model that has them "
-            "as the config (LoadOptions(config=DIR), launch.py --model-config DIR; e.g. after `hf download "
+            "as the config (--model-config DIR on studio generate/train and launch.py, LoadOptions(config=DIR); "
+            "e.g. after `hf download "
             f"{DEFAULT_CONFIG_REPOS['sd3']}`), or load a file that includes them (sd3_medium_incl_clips_t5xxlfp16)")
     return parts
 

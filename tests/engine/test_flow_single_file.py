@@ -19,8 +19,10 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from studio.cli import main
 from studio.engine.generate import GenerateRequest, generate
 from studio.engine.models import LoadOptions, ModelManager
 from studio.engine.single_file import _vae_to_ldm, identify_checkpoint, read_checkpoint_shapes
@@ -123,6 +125,18 @@ def test_the_inverse_converter_round_trips_every_block_kind():
     back = convert_sd3_transformer_checkpoint_to_diffusers(sd3_transformer_to_original(state))
     assert back.keys() == state.keys()
     assert [k for k in state if not torch.equal(back[k], state[k])] == []
+
+
+def test_studio_generate_takes_the_config_of_an_sd3_file(sd3_file, flow_model_dirs, tmp_path):
+    """`studio generate --model FILE --model-config DIR` (studio train and launch.py take the same option) draws the
+    folder's picture."""
+    path, encoders_only, _ = sd3_file
+    common = ["generate", "--prompt", "a red cat", "--steps", "2", "--width", "32", "--height", "32", "--seed", "1"]
+    config = ["--model-config", str(encoders_only)]
+    assert main([*common, "--model", str(path), *config, "--out", str(tmp_path / "f.png")]) == 0
+    assert main([*common, "--model", str(flow_model_dirs["sd3"]), "--out", str(tmp_path / "d.png")]) == 0
+    pictures = [np.asarray(Image.open(tmp_path / name), dtype=np.int16) for name in ("f.png", "d.png")]
+    assert np.abs(pictures[0] - pictures[1]).max() <= 1
 
 
 def test_an_sd3_file_without_encoders_and_no_weights_to_take_them_from_says_what_to_pass(sd3_file):
