@@ -74,6 +74,8 @@ class CheckpointInfo:
 
     family: str | None  # "sd1" | "sd2" | "sdxl" | "sd3" | None
     description: str  # human words: "a Stable Diffusion 1.x checkpoint", "a textual-inversion embedding ..."
+    # The hub repo whose configs describe it when none is given; None: DEFAULT_CONFIG_REPOS[family]
+    default_config: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -194,7 +196,8 @@ def identify_checkpoint(shapes: Shapes) -> CheckpointInfo:
     for family, mark in TRANSFORMER_MARKS.items():
         if mark in shapes or UNET_PREFIX + mark in shapes:
             if family == "sd3":
-                return CheckpointInfo("sd3", f"a single-file {FAMILY_NAMES['sd3']} checkpoint")
+                return CheckpointInfo("sd3", f"a single-file {FAMILY_NAMES['sd3']} checkpoint",
+                                      default_config=_diffusers_sd3_repo(shapes))
             spec = FAMILIES[family]
             return CheckpointInfo(None, f"a single-file {spec.title} checkpoint, which the studio does not load "
                                         f"({FLUX_FILE_REFUSAL}): {spec.how_to_load}")
@@ -221,6 +224,22 @@ def identify_checkpoint(shapes: Shapes) -> CheckpointInfo:
 
 
 # --------------------------------------------------------------------------------------------------- configs
+
+
+def _diffusers_sd3_repo(shapes: Shapes) -> str | None:
+    """The repo diffusers' `fetch_diffusers_config` picks for an SD3 file (SD3 medium, SD3.5 medium or large, told by
+    `infer_diffusers_model_type` from key names and shapes alone, given here as empty meta tensors); None when it
+    names none of them (a file of other sizes, as the tests' tiny one)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS, infer_diffusers_model_type
+
+    stand_ins = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+    try:
+        model_type = infer_diffusers_model_type(stand_ins)
+    except UnboundLocalError:  # diffusers 0.42.1 names no type for an SD3 of 1536 width and another pos_embed size
+        return None
+    if not model_type.startswith("sd3"):
+        return None
+    return DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
 
 
 def _config_family(folder: Path) -> str | None:
@@ -265,7 +284,7 @@ def resolve_config(info: CheckpointInfo, config: str | os.PathLike | None, check
             raise ModelError(f"config {str(folder)!r} is a {FAMILY_NAMES[found]} model but {checkpoint_name} is "
                              f"{info.description}; give the folder of a diffusers {family_name} model")
         return str(folder)
-    repo = str(config) if config is not None else DEFAULT_CONFIG_REPOS[info.family]
+    repo = str(config) if config is not None else info.default_config or DEFAULT_CONFIG_REPOS[info.family]
     if config is not None and (repo.count("/") != 1 or repo.startswith((".", "/"))):
         raise ModelError(f"config {repo!r} is neither a local folder nor a hub id (owner/name)")
     cached = _cached_hub_configs(repo)

@@ -114,6 +114,38 @@ def test_an_sd3_file_with_encoders_inside_takes_only_the_missing_one_from_the_fo
         ModelManager(LoadOptions(device="cpu", config=str(clip_l_only))).load(path)
 
 
+_BIAS = "model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias"
+_POS = "model.diffusion_model.pos_embed"
+
+
+@pytest.mark.parametrize("shapes, repo", [  # the shapes of the released files' transformers
+    ({_BIAS: (9216,), _POS: (1, 36864, 1536)}, "stabilityai/stable-diffusion-3-medium-diffusers"),
+    ({_BIAS: (9216,), _POS: (1, 147456, 1536)}, "stabilityai/stable-diffusion-3.5-medium"),
+    ({_BIAS: (14592,), _POS: (1, 36864, 2432), "model.diffusion_model.joint_blocks.37.x_block.mlp.fc1.weight":
+      (9728, 2432)}, "stabilityai/stable-diffusion-3.5-large"),
+    ({_BIAS: (9216,), _POS: (1, 4096, 1536)}, None),  # a size diffusers names no repo for
+])
+def test_an_sd3_files_default_config_is_the_repo_diffusers_picks(shapes, repo):
+    """Without a config, an SD3.5 file is described by SD3.5's configs, as diffusers' fetch_diffusers_config picks
+    them (by the adaLN and pos_embed sizes), not by SD3 medium's; None falls back to DEFAULT_CONFIG_REPOS["sd3"]."""
+    info = identify_checkpoint(shapes)
+    assert info.family == "sd3" and info.default_config == repo
+
+
+def test_an_sd3_file_offline_without_config_names_the_repo_and_the_option(sd3_file, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelError) as err:
+        ModelManager(LoadOptions(device="cpu")).load(sd3_file[0])
+    message = str(err.value)
+    assert message.startswith("sd3.safetensors is a single-file SD3 checkpoint in the original single-file layout")
+    for words in ("stabilityai/stable-diffusion-3-medium-diffusers", "HF_HUB_OFFLINE", "--model-config"):
+        assert words in message
+    assert "\n" not in message
+
+
 def test_the_inverse_converter_round_trips_every_block_kind():
     """The tiny SD3 has one block (the last, whose context stream ends early); SD3.5's qk norms and second attention
     and the inner blocks are checked here through diffusers' own converter, weight for weight."""
