@@ -8,9 +8,10 @@ and every seed, each method draws "a <a> and a <b>" at `studio eval`'s sampling 
 is split into its left and right halves (the world puts two objects left and right), each half shown alone on the
 picture's background; the demo's identity encoder scores each half against every held-out set's own pictures. Both
 concepts are *recognisable* when each half's closest set is one of the pair's two, a different one each (top-1
-identification among all the held-out individuals, as a person picking each toy out of the line-up would). Reported per method: that share, the judge's count of two objects, and each
-method's share minus the others' paired by pair and seed (95% hierarchical bootstrap over pairs, then seeds).
-Run it alone on the machine.
+identification among all the held-out individuals, as a person picking each toy out of the line-up would). Reported
+per method: that share, the judge's count of two objects, and each method's shares minus the others' paired by pair
+and seed (95% hierarchical bootstrap over pairs, then seeds). `--also NAME=FOLDER` adds a method whose files are in
+FOLDER (a variant trained apart). Run it alone on the machine.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from studio.evaluation.drawing import generate_pictures
 from studio.evaluation.stats import hierarchical_bootstrap, paired_margin
 
 
-def learned_file(work: Path, method: str, token: str) -> Path:
+def learned_file(work: Path, method: str, token: str, elsewhere: dict[str, Path] | None = None) -> Path:
     """Where `studio eval` wrote `method`'s result for the set of `token` (TI's in WORK itself, the others' in
-    WORK/methods/<method>)."""
-    folder = work if method == "ti" else work / "methods" / method
+    WORK/methods/<method>), or the folder `elsewhere` gives for it."""
+    folder = (elsewhere or {}).get(method) or (work if method == "ti" else work / "methods" / method)
     return folder / f"{token.strip('<>')}.safetensors"
 
 
@@ -61,7 +62,7 @@ def recognisable(identity, picture: Image.Image, references: list[list[Image.Ima
 
 
 def draw_pairs(model, judge, identity, sets: dict, methods: list[str], work: Path, seeds: int,
-               cfg: EvalConfig) -> dict[str, dict[str, list]]:
+               cfg: EvalConfig, elsewhere: dict[str, Path] | None = None) -> dict[str, dict[str, list]]:
     """Per method: `recognised` and `two_objects` as pairs x seeds x 1 (the bootstrap's nesting)."""
     out = {m: {"recognised": [], "two_objects": []} for m in methods}
     names = sorted(sets)
@@ -69,7 +70,7 @@ def draw_pairs(model, judge, identity, sets: dict, methods: list[str], work: Pat
     for a, b in itertools.combinations(names, 2):
         sa, sb = sets[a], sets[b]
         for method in methods:
-            things = [read_learned(learned_file(work, method, cs.token)) for cs in (sa, sb)]
+            things = [read_learned(learned_file(work, method, cs.token, elsewhere)) for cs in (sa, sb)]
             pictures = generate_pictures(model, f"a {sa.token} and a {sb.token}", things, seeds, cfg.seed, cfg)
             out[method]["recognised"].append(
                 [[float(recognisable(identity, p, references, (names.index(a), names.index(b))))] for p in pictures])
@@ -82,8 +83,8 @@ def summary(scores: dict[str, dict[str, list]]) -> dict:
     """Each method's shares with intervals, and each method minus each other paired."""
     result = {m: {k: hierarchical_bootstrap(v).__dict__ for k, v in parts.items()} for m, parts in scores.items()}
     for first, second in itertools.permutations(scores, 2):
-        result[first][f"recognised_minus_{second}"] = paired_margin(scores[first]["recognised"],
-                                                                    scores[second]["recognised"]).__dict__
+        for key in ("recognised", "two_objects"):
+            result[first][f"{key}_minus_{second}"] = paired_margin(scores[first][key], scores[second][key]).__dict__
     return result
 
 
@@ -95,12 +96,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=41)
     parser.add_argument("--model", default=None)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--also", action="append", default=[], metavar="NAME=FOLDER")
     args = parser.parse_args(argv)
+    elsewhere = {name: Path(folder) for name, _, folder in (spec.partition("=") for spec in args.also)}
     world, judge = DemoWorld.for_model(args.model), DemoJudge()
     sets = {f.name: load_concept_set(f) for f in sorted((args.work / "held-out").iterdir()) if f.is_dir()}
     model = ModelManager().load(args.model)
-    methods = args.methods.split(",")
-    scores = draw_pairs(model, judge, world.identity(), sets, methods, args.work, args.seeds, EvalConfig(seed=args.seed))
+    methods = args.methods.split(",") + list(elsewhere)
+    scores = draw_pairs(model, judge, world.identity(), sets, methods, args.work, args.seeds, EvalConfig(seed=args.seed),
+                        elsewhere)
     result = {"pairs": len(list(itertools.combinations(sets, 2))), "seeds": args.seeds, "seed": args.seed,
               "methods": summary(scores)}
     text = json.dumps(result, indent=2)
