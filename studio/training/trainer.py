@@ -475,7 +475,7 @@ class Trainer:
                    noise_scheduler=training_noise(model), class_latents=class_latents,
                    image_words=image_words, scores=list(state.scores or []) if state is not None else [])
         run.denoiser = self._denoiser(run)
-        run.held_back = self._held_back(run) if cfg.stop_when_learned else None
+        run.held_back = self._held_back(run) if cfg.stop_when_learned and self.method.stops_when_learned else None
         return run
 
     def _pictures(self, savings, emit) -> tuple[list, torch.Tensor, torch.Tensor | None, int]:

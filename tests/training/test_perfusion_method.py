@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from studio.engine.learned.layer_word import cross_attention_layers
-from studio.engine.learned.perfusion import PerfusionConcept
+from studio.engine.learned.perfusion import DEMO_BETA, PerfusionConcept
 from studio.engine.models import ModelManager
 from studio.training import TrainConfig, TrainError, Trainer
 from studio.training.methods.perfusion import TARGET, VALUE
@@ -34,7 +34,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def _config(**kw) -> TrainConfig:
-    base = dict(init_text="toy", steps=4, batch_size=2, seed=1, method="perfusion", stop_when_learned=False)
+    base = dict(init_text="toy", steps=4, batch_size=2, seed=1, method="perfusion")
     return TrainConfig("<lb>", **{**base, **kw})
 
 
@@ -45,6 +45,7 @@ def test_keys_stay_locked_while_values_and_target_learn(demo, tmp_path, cache):
     events = []
     learned = Trainer(demo, _config(preview_every=4), PICTURES, tmp_path / "lb.safetensors").run(events.append)
     assert isinstance(learned, PerfusionConcept) and learned.class_word == "toy"
+    assert learned.beta == DEMO_BETA  # the demo model's measured gate, written into the file
     assert [type(unet.get_submodule(l).to_k) for l in layers] == [torch.nn.Linear] * len(layers)
     assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())
     # The key lock: o*_K is the class word's encoding through each key projection, and o*_V started there too.
@@ -97,3 +98,11 @@ def test_a_bad_caption_file_is_refused_in_one_line(demo, tmp_path, content, mess
         Trainer(demo, _config(captions=str(path)), PICTURES, tmp_path / "x.safetensors").run()
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_perfusion_trains_all_its_steps(demo, tmp_path):
+    """Stopped once learned, runs ended near step 58 with half the identity of 400 steps (docs/benchmarks.md)."""
+    events = []
+    Trainer(demo, _config(steps=25, stop_every=1, stop_window=1, stop_threshold=0.9), PICTURES,
+            tmp_path / "all.safetensors").run(events.append)
+    assert [e.step for e in events if e.kind == "step"][-1] == 25 and not any(e.kind == "score" for e in events)

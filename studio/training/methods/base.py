@@ -19,6 +19,7 @@ class Method:
     writes_folder = False  # the result is a model folder (dreambooth), else one .safetensors file
     folder_marker: str | None = None  # a file the method writes into each folder it makes: what --overwrite replaces
     default_unet_lr: float | None = None  # the weights' learning rate when the config gives none
+    stops_when_learned = True  # whether `TrainConfig.stop_when_learned` applies (perfusion: no, measured)
 
     def __init__(self, trainer) -> None:
         self.trainer = trainer

@@ -39,6 +39,9 @@ class Perfusion(Method):
     summary = ("Perfusion: the word and a key-locked rank-one edit of each cross-attention layer learn; about 100 KB "
                "on SD 1.5; write the word. Concepts combine in one prompt.")
     default_unet_lr = 0.03  # the paper's learning rate of o*_V
+    # All of `steps` (400 by default): stopped once learned, runs ended at ~58 steps with identity 0.24 on 6 held-out
+    # individuals, against 0.46 after 400 (seed 23, docs/benchmarks.md "Perfusion").
+    stops_when_learned = False
 
     def __init__(self, trainer) -> None:
         super().__init__(trainer)
@@ -152,7 +155,7 @@ class Perfusion(Method):
 
     # ---- what is saved -------------------------------------------------------------------------------------------
     def save(self, path: Path, word: Concept | None, weights: dict[str, torch.Tensor], step: int) -> Path:
-        from studio.engine.learned.perfusion import INFERENCE_BETA, INFERENCE_TAU
+        from studio.engine.learned.perfusion import DEMO_BETA, INFERENCE_BETA, INFERENCE_TAU
         from studio.engine.learned.perfusion_files import save_perfusion
 
         values = [weights[f"{VALUE}{i}"].detach().cpu().clone() for i in range(len(self.layers))]
@@ -160,7 +163,8 @@ class Perfusion(Method):
                                 {k: v.detach().cpu() for k, v in word.vectors.items()}, word.meta)
         concept.target_metric = (self.inverse @ weights[TARGET].detach()).cpu()
         concept.keys = [k.detach().cpu().clone() for k in self.keys]
-        concept.beta, concept.tau = INFERENCE_BETA, INFERENCE_TAU
+        # The gate its file carries: the paper's for SD models, the demo's measured one for the demo model.
+        concept.beta, concept.tau = (DEMO_BETA if self.model.is_demo else INFERENCE_BETA), INFERENCE_TAU
         return save_perfusion(concept, path)
 
     def result(self, path: Path, word: Concept | None) -> PerfusionConcept:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.engine.learned.perfusion import INFERENCE_BETA, INFERENCE_TAU
 from studio.ui.pickers import ConceptPickers
 from studio.ui.state import Studio, seed_or_random
 from studio.ui.tabs.generate import generation_canceller
@@ -13,9 +12,10 @@ from studio.ui.turns import GPU_EVENT, in_turn
 
 
 # One line each, as the Train tab explains the method (the paper's ranges).
-LOCK_HELP = ("How much of a prompt position must be the concept before its edit applies: 0.6-0.75 keeps it to the "
-             "concept's word (local), 0.4-0.6 lets it shape the whole picture (global).")
-SOFTNESS_HELP = "How sharply the edit switches on around that threshold: lower is sharper (0.15 by default)."
+LOCK_HELP = ("0: each file's own. How much of a prompt position must be the concept before its edit applies: 0.6-0.75 "
+             "keeps it to the concept's word (local), 0.4-0.6 lets it shape the whole picture (global); the demo "
+             "model's files lock at 0.95.")
+SOFTNESS_HELP = "0: each file's own. How sharply the edit switches on around that threshold: lower is sharper."
 
 
 def fill_template(template: str, a: str, b: str) -> str:
@@ -25,14 +25,14 @@ def fill_template(template: str, a: str, b: str) -> str:
 
 def compose(studio: Studio, session: str, a: str, b: str, template: str, seeds, seed=-1,
             request: gr.Request | None = None, progress: gr.Progress | None = None,
-            lock: float = INFERENCE_BETA, softness: float = INFERENCE_TAU) -> list[str]:
+            lock: float = 0.0, softness: float = 0.0) -> list[str]:
     """A grid: the template with both words, one picture per seed from `seed` on (-1: a random first seed).
-    `lock` and `softness` are the gate (beta, tau) of the Perfusion concepts among them."""
+    `lock` and `softness` are the gate (beta, tau) of the Perfusion concepts among them (0: each file's own)."""
     for label, word in (("A", a), ("B", b)):
         if not (word or "").strip():
             raise gr.Error(f"Concept {label} is empty: pick a concept or type any word (e.g. `mosaic`).")
     return studio.run_generate(dict(prompt=fill_template(template, a, b), batch=int(seeds),
-                                    seed=seed_or_random(seed), perfusion_gate=(float(lock), float(softness))),
+                                    seed=seed_or_random(seed), perfusion_gate=(float(lock) or None, float(softness) or None)),
                                session, progress, request)
 
 
@@ -54,9 +54,9 @@ def build_compose_tab(studio: Studio, pickers: ConceptPickers) -> None:
         seed = gr.Number(label="First seed (-1: random)", value=-1, precision=0)
     with gr.Accordion("Perfusion concepts: how they lock", open=False):
         with gr.Row():
-            lock = gr.Slider(0.3, 0.9, value=INFERENCE_BETA, step=0.05, label="Lock: global <-> local (beta)",
+            lock = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Lock: global <-> local (beta)",
                              info=LOCK_HELP, elem_id="compose-lock")
-            softness = gr.Slider(0.05, 0.5, value=INFERENCE_TAU, step=0.01, label="Softness (tau)",
+            softness = gr.Slider(0.0, 0.5, value=0.0, step=0.01, label="Softness (tau)",
                                  info=SOFTNESS_HELP, elem_id="compose-softness")
     with gr.Row():
         go = gr.Button("Compose", variant="primary")
