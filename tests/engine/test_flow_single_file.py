@@ -52,13 +52,14 @@ def _picture(model) -> np.ndarray:
     return np.asarray(generate(model, request).images[0], dtype=np.int16)
 
 
-def test_an_sd3_single_file_draws_the_folders_picture(sd3_file, flow_models):
+def test_an_sd3_single_file_draws_the_folders_picture(sd3_file, flow_model_dirs):
     """Guards the whole SD3 single-file path: the family from the keys, diffusers' converter on the file's transformer
-    and VAE (a wrong key or an unswapped scale/shift draws another picture), the encoders from the config folder."""
+    and VAE (a wrong key or an unswapped scale/shift draws another picture), the encoders from the config folder.
+    The folder is loaded afresh: the session's shared SD3 model carries the LoRA tests' (inactive) adapters."""
     path, encoders_only, _ = sd3_file
     assert identify_checkpoint(read_checkpoint_shapes(path)).family == "sd3"
     model = ModelManager(LoadOptions(device="cpu", config=str(encoders_only))).load(path)
-    folder = flow_models["sd3"]
+    folder = ModelManager(LoadOptions(device="cpu")).load(flow_model_dirs["sd3"])
     assert model.family == "sd3" and type(model.pipe).__name__ == "StableDiffusion3Pipeline"
     for part in ("transformer", "vae"):
         want, got = getattr(folder.pipe, part).state_dict(), getattr(model.pipe, part).state_dict()
