@@ -8,7 +8,7 @@
     metadata: studio_format "studio-perfusion", token, class_word, layers and widths (JSON), beta, tau, base_model,
     family, init_text, steps, created, studio_version.
 
-Keys and values are stored end to end rather than a tensor per layer, so the header holds 6 entries, not 36; on
+Keys and values are stored end to end rather than a tensor per layer, so the header holds 5 entries, not 35; on
 SD 1.5's shapes the file is 110,736 bytes (108 KiB, measured). The two public codebases' checkpoints (lucidrains/perfusion-pytorch,
 ChenDarYen's research code) are not read here.
 """
