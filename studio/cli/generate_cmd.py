@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from studio.engine.files import check_new_output
     from studio.engine.generate import GenerateRequest, check_seed, check_size, generate, save_png
     from studio.engine.memory import apply_preset, memory_settings, preset
+    from studio.engine.learned.perfusion import with_gate
     from studio.engine.models import ModelManager
     from studio.engine.pictures import open_picture
 
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     init_image = open_picture(args.init_image, what=f"--init-image {args.init_image}") if args.init_image else None
     mask = open_picture(args.mask, what=f"--mask {args.mask}") if args.mask else None
     concepts, loras = concept_uses(args.prompt, args.concept, args.lora)
-    concepts = with_perfusion_gate(concepts, args.perfusion_beta, args.perfusion_tau)
+    concepts = with_gate(concepts, args.perfusion_beta, args.perfusion_tau)
     for out in out_paths(args.out, args.batch):
         check_new_output(out, overwrite=args.overwrite)
     # 2. The model.
@@ -108,19 +109,6 @@ def run(args: argparse.Namespace) -> int:
         save_png(image, out)
         print(f"{out} (seed {seed})")
     return 0
-
-
-def with_perfusion_gate(concepts: list, beta: float | None, tau: float | None) -> list:
-    """`concepts` with each Perfusion concept's gate set to `beta`/`tau` where given (`PerfusionConcept.with_gate`)."""
-    if beta is None and tau is None:
-        return concepts
-
-    def gated(item):
-        thing, weight = item if isinstance(item, tuple) else (item, None)
-        if thing.kind == "perfusion":
-            thing = thing.with_gate(beta, tau)
-        return thing if weight is None else (thing, weight)
-    return [gated(item) for item in concepts]
 
 
 def out_paths(out: Path, count: int) -> list[Path]:

@@ -18,6 +18,7 @@ from typing import Iterator
 from PIL import Image
 
 from studio.engine.generate import GenerateRequest, generate
+from studio.engine.learned.perfusion import with_gate
 from studio.engine.learned.word import Concept
 from studio.engine.prompts import split_lora_tags
 from studio.errors import LoraError
@@ -51,7 +52,7 @@ def request_for(fields: dict, library: ConceptLibrary, session_id: str) -> tuple
     learned = library.resolve(prompt, session_id)
     learned += [c for c in library.resolve(negative, session_id) if isinstance(c, Concept)]  # words only: no LoRA
     if gate is not None:
-        learned = [c.with_gate(*gate) if getattr(c, "kind", "") == "perfusion" else c for c in learned]
+        learned = with_gate(learned, *gate)
     req = GenerateRequest(concepts=learned, **fields)  # the same word twice is used once
     known = {word.token for word in req.words}  # the words it names and those its LoRA files carry
     known |= {w for lora, _ in req.loras for w in CONCEPT_LIKE.findall(lora.phrase)}

@@ -112,6 +112,17 @@ class PerfusionConcept(Concept):
         edits.uses.append((self, float(weight)))
 
 
+def with_gate(items, beta: float | None = None, tau: float | None = None) -> list:
+    """A request's learned things (each alone or `(thing, weight)`) with every Perfusion concept's gate set to
+    `beta`/`tau` where given (`PerfusionConcept.with_gate`); the others as they are."""
+    def gated(item):
+        thing, weight = item if isinstance(item, tuple) else (item, None)
+        if isinstance(thing, PerfusionConcept):
+            thing = thing.with_gate(beta, tau)
+        return thing if weight is None else (thing, weight)
+    return [gated(item) for item in items]
+
+
 # ---- the edit -----------------------------------------------------------------------------------------------------
 class GatedRankOne(torch.nn.Module):
     """A cross-attention key or value projection with the gated rank-one edits of one or more concepts.
